@@ -1,0 +1,79 @@
+"""Fetch-or-find dataset files with checksum verification and clear offline errors."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A dataset file is absent and could not be downloaded; the message says where to put it."""
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: str | Path, expected: str, algorithm: str = "sha256") -> None:
+    """Raise ValueError if `path`'s digest differs from `expected`."""
+    got = file_digest(path, algorithm)
+    if got != expected:
+        raise ValueError(
+            f"checksum mismatch for {path}: {algorithm} {got}, expected {expected}. "
+            "Delete the file to download it again, or pass data.verify_checksums=false "
+            "for a converted or generated copy.")
+
+
+def download(url: str, dest: str | Path, expected: str | None = None,
+             algorithm: str = "sha256", timeout: float = 60.0) -> Path:
+    """Download `url` to `dest` atomically (temp file, verify, rename)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, suffix=".part") as tmp:
+        tmp_path = Path(tmp.name)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                shutil.copyfileobj(resp, tmp)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+    try:
+        if expected is not None:
+            verify_file(tmp_path, expected, algorithm)
+        tmp_path.replace(dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return dest
+
+
+def ensure_files(directory: str | Path, files: list[str], *, url: str, what: str,
+                 download_fn, download_enabled: bool) -> None:
+    """Make sure `files` exist under `directory`, calling `download_fn()` if allowed.
+
+    Raises DatasetMissingError naming the missing files, the URL and the expected
+    location when they are absent and downloading is off or fails.
+    """
+    directory = Path(directory)
+    missing = [f for f in files if not (directory / f).exists()]
+    if not missing:
+        return
+    reason = "data.download=false"
+    if download_enabled:
+        try:
+            download_fn()
+        except Exception as e:  # network down, HTTP error, bad checksum
+            reason = f"download failed: {type(e).__name__}: {e}"
+        missing = [f for f in files if not (directory / f).exists()]
+        if not missing:
+            return
+    raise DatasetMissingError(
+        f"{what}: missing {', '.join(missing)} in {directory.resolve()} ({reason}). "
+        f"Download it from {url} and place the files there, or run with "
+        "data.download=true on a machine with internet access.")
