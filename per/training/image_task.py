@@ -1,0 +1,113 @@
+"""Image classification on CIFAR-10/100: the task object and its builder."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from per import models, schema
+from per.data.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, load_cifar, mixup, split_train_val
+from per.training.loop import Experiment
+
+
+class ImageTask:
+    """Cross-entropy training on device-resident CIFAR; errors in percent."""
+    name = "cifar"
+    items = "images"
+
+    def __init__(self, train: DeviceLoader, evals: dict[str, DeviceLoader], probe: torch.Tensor,
+                 *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast) -> None:
+        self.train = train
+        self.evals = evals            # "val" (optional) and "test"
+        self.probe = probe            # (P, 3, 32, 32) fixed test images for monitoring
+        self.mixup_alpha = mixup_alpha
+        self.autocast = autocast
+        self.selection_metric = schema.VAL_ERROR if "val" in evals else None
+
+    def batches_per_epoch(self) -> int:
+        return len(self.train)
+
+    def train_batches(self, epoch: int, start: int) -> Iterator:
+        return self.train.epoch(epoch, start)
+
+    def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        x, y = batch                                  # x: (B, 3, 32, 32), y: (B,)
+        if self.mixup_alpha > 0:
+            x, y_a, y_b, lam = mixup(x, y, self.mixup_alpha)
+            logits = model(x)
+            loss = lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+            pred = logits.argmax(1)
+            errors = y.numel() - (lam * (pred == y_a).sum() + (1 - lam) * (pred == y_b).sum())
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            errors = (logits.argmax(1) != y).sum()
+        return loss, {"items": y.numel(), "errors": errors}
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {schema.TRAIN_LOSS: sums["loss"] / sums["items"],
+                "train_error": 100.0 * sums["errors"] / sums["items"]}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        out = {}
+        for split, loader in self.evals.items():
+            n = 0
+            e_sum = torch.zeros((), device=self.probe.device)
+            l_sum = torch.zeros((), device=self.probe.device)
+            for x, y in loader.epoch(0):
+                with self.autocast():
+                    logits = model(x)
+                l_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+                e_sum += (logits.argmax(1) != y).sum()
+                n += y.numel()
+            out[f"{split}_error"] = 100.0 * float(e_sum) / n
+            out[f"{split}_loss"] = float(l_sum) / n
+        model.train(was_training)
+        return out
+
+    def probe_forward(self, model: nn.Module) -> None:
+        with self.autocast():
+            model(self.probe)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) -> Experiment:
+    """Data, model and task from the plain config dict (see configs/train_cifar.yaml)."""
+    data, mcfg = cfg["data"], dict(cfg["model"])
+    arrays = load_cifar(data["name"], data["root"], download=data["download"],
+                        verify_checksums=data["verify_checksums"])
+    train_x, train_y, val_x, val_y = split_train_val(arrays.train_x, arrays.train_y,
+                                                     data["val_size"], seed=cfg["seed"])
+    mean, std = CIFAR_MEAN[data["name"]], CIFAR_STD[data["name"]]
+    channels_last = cfg["trainer"]["channels_last"]
+
+    def loader(x, y, batch_size, train):
+        return DeviceLoader(x, y, batch_size, device=device, train=train, mean=mean, std=std,
+                            seed=cfg["seed"], channels_last=channels_last)
+
+    evals = {}
+    if data["val_size"] > 0:
+        evals["val"] = loader(val_x, val_y, data["eval_batch_size"], False)
+    evals["test"] = loader(arrays.test_x, arrays.test_y, data["eval_batch_size"], False)
+    probe = next(iter(loader(arrays.test_x[:data["probe_size"]], arrays.test_y[:data["probe_size"]],
+                             data["probe_size"], False).epoch(0)))[0]
+
+    name = mcfg.pop("name")
+    model = models.create(name, num_classes=arrays.num_classes, **mcfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = ImageTask(loader(train_x, train_y, data["batch_size"], True), evals, probe,
+                     mixup_alpha=data["mixup_alpha"], autocast=autocast)
+    cell = schema.make_cell(data["name"], name, cfg["method"]["name"], norm=mcfg.get("norm", "none"),
+                            activation=mcfg.get("activation"), table=cfg.get("table"))
+    return Experiment(model, task, cell)

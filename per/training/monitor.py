@@ -1,0 +1,52 @@
+"""Activation monitoring (the paper's Figures 3-4): on a fixed probe batch, per site,
+mean / variance / quartiles of a few fixed units and the sliced W1 of the site's
+points to N(0, I)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from per import sliced_wasserstein_normal, to_points
+from per.sites import capture_sites, list_sites
+
+
+def default_monitor_sites(model: nn.Module) -> list[str]:
+    """Layers 3, 6, 9 (1-based) of the post-activation sites when the model has at
+    least nine (the deep ELU net's monitored layers), else first, middle and last."""
+    names = list(list_sites(model, role="post"))
+    if len(names) >= 9:
+        return [names[i - 1] for i in (3, 6, 9)]
+    return sorted({names[0], names[len(names) // 2], names[-1]}, key=names.index)
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, forward: Callable[[], object], sites: list[str], *,
+                     num_units: int, layout: str, num_slices: int, step: int,
+                     epoch: float) -> list[dict]:
+    """One row per site. Units are the first `num_units` coordinates of the site's
+    points (channels for conv sites under the `channels` layout, hidden units for
+    the LSTM); `sw1` uses all coordinates. Runs the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_sites(model, sites) as captured:
+            forward()
+    finally:
+        model.train(was_training)
+    rows = []
+    probs = None
+    for name in sites:
+        points = to_points(captured[name][0], layout).float()      # (N, d)
+        units = list(range(min(num_units, points.shape[1])))
+        vals = points[:, units]                                     # (N, k)
+        if probs is None:
+            probs = torch.tensor([0.25, 0.5, 0.75], device=vals.device)
+        q = torch.quantile(vals, probs, dim=0)                      # (3, k)
+        sw1 = sliced_wasserstein_normal(points, num_slices=num_slices)
+        stats = torch.stack([vals.mean(0), vals.var(0), *q]).cpu().tolist()
+        rows.append({"step": step, "epoch": epoch, "site": name, "units": units,
+                     "mean": stats[0], "var": stats[1], "q25": stats[2], "q50": stats[3],
+                     "q75": stats[4], "sw1": float(sw1)})
+    return rows

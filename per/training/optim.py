@@ -1,0 +1,151 @@
+"""Optimizer construction and learning-rate schedules.
+
+Param groups carry an `lr_mult` (biases and Fixup scales at lr/10 in the Fixup and
+VCL protocols) and their own weight decay. Schedules give the base learning rate;
+the loop writes `base * lr_mult` into each group before every step.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+SCHEDULES = ("multistep", "plateau")
+
+
+def param_groups(model: nn.Module, extra: list[nn.Parameter] | None = None, *,
+                 weight_decay: float, bias_lr_mult: float = 1.0,
+                 bias_weight_decay: bool = True,
+                 bias_patterns: tuple[str, ...] = ("bias", "scale")) -> list[dict]:
+    """Split parameters into a default group and a bias/scale group (by name).
+
+    `extra` (e.g. VCL's per-unit betas) goes in its own group without weight decay.
+    """
+    default, biases = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (biases if any(pat in leaf for pat in bias_patterns) else default).append(p)
+    groups = [{"params": default, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "default"},
+              {"params": biases, "weight_decay": weight_decay if bias_weight_decay else 0.0,
+               "lr_mult": bias_lr_mult, "name": "bias"}]
+    if extra:
+        groups.append({"params": list(extra), "weight_decay": 0.0, "lr_mult": 1.0, "name": "regularizer"})
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(groups: list[dict], *, lr: float, momentum: float = 0.0,
+                     nesterov: bool = False) -> torch.optim.SGD:
+    """SGD over the given groups (every protocol of the paper uses SGD)."""
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr * g.get("lr_mult", 1.0)
+
+
+@dataclass
+class MultiStepSchedule:
+    """Piecewise-constant lr, a pure function of (epoch, step).
+
+    lr = base * prod(gammas of the milestones passed); `unit` says whether milestones
+    count epochs or optimizer steps. During the first `warmup_steps` steps lr is
+    `warmup_lr` (He et al.'s ResNet-110 warm-up: 0.01 for 400 iterations).
+    """
+    lr: float
+    milestones: list[int] = field(default_factory=list)
+    gamma: float | list[float] = 0.1
+    unit: str = "epoch"
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("epoch", "step"):
+            raise ValueError(f"unknown schedule unit {self.unit!r}; valid: epoch, step")
+        gammas = self.gamma if isinstance(self.gamma, list) else [self.gamma] * len(self.milestones)
+        if len(gammas) != len(self.milestones):
+            raise ValueError("optim.gamma must be one number or one per milestone")
+        self._values = [self.lr]
+        for g in gammas:
+            self._values.append(self._values[-1] * g)
+
+    def base_lr(self, epoch: int, step: int) -> float:
+        """epoch: 0-based epoch in progress; step: optimizer steps done so far."""
+        if step < self.warmup_steps:
+            return self.warmup_lr
+        t = epoch if self.unit == "epoch" else step
+        return self._values[bisect.bisect_right(self.milestones, t)]
+
+    def end_epoch(self, metrics: dict) -> None:
+        """Pure schedule: nothing to update."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class PlateauSchedule:
+    """The word-language-model example's rule: lr /= factor after an epoch whose
+    validation metric did not improve on the best so far."""
+    lr: float
+    factor: float = 4.0
+    metric: str = "val_ppl"
+    current: float = field(init=False)
+    best: float = field(init=False, default=float("inf"))
+
+    def __post_init__(self) -> None:
+        self.current = self.lr
+
+    def base_lr(self, epoch: int, step: int) -> float:
+        return self.current
+
+    def end_epoch(self, metrics: dict) -> None:
+        value = metrics.get(self.metric)
+        if value is None:
+            return
+        if value < self.best:
+            self.best = value
+        else:
+            self.current /= self.factor
+
+    def state_dict(self) -> dict:
+        return {"current": self.current, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current, self.best = state["current"], state["best"]
+
+
+def create_schedule(name: str, **kwargs) -> MultiStepSchedule | PlateauSchedule:
+    if name == "multistep":
+        return MultiStepSchedule(**kwargs)
+    if name == "plateau":
+        return PlateauSchedule(**kwargs)
+    raise ValueError(f"unknown optim.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+
+
+CLIP_MODES = ("none", "global", "per_param")
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str) -> None:
+    """Clip without a host sync: `global` norm over all parameters (the LM protocol,
+    0.25) or `per_param` norm of each parameter tensor (the VCL protocol, 1.0)."""
+    if mode == "none":
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    elif mode == "per_param":
+        norms = torch._foreach_norm(grads)
+        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    else:
+        raise ValueError(f"unknown optim.clip_mode {mode!r}; valid: {', '.join(CLIP_MODES)}")

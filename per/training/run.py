@@ -1,0 +1,149 @@
+"""One run from a plain config dict: resume-or-skip, build, train, record.
+
+Both entry points (experiments/train_cifar.py, experiments/train_lm.py) call `train`
+with their task builder; nothing here imports Hydra.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from per import schema
+from per.regularizers import Regularizer
+from per.training import runtime
+from per.training.loggers import WandbSink
+from per.training.loop import Experiment, LoopSettings, StopSignal, TrainState, fit, restore
+from per.training.monitor import default_monitor_sites
+from per.training.optim import create_optimizer, create_schedule, param_groups
+from per.training.records import RunDir
+
+RESUME_MODES = ("auto", "never")
+REGULARIZED = ("l1", "l2", "per", "vcl")
+# Config keys that may change between a run and its resumption.
+_VOLATILE = ("resume", "logger", "run_dir")
+_VOLATILE_TRAINER = ("device", "progress", "log_every")
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory holds a run with a different configuration."""
+
+
+def _comparable(cfg: dict) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in _VOLATILE}
+    out["trainer"] = {k: v for k, v in cfg.get("trainer", {}).items() if k not in _VOLATILE_TRAINER}
+    return out
+
+
+def build_regularizer(model, method: dict) -> Regularizer | None:
+    """The Regularizer for `method.name` in l1/l2/per/vcl; None for vanilla and rbn."""
+    if method["name"] not in schema.METHODS:
+        raise ValueError(f"unknown method {method['name']!r}; valid: {', '.join(schema.METHODS)}")
+    if method["name"] not in REGULARIZED:
+        return None
+    return Regularizer(model, method["name"], method["lam"], layout=method["layout"],
+                       num_slices=method["num_slices"], path=method["path"],
+                       share_directions=method["share_directions"])
+
+
+def _summary(status: str, exp: Experiment | None, cfg: dict, state: TrainState, device: str) -> dict:
+    method = cfg["method"]
+    return {"status": status, "task": cfg["task"], "cell": exp.cell if exp else None,
+            "lam": float(method.get("lam", 0.0)) if method["name"] in REGULARIZED else 0.0,
+            "seed": cfg["seed"], "epochs_completed": state.epoch, "steps": state.step,
+            "wall_time_s": round(state.wall_time_s, 3), "device": device,
+            "code_version": runtime.code_version(), "versions": runtime.versions(),
+            "final": state.final, "best": state.best}
+
+
+def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]) -> dict:
+    """Run (or resume, or skip) the run described by `cfg`; returns its summary.
+
+    `cfg["run_dir"]` is the run directory. With `resume=auto` a finished run is
+    skipped and an unfinished one continues from `checkpoints/last.pt`.
+    """
+    if cfg["resume"] not in RESUME_MODES:
+        raise ValueError(f"unknown resume {cfg['resume']!r}; valid: {', '.join(RESUME_MODES)}")
+    run = RunDir(cfg["run_dir"])
+    old = run.read_summary()
+    if cfg["resume"] == "auto" and old is not None and old.get("status") == schema.FINISHED:
+        print(f"[per] skipping finished run {run.path}")
+        return old
+    if cfg["resume"] == "never":
+        run.clear()
+    elif (stored := run.read_config()) is not None and _comparable(stored) != _comparable(cfg):
+        raise ConfigMismatchError(
+            f"{run.path} holds a run with another configuration; use another hydra.run.dir "
+            "or resume=never to start over (compare its config.yaml)")
+    run.write_config(cfg)
+
+    trainer, optim = cfg["trainer"], cfg["optim"]
+    runtime.seed_everything(cfg["seed"])
+    device = runtime.resolve_device(trainer["device"])
+    runtime.configure_backends(device, trainer["deterministic"])
+    dev_name = runtime.device_name(device)
+    autocast = lambda: runtime.autocast_context(device, trainer["precision"])  # noqa: E731
+
+    exp = None
+    state = TrainState()
+    sink = None
+    try:
+        exp = build(cfg, device, autocast)
+        model, task = exp.model, exp.task
+        regularizer = build_regularizer(model, cfg["method"])
+        if regularizer is not None:
+            regularizer.materialize(lambda: task.probe_forward(model))
+        groups = param_groups(model, list(regularizer.parameters()) if regularizer else None,
+                              weight_decay=optim["weight_decay"], bias_lr_mult=optim["bias_lr_mult"],
+                              bias_weight_decay=optim["bias_weight_decay"])
+        optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"],
+                                     nesterov=optim["nesterov"])
+        schedule = create_schedule(optim["schedule"], **optim["schedule_args"])
+        epochs = trainer["epochs"]
+        if optim.get("total_steps"):  # step-based protocols (He et al.: 64k iterations)
+            epochs = -(-optim["total_steps"] // task.batches_per_epoch())
+        limits = [s for s in (trainer["max_steps"], optim.get("total_steps")) if s]
+        max_steps = min(limits) if limits else None
+        mon = trainer["monitor"]
+        settings = LoopSettings(
+            epochs=epochs, max_steps=max_steps, precision=trainer["precision"],
+            clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
+            log_every=trainer["log_every"], monitor_every=mon["every"],
+            monitor_sites=(mon["sites"] or default_monitor_sites(model)) if mon["every"] else [],
+            monitor_units=mon["units"], monitor_layout=cfg["method"].get("layout", "channels"),
+            monitor_slices=mon["slices"],
+            progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
+
+        if cfg["resume"] == "auto" and (ckpt := run.load_checkpoint(map_location=device)) is not None:
+            state = restore(ckpt, model, optimizer, schedule, regularizer, task)
+            run.truncate("metrics.jsonl", "epoch", state.epoch)
+            run.truncate("activations.jsonl", "step", state.step)
+            print(f"[per] resuming {run.path} at epoch {state.epoch}, batch {state.batch}")
+        else:
+            run.clear()
+        run.write_summary(_summary(schema.RUNNING, exp, cfg, state, dev_name))
+        train_model = torch.compile(model) if trainer["compile"] else model
+        lg = cfg["logger"]
+        sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
+                         name=run.path.name, group=_group(exp.cell), tags=list(exp.cell.values()),
+                         config=cfg)
+        with StopSignal() as stop:
+            status, state = fit(train_model, task, optimizer, schedule, run, settings,
+                                regularizer=regularizer, sink=sink, state=state,
+                                checkpoint_extra={"config": cfg}, stop=stop)
+    except BaseException:
+        run.write_summary(_summary(schema.FAILED, exp, cfg, state, dev_name))
+        if sink is not None:
+            sink.finish(exit_code=1)
+        raise
+    summary = _summary(status, exp, cfg, state, dev_name)
+    run.write_summary(summary)
+    sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
+    if status == schema.INTERRUPTED:
+        summary["signal"] = stop.signum
+    return summary
+
+
+def _group(cell: dict) -> str:
+    return "/".join(str(cell[k]) for k in schema.CELL_KEYS)
