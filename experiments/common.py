@@ -2,16 +2,34 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
 from per.training.run import train
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
+
+
+def compose_plain(config_name: str, overrides: list[str], run_dir: str | Path | None = None) -> dict:
+    """The resolved config an entry point would see, outside Hydra's main (tests, demo).
+
+    `run_dir` defaults to the directory `hydra.run.dir` names.
+    """
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    default_dir = cfg.hydra.run.dir
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["run_dir"] = str(run_dir if run_dir is not None else default_dir)
+    return plain
 
 
 def to_plain(cfg: DictConfig) -> dict:

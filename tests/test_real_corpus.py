@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from per.data.corpus import CORPORA, Corpus
+from per.data.corpus import CORPORA, EXPECTED_COUNTS, Corpus
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
 
-# name -> (vocabulary size, train / valid / test tokens incl. one <eos> per line)
-EXPECTED = {
-    "ptb": (10_000, 929_589, 73_760, 82_430),
-    "wikitext2": (33_278, 2_088_628, 217_646, 245_569),
-}
 
 
 @pytest.mark.slow
@@ -33,7 +28,7 @@ def test_real_corpus_counts(tmp_path: Path, name: str) -> None:
     corpus = Corpus(tmp_path, name, verify_checksums=True)
     load_s = time.perf_counter() - start
     assert (corpus.vocab_size, len(corpus.train), len(corpus.valid), len(corpus.test)) \
-        == EXPECTED[name]
+        == EXPECTED_COUNTS[name]
     assert corpus.vocab.count("<eos>") == 1 and "<unk>" in corpus.word2idx
     assert int(corpus.train.max()) == corpus.vocab_size - 1
     assert load_s < 10.0, f"loading {name} took {load_s:.1f} s"

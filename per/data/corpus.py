@@ -68,6 +68,14 @@ CORPORA: dict[str, CorpusSpec] = {
 }
 
 
+# The real files' counts: (vocabulary size, train / valid / test tokens with one <eos>
+# per line). Tests assert them; the run planner sizes LM runs with the train count.
+EXPECTED_COUNTS = {
+    "ptb": (10_000, 929_589, 73_760, 82_430),
+    "wikitext2": (33_278, 2_088_628, 217_646, 245_569),
+}
+
+
 def _spec(name: str) -> CorpusSpec:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; valid: {', '.join(CORPORA)}")

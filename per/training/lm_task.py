@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from per import models, schema
 from per.data.corpus import Corpus, batchify, get_batch
+from per.models.lstm import detach_hidden
 from per.training.loop import Experiment
 
 
@@ -42,7 +43,7 @@ class LMTask:
 
     def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         x, y = batch                                  # (T, B) each
-        self.hidden = model.detach_hidden(self.hidden)
+        self.hidden = detach_hidden(self.hidden)
         logits, self.hidden = model(x, self.hidden)   # (T, B, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         return loss, {"items": y.numel()}

@@ -242,7 +242,9 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             state.best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if "/" not in k and k != "epoch"}}
             run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
                                 BEST_CHECKPOINT)
-        if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+        # Diagnostics (keys with '/') may be infinite legitimately: a grad ratio where the
+        # task gradient is exactly zero (Fixup's zero-initialized branches).
+        if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float) and "/" not in k):
             run.append("metrics.jsonl", [row])
             return schema.DIVERGED, state
         save()

@@ -66,16 +66,17 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     if cfg["resume"] not in RESUME_MODES:
         raise ValueError(f"unknown resume {cfg['resume']!r}; valid: {', '.join(RESUME_MODES)}")
     run = RunDir(cfg["run_dir"])
-    old = run.read_summary()
-    if cfg["resume"] == "auto" and old is not None and old.get("status") == schema.FINISHED:
-        print(f"[per] skipping finished run {run.path}")
-        return old
     if cfg["resume"] == "never":
         run.clear()
-    elif (stored := run.read_config()) is not None and _comparable(stored) != _comparable(cfg):
-        raise ConfigMismatchError(
-            f"{run.path} holds a run with another configuration; use another hydra.run.dir "
-            "or resume=never to start over (compare its config.yaml)")
+    else:
+        if (stored := run.read_config()) is not None and _comparable(stored) != _comparable(cfg):
+            raise ConfigMismatchError(
+                f"{run.path} holds a run with another configuration; use another hydra.run.dir "
+                "or resume=never to start over (compare its config.yaml)")
+        old = run.read_summary()
+        if old is not None and old.get("status") == schema.FINISHED:
+            print(f"[per] skipping finished run {run.path}")
+            return old
     run.write_config(cfg)
 
     trainer, optim = cfg["trainer"], cfg["optim"]
@@ -88,6 +89,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     exp = None
     state = TrainState()
     sink = None
+    stop = StopSignal().__enter__()   # a signal during set-up stops the run after its first step
     try:
         exp = build(cfg, device, autocast)
         model, task = exp.model, exp.task
@@ -119,7 +121,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
             state = restore(ckpt, model, optimizer, schedule, regularizer, task)
             run.truncate("metrics.jsonl", "epoch", state.epoch)
             run.truncate("activations.jsonl", "step", state.step)
-            print(f"[per] resuming {run.path} at epoch {state.epoch}, batch {state.batch}")
+            print(f"[per] resuming {run.path} at epoch {state.epoch}, batch {state.batch}", flush=True)
         else:
             run.clear()
         run.write_summary(_summary(schema.RUNNING, exp, cfg, state, dev_name))
@@ -128,15 +130,16 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
         sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
                          name=run.path.name, group=_group(exp.cell), tags=list(exp.cell.values()),
                          config=cfg)
-        with StopSignal() as stop:
-            status, state = fit(train_model, task, optimizer, schedule, run, settings,
-                                regularizer=regularizer, sink=sink, state=state,
-                                checkpoint_extra={"config": cfg}, stop=stop)
+        status, state = fit(train_model, task, optimizer, schedule, run, settings,
+                            regularizer=regularizer, sink=sink, state=state,
+                            checkpoint_extra={"config": cfg}, stop=stop)
     except BaseException:
         run.write_summary(_summary(schema.FAILED, exp, cfg, state, dev_name))
         if sink is not None:
             sink.finish(exit_code=1)
         raise
+    finally:
+        stop.__exit__()
     summary = _summary(status, exp, cfg, state, dev_name)
     run.write_summary(summary)
     sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)

@@ -1,0 +1,57 @@
+# PER reproduction suite. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SEEDS ?= 3
+GPUS ?= 0
+RUNS_PER_GPU ?= 1
+LAUNCHER ?= local
+DRY_RUN ?=
+EXPERIMENT ?=
+LAMS ?=
+RUNS ?= results/runs
+REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
+        --launcher $(LAUNCHER) --runs $(RUNS) $(if $(DRY_RUN),--dry-run)
+
+.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation tables figures presets clean-demo
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install the package with its dev extras (torch pinned by constraints.txt)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+
+test: ## quick suite (unit tests, fast end-to-end runs): a few minutes on 2 CPU cores
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-all: ## everything CI runs: quick suite + slow tiers (end-to-end, resume, real-data smoke tests)
+	$(PY) -m pytest -q -m "not gpu" --durations=15
+
+bench: ## PER step-time ratios against an unregularized step, on this machine's device
+	$(PY) scripts/bench_per.py
+
+demo: ## CPU, offline: generated CIFAR-layout data, short runs, table and figures in results/demo/
+	$(PY) scripts/demo.py --out results/demo
+
+reproduce-cifar: ## Tables 1-2: lambda on 45k/5k, then SEEDS seeds on 50k; tables and figures (DRY_RUN=1 to plan)
+	$(REPRO) --task cifar
+
+reproduce-lm: ## Table 3: every lambda x SEEDS seeds, lambda chosen on validation perplexity (DRY_RUN=1 to plan)
+	$(REPRO) --task lm
+
+sweep: ## one cell's lambda sweep: make sweep EXPERIMENT=t1_cifar10_resnet56_per [LAMS=1e-4,3e-5] [SEEDS=3]
+	$(REPRO) --sweep $(EXPERIMENT) $(if $(LAMS),--lams $(LAMS))
+
+ablation: ## ResNet-56/CIFAR-10 PER: channels vs flatten layouts, 16/64/256/1024 slices
+	$(REPRO) --ablation
+
+tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV)
+	$(PY) scripts/aggregate.py --runs $(RUNS) --out results/tables
+
+figures: ## figures from results/runs into results/figures (PNG, PDF)
+	$(PY) scripts/figures.py --runs $(RUNS) --out results/figures
+
+presets: ## regenerate configs/experiment/ from scripts/make_presets.py
+	$(PY) scripts/make_presets.py

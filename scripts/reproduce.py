@@ -1,0 +1,242 @@
+"""Reproduce the paper's tables: plan and launch the runs, choose lambda honestly,
+then write tables and figures.
+
+Images (Tables 1-2): every lambda of a cell's grid is trained on 45k images with 5k
+held out (`data.val_size=5000`); the lambda with the lowest mean final validation
+error is then trained on all 50k with `--seeds` seeds, and the table reports their
+final-epoch test error. Language models (Table 3): every lambda x seed; lambda is
+chosen on validation perplexity and the table reports the test perplexity of the
+best-validation checkpoint. Runs go through Hydra multirun (basic, joblib or
+submitit launcher); finished runs are skipped and interrupted ones resume.
+
+    python scripts/reproduce.py --task cifar [--dry-run]
+    python scripts/reproduce.py --sweep t1_cifar10_resnet56_per --lams 1e-4,3e-5
+    python scripts/reproduce.py --ablation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import common  # noqa: E402,F401  (config resolvers)
+
+from per.analysis.collect import collect_runs  # noqa: E402
+from per.analysis.tables import select_lambda  # noqa: E402
+from per.data.corpus import EXPECTED_COUNTS  # noqa: E402
+
+VAL_SIZE = 5000
+CIFAR_TRAIN = 50_000
+ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}
+PREFIXES = {"cifar": ("t1_", "t2_"), "lm": ("t3_",)}
+STEP_TIMES = ROOT / "results" / "step_times.json"
+
+
+@dataclass
+class Preset:
+    name: str
+    task: str
+    cfg: dict              # resolved config of the preset
+
+    @property
+    def grid(self) -> list[float]:
+        return [float(x) for x in self.cfg["method"]["lam_grid"]]
+
+    def steps_per_run(self, val_size: int) -> int:
+        c = self.cfg
+        if c["optim"].get("total_steps"):
+            return int(c["optim"]["total_steps"])
+        if self.task == "cifar":
+            per_epoch = (CIFAR_TRAIN - val_size) // c["data"]["batch_size"]   # drop_last
+        else:
+            per_epoch = math.ceil((EXPECTED_COUNTS[c["data"]["name"]][1] // c["data"]["batch_size"] - 1)
+                                  / c["data"]["bptt"])
+        return per_epoch * int(c["trainer"]["epochs"])
+
+    def key(self) -> str:
+        """Step-time key: what decides the cost of one step."""
+        c = self.cfg
+        return "|".join(str(x) for x in (c["data"]["name"], c["model"]["name"], c["model"].get("norm", ""),
+                                          c["method"]["name"], c["method"].get("layout", ""),
+                                          c["method"].get("num_slices", "")))
+
+
+def load_presets(names: list[str] | None = None, task: str | None = None,
+                 overrides: tuple[str, ...] = ()) -> list[Preset]:
+    """Compose each preset (resolved) exactly as its runs will see it."""
+    exp_dir = ROOT / "configs" / "experiment"
+    names = names or sorted(p.stem for p in exp_dir.glob("*.yaml") if p.stem.startswith(PREFIXES[task]))
+    out = []
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        for name in names:
+            if not (exp_dir / f"{name}.yaml").exists():
+                raise SystemExit(f"unknown preset {name!r}; see configs/experiment/")
+            t = "lm" if name.startswith("t3_") else "cifar"
+            cfg = compose(ENTRY[t], overrides=[f"experiment={name}", *overrides])
+            out.append(Preset(name, t, OmegaConf.to_container(cfg, resolve=True)))
+    return out
+
+
+@dataclass
+class Phase:
+    """One Hydra multirun: a preset, lambdas and seeds, with or without a held-out split."""
+    preset: Preset
+    lams: list[float]
+    seeds: list[int]
+    val_size: int = 0
+    extra: tuple[str, ...] = ()
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.lams) * len(self.seeds)
+
+    def command(self, args) -> list[str]:
+        cmd = [sys.executable, str(ROOT / "experiments" / f"{ENTRY[self.preset.task]}.py"), "-m",
+               f"experiment={self.preset.name}", "method.lam=" + ",".join(f"{l:g}" for l in self.lams),
+               "seed=" + ",".join(map(str, self.seeds)), f"paths.runs_dir={args.runs}", *self.extra]
+        if self.preset.task == "cifar":
+            cmd.append(f"data.val_size={self.val_size}")
+        gpus = args.gpus.split(",")
+        if args.launcher == "joblib":
+            cmd += ["launcher=joblib", f"hydra.launcher.n_jobs={len(gpus) * args.runs_per_gpu}",
+                    "trainer.gpus=[" + ",".join(gpus) + "]"]
+        elif args.launcher == "slurm":
+            cmd.append("launcher=slurm")
+        return cmd
+
+
+def chosen_lambda(phase: Phase, args) -> float:
+    """The lambda with the best validation score among the phase's finished runs."""
+    cell_dir = Path(args.runs) / phase.preset.task / _run_name(phase)
+    df, problems = collect_runs(cell_dir)
+    for p in problems:
+        print(f"[reproduce] skipped run: {p}", file=sys.stderr)
+    if df.empty:
+        raise SystemExit(f"no selection runs under {cell_dir}")
+    chosen = select_lambda(df, phase.preset.task)
+    lam = chosen.lam.iloc[0]
+    if len(chosen) != 1 or math.isnan(lam):
+        raise SystemExit(f"could not choose lambda from {cell_dir}:\n{chosen}")
+    return float(lam)
+
+
+def _run_name(phase: Phase) -> str:
+    return phase.preset.cfg["run_name"] + (f"-val{phase.val_size}" if phase.val_size else "")
+
+
+def plan(presets: list[Preset], seeds: list[int], select_seeds: list[int],
+         lams: list[float] | None = None, extra: tuple[str, ...] = ()) -> list[tuple[Phase, Phase | None]]:
+    """(selection phase or None, final phase) per preset; a final phase whose lambdas
+    are unknown until selection has an empty `lams` (one lambda will be run)."""
+    out = []
+    for p in presets:
+        grid = lams or p.grid
+        if p.task == "lm":
+            out.append((None, Phase(p, grid, seeds, extra=extra)))
+        elif len(grid) == 1:
+            out.append((None, Phase(p, grid, seeds, extra=extra)))
+        else:
+            out.append((Phase(p, grid, select_seeds, VAL_SIZE, extra), Phase(p, [], seeds, extra=extra)))
+    return out
+
+
+def print_plan(phases, title: str) -> None:
+    times = json.loads(STEP_TIMES.read_text()) if STEP_TIMES.exists() else None
+    rows, tot_runs, tot_steps, tot_s, unknown = [], 0, 0, 0.0, set()
+    for select, final in phases:
+        for ph in (select, final):
+            if ph is None:
+                continue
+            n = ph.n_runs if ph.lams else len(ph.seeds)
+            steps = n * ph.preset.steps_per_run(ph.val_size)
+            key = ph.preset.key()
+            if times and key in times["s_per_step"]:
+                tot_s += steps * times["s_per_step"][key]
+            else:
+                unknown.add(key)
+            tot_runs += n
+            tot_steps += steps
+            rows.append((ph.preset.name, "select" if ph.val_size else "final", n, steps))
+    print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
+    by_table: dict[str, list[int]] = {}
+    for name, phase, n, steps in rows:
+        t = by_table.setdefault(name.split("_")[0].upper(), [0, 0])
+        t[0] += n
+        t[1] += steps
+    for t, (n, steps) in sorted(by_table.items()):
+        print(f"   {t}: {n} runs, {steps:,} steps")
+    for name, phase, n, steps in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps")
+    if times is None:
+        print(f"   GPU time: unknown (no {STEP_TIMES.relative_to(ROOT)}; run `make step-times` on the GPU box)")
+    else:
+        print(f"   estimated time on {times['device']}: {tot_s / 3600:,.1f} device-hours"
+              + (f" (no step time for {len(unknown)} configurations)" if unknown else ""))
+
+
+def execute(phases, args) -> None:
+    for select, final in phases:
+        if select is not None:
+            _run(select.command(args))
+            final.lams = [chosen_lambda(select, args)]
+            print(f"[reproduce] {select.preset.name}: lambda = {final.lams[0]:g} (validation)")
+        _run(final.command(args))
+
+
+def _run(cmd: list[str]) -> None:
+    print("[reproduce] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", choices=["cifar", "lm"])
+    what.add_argument("--sweep", metavar="PRESET", help="one preset's lambda sweep")
+    what.add_argument("--ablation", action="store_true", help="ResNet-56 PER layout and slices ablation")
+    ap.add_argument("--lams", help="comma-separated lambdas (default: the preset's lam_grid)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the reported runs")
+    ap.add_argument("--select-seeds", type=int, default=1, help="seeds per lambda on the 45k/5k split")
+    ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
+    ap.add_argument("--runs-per-gpu", type=int, default=1)
+    ap.add_argument("--launcher", choices=["local", "joblib", "slurm"], default="local")
+    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
+    args = ap.parse_args(argv)
+    seeds, select_seeds = list(range(args.seeds)), list(range(args.select_seeds))
+    lams = [float(x) for x in args.lams.split(",")] if args.lams else None
+
+    if args.task:
+        phases, title = plan(load_presets(task=args.task), seeds, select_seeds), f"reproduce-{args.task}"
+    elif args.sweep:
+        phases, title = plan(load_presets([args.sweep]), seeds, select_seeds, lams), f"sweep {args.sweep}"
+    else:
+        phases = plan(load_presets(["ablation_resnet56_flatten"]), seeds, select_seeds)
+        (slices,) = load_presets(["ablation_resnet56_slices"])
+        for s in slices.cfg["method"]["slices_grid"]:
+            extra = (f"method.num_slices={s}",)
+            phases += plan(load_presets(["ablation_resnet56_slices"], overrides=extra), seeds,
+                           select_seeds, extra=extra)
+        title = "ablation"
+    print_plan(phases, title)
+    if args.dry_run:
+        return 0
+    execute(phases, args)
+    if not args.no_report:
+        _run([sys.executable, str(ROOT / "scripts/aggregate.py"), "--runs", args.runs])
+        _run([sys.executable, str(ROOT / "scripts/figures.py"), "--runs", args.runs])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The Hydra entry points as a user runs them: subprocesses, signals, bad overrides."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from per.data.cifar import write_fake_cifar
+from runner_utils import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=640, n_test=64, seed=0)
+    return root
+
+
+def _cmd(data_root, run_dir, *overrides):
+    return [sys.executable, str(ROOT / "experiments/train_cifar.py"), "trainer.device=cpu",
+            "logger.mode=disabled", f"data.root={data_root}", "data.verify_checksums=false",
+            "model=resnet20", "method=per", "method.num_slices=16", "data.batch_size=32",
+            "trainer.deterministic=true", "trainer.epochs=2", f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start_and_wait_for_checkpoint(cmd, run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints/last.pt").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_writes_checkpoint_and_kill_resumes_to_same_result(data_root, tmp_path):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_cmd(data_root, ref_dir), env=_env(), check=True, capture_output=True)
+    ref = json.loads((ref_dir / "summary.json").read_text())
+    assert ref["status"] == "finished"
+
+    # SIGKILL during epoch 2 (no chance to save): resume from the epoch-1 checkpoint.
+    proc = _start_and_wait_for_checkpoint(_cmd(data_root, cut_dir), cut_dir)
+    proc.kill()
+    proc.wait()
+    assert json.loads((cut_dir / "summary.json").read_text())["status"] == "running"
+    # SIGTERM during the resumed run: a checkpoint is written and the exit code says so.
+    mtime = (cut_dir / "checkpoints/last.pt").stat().st_mtime
+    proc = subprocess.Popen(_cmd(data_root, cut_dir), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "resuming" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    summary = json.loads((cut_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < ref["steps"]
+    assert (cut_dir / "checkpoints/last.pt").stat().st_mtime > mtime
+    subprocess.run(_cmd(data_root, cut_dir), env=_env(), check=True, capture_output=True)
+    done = json.loads((cut_dir / "summary.json").read_text())
+    assert done["status"] == "finished" and done["steps"] == ref["steps"]
+    drop = lambda row: {k: v for k, v in row.items() if k not in ("images_per_s", "epoch_time_s")}
+    assert drop(done["final"]) == drop(ref["final"])
+
+
+def test_unknown_group_value_names_valid_choices(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "experiments/train_cifar.py"), "method=foo",
+                          f"hydra.run.dir={tmp_path}"], env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "per" in out.stderr and "vanilla" in out.stderr and "foo" in out.stderr
+
+
+def test_unknown_layout_names_valid_choices(data_root, tmp_path):
+    out = subprocess.run(_cmd(data_root, tmp_path, "method.layout=diagonal", "trainer.max_steps=1"),
+                         env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "channels" in out.stderr and "flatten" in out.stderr
