@@ -1,0 +1,168 @@
+"""The PER loss and its gradient, the L1/L2 baselines, and activations-to-points.
+
+Notation (DESIGN.md section 1): one site's activations form a point cloud
+`x: (N, d)`; `directions: (d, s)` holds `s` unit directions `theta_k` as columns;
+projections `p_ik = <x_i, theta_k>`.
+
+Precision: float64 inputs are computed in float64; every other dtype (float32,
+bf16, fp16) projects in its own dtype, then evaluates `phi`/`erf` and all
+reductions in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+LAYOUTS = ("channels", "flatten")
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 input, else float32 (the accumulation dtype)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def sample_directions(d: int, num_slices: int, *, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Random unit directions `theta_k = v_k / ||v_k||`, `v_k ~ N(0, I_d)`.
+
+    Returns: `(d, num_slices)`, one unit-norm direction per column.
+    """
+    if d < 1:
+        raise ValueError(f"dimension d must be >= 1, got {d}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    v = torch.randn(d, num_slices, generator=generator, device=device, dtype=dtype)
+    return v / v.norm(dim=0, keepdim=True)
+
+
+class _Phi(torch.autograd.Function):
+    """`phi` with its derivative `phi'(x) = erf(x / sqrt 2)` as the backward (eq. 6's kernel);
+    the forward fuses in place and saves only `x`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        z = x / _SQRT2
+        out = torch.special.erf(z).mul_(x)
+        return out.add_(z.square_().neg_().exp_(), alpha=_SQRT_2_OVER_PI)  # + sqrt(2/pi) e^{-x^2/2}
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.special.erf(x / _SQRT2).mul_(grad_output)
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """`phi(x) = x erf(x / sqrt 2) + sqrt(2/pi) exp(-x^2 / 2) = E|x - Z|`, Z ~ N(0,1); elementwise.
+
+    Differentiable: `phi'(x) = erf(x / sqrt 2)` (twice differentiable too).
+    """
+    return _Phi.apply(x)
+
+
+def check_points(x: torch.Tensor) -> None:
+    """Raise ValueError unless `x` is a point cloud `(N, d)`."""
+    if x.dim() != 2:
+        raise ValueError(f"expected points of shape (N, d) (rank 2), got shape {tuple(x.shape)}")
+
+
+def project(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Projections `p = x theta`: `x: (N, d)`, `directions: (d, s)` -> `(N, s)`, `compute_dtype(x)`.
+
+    The matmul runs in `x`'s dtype (bf16 stays on tensor cores); the result is cast up.
+    """
+    if directions.dim() != 2 or directions.shape[0] != x.shape[1]:
+        raise ValueError(f"directions must have shape (d, s) with d = {x.shape[1]}, "
+                         f"got {tuple(directions.shape)}")
+    return (x @ directions.to(x.dtype)).to(compute_dtype(x))
+
+
+def per_loss(x: torch.Tensor, directions: torch.Tensor | None = None, *, num_slices: int = 256,
+             generator: torch.Generator | None = None, check_finite: bool = True) -> torch.Tensor:
+    """PER loss `L = (1/N) sum_i (1/s) sum_k phi(<x_i, theta_k>)` (paper eq. 5, b -> N).
+
+    Args:
+        x: `(N, d)` points.
+        directions: `(d, s)` unit directions; drawn with `sample_directions(d, num_slices,
+            generator=generator)` when None.
+        check_finite: raise ValueError on NaN/inf in `x` (synchronizes the device).
+
+    Returns: 0-d tensor in `compute_dtype(x)`. Its autograd gradient is eq. 6 (`per_grad`).
+    """
+    check_points(x)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError("non-finite activations (NaN or inf) passed to per_loss")
+    if directions is None:
+        directions = sample_directions(x.shape[1], num_slices, generator=generator,
+                                       device=x.device, dtype=compute_dtype(x))
+    return phi(project(x, directions)).mean()
+
+
+def per_grad(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Analytic gradient of `per_loss(x, directions)`, eq. 6:
+    `dL/dx_i = (1/N)(1/s) sum_k erf(p_ik / sqrt 2) theta_k`.
+
+    `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`).
+    """
+    check_points(x)
+    (n, d), s = x.shape, directions.shape[1]
+    theta = directions.to(compute_dtype(x))
+    # Apply 1/sqrt 2 to the smaller operand: directions (d, s) or projections (N, s).
+    if d <= n:
+        e = torch.special.erf(project(x, theta / _SQRT2))                  # (N, s)
+    else:
+        e = torch.special.erf(project(x, theta) / _SQRT2)
+    return (e @ theta.T).div_(n * s).to(x.dtype)
+
+
+def l1_penalty(x: torch.Tensor) -> torch.Tensor:
+    """`(1/N) sum_i ||x_i||_1` for `x: (N, d)`; 0-d tensor in `compute_dtype(x)`."""
+    check_points(x)
+    return x.to(compute_dtype(x)).abs().sum(dim=1).mean()
+
+
+def l2_penalty(x: torch.Tensor) -> torch.Tensor:
+    """`(1/N) sum_i ||x_i||_2^2` for `x: (N, d)`; 0-d tensor in `compute_dtype(x)`."""
+    check_points(x)
+    return x.to(compute_dtype(x)).square().sum(dim=1).mean()
+
+
+def check_layout(layout: str) -> None:
+    """Raise ValueError unless `layout` is one of `LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+
+
+def to_points(h: torch.Tensor, layout: str = "channels") -> torch.Tensor:
+    """Activations -> point cloud `(N, d)`.
+
+    - `(B, d)` -> unchanged (`N = B`).
+    - `(B, C, H, W)`, layout "channels" -> `(B*H*W, C)`: each spatial position is a point;
+      layout "flatten" -> `(B, C*H*W)`: each example is a point.
+    - `(T, B, d)` (always a sequence) -> `(T*B, d)`: each example and time step is a point.
+    """
+    check_layout(layout)
+    if h.dim() == 2:
+        return h
+    if h.dim() == 3:
+        return h.reshape(-1, h.shape[2])
+    if h.dim() == 4:
+        if layout == "channels":
+            return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        return h.reshape(h.shape[0], -1)
+    raise ValueError(f"activations must have rank 2 (B, d), 3 (T, B, d) or 4 (B, C, H, W), "
+                     f"got shape {tuple(h.shape)}")
+
+
+def from_points(x: torch.Tensor, shape: torch.Size, layout: str = "channels") -> torch.Tensor:
+    """Inverse of `to_points`: `x: (N, d)` -> a tensor of `shape` (a view where possible)."""
+    if len(shape) == 4 and layout == "channels":
+        b, c, h, w = shape
+        return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return x.reshape(shape)

@@ -1,0 +1,257 @@
+"""Activation regularizers attached to a model's sites: PER, L1, L2 and VCL.
+
+Objective (DESIGN.md section 1): `task_loss + lam * sum over sites of L_site`, each
+`L_site` a mean over the site's `N` points (`per.to_points`), so its gradient carries
+the `1/N` of eq. 6.
+
+Two equivalent paths for PER/L1/L2:
+- "backward" (paper Algorithm 1): the site is an identity whose backward adds
+  `lam * dL_site/dh` in closed form; no autograd graph is built for the penalty and
+  `penalty()` is zero.
+- "autograd": the site computes `L_site` with autograd and `penalty()` returns
+  `lam * sum L_site` to add to the task loss.
+Both draw each site's directions in the forward pass from the global torch RNG, so
+with the same seed they use the same directions and give the same gradients.
+
+Example:
+    reg = Regularizer(model, "per", lam=1e-4)
+    for x, y in loader:
+        reg.begin_step(track=step % 100 == 0)
+        loss = F.cross_entropy(model(x), y) + reg.penalty()
+        loss.backward()
+        stats = reg.site_stats()
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from per.functional import (
+    check_layout, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad, per_loss,
+    sample_directions, to_points)
+from per.sites import Site, list_sites
+
+KINDS = ("per", "l1", "l2", "vcl")
+PATHS = ("backward", "autograd")
+_ROLE = {"per": "post", "l1": "post", "l2": "post", "vcl": "pre"}
+
+
+def _site_value(kind: str, x: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
+    """`L_site` of `x: (N, d)`: PER eq. 5, L1 `(1/N) sum ||x_i||_1` or L2 `(1/N) sum ||x_i||^2`."""
+    if kind == "per":
+        return per_loss(x, directions, check_finite=False)
+    return l1_penalty(x) if kind == "l1" else l2_penalty(x)
+
+
+def _site_grad(kind: str, x: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
+    """`dL_site/dx` in closed form, `x: (N, d)` -> `(N, d)` in `x`'s dtype:
+    PER eq. 6, L1 `sign(x)/N`, L2 `2x/N`."""
+    if kind == "per":
+        return per_grad(x, directions)
+    return (x.sign() if kind == "l1" else 2 * x) / x.shape[0]
+
+
+class _AddPenaltyGrad(torch.autograd.Function):
+    """Identity on `h`; backward returns `grad_output + lam * dL_site/dh` (Algorithm 1)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, kind: str, lam: float,
+                layout: str, stats: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+        ctx.save_for_backward(h, directions)
+        ctx.kind, ctx.lam, ctx.layout, ctx.stats, ctx.name = kind, lam, layout, stats, name
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, directions = ctx.saved_tensors
+        x = to_points(h, ctx.layout)
+        grad = ctx.lam * from_points(_site_grad(ctx.kind, x, directions), h.shape, ctx.layout)
+        if ctx.stats is not None:
+            ctx.stats[f"penalty/{ctx.name}"] = _site_value(ctx.kind, x, directions)
+            ctx.stats[f"grad_ratio/{ctx.name}"] = grad.float().norm() / grad_output.float().norm()
+        return grad_output + grad.to(grad_output.dtype), None, None, None, None, None, None
+
+
+class _GradNormProbe(torch.autograd.Function):
+    """Identity on `h`; backward stores `penalty_grad_norm / ||grad_output||` in `stats[key]`."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, penalty_grad_norm: torch.Tensor,
+                stats: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        ctx.penalty_grad_norm, ctx.stats, ctx.key = penalty_grad_norm, stats, key
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.stats[ctx.key] = ctx.penalty_grad_norm / grad_output.float().norm()
+        return grad_output, None, None, None
+
+
+class Regularizer(nn.Module):
+    """One regularizer acting on all sites of one role in `model` (DESIGN.md section 1).
+
+    Args:
+        model: a model containing `per.Site` modules; kept by reference (not a submodule).
+        kind: one of `KINDS`. PER/L1/L2 act on "post" sites, VCL on "pre" sites.
+        lam: the one coefficient for all sites (>= 0).
+        layout: how a 4-D site becomes points, one of `LAYOUTS` (see `per.to_points`).
+        num_slices: PER directions per site and call (`s`, paper: 256).
+        path: "backward" (Algorithm 1, gradient injected in backward) or "autograd"
+            (penalty returned by `penalty()`); VCL always uses autograd.
+        share_directions: draw one direction matrix per distinct `d` per step and reuse it
+            across the sites of that `d` (speed option); default: independent per site and call.
+        vcl_chunk: VCL chunk size (reference: 5); each batch needs `2 * vcl_chunk` examples.
+
+    The penalty acts only while `torch.is_grad_enabled()` and `model.training`.
+    Call `begin_step()` before each training forward. A site's activation is saved for
+    the backward pass, so it must not be modified in place afterwards.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
+                 num_slices: int = 256, path: str = "backward", share_directions: bool = False,
+                 vcl_chunk: int = 5) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown regularizer kind {kind!r}; valid: {', '.join(KINDS)}")
+        check_layout(layout)
+        if num_slices < 1:
+            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if vcl_chunk < 2:
+            raise ValueError(f"vcl_chunk must be >= 2 (a variance needs 2 samples), "
+                             f"got {vcl_chunk}")
+        sites = list_sites(model, _ROLE[kind])
+        if not sites:
+            raise ValueError(f"model has no Site(role={_ROLE[kind]!r}) for regularizer {kind!r}")
+        attached = [n for n, s in sites.items() if s.penalty_fn is not None]
+        if attached:
+            raise ValueError(f"sites {attached} already have a regularizer; "
+                             "call its remove() first")
+        self.__dict__["model"] = model  # a reference, not a registered submodule
+        self.kind, self.lam, self.layout, self.num_slices = kind, float(lam), layout, num_slices
+        self.path = "autograd" if kind == "vcl" else path
+        self.share_directions, self.vcl_chunk = share_directions, vcl_chunk
+        self.site_names: list[str] = list(sites)
+        self._sites: dict[str, Site] = sites
+        self.betas = nn.ParameterDict()  # VCL: site name ('.' -> '__') -> beta (h.shape[1:])
+        self._materializing = False
+        self._track = False
+        self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
+        self._stats: dict[str, torch.Tensor] = {}
+        self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
+        self._device = torch.device("cpu")
+        for name, site in sites.items():
+            site.penalty_fn, site.site_name = self._apply, name
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, lam={self.lam}, layout={self.layout!r}, "
+                f"num_slices={self.num_slices}, path={self.path!r}, sites={len(self.site_names)}")
+
+    def begin_step(self, track: bool = False) -> None:
+        """Start a training step: reset accumulators; `track` computes per-site statistics."""
+        self._track = track
+        self._terms = []
+        self._stats = {}
+        self._shared = {}
+
+    def penalty(self) -> torch.Tensor:
+        """0-d tensor to add to the task loss: `lam * sum_sites L_site` (0 on the backward path)."""
+        if not self._terms:
+            return torch.zeros((), device=self._device)
+        return torch.stack(self._terms).sum()
+
+    def site_stats(self) -> dict[str, torch.Tensor]:
+        """After backward of a tracked step: `penalty/<site>` (`L_site`, not scaled by lam) and
+        `grad_ratio/<site>` (`||lam dL_site/dh|| / ||d(downstream loss)/dh||`), 0-d device
+        tensors (no sync). Empty if the step was not tracked."""
+        return dict(self._stats) if self._track else {}
+
+    def materialize(self, forward_fn: Callable[[], Any]) -> None:
+        """VCL: run `forward_fn()` once under no_grad to create the betas (init 1, on the
+        activations' device). Call after moving the model to its device and before building
+        the optimizer. No-op for other kinds."""
+        if self.kind != "vcl":
+            return
+        self._materializing = True
+        try:
+            with torch.no_grad():
+                forward_fn()
+        finally:
+            self._materializing = False
+
+    def remove(self) -> None:
+        """Detach from the model's sites."""
+        for site in self._sites.values():
+            site.penalty_fn, site.site_name = None, ""
+
+    def _apply(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """`Site.penalty_fn`: `h` of shape `(B, d)`, `(B, C, H, W)` or `(T, B, d)` -> same."""
+        if self._materializing:
+            self._vcl_beta(name, h, create=True)
+            return h
+        if not (torch.is_grad_enabled() and self.model.training):
+            return h
+        self._device = h.device
+        if self.kind == "vcl":
+            return self._apply_vcl(name, h)
+        x = to_points(h, self.layout)
+        directions = self._directions(x.shape[1], h) if self.kind == "per" else None
+        if self.path == "backward":
+            stats = self._stats if self._track else None
+            return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout, stats,
+                                         name)
+        value = _site_value(self.kind, x, directions)
+        self._terms.append(self.lam * value)
+        if not self._track:
+            return h
+        with torch.no_grad():
+            self._stats[f"penalty/{name}"] = value.detach()
+            grad_norm = self.lam * _site_grad(self.kind, x, directions).float().norm()
+        return _GradNormProbe.apply(h, grad_norm, self._stats, f"grad_ratio/{name}")
+
+    def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:
+        """`(d, num_slices)` directions from the global RNG, fresh per call (or shared per `d`)."""
+        if self.share_directions and d in self._shared:
+            return self._shared[d]
+        directions = sample_directions(d, self.num_slices, device=h.device, dtype=compute_dtype(h))
+        if self.share_directions:
+            self._shared[d] = directions
+        return directions
+
+    def _vcl_beta(self, name: str, h: torch.Tensor, create: bool = False) -> nn.Parameter:
+        """The per-unit beta of a VCL site, `h.shape[1:]`; created (init 1) when `create`."""
+        if h.dim() not in (2, 4):
+            raise ValueError(f"VCL site {name!r} needs activations of rank 2 (B, d) or "
+                             f"4 (B, C, H, W), got shape {tuple(h.shape)}")
+        key = name.replace(".", "__")
+        if create and key not in self.betas:
+            self.betas[key] = nn.Parameter(torch.ones(h.shape[1:], device=h.device))
+        if key not in self.betas:
+            raise RuntimeError(f"VCL beta of site {name!r} missing: call materialize() "
+                               "before training (and before building the optimizer)")
+        return self.betas[key]
+
+    def _apply_vcl(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """VCL (Littwin & Wolf 2018; REFERENCES.md 5.1) on pre-activations `h: (B, ...)`:
+        `L = mean over units of (1 - var(h[:c]) / (var(h[c:2c]) + beta))^2`, var over the batch."""
+        beta = self._vcl_beta(name, h)
+        c = self.vcl_chunk
+        if h.shape[0] < 2 * c:
+            raise ValueError(f"VCL needs a batch of at least 2 * vcl_chunk = {2 * c} examples, "
+                             f"got {h.shape[0]} at site {name!r}")
+        hf = h.float()
+        var1, var2 = hf[:c].var(dim=0), hf[c:2 * c].var(dim=0)
+        value = (1 - var1 / (var2 + beta)).square().mean()
+        self._terms.append(self.lam * value)
+        if not self._track:
+            return h
+        self._stats[f"penalty/{name}"] = value.detach()
+        if not h.requires_grad:
+            return h
+        (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)
+        return _GradNormProbe.apply(h, grad.float().norm(), self._stats, f"grad_ratio/{name}")

@@ -1,0 +1,103 @@
+"""Every config composes, every preset names a real table cell and builds its model."""
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from per import models, schema
+from per.training.run import build_regularizer
+from runner_utils import ROOT, compose_config
+
+PRESETS = sorted(p.stem for p in (ROOT / "configs/experiment").glob("*.yaml"))
+PAPER = {tuple(r[k] for k in schema.CELL_KEYS)
+         for r in csv.DictReader(open(ROOT / "results/paper/paper_tables.csv"))}
+
+
+def test_presets_match_their_generator():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_presets.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_one_preset_per_table_cell():
+    t1 = [p for p in PRESETS if p.startswith("t1_")]
+    t2 = [p for p in PRESETS if p.startswith("t2_")]
+    t3 = [p for p in PRESETS if p.startswith("t3_")]
+    assert (len(t1), len(t2), len(t3)) == (2 * 2 * 5, 2 * 3 * 4, 2 * 4 * 5)
+    paper_cells = {c for c in PAPER}
+    covered = set()
+    for name in t1 + t2 + t3:
+        cfg = compose_config("train_lm" if name.startswith("t3_") else "train_cifar",
+                             [f"experiment={name}"], "unused")
+        m = cfg["model"]
+        cell = schema.make_cell(cfg["data"]["name"], m["name"], cfg["method"]["name"],
+                                norm=m.get("norm", "none"), activation=m.get("activation"),
+                                table=cfg["table"])
+        covered.add(tuple(cell[k] for k in schema.CELL_KEYS))
+    assert paper_cells <= covered, sorted(paper_cells - covered)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_builds(name):
+    task = "lm" if name.startswith("t3_") else "cifar"
+    cfg = compose_config(f"train_{task}", [f"experiment={name}"], "unused")
+    assert cfg["preset"] == name
+    method = cfg["method"]
+    assert method["lam"] in method["lam_grid"]
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    if task == "lm":
+        kwargs.update(vocab_size=50, hidden_size=8)
+        model = models.create(cfg["model"]["name"], rbn=method["name"] == "rbn", **kwargs)
+    else:
+        model = models.create(cfg["model"]["name"], **kwargs)
+    reg = build_regularizer(model, method)
+    assert (reg is None) == (method["name"] in ("vanilla", "rbn"))
+
+
+def test_protocols_match_design():
+    fixup = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_per"], "x")
+    assert fixup["optim"]["schedule_args"]["milestones"] == [100, 150] and fixup["trainer"]["epochs"] == 200
+    assert fixup["optim"]["bias_lr_mult"] == 0.1 and fixup["data"]["mixup_alpha"] == 0.0
+    he = compose_config("train_cifar", ["experiment=t1_cifar10_resnet110_bn"], "x")
+    assert he["optim"]["total_steps"] == 64000 and he["optim"]["schedule_args"]["warmup_steps"] == 400
+    assert he["model"]["norm"] == "bn"
+    he56 = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_bn"], "x")
+    assert he56["optim"]["schedule_args"]["warmup_steps"] == 0
+    vcl = compose_config("train_cifar", ["experiment=t2_cifar100_elu_vcl"], "x")
+    assert vcl["data"]["batch_size"] == 250 and vcl["optim"]["clip_mode"] == "per_param"
+    assert vcl["method"]["lam"] == 0.01 and vcl["optim"]["nesterov"]
+    c100 = compose_config("train_cifar", ["experiment=t2_cifar100_relu_per"], "x")
+    assert c100["method"]["lam_grid"] == [3e-6, 1e-6, 3e-7, 1e-7]
+    lm = compose_config("train_lm", ["experiment=t3_ptb_vd_lstm_l2"], "x")
+    assert lm["optim"]["clip_norm"] == 0.25 and lm["trainer"]["epochs"] == 60
+    assert lm["model"]["dropout"] == 0.5 and lm["data"]["bptt"] == 35 and lm["data"]["batch_size"] == 20
+    assert lm["method"]["lam_grid"][-1] == 1e-7
+
+
+def test_run_directory_follows_design():
+    cfg = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_per", "data.val_size=5000",
+                                         "method.lam=3e-5", "seed=2", "paths.runs_dir=R"])
+    assert cfg["run_dir"] == "R/cifar/t1_cifar10_resnet56_per-val5000/lam=3e-05,seed=2"
+    cfg = compose_config("train_lm", ["experiment=t3_ptb_lstm_per", "paths.runs_dir=R"])
+    assert cfg["run_dir"] == "R/lm/t3_ptb_lstm_per/lam=0.0001,seed=0"
+
+
+def test_bad_method_names_valid_choices():
+    with pytest.raises(ValueError, match="valid: vanilla, l1, l2, per, vcl, rbn"):
+        build_regularizer(models.create("resnet20"), {"name": "dropout"})
+
+
+def test_environment_yml_matches_pyproject():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = meta["dependencies"] + meta["optional-dependencies"]["dev"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    norm = lambda spec: re.sub(r"\s+", "", spec.lower())
+    assert {norm(s) for s in declared} == {norm(s) for s in pip if not s.startswith("-e")}

@@ -1,0 +1,170 @@
+"""per.functional against independent NumPy/scipy float64 evaluations of DESIGN.md section 1."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+import per
+from per.functional import from_points
+
+
+def _np_phi(p: np.ndarray) -> np.ndarray:
+    return p * scipy.special.erf(p / np.sqrt(2)) + np.sqrt(2 / np.pi) * np.exp(-p ** 2 / 2)
+
+
+def _np_per(x: np.ndarray, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    """Eq. 5 and eq. 6 written out: L = mean_ik phi(p_ik),
+    dL/dx_i = (1/Ns) sum_k erf(p_ik/sqrt2) theta_k."""
+    n, s = x.shape[0], theta.shape[1]
+    p = x @ theta
+    grad = np.zeros_like(x)
+    for k in range(s):
+        grad += np.outer(scipy.special.erf(p[:, k] / np.sqrt(2)), theta[:, k])
+    return float(_np_phi(p).mean()), grad / (n * s)
+
+
+@pytest.mark.parametrize("n, d", [(37, 6), (3, 20)])  # N > d and N < d (flatten-like)
+def test_per_loss_and_grad_match_numpy_float64(n, d):
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(0.5, 2.0, size=(n, d))
+    theta = rng.normal(size=(d, 11))
+    theta /= np.linalg.norm(theta, axis=0)
+    want_loss, want_grad = _np_per(x_np, theta)
+
+    x = torch.tensor(x_np, requires_grad=True)
+    directions = torch.tensor(theta)
+    loss = per.per_loss(x, directions)
+    loss.backward()
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(want_loss, rel=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), want_grad, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(per.per_grad(x.detach(), directions).numpy(), want_grad,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_per_loss_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    directions = per.sample_directions(4, 7, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: per.per_loss(t, directions), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: per.per_loss(t, directions), (x,))
+
+
+def test_per_grad_equals_autograd_float32():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 8, generator=gen, requires_grad=True)
+    directions = per.sample_directions(8, 32, generator=gen)
+    per.per_loss(x, directions).backward()
+    torch.testing.assert_close(per.per_grad(x.detach(), directions), x.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("value", [-3.0, -0.7, 0.0, 0.4, 2.5])
+def test_phi_is_expected_abs_difference_to_standard_normal(value):
+    # Monte Carlo E|x - Z|: std(|x - Z|) <= sqrt(x^2 + 1), so 5 standard errors is the margin.
+    n = 2_000_000
+    z = np.random.default_rng(3).standard_normal(n)
+    mc = np.abs(value - z).mean()
+    margin = 5 * math.sqrt(value ** 2 + 1) / math.sqrt(n)
+    assert abs(per.phi(torch.tensor(value, dtype=torch.float64)).item() - mc) < margin
+
+
+def test_phi_matches_its_formula_and_derivative():
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64, requires_grad=True)
+    per.phi(x).sum().backward()
+    x_np = x.detach().numpy()
+    np.testing.assert_allclose(per.phi(x.detach()).numpy(), _np_phi(x_np), rtol=1e-14)
+    np.testing.assert_allclose(x.grad.numpy(), scipy.special.erf(x_np / np.sqrt(2)), rtol=1e-14)
+
+
+def test_phi_at_zero():
+    assert per.phi(torch.tensor(0.0, dtype=torch.float64)).item() == pytest.approx(
+        math.sqrt(2 / math.pi), rel=1e-15)
+
+
+def test_sample_directions_unit_columns_and_generator():
+    a = per.sample_directions(5, 300, generator=torch.Generator().manual_seed(4))
+    b = per.sample_directions(5, 300, generator=torch.Generator().manual_seed(4))
+    c = per.sample_directions(5, 300, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (5, 300) and a.dtype == torch.float32
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(300))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Uniform on the sphere: the mean direction is ~ 0 (each coordinate has variance 1/(d n)).
+    assert a.mean(dim=1).abs().max() < 5 / math.sqrt(5 * 300)
+    assert per.sample_directions(3, 2, dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("d, s", [(0, 4), (3, 0), (3, -1)])
+def test_sample_directions_rejects_bad_sizes(d, s):
+    with pytest.raises(ValueError, match=">= 1"):
+        per.sample_directions(d, s)
+
+
+def test_per_loss_generator_reproducible():
+    x = torch.randn(20, 3)
+    a = per.per_loss(x, num_slices=16, generator=torch.Generator().manual_seed(6))
+    b = per.per_loss(x, num_slices=16, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+
+
+def test_per_loss_bf16_accumulates_in_fp32():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(128, 16, generator=gen)
+    directions = per.sample_directions(16, 64, generator=gen)
+    loss = per.per_loss(x.bfloat16(), directions)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(per.per_loss(x, directions).item(), rel=1e-2)
+    grad = per.per_grad(x.bfloat16(), directions)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), per.per_grad(x, directions), rtol=0.05, atol=1e-5)
+
+
+def test_l1_l2_match_numpy():
+    x_np = np.random.default_rng(8).normal(size=(10, 4))
+    x = torch.tensor(x_np)
+    assert per.l1_penalty(x).item() == pytest.approx(np.abs(x_np).sum(axis=1).mean(), rel=1e-12)
+    assert per.l2_penalty(x).item() == pytest.approx((x_np ** 2).sum(axis=1).mean(), rel=1e-12)
+    assert per.l2_penalty(x.float().bfloat16()).dtype == torch.float32
+
+
+def test_per_loss_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-finite"):
+        per.per_loss(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="non-finite"):
+        per.per_loss(torch.tensor([[float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        per.per_loss(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="num_slices"):
+        per.per_loss(torch.zeros(2, 3), num_slices=0)
+    with pytest.raises(ValueError, match="directions"):
+        per.per_loss(torch.zeros(2, 3), torch.zeros(4, 5))
+
+
+def test_to_points_shapes_and_layouts():
+    h2 = torch.randn(4, 3)
+    assert per.to_points(h2) is h2
+    h4 = torch.randn(2, 3, 4, 5)
+    pts = per.to_points(h4, "channels")
+    assert pts.shape == (2 * 4 * 5, 3)
+    torch.testing.assert_close(pts[1 * 20 + 2 * 5 + 3], h4[1, :, 2, 3])  # point (b=1, y=2, x=3)
+    torch.testing.assert_close(per.to_points(h4.contiguous(memory_format=torch.channels_last)), pts)
+    flat = per.to_points(h4, "flatten")
+    assert flat.shape == (2, 60)
+    torch.testing.assert_close(flat[1], h4[1].reshape(-1))
+    seq = torch.randn(7, 2, 3)
+    assert per.to_points(seq, "flatten").shape == (14, 3)
+    torch.testing.assert_close(per.to_points(seq)[1 * 2 + 1], seq[1, 1])
+    for layout in per.LAYOUTS:
+        for h in (h2, h4, seq):
+            assert torch.equal(from_points(per.to_points(h, layout), h.shape, layout), h)
+
+
+def test_to_points_rejects_bad_input():
+    with pytest.raises(ValueError, match="channels, flatten"):
+        per.to_points(torch.zeros(2, 3), "pixels")
+    for shape in [(5,), (1, 2, 3, 4, 5)]:
+        with pytest.raises(ValueError, match=r"rank 2 .* 3 .* 4"):
+            per.to_points(torch.zeros(shape))

@@ -1,0 +1,326 @@
+"""Regularizer: backward path == autograd path == closed forms; modes, stats, VCL, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import per
+from per.functional import from_points
+
+SLICES = 16
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), per.Site(), nn.Linear(5, 5), nn.Tanh(),
+                         per.Site(), nn.Linear(5, 2))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), per.Site(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), per.Site(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+
+
+def _seq() -> nn.Module:  # acts on (T, B, d): Linear maps the last dimension
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), per.Site(), nn.Linear(5, 5), nn.Tanh(),
+                         per.Site(), nn.Linear(5, 2))
+
+
+def _vcl_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), per.Site("pre"), nn.ELU(),
+                         nn.Conv2d(4, 4, 3, padding=1), per.Site("pre"), nn.ELU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+
+
+CASES = {  # name -> (model factory, input shape, layout)
+    "mlp": (_mlp, (8, 6), "channels"),
+    "cnn_channels": (_cnn, (3, 3, 5, 5), "channels"),
+    "cnn_flatten": (_cnn, (3, 3, 5, 5), "flatten"),
+    "seq": (_seq, (4, 3, 4), "channels"),
+}
+
+
+def _input(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+
+def _grads(model: nn.Module, x: torch.Tensor, reg: per.Regularizer | None, seed: int = 2,
+           track: bool = False) -> list[torch.Tensor]:
+    """Parameter gradients of `mean(out^2) + penalty` after one seeded step."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    if reg is not None:
+        reg.begin_step(track=track)
+    loss = model(x).square().mean()
+    if reg is not None:
+        loss = loss + reg.penalty()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _reference_grads(model: nn.Module, x: torch.Tensor, kind: str, lam: float, layout: str,
+                     seed: int = 2) -> list[torch.Tensor]:
+    """The objective written out with the functional API, no Regularizer involved."""
+    sites = per.list_sites(model, "post")
+    terms = []
+
+    def penalize(name: str, h: torch.Tensor) -> torch.Tensor:
+        pts = per.to_points(h, layout)
+        if kind == "per":
+            terms.append(per.per_loss(pts, per.sample_directions(pts.shape[1], SLICES)))
+        else:
+            terms.append(per.l1_penalty(pts) if kind == "l1" else per.l2_penalty(pts))
+        return h
+
+    for site in sites.values():
+        site.penalty_fn = penalize
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x)
+    (out.square().mean() + lam * torch.stack(terms).sum()).backward()
+    for site in sites.values():
+        site.penalty_fn = None
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-5,
+           atol: float = 1e-7) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["per", "l1", "l2"])
+def test_backward_and_autograd_paths_match_reference(kind, case):
+    factory, shape, layout = CASES[case]
+    model, x, lam = factory(), _input(shape), 0.3
+    want = _reference_grads(model, x, kind, lam, layout)
+    assert not torch.allclose(want[0], _grads(model, x, None)[0])  # the penalty matters
+    for path in per.regularizers.PATHS:
+        reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path)
+        _close(_grads(model, x, reg), want)
+        reg.remove()
+
+
+@pytest.mark.parametrize("shape, layout", [((7, 3), "channels"), ((2, 3, 4, 5), "channels"),
+                                           ((2, 3, 4, 5), "flatten"), ((5, 2, 3), "channels")])
+@pytest.mark.parametrize("kind", ["per", "l1", "l2"])
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_site_gradient_is_closed_form(path, kind, shape, layout):
+    # d(task)/dh = w, so h.grad = w + lam * dL_site/dh with eq. 6 / sign(h)/N / 2h/N.
+    model, lam = nn.Sequential(per.Site()), 0.7
+    h = _input(shape).requires_grad_()
+    w = torch.randn(shape)
+    reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path)
+    torch.manual_seed(3)
+    reg.begin_step()
+    ((model(h) * w).sum() + reg.penalty()).backward()
+    pts = per.to_points(h.detach(), layout)
+    torch.manual_seed(3)
+    grad = {"per": lambda: per.per_grad(pts, per.sample_directions(pts.shape[1], SLICES)),
+            "l1": lambda: pts.sign() / pts.shape[0],
+            "l2": lambda: 2 * pts / pts.shape[0]}[kind]()
+    torch.testing.assert_close(h.grad, w + lam * from_points(grad, h.shape, layout),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_seeded_runs_are_reproducible_and_paths_consume_the_same_rng():
+    model, x = _cnn(), _input((3, 3, 5, 5))
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    a, state_a = _grads(model, x, reg, seed=5), torch.get_rng_state()
+    b = _grads(model, x, reg, seed=5)
+    c = _grads(model, x, reg, seed=6)
+    _close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a[0], c[0])
+    reg.remove()
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES, path="autograd")
+    _grads(model, x, reg, seed=5)
+    assert torch.equal(torch.get_rng_state(), state_a)
+
+
+@pytest.mark.parametrize("kind", ["per", "l2"])
+def test_bf16_autocast_both_paths(kind):
+    model, x = _cnn(), _input((3, 3, 5, 5))
+    want = _reference_grads(model, x, kind, 0.3, "channels")
+    for path in per.regularizers.PATHS:
+        reg = per.Regularizer(model, kind, 0.3, num_slices=SLICES, path=path)
+        with per.capture_sites(model, reg.site_names) as seen, \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _grads(model, x, reg, track=True)
+        assert all(v[0].dtype == torch.bfloat16 for v in seen.values())
+        stats = reg.site_stats()
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
+        for g, r in zip(got, want, strict=True):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, r, rtol=0.05, atol=0.03 * r.abs().max().item())
+        reg.remove()
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_inactive_in_eval_mode_and_under_no_grad(path):
+    model, x = _mlp(), _input((8, 6))
+    plain = _grads(model, x, None)
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES, path=path)
+    model.eval()
+    got, after = _grads(model, x, reg, seed=2, track=True), torch.get_rng_state()
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.get_rng_state())  # no directions drawn
+    _close(got, plain, rtol=0, atol=0)
+    assert reg.penalty().item() == 0 and reg.site_stats() == {}
+    model.train()
+    for no_grad_mode in (torch.no_grad, torch.inference_mode):
+        torch.manual_seed(2)
+        state = torch.get_rng_state()
+        with no_grad_mode():
+            reg.begin_step(track=True)
+            model(x)
+        assert torch.equal(torch.get_rng_state(), state)  # no directions drawn
+        assert reg.penalty().item() == 0 and reg.site_stats() == {}
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_lam_scales_the_penalty_gradient(path):
+    model, x = _mlp(), _input((8, 6))
+    plain = _grads(model, x, None)
+    deltas = []
+    for lam in (0.1, 0.2):
+        reg = per.Regularizer(model, "per", lam, num_slices=SLICES, path=path)
+        deltas.append([g - p for g, p in zip(_grads(model, x, reg), plain)])
+        reg.remove()
+    _close([2 * d for d in deltas[0]], deltas[1], rtol=1e-4, atol=1e-7)
+
+
+def test_site_stats_match_between_paths_and_closed_form():
+    model, x = _cnn(), _input((3, 3, 5, 5))
+    stats = {}
+    for path in per.regularizers.PATHS:
+        reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES, path=path)
+        _grads(model, x, reg)
+        assert reg.site_stats() == {}
+        _grads(model, x, reg, track=True)
+        stats[path] = reg.site_stats()
+        reg.remove()
+    names = per.list_sites(model)
+    assert set(stats["backward"]) == {f"{k}/{n}" for k in ("penalty", "grad_ratio") for n in names}
+    for key, value in stats["backward"].items():
+        assert value.dim() == 0 and torch.isfinite(value) and value > 0
+        torch.testing.assert_close(value, stats["autograd"][key])
+    # Single site: d(task)/dh = w, so grad_ratio = lam ||dL/dh|| / ||w||, penalty = per_loss.
+    site_model, h, w = nn.Sequential(per.Site()), torch.randn(6, 4), torch.randn(6, 4)
+    reg = per.Regularizer(site_model, "per", 0.3, num_slices=SLICES)
+    torch.manual_seed(4)
+    reg.begin_step(track=True)
+    (site_model(h.requires_grad_()) * w).sum().backward()
+    torch.manual_seed(4)
+    directions = per.sample_directions(4, SLICES)
+    torch.testing.assert_close(reg.site_stats()["penalty/0"], per.per_loss(h.detach(), directions))
+    torch.testing.assert_close(reg.site_stats()["grad_ratio/0"],
+                               0.3 * per.per_grad(h.detach(), directions).norm() / w.norm())
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_share_directions_switch(path):
+    model, h = nn.Sequential(per.Site(), per.Site()), torch.randn(6, 4, requires_grad=True)
+    for share in (False, True):
+        reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES, path=path,
+                              share_directions=share)
+        torch.manual_seed(7)
+        reg.begin_step(track=True)
+        (model(h).sum() + reg.penalty()).backward()
+        stats = reg.site_stats()
+        assert torch.equal(stats["penalty/0"], stats["penalty/1"]) == share
+        torch.manual_seed(7)
+        per.sample_directions(4, SLICES)  # one draw per step when shared, two otherwise
+        one_draw = torch.get_rng_state()
+        assert torch.equal(_rng_after_step(model, h, reg), one_draw) == share
+        reg.remove()
+
+
+def _rng_after_step(model: nn.Module, h: torch.Tensor, reg: per.Regularizer) -> torch.Tensor:
+    torch.manual_seed(7)
+    reg.begin_step()
+    model(h)
+    return torch.get_rng_state()
+
+
+def test_regularizer_holds_no_model_parameters_and_remove_detaches():
+    model, x = _mlp(), _input((8, 6))
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    assert list(reg.parameters()) == [] and reg.site_names == ["2", "5"]
+    with pytest.raises(ValueError, match="already"):
+        per.Regularizer(model, "l2", 0.3)
+    reg.remove()
+    assert all(s.penalty_fn is None for s in per.list_sites(model).values())
+    per.Regularizer(model, "l2", 0.3).remove()
+
+
+def _np_vcl(h: np.ndarray, beta: np.ndarray, c: int = 5) -> float:
+    v1, v2 = h[:c].var(axis=0, ddof=1), h[c:2 * c].var(axis=0, ddof=1)
+    return float(((1 - v1 / (v2 + beta)) ** 2).mean())
+
+
+def test_vcl_value_betas_and_gradients():
+    model = nn.ModuleDict({"body": _vcl_cnn()})
+    x = _input((12, 3, 5, 5))
+    reg = per.Regularizer(model, "vcl", 0.5, path="backward")  # VCL always uses autograd
+    assert reg.site_names == ["body.1", "body.4"]
+    reg.begin_step()
+    with pytest.raises(RuntimeError, match="materialize"):
+        model.body(x)
+    reg.materialize(lambda: model.body(x))
+    assert set(reg.betas) == {"body__1", "body__4"}
+    assert all(torch.equal(b, torch.ones(4, 5, 5)) for b in reg.betas.values())
+    with torch.no_grad():
+        for b in reg.betas.values():
+            b.uniform_(0.5, 2.0)
+    reg.begin_step(track=True)
+    with per.capture_sites(model, reg.site_names) as seen:
+        out = model.body(x)
+    betas = {n: reg.betas[n.replace(".", "__")].detach().double().numpy() for n in reg.site_names}
+    want = sum(_np_vcl(seen[n][0].double().numpy(), betas[n]) for n in reg.site_names)
+    penalty = reg.penalty()
+    assert penalty.item() == pytest.approx(0.5 * want, rel=1e-5)
+    (out.square().mean() + penalty).backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in reg.betas.values())
+    stats = reg.site_stats()
+    assert set(stats) == {f"{k}/body.{i}" for k in ("penalty", "grad_ratio") for i in (1, 4)}
+    assert all(torch.isfinite(v) and v > 0 for v in stats.values())
+    reg.begin_step()
+    with pytest.raises(ValueError, match="at least 2 \\* vcl_chunk = 10"):
+        model.body(x[:9])
+
+
+def test_vcl_rejects_sequences():
+    model = nn.Sequential(nn.Linear(4, 5), per.Site("pre"), nn.Tanh())
+    reg = per.Regularizer(model, "vcl", 0.5)
+    with pytest.raises(ValueError, match="rank 2"):
+        reg.materialize(lambda: model(torch.randn(3, 12, 4)))
+
+
+def test_regularizer_rejects_bad_arguments():
+    model = _mlp()
+    with pytest.raises(ValueError, match="per, l1, l2, vcl"):
+        per.Regularizer(model, "l3", 0.1)
+    with pytest.raises(ValueError, match="channels, flatten"):
+        per.Regularizer(model, "per", 0.1, layout="pixels")
+    with pytest.raises(ValueError, match="num_slices"):
+        per.Regularizer(model, "per", 0.1, num_slices=0)
+    with pytest.raises(ValueError, match="backward, autograd"):
+        per.Regularizer(model, "per", 0.1, path="forward")
+    with pytest.raises(ValueError, match="lam"):
+        per.Regularizer(model, "per", -0.1)
+    with pytest.raises(ValueError, match="no Site\\(role='pre'\\)"):
+        per.Regularizer(model, "vcl", 0.1)
+    with pytest.raises(ValueError, match="no Site\\(role='post'\\)"):
+        per.Regularizer(nn.Linear(2, 2), "per", 0.1)
+    site_model = nn.Sequential(per.Site())
+    reg = per.Regularizer(site_model, "per", 0.1)
+    reg.begin_step()
+    with pytest.raises(ValueError, match="rank 2 .* 3 .* 4"):
+        site_model(torch.randn(2, 3, 4, 5, 6))
