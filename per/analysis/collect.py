@@ -1,0 +1,153 @@
+"""Run directories -> tidy pandas frames (one row per run, per epoch, per monitored unit).
+
+A run directory holds `config.yaml` (the resolved config), `summary.json` (DESIGN.md
+section 4), `metrics.jsonl` (one line per epoch) and, when monitored,
+`activations.jsonl` (one line per monitor step and site).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from per.schema import (CELL_KEYS, FINISHED, INTERRUPTED, RUNNING, STATUSES, SUMMARY_KEYS,
+                        TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR, VAL_PPL)
+
+log = logging.getLogger(__name__)
+
+METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
+# Method options that split a cell into variants (the PER ablations), and the
+# regularizers they apply to; for other methods the option is recorded as missing,
+# so that a default left in the config does not split their cells.
+METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "num_slices": ("per",)}
+RUN_COLUMNS = (
+    "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS,
+    "experiment", "epochs_completed", "steps", "wall_time_s", "device",
+    *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
+)
+# What makes two runs the same run (e.g. an ablation preset's default point and the
+# table preset's run, in two folders).
+RUN_IDENTITY = ["task", *CELL_KEYS, *METHOD_OPTIONS, "lam", "seed", "val_size"]
+_DTYPES = {"lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
+           "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
+           "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS}}
+
+
+def run_record(config: Mapping, summary: Mapping, run_dir: str) -> dict:
+    """One row of the run table from a resolved config and a `summary.json` dict.
+
+    Raises KeyError or ValueError when the summary lacks a key or has an unknown status.
+    A `running` status is read as `interrupted` (the collector cannot see the process).
+    """
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    missing += [f"cell.{k}" for k in CELL_KEYS if k not in summary.get("cell", {})]
+    if missing:
+        raise KeyError(f"summary is missing {', '.join(missing)}")
+    status = INTERRUPTED if summary["status"] == RUNNING else summary["status"]
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {summary['status']!r}")
+    method = config["method"]["name"]
+    final, best = summary["final"] or {}, summary["best"] or {}
+    return {
+        "run_dir": run_dir, "status": status, "task": summary["task"],
+        **{k: summary["cell"][k] for k in CELL_KEYS},
+        "lam": float(summary["lam"]), "seed": int(summary["seed"]),
+        "val_size": int((config.get("data") or {}).get("val_size") or 0),
+        **{opt: config["method"].get(opt) if method in methods else None
+           for opt, methods in METHOD_OPTIONS.items()},
+        "experiment": config.get("preset", config.get("experiment")),
+        **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
+        **{f"final_{m}": final.get(m) for m in METRICS},
+        "best_epoch": best.get("epoch"),
+        **{f"best_{m}": best.get(m) for m in METRICS},
+    }
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    """The run table (columns `RUN_COLUMNS`, fixed dtypes) from `run_record` rows."""
+    return pd.DataFrame(rows, columns=list(RUN_COLUMNS)).astype(_DTYPES)
+
+
+def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one run per `RUN_IDENTITY` (a finished one if any, else the first folder):
+    the same seed of the same configuration is not an independent sample. Returns
+    the remaining runs and one problem line per dropped run."""
+    ordered = df.assign(unfinished=df.status != FINISHED).sort_values(["unfinished", "run_dir"])
+    duplicate = ordered.duplicated(RUN_IDENTITY)
+    dropped = ordered[duplicate].merge(ordered.loc[~duplicate, [*RUN_IDENTITY, "run_dir"]],
+                                       on=RUN_IDENTITY, suffixes=("", "_kept"))
+    problems = [f"{dup}: same run as {kept}; not counted"
+                for dup, kept in zip(dropped.run_dir, dropped.run_dir_kept)]
+    kept = ordered[~duplicate].drop(columns="unfinished")
+    return kept.sort_values("run_dir", ignore_index=True), problems
+
+
+def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every run under `root` (found by its `summary.json`), one row per run.
+
+    Returns the run table and a list of problems: unreadable or incomplete runs
+    (skipped), duplicates of another run (skipped, see `drop_duplicate_runs`) and
+    runs left `running` (kept, read as `interrupted`).
+    """
+    rows, problems = [], []
+    for path in sorted(Path(root).rglob("summary.json")):
+        run_dir = path.parent
+        try:
+            summary = json.loads(path.read_text())
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+            rows.append(run_record(config, summary, str(run_dir)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
+            problems.append(f"{run_dir}: skipped ({type(err).__name__}: {err})")
+            continue
+        if summary["status"] == RUNNING:
+            problems.append(f"{run_dir}: status 'running' read as 'interrupted'")
+    runs, duplicates = drop_duplicate_runs(runs_frame(rows))
+    return runs, problems + duplicates
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a jsonl file; unreadable lines (a run killed mid-write) are skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line skipped", path, number)
+    return records
+
+
+def load_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """`metrics.jsonl` as a frame, one row per epoch (per-site keys such as
+    `grad_ratio/<site>` stay columns); empty when the file is missing."""
+    return pd.DataFrame(_read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+def load_activations(run_dir: str | Path) -> pd.DataFrame:
+    """`activations.jsonl` in long form: one row per (step, site, unit) with columns
+    step, epoch, site, unit, mean, var, q25, q50, q75, sw1 (`sw1` belongs to the
+    site and repeats over its units)."""
+    per_unit = ["unit", "mean", "var", "q25", "q50", "q75"]
+    records = _read_jsonl(Path(run_dir) / "activations.jsonl")
+    if not records:
+        return pd.DataFrame(columns=["step", "epoch", "site", *per_unit, "sw1"])
+    wide = pd.DataFrame(records).rename(columns={"units": "unit"})
+    long = wide.explode(per_unit, ignore_index=True)
+    return long[["step", "epoch", "site", *per_unit, "sw1"]].astype(
+        {c: float for c in per_unit[1:]} | {"unit": int})
+
+
+def load_run_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """`load_metrics` of every run in `runs`, stacked, with the run's columns beside
+    each epoch (the input of `figures.plot_training_curves`)."""
+    frames = [load_metrics(run.run_dir).assign(**run._asdict())
+              for run in runs[list(RUN_COLUMNS)].itertuples(index=False)]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,297 @@
+"""The paper's figures and the suite's diagnostics, as PNG and PDF.
+
+Each `plot_*` function takes data frames (from `per.analysis.collect`) and an output
+folder, and returns the written paths. Figures are drawn on `matplotlib.figure.Figure`
+objects (Agg canvas), never through pyplot's global state.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.special import erf
+
+from per.analysis import tables
+from per.analysis.collect import METRICS
+from per.analysis.paper import load_paper_tables
+from per.schema import (FINISHED, REPORT_METRIC, SELECTION_METRIC, TASKS, TEST_ERROR, TEST_PPL,
+                        TRAIN_LOSS, VAL_ERROR, VAL_PPL)
+
+LABELS = {TRAIN_LOSS: "training loss", VAL_ERROR: "validation error (%)",
+          TEST_ERROR: "test error (%)", VAL_PPL: "validation perplexity",
+          TEST_PPL: "test perplexity"}
+CELL = ["table", "dataset", "model", "activation"]
+FORMATS = ("png", "pdf")
+
+
+# --- 1-D losses (the paper's Figure 1) --------------------------------------------
+
+def phi(x: np.ndarray) -> np.ndarray:
+    """PER's 1-D loss, phi(x) = E|x - Z| for Z ~ N(0, 1)."""
+    return x * erf(x / math.sqrt(2)) + math.sqrt(2 / math.pi) * np.exp(-x ** 2 / 2)
+
+
+def phi_grad(x: np.ndarray) -> np.ndarray:
+    """phi'(x) = erf(x / sqrt 2)."""
+    return erf(x / math.sqrt(2))
+
+
+def huber(x: np.ndarray, delta: float = 1.0) -> np.ndarray:
+    """x^2/2 for |x| <= delta, delta (|x| - delta/2) beyond."""
+    return np.where(np.abs(x) <= delta, x ** 2 / 2, delta * (np.abs(x) - delta / 2))
+
+
+def huber_grad(x: np.ndarray, delta: float = 1.0) -> np.ndarray:
+    return np.clip(x, -delta, delta)
+
+
+def pseudo_huber(x: np.ndarray, delta: float = 1.0) -> np.ndarray:
+    """delta^2 (sqrt(1 + (x/delta)^2) - 1)."""
+    return delta ** 2 * (np.sqrt(1 + (x / delta) ** 2) - 1)
+
+
+def pseudo_huber_grad(x: np.ndarray, delta: float = 1.0) -> np.ndarray:
+    return x / np.sqrt(1 + (x / delta) ** 2)
+
+
+def _save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.{ext}" for ext in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
+
+
+def plot_losses_1d(out_dir: str | Path = "results/figures", name: str = "losses_1d") -> list[Path]:
+    """PER's phi against Huber and Pseudo-Huber (delta = 1) and their gradients in 1-D."""
+    x = np.linspace(-4, 4, 801)
+    curves = [("PER $\\phi$", phi, phi_grad), ("Huber", huber, huber_grad),
+              ("Pseudo-Huber", pseudo_huber, pseudo_huber_grad)]
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    loss_ax, grad_ax = fig.subplots(1, 2)
+    for label, f, grad in curves:
+        loss_ax.plot(x, f(x), label=label)
+        grad_ax.plot(x, grad(x), label=label)
+    loss_ax.plot(x, np.abs(x), "k:", lw=1, label="$|x|$")
+    grad_ax.plot(x, np.sign(x), "k:", lw=1, label="sign$(x)$")
+    loss_ax.set(title="loss", xlabel="$x$", ylabel="value")
+    grad_ax.set(title="gradient", xlabel="$x$", ylabel="derivative")
+    for ax in (loss_ax, grad_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out_dir, name)
+
+
+# --- activation monitoring (the paper's Figures 3-4) --------------------------------
+
+def plot_activation_evolution(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
+                              out_dir: str | Path = "results/figures", units: int = 3,
+                              name: str = "activation_evolution") -> list[Path]:
+    """Per site (row groups: quartiles, mean, variance) and method (columns), the
+    first `units` monitored units over training steps; `acts_by_method` maps a
+    method label to its `collect.load_activations` frame."""
+    methods = list(acts_by_method)
+    stats = ["quartiles", "mean", "variance"]
+    fig = Figure(figsize=(3.8 * len(methods), 1.9 * len(stats) * len(sites)), layout="constrained")
+    axes = fig.subplots(len(stats) * len(sites), len(methods), sharex=True, sharey="row",
+                        squeeze=False)
+    colors = [f"C{i}" for i in range(units)]
+    for j, method in enumerate(methods):
+        acts = acts_by_method[method]
+        for i, site in enumerate(sites):
+            q_ax, mean_ax, var_ax = axes[3 * i:3 * i + 3, j]
+            data = acts[acts.site == site]
+            for color, unit in zip(colors, sorted(data.unit.unique())[:units]):
+                d = data[data.unit == unit].sort_values("step")
+                q_ax.fill_between(d.step, d.q25, d.q75, color=color, alpha=0.25, lw=0)
+                q_ax.plot(d.step, d.q50, color=color, label=f"unit {unit}")
+                mean_ax.plot(d.step, d["mean"], color=color)
+                var_ax.plot(d.step, d["var"], color=color)
+            if (data["var"] > 0).any():
+                var_ax.set_yscale("log")
+            for ax, stat in zip((q_ax, mean_ax, var_ax), stats):
+                ax.grid(alpha=0.3)
+                if j == 0:
+                    ax.set_ylabel(f"{site}\n{stat}")
+        axes[0, j].set_title(method)
+        axes[-1, j].set_xlabel("training step")
+    axes[0, 0].legend(title="median, 25-75%", fontsize="small")
+    return _save(fig, out_dir, name)
+
+
+def plot_sw1(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
+             out_dir: str | Path = "results/figures", name: str = "sw1") -> list[Path]:
+    """Sliced W1 of each site's activations to N(0, I) over training, one line per method."""
+    fig = Figure(figsize=(4 * len(sites), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(sites), squeeze=False)[0]
+    for ax, site in zip(axes, sites):
+        for method, acts in acts_by_method.items():
+            d = acts[acts.site == site].drop_duplicates("step").sort_values("step")
+            ax.plot(d.step, d.sw1, label=method)
+        ax.set(title=site, xlabel="training step", ylabel="sliced $W_1$ to $N(0, I)$",
+               yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    return _save(fig, out_dir, name)
+
+
+# --- sweeps, curves, ablations -----------------------------------------------------
+
+def _cell_name(key: tuple) -> str:
+    return "_".join(str(k) for k in key)
+
+
+def _in_cell(frame: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    """The rows of `frame` that belong to the cell `key` (values of `CELL`)."""
+    return frame.merge(pd.DataFrame([dict(zip(CELL, key))]), on=CELL)
+
+
+def _lambda_panel(ax, frame: pd.DataFrame, mean: str, std: str, colors: dict[str, str],
+                  chosen: pd.DataFrame | None = None) -> None:
+    """Mean +- std against lambda for each `label` of `frame` (in the order of
+    `colors`); rows at lambda = 0 as dashed horizontal lines; chosen lambdas starred."""
+    for label, color in colors.items():
+        d = frame[frame.label == label]
+        swept, flat = d[d.lam > 0].sort_values("lam"), d[d.lam == 0]
+        if len(swept):
+            ax.errorbar(swept.lam, swept[mean], yerr=swept[std].fillna(0), color=color,
+                        marker="o", capsize=3, label=label)
+        for value in flat[mean]:
+            ax.axhline(value, color=color, ls="--", label=f"{label} (λ=0)")
+        if chosen is not None:
+            picked = swept.merge(chosen, on=[*tables.GROUP_KEYS, "lam"])
+            ax.plot(picked.lam, picked[mean], "*", color=color, ms=14, mec="k")
+
+
+def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
+               paper: pd.DataFrame | None = None, name: str = "sweep") -> list[Path]:
+    """Per cell, the selection metric (left; star = chosen lambda) and the reported
+    metric (right; dotted = the paper's value) against lambda, mean +- std over seeds."""
+    paper = load_paper_tables() if paper is None else paper
+    paths = []
+    for task in TASKS:
+        if not (df.task == task).any():
+            continue
+        scores = tables.lambda_scores(df, task).dropna(subset=["score"])
+        reports = tables.lambda_reports(df, task)
+        chosen = tables.select_lambda(df, task)[[*tables.GROUP_KEYS, "lam"]]
+        for key, cell in df[df.task == task].groupby(CELL):
+            labels = cell[tables.GROUP_KEYS].drop_duplicates()
+            labels["label"] = tables.row_labels(labels)
+            labels = labels.sort_values("label", key=lambda s: s.map(tables.method_sort_key))
+            colors = {label: f"C{i % 10}" for i, label in enumerate(labels.label)}
+            fig = Figure(figsize=(11, 4), layout="constrained")
+            sel_ax, rep_ax = fig.subplots(1, 2)
+            _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
+                          colors, chosen)
+            _lambda_panel(rep_ax, _in_cell(reports, key).merge(labels), "mean", "std", colors)
+            published = _in_cell(paper[paper.split == "test"], key)
+            for method, value in zip(published.method, published.value):
+                if method in set(cell.method):
+                    rep_ax.axhline(value, color="0.3", ls=":", lw=1)
+                    rep_ax.text(1.0, value, f" paper {method}", va="center", fontsize=7,
+                                transform=rep_ax.get_yaxis_transform())
+            sel_ax.set(title=f"selection: {LABELS[SELECTION_METRIC[task]]}",
+                       ylabel=LABELS[SELECTION_METRIC[task]])
+            rep_ax.set(title=f"reported: {LABELS[REPORT_METRIC[task]]}",
+                       ylabel=LABELS[REPORT_METRIC[task]])
+            for ax in (sel_ax, rep_ax):
+                ax.set_xlabel("λ")
+                if (cell.lam > 0).any():
+                    ax.set_xscale("log")
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize="small")
+                else:
+                    ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
+                ax.grid(alpha=0.3)
+            fig.suptitle(" ".join(key))
+            paths += _save(fig, out_dir, f"{name}_{_cell_name(key)}")
+    return paths
+
+
+def plot_training_curves(metrics_by_run: pd.DataFrame, out_dir: str | Path = "results/figures",
+                         name: str = "curves") -> list[Path]:
+    """Per cell, each logged metric over epochs, one line per (method, lambda), the
+    mean over the runs given (`collect.load_run_metrics` of the runs to show)."""
+    paths = []
+    for key, cell in metrics_by_run.groupby(CELL):
+        metrics = [m for m in METRICS if m in cell and cell[m].notna().any()]
+        if not metrics:
+            continue
+        cell = cell.assign(label=tables.row_labels(cell) + cell.lam.map(
+            lambda lam: f" λ={lam:.0e}" if lam > 0 else ""))
+        cell = cell.sort_values("label", key=lambda s: s.map(tables.method_sort_key), kind="stable")
+        fig = Figure(figsize=(4 * len(metrics), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+        for ax, metric in zip(axes, metrics):
+            curves = cell.groupby(["label", "epoch"], sort=False)[metric].mean().dropna()
+            for label, curve in curves.groupby(level="label", sort=False):
+                ax.plot(curve.index.get_level_values("epoch"), curve.to_numpy(), label=label,
+                        marker="o" if len(curve) == 1 else None)
+            ax.set(title=LABELS[metric], xlabel="epoch", ylabel=LABELS[metric])
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize="small")
+        fig.suptitle(" ".join(key))
+        paths += _save(fig, out_dir, f"{name}_{_cell_name(key)}")
+    return paths
+
+
+def _most_varied(runs: pd.DataFrame, fixed: str, varied: str):
+    """The value of `fixed` at which `varied` takes the most distinct values."""
+    return runs.groupby(fixed)[varied].nunique().idxmax()
+
+
+def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
+                  dataset: str = "cifar10", model: str = "resnet56",
+                  name: str = "ablation_per") -> list[Path]:
+    """PER's point layout and number of slices on one image cell, mean +- std over seeds.
+
+    Left: error against lambda, one line per layout, at the number of slices where
+    the most layouts were run. Right: error against the number of slices, one line
+    per lambda, at the layout where the most slice counts were run. One row per
+    metric: validation error of the selection runs, test error of the reported runs.
+    Returns [] (nothing written) when the runs vary neither option.
+    """
+    runs = df[(df.task == "cifar") & (df.dataset == dataset) & (df.model == model)
+              & (df.method == "per") & (df.status == FINISHED)]
+    if runs.layout.nunique() < 2 and runs.num_slices.nunique() < 2:
+        return []
+    sources = [(SELECTION_METRIC["cifar"], tables.selection_runs(runs, "cifar")),
+               (REPORT_METRIC["cifar"], tables.report_runs(runs, "cifar"))]
+    sources = [(m, r) for m, r in sources if r[tables.metric_column("cifar", m)].notna().any()]
+    if not sources:
+        return []
+    fig = Figure(figsize=(10, 3.8 * len(sources)), layout="constrained")
+    axes = fig.subplots(len(sources), 2, squeeze=False)
+    for (metric, r), (layout_ax, slices_ax) in zip(sources, axes):
+        column = tables.metric_column("cifar", metric)
+        slices = _most_varied(r, "num_slices", "layout")
+        by_layout = (r[r.num_slices == slices].groupby(["layout", "lam"])[column]
+                     .agg(["mean", "std"]).reset_index())
+        for layout, d in by_layout.groupby("layout"):
+            layout_ax.errorbar(d.lam, d["mean"], yerr=d["std"].fillna(0), marker="o",
+                               capsize=3, label=layout)
+        layout = _most_varied(r, "layout", "num_slices")
+        by_slices = (r[r.layout == layout].groupby(["lam", "num_slices"])[column]
+                     .agg(["mean", "std"]).reset_index())
+        for lam, d in by_slices.groupby("lam"):
+            slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
+                               marker="o", capsize=3, label=f"λ={lam:.0e}")
+        ticks = sorted(by_slices.num_slices.unique())
+        layout_ax.set(title=f"layout (s={slices})", xscale="log", xlabel="λ",
+                      ylabel=LABELS[metric])
+        slices_ax.set_xscale("log", base=2)
+        slices_ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        slices_ax.set(title=f"number of slices ({layout})", xlabel="slices",
+                      ylabel=LABELS[metric])
+        for ax, varied in ((layout_ax, by_layout.layout), (slices_ax, by_slices.num_slices)):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            if varied.nunique() < 2:
+                ax.text(0.5, 0.9, "not varied in these runs", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"PER ablation: {dataset} {model}")
+    return _save(fig, out_dir, name)

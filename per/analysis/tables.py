@@ -1,0 +1,319 @@
+"""Honest lambda selection and the paper's tables (DESIGN.md section 4).
+
+Run table (`collect.collect_runs`) -> per-lambda validation scores -> chosen lambda
+per cell -> the reported runs at that lambda -> mean, std, n, the paper's value,
+and a 95% Welch interval for the difference to the cell's baseline row.
+
+Images choose lambda on runs trained on 45k with 5k held out (`val_size > 0`) and
+report the final-epoch test error of the runs trained on all 50k (`val_size == 0`);
+language models choose on the best-validation perplexity and report the test
+perplexity of that checkpoint, from the same runs. Selection never reads a test metric.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from per.analysis.collect import METHOD_OPTIONS
+from per.analysis.paper import load_paper_tables
+from per.schema import (CELL_KEYS, DIVERGED, FAILED, FINISHED, INTERRUPTED, REPORT_FROM,
+                        REPORT_METRIC, SELECTION_METRIC, TASKS)
+
+# A cell of the paper plus the method options that make ablation variants of it.
+GROUP_KEYS = [*CELL_KEYS, *METHOD_OPTIONS]
+FAILED_STATUSES = (DIVERGED, FAILED)
+# Splits each task reports, and the metric of each split.
+SPLITS = {"cifar": ("test",), "lm": ("valid", "test")}
+SPLIT_METRIC = {"valid": SELECTION_METRIC, "test": REPORT_METRIC}
+DECIMALS = {"cifar": 2, "lm": 1}
+# Row order of the paper's tables, extra rows after; `bn+<method>` rows come last.
+METHOD_ORDER = ("vanilla", "bn", "l1", "l2", "vcl", "rbn", "per")
+SPLIT_ORDER = ("valid", "test")
+# (row keys, column keys) of each table in the paper's layout; other tables get DEFAULT_LAYOUT.
+TABLE_LAYOUT = {
+    "T1": (["method"], ["dataset", "model"]),
+    "T2": (["method"], ["dataset", "activation"]),
+    "T3": (["model", "method"], ["dataset", "split"]),
+}
+DEFAULT_LAYOUT = (["model", "activation", "method"], ["dataset", "split"])
+LATEX_SYMBOLS = {"±": r"$\pm$", "λ": r"$\lambda$", "·": r"$\cdot$", "—": "--"}
+
+
+def metric_column(task: str, metric: str) -> str:
+    """Run-table column of `metric` where the task reports from (`final_` / `best_`)."""
+    return f"{REPORT_FROM[task]}_{metric}"
+
+
+def selection_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The runs of `task` that lambda is chosen on (images: those with a held-out split)."""
+    runs = df[df.task == task]
+    return runs[runs.val_size > 0] if task == "cifar" else runs
+
+
+def report_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The runs of `task` that the tables report (images: those trained on all 50k)."""
+    runs = df[df.task == task]
+    return runs[runs.val_size == 0] if task == "cifar" else runs
+
+
+def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Validation score of every (cell, lambda) among the task's selection runs:
+    `score` (mean over finished runs of the selection metric), `score_std`, `n`
+    (finished runs with a score) and `n_diverged` (diverged or failed runs)."""
+    runs = selection_runs(df, task)
+    runs = runs.assign(
+        value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
+        diverged=runs.status.isin(FAILED_STATUSES))
+    return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
+            .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
+                 n_diverged=("diverged", "sum"))
+            .reset_index())
+
+
+def lambda_reports(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The reported metric of every (cell, lambda) among the task's report runs: `mean`,
+    `std`, `n` over finished runs (for sweep plots; tables use the chosen lambda only)."""
+    runs = report_runs(df, task)
+    return (runs[runs.status == FINISHED]
+            .groupby([*GROUP_KEYS, "lam"], dropna=False)[metric_column(task, REPORT_METRIC[task])]
+            .agg(mean="mean", std="std", n="count")
+            .reset_index())
+
+
+def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The chosen lambda of every cell (and ablation variant) of `task`.
+
+    The lowest mean validation score wins, except that a lambda with a diverged or
+    failed selection run ranks after every lambda without one (ties: smaller lambda).
+    A cell whose runs all share one lambda (vanilla, bn, rbn: 0) takes it even
+    without selection runs; a cell with several lambdas and no selection scores gets
+    NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_lams.
+    """
+    runs = df[df.task == task]
+    cells = (runs.groupby(GROUP_KEYS, dropna=False).lam
+             .agg(n_lams="nunique", only_lam="first").reset_index())
+    scores = lambda_scores(df, task).dropna(subset=["score"])
+    best = (scores.assign(unstable=scores.n_diverged > 0)
+            .sort_values(["unstable", "score", "lam"])
+            .drop_duplicates(GROUP_KEYS)
+            .drop(columns="unstable"))
+    chosen = cells.merge(best, on=GROUP_KEYS, how="left")
+    chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
+    chosen[["n", "n_diverged"]] = chosen[["n", "n_diverged"]].fillna(0).astype(int)
+    return chosen.drop(columns="only_lam")[
+        [*GROUP_KEYS, "lam", "score", "score_std", "n", "n_diverged", "n_lams"]]
+
+
+def baseline_method(method: str) -> str:
+    """The row a method is compared with: `bn` for `bn+<method>`, else `vanilla`."""
+    return "bn" if method.startswith("bn+") else "vanilla"
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float],
+                   level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of mean(a) - mean(b), Welch-Satterthwaite degrees of
+    freedom; NaN when either side has fewer than two values."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return float(ci.low), float(ci.high)
+
+
+def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (cell, variant, split) of `task`, at the chosen lambda.
+
+    Columns: the group keys, split, lam, score (selection), mean, std (ddof=1), n
+    (finished reported runs), n_diverged (diverged or failed), n_interrupted, paper,
+    diff (mean - paper), baseline, vs_baseline (mean - baseline mean), ci_low,
+    ci_high (95% Welch interval of vs_baseline), task.
+    """
+    paper = load_paper_tables() if paper is None else paper
+    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score"]]
+    runs = report_runs(df, task).merge(
+        chosen[[*GROUP_KEYS, "lam"]], on=[*GROUP_KEYS, "lam"])
+    split_columns = {metric_column(task, SPLIT_METRIC[s][task]): s for s in SPLITS[task]}
+    values = (runs[runs.status == FINISHED]
+              .rename(columns=split_columns)
+              .melt(id_vars=GROUP_KEYS, value_vars=list(split_columns.values()),
+                    var_name="split", value_name="value")
+              .dropna(subset=["value"]))
+    summary = (values.groupby([*GROUP_KEYS, "split"], dropna=False).value
+               .agg(mean="mean", std="std", n="count", values=list).reset_index())
+    counts = (runs.assign(n_diverged=runs.status.isin(FAILED_STATUSES),
+                          n_interrupted=runs.status == INTERRUPTED)
+              .groupby(GROUP_KEYS, dropna=False)[["n_diverged", "n_interrupted"]].sum()
+              .reset_index())
+    published = paper[[*CELL_KEYS, "split", "value"]].rename(columns={"value": "paper"})
+    out = (chosen.merge(pd.DataFrame({"split": SPLITS[task]}), how="cross")
+           .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
+           .merge(counts, on=GROUP_KEYS, how="left")
+           .merge(published, on=[*CELL_KEYS, "split"], how="left"))
+    out[["n", "n_diverged", "n_interrupted"]] = (
+        out[["n", "n_diverged", "n_interrupted"]].fillna(0).astype(int))
+    out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
+    out["diff"] = out["mean"] - out.paper
+
+    # The baseline row of each cell: same table, dataset, model, activation and split.
+    baseline = out.method.map(baseline_method)
+    out["baseline"] = baseline.where(baseline != out.method)
+    baselines = (out[[*CELL_KEYS, "split", "mean", "values"]]
+                 .drop_duplicates(subset=[*CELL_KEYS, "split"])
+                 .rename(columns={"method": "baseline", "mean": "baseline_mean",
+                                  "values": "baseline_values"}))
+    out = out.merge(baselines, on=[*CELL_KEYS[:-1], "baseline", "split"], how="left")
+    out["vs_baseline"] = out["mean"] - out.baseline_mean
+    intervals = [welch_interval(ours, theirs if isinstance(theirs, list) else [])
+                 for ours, theirs in zip(out["values"], out.baseline_values)]
+    out["ci_low"] = [low for low, _ in intervals]
+    out["ci_high"] = [high for _, high in intervals]
+    return out.drop(columns=["values", "baseline_mean", "baseline_values"]).assign(task=task)
+
+
+def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`cell_results` of every task present in the run table, stacked."""
+    paper = load_paper_tables() if paper is None else paper
+    frames = [cell_results(df, task, paper) for task in TASKS if (df.task == task).any()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def method_sort_key(label: str) -> tuple[int, str]:
+    """Sort key of a row label (`per`, `per [flatten, s=256]`): the paper's row order."""
+    method = label.split(" [")[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+def _rank(values: pd.Series, order: Sequence[str]) -> pd.Series:
+    """Position of each value in `order`; values not in it follow, sorted."""
+    extra = sorted(set(values.dropna().astype(str)) - set(order))
+    return values.map({v: i for i, v in enumerate([*order, *extra])})
+
+
+def _variant(row: pd.Series) -> str:
+    parts = [str(row.layout)] if pd.notna(row.layout) else []
+    parts += [f"s={row.num_slices}"] if pd.notna(row.num_slices) else []
+    return ", ".join(parts)
+
+
+def row_labels(frame: pd.DataFrame) -> pd.Series:
+    """Row label of each row: its method, plus `[layout, s=num_slices]` where the
+    frame holds several variants of that method (e.g. `per [flatten, s=256]`)."""
+    variant = frame.apply(_variant, axis=1) if len(frame) else pd.Series(dtype=str)
+    several = variant.groupby(frame.method).transform("nunique") > 1
+    return frame.method.where(~several, frame.method + " [" + variant + "]")
+
+
+def _cell_text(row: pd.Series, decimals: int) -> str:
+    """`mean ± std (n=k) λ=... · k/m diverged · paper p (diff) · vs baseline d [lo, hi]`."""
+    f = f".{decimals}f"
+    if row.n >= 2:
+        text = f"{row['mean']:{f}} ± {row['std']:{f}} (n={row.n})"
+    elif row.n == 1:
+        text = f"{row['mean']:{f}} (n=1)"
+    else:
+        text = "— (n=0)"
+    if pd.isna(row.lam):
+        text += " λ not selected"
+    elif row.lam > 0:
+        text += f" λ={row.lam:.0e}" + (" (not validated)" if pd.isna(row.score) else "")
+    total = row.n + row.n_diverged + row.n_interrupted
+    if row.n_diverged:
+        text += f" · {row.n_diverged}/{total} diverged"
+    if row.n_interrupted:
+        text += f" · {row.n_interrupted}/{total} interrupted"
+    if pd.notna(row.paper):
+        text += f" · paper {row.paper:{f}}"
+        text += f" ({row['diff']:+{f}})" if pd.notna(row["diff"]) else ""
+    if pd.notna(row.ci_low):
+        text += (f" · vs {row.baseline} {row.vs_baseline:+{f}}"
+                 f" [{row.ci_low:+{f}}, {row.ci_high:+{f}}]")
+    return text
+
+
+def format_table(results: pd.DataFrame, table_id: str,
+                 paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One paper table (`T1`, `T2`, `T3`, or any other `table` value) laid out as in
+    the paper: T1 methods x (dataset, model), T2 methods x (dataset, activation), T3
+    (model, method) x (dataset, split). Each cell is a string (see `_cell_text`);
+    rows of ablation variants are labelled `per [flatten, s=256]`."""
+    paper = load_paper_tables() if paper is None else paper
+    rows, cols = TABLE_LAYOUT.get(table_id, DEFAULT_LAYOUT)
+    orders = {k: list(paper[k].unique()) for k in ("dataset", "model", "activation")}
+    orders |= {"method": METHOD_ORDER, "split": SPLIT_ORDER}
+
+    def by_rank(s: pd.Series) -> pd.Series:
+        return _rank(s, orders.get(s.name, ()))
+
+    t = results[results.table == table_id].copy()
+    if t.empty:
+        raise ValueError(f"no results for table {table_id!r}")
+    t["variant"] = t.apply(_variant, axis=1)
+    t["text"] = [_cell_text(r, DECIMALS[r.task]) for _, r in t.iterrows()]
+    t = t.sort_values([*rows, "variant"], key=by_rank)
+    t["method"] = row_labels(t)
+    row_index = pd.MultiIndex.from_frame(t[rows].drop_duplicates())
+    col_index = pd.MultiIndex.from_frame(t[cols].drop_duplicates().sort_values(cols, key=by_rank))
+    return t.set_index([*rows, *cols]).text.unstack(cols).reindex(
+        index=row_index if len(rows) > 1 else row_index.get_level_values(0), columns=col_index)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A Markdown (GitHub) table; column levels are joined by spaces."""
+    flat = table.reset_index()
+    header = [" ".join(str(c) for c in col if c != "") if isinstance(col, tuple) else str(col)
+              for col in flat.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |"
+              for row in flat.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A LaTeX tabular (booktabs) with the cells' symbols in math mode."""
+    latex = table.fillna("").to_latex(escape=True, multicolumn_format="c")
+    for symbol, macro in LATEX_SYMBOLS.items():
+        latex = latex.replace(symbol, macro)
+    return latex
+
+
+LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validation; "
+          "diverged/interrupted runs are counted, not averaged; paper = published value "
+          "(ours − paper); vs <baseline>: difference to the baseline row with its 95% "
+          "Welch interval.")
+
+
+def selection_table(df: pd.DataFrame) -> pd.DataFrame:
+    """`lambda_scores` of every task present, with a `chosen` column marking the
+    lambda `select_lambda` picked."""
+    frames = []
+    for task in TASKS:
+        if (df.task == task).any():
+            chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam"]].assign(chosen=True)
+            scores = lambda_scores(df, task).merge(chosen, on=[*GROUP_KEYS, "lam"], how="left")
+            frames.append(scores.assign(task=task, chosen=scores.chosen.eq(True)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
+                 paper: pd.DataFrame | None = None) -> list[Path]:
+    """Write `selection.csv` (every lambda's validation score, the chosen one marked),
+    `results.csv` (tidy `cell_results` of all tasks) and, per table, `<T>.md`,
+    `<T>.tex` and `<T>.csv` in the paper's layout. Returns the written paths."""
+    paper = load_paper_tables() if paper is None else paper
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = all_results(df, paper)
+    paths = [out / "selection.csv", out / "results.csv"]
+    selection_table(df).to_csv(paths[0], index=False)
+    results.to_csv(paths[1], index=False)
+    for table_id in sorted(results.table.unique()) if not results.empty else []:
+        table = format_table(results, table_id, paper)
+        md, tex, csv = (out / f"{table_id}.{ext}" for ext in ("md", "tex", "csv"))
+        md.write_text(f"## {table_id}\n\n{LEGEND}\n\n{to_markdown(table)}")
+        tex.write_text(to_latex(table))
+        table.to_csv(csv)
+        paths += [md, tex, csv]
+    return paths

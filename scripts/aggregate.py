@@ -1,0 +1,53 @@
+"""Run records -> the paper's tables beside the published numbers.
+
+Collects the runs (local run directories, or a W&B project), chooses lambda per cell
+on validation only, and writes Markdown, LaTeX and CSV tables plus `selection.csv`
+(every lambda's validation score) and `results.csv` (tidy numbers). Unreadable runs
+are listed and skipped; the exit status is 0 as long as the tables were written.
+
+    python scripts/aggregate.py --runs results/runs --out results/tables
+    python scripts/aggregate.py --wandb-project per-repro --wandb-entity me --task lm
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from per.analysis.collect import collect_runs
+from per.analysis.tables import write_tables
+from per.analysis.wandb_source import collect_wandb
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
+    ap.add_argument("--out", default="results/tables", help="folder for the tables")
+    ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
+    ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
+    ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
+    args = ap.parse_args(argv)
+
+    if args.wandb_project:
+        df, problems = collect_wandb(args.wandb_project, args.wandb_entity)
+        source = f"W&B project {args.wandb_project}"
+    else:
+        df, problems = collect_runs(args.runs)
+        source = args.runs
+    if args.task != "all":
+        df = df[df.task == args.task]
+    print(f"{len(df)} runs from {source}")
+    for problem in problems:
+        print(f"[aggregate] {problem}", file=sys.stderr)
+    if df.empty:
+        print("no runs to aggregate", file=sys.stderr)
+        return 0
+    paths = write_tables(df, args.out)
+    for path in paths:
+        if path.suffix == ".md":
+            print(f"\n{path.read_text()}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

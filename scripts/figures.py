@@ -1,0 +1,105 @@
+"""Run records -> figures (PNG and PDF): every figure the available runs support.
+
+Always the 1-D loss figure; per cell, activation statistics and sliced W1 over training
+(one monitored run per method: at the chosen lambda, finished, reported, lowest seed),
+lambda sweeps and training curves at the chosen lambdas; the PER layout / slices
+ablation when such runs exist. What cannot be drawn is named and skipped.
+
+    python scripts/figures.py --runs results/runs --out results/figures
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from per.analysis import figures
+from per.analysis.collect import collect_runs, load_activations, load_run_metrics
+from per.analysis.tables import (GROUP_KEYS, method_sort_key, report_runs, row_labels,
+                                 select_lambda, selection_runs)
+from per.schema import FINISHED, TASKS
+
+
+def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
+    """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks."""
+    frames = [runs_of(df, task).merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]],
+                                      on=[*GROUP_KEYS, "lam"])
+              for task in TASKS if (df.task == task).any()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One run with `activations.jsonl` per cell and row label, preferring the chosen
+    lambda, finished runs, reported runs and low seeds."""
+    runs = df[[(Path(d) / "activations.jsonl").is_file() for d in df.run_dir]]
+    chosen = at_chosen_lambda(df, lambda d, task: d[d.task == task])[["run_dir"]]
+    runs = runs.assign(label=row_labels(runs),
+                       other_lam=~runs.run_dir.isin(chosen.run_dir),
+                       unfinished=runs.status != FINISHED, held_out=runs.val_size > 0)
+    return (runs.sort_values(["other_lam", "unfinished", "held_out", "seed"])
+            .drop_duplicates([*figures.CELL, "label"]))
+
+
+def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
+    runs = monitored_runs(df)
+    if runs.empty:
+        print("[figures] skipped activation figures: no run has activations.jsonl")
+        return []
+    paths = []
+    for key, cell in runs.groupby(figures.CELL):
+        cell = cell.sort_values("label", key=lambda s: s.map(method_sort_key))
+        acts = {label: load_activations(d) for label, d in zip(cell.label, cell.run_dir)}
+        sites = list(pd.concat(acts.values()).site.unique())
+        name = "_".join(key)
+        paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}")
+        paths += figures.plot_sw1(acts, sites, out, name=f"sw1_{name}")
+    return paths
+
+
+def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Training curves at the chosen lambdas: reported runs, and for images also the
+    selection runs (the only ones with a validation error)."""
+    paths = []
+    sources = [("curves", report_runs), ("curves_selection", selection_runs)]
+    for name, runs_of in sources:
+        runs = at_chosen_lambda(df, runs_of)
+        if name == "curves_selection":
+            runs = runs[runs.task == "cifar"]
+        metrics = load_run_metrics(runs)
+        if metrics.empty:
+            print(f"[figures] skipped {name}: no metrics.jsonl at the chosen lambdas")
+            continue
+        paths += figures.plot_training_curves(metrics, out, name=name)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
+    ap.add_argument("--out", default="results/figures", help="folder for the figures")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+
+    paths = figures.plot_losses_1d(out)
+    df, problems = collect_runs(args.runs)
+    for problem in problems:
+        print(f"[figures] {problem}", file=sys.stderr)
+    if df.empty:
+        print(f"[figures] no runs under {args.runs}: only the 1-D loss figure")
+    else:
+        paths += plot_activations(df, out)
+        paths += figures.plot_sweep(df, out)
+        paths += plot_curves(df, out)
+        ablation = figures.plot_ablation(df, out)
+        if not ablation:
+            print("[figures] skipped the PER ablation: no cifar10 resnet56 PER runs "
+                  "that vary the layout or the number of slices")
+        paths += ablation
+    print(f"wrote {len(paths)} files to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

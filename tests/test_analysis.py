@@ -1,0 +1,402 @@
+"""Run collection, honest lambda selection and tables, on generated run directories."""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from per.analysis import collect, paper as paper_mod, tables
+from per.analysis.wandb_source import collect_wandb
+from per.schema import make_cell
+
+SHARED_PAPER_CSV = Path("/work/shared/paper/paper_tables.csv")
+
+
+def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
+             model: str = "resnet56", method: str = "vanilla", norm: str = "none",
+             activation: str | None = None,
+             lam: float = 0.0, seed: int = 0, val_size: int = 0, status: str = "finished",
+             final: dict | None = None, best: dict | None = None, layout: str = "channels",
+             num_slices: int = 256, epochs: int = 2, preset: str | None = None) -> Path:
+    """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl."""
+    cell = make_cell(dataset, model, method, norm, activation)
+    name = preset or f"{dataset}_{model}_{cell['method']}_{layout}"
+    run_dir = root / task / name / f"lam={lam},seed={seed},val={val_size}"
+    run_dir.mkdir(parents=True)
+    data = {"name": dataset, "val_size": val_size} if task == "cifar" else {"name": dataset}
+    config = {"task": task, "seed": seed, "preset": preset, "data": data,
+              "model": {"name": model, "norm": norm, "activation": cell["activation"]},
+              "method": {"name": method, "lam": lam, "layout": layout, "num_slices": num_slices},
+              "trainer": {"epochs": epochs}}
+    final = final or {}
+    summary = {"status": status, "task": task, "cell": cell, "lam": lam, "seed": seed,
+               "epochs_completed": epochs, "steps": 10 * epochs, "wall_time_s": 1.5,
+               "device": "cpu", "code_version": "abc", "versions": {"torch": "2"},
+               "final": final, "best": best or {"epoch": epochs, **final}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    lines = [{"epoch": e, "step": 10 * e, "lr": 0.1, "train_loss": 1.0 / e, "penalty": 0.0,
+              **(final if e == epochs else {})} for e in range(1, epochs + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return run_dir
+
+
+def image(val: float | None, test: float | None) -> dict:
+    return {"train_loss": 0.1, "val_error": val, "test_error": test}
+
+
+def lm(val: float, test: float) -> dict:
+    return {"epoch": 5, "train_loss": 4.0, "val_ppl": val, "test_ppl": test}
+
+
+PER = {"method": "per"}
+SEL = {"val_size": 5000}
+
+
+def build_runs(root: Path) -> None:
+    """Two cells (T1 CIFAR-10 ResNet-56, T3 PTB LSTM) with traps for the selection."""
+    for seed, test in enumerate([7.0, 7.2, 7.4]):
+        make_run(root, seed=seed, final=image(None, test))
+    for seed, test in enumerate([6.9, 7.0, 7.1]):
+        make_run(root, norm="bn", seed=seed, final=image(None, test))
+    # Selection runs: 1e-4 has the best validation error; 3e-5 the best test error (trap);
+    # 3e-4 a better validation error in one seed but a diverged second seed.
+    for lam, vals, test in [(1e-4, [6.0, 6.2], 9.0), (3e-5, [6.5, 6.7], 5.0)]:
+        for seed, val in enumerate(vals):
+            make_run(root, **PER, **SEL, lam=lam, seed=seed, final=image(val, test))
+    make_run(root, **PER, **SEL, lam=3e-4, seed=0, final=image(5.5, 5.5))
+    make_run(root, **PER, **SEL, lam=3e-4, seed=1, status="diverged", final=image(None, None))
+    # Final runs (all 50k): three finished, one diverged, one left running at 1e-4.
+    for seed, test in enumerate([6.6, 6.7, 6.8]):
+        make_run(root, **PER, lam=1e-4, seed=seed, final=image(None, test))
+    make_run(root, **PER, lam=1e-4, seed=3, status="diverged", final=image(None, None))
+    make_run(root, **PER, lam=1e-4, seed=4, status="running", final=image(None, None))
+    for seed, test in enumerate([5.0, 5.1]):
+        make_run(root, **PER, lam=3e-5, seed=seed, final=image(None, test))
+    # The same run again, from an ablation preset's folder: not counted twice.
+    make_run(root, **PER, lam=1e-4, seed=0, final=image(None, 6.6), preset="ablation_s256")
+    # An ablation variant (flatten layout); L1 and L2 cells with no selection runs.
+    make_run(root, **PER, **SEL, layout="flatten", lam=1e-4, final=image(6.3, 6.0))
+    for seed, test in enumerate([6.9, 7.1]):
+        make_run(root, **PER, layout="flatten", lam=1e-4, seed=seed, final=image(None, test))
+    for lam in (1e-4, 3e-5):
+        make_run(root, method="l1", lam=lam, final=image(None, 6.5))
+    make_run(root, method="l2", lam=1e-4, final=image(None, 6.5))    # one lambda, never validated
+    # Language model: lambda 3e-5 has the best test perplexity (trap).
+    ptb = {"task": "lm", "dataset": "ptb", "model": "lstm"}
+    final_lm = {"train_loss": 4.0, "val_ppl": 200.0, "test_ppl": 190.0}
+    for seed, (val, test) in enumerate([(123, 120), (125, 122)]):
+        make_run(root, **ptb, seed=seed, final=final_lm, best=lm(val, test))
+    for lam, pairs in [(1e-4, [(118, 116), (120, 118)]), (3e-5, [(121, 100), (121, 100)])]:
+        for seed, (val, test) in enumerate(pairs):
+            make_run(root, **ptb, **PER, lam=lam, seed=seed, final=final_lm, best=lm(val, test))
+    make_run(root, **ptb, method="rbn", final=final_lm, best=lm(118, 115))
+    # Corrupt records.
+    bad = make_run(root, seed=7, final=image(None, 1.0))
+    (bad / "summary.json").write_text("{not json")
+    no_cell = make_run(root, seed=8, final=image(None, 1.0))
+    summary = json.loads((no_cell / "summary.json").read_text())
+    del summary["cell"]
+    (no_cell / "summary.json").write_text(json.dumps(summary))
+    no_config = make_run(root, seed=9, final=image(None, 1.0))
+    (no_config / "config.yaml").unlink()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    build_runs(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def collected(root):
+    return collect.collect_runs(root)
+
+
+@pytest.fixture(scope="module")
+def paper() -> pd.DataFrame:
+    return paper_mod.load_paper_tables()
+
+
+def row(frame: pd.DataFrame, **match) -> pd.Series:
+    """The single row of `frame` matching column values (NaN matches NaN)."""
+    mask = np.ones(len(frame), dtype=bool)
+    for key, value in match.items():
+        mask &= frame[key].isna() if value is None else frame[key] == value
+    assert mask.sum() == 1, f"{mask.sum()} rows match {match}"
+    return frame[mask].iloc[0]
+
+
+# --- collection -------------------------------------------------------------------
+
+def test_collect_rows_columns_and_problems(collected):
+    df, problems = collected
+    assert list(df.columns) == list(collect.RUN_COLUMNS)
+    assert len(df) == 32
+    bad = [p for p in problems if "skipped" in p]
+    assert len(bad) == 3
+    assert any("seed=7" in p and "JSONDecodeError" in p for p in bad)
+    assert any("seed=8" in p and "cell" in p for p in bad)
+    assert any("seed=9" in p and "config.yaml" in p for p in bad)
+    assert any("seed=4" in p and "interrupted" in p for p in problems)
+    duplicate = [p for p in problems if "same run as" in p]
+    assert len(duplicate) == 1
+    assert "ablation_s256" in duplicate[0] and "cifar10_resnet56_per_channels" in duplicate[0]
+    same = df.run_dir.str.contains("ablation_s256") | df.run_dir.str.contains(
+        "cifar10_resnet56_per_channels/lam=0.0001,seed=0,val=0")
+    assert same.sum() == 1
+
+
+def test_collect_values(collected):
+    df, _ = collected
+    running = row(df, method="per", layout="channels", lam=1e-4, seed=4, val_size=0)
+    assert running.status == "interrupted"
+    assert running.table == "T1" and running.activation == "relu"
+    sel = row(df, method="per", layout="channels", lam=1e-4, seed=1, val_size=5000)
+    assert sel.final_val_error == 6.2 and sel.final_test_error == 9.0
+    assert sel.num_slices == 256 and sel.best_epoch == 2
+    bn = row(df, method="bn", seed=0)
+    assert bn.lam == 0.0 and pd.isna(bn.layout) and pd.isna(bn.num_slices)
+    l1 = row(df, method="l1", lam=1e-4)
+    assert l1.layout == "channels" and pd.isna(l1.num_slices)
+    lm_run = row(df, task="lm", method="per", lam=1e-4, seed=0)
+    assert lm_run.val_size == 0 and lm_run.best_val_ppl == 118 and lm_run.final_val_ppl == 200
+    assert lm_run.table == "T3" and lm_run.activation == "tanh"
+    assert pd.isna(lm_run.final_test_error)
+
+
+def test_load_metrics_and_activations(tmp_path):
+    run = make_run(tmp_path, final=image(None, 7.0), epochs=3)
+    metrics = collect.load_metrics(run)
+    assert list(metrics.epoch) == [1, 2, 3] and metrics.test_error.iloc[-1] == 7.0
+    records = [{"step": s, "epoch": s / 10, "site": site, "units": [0, 1],
+                "mean": [s, -s], "var": [1.0, 2.0], "q25": [-1, -2], "q50": [0, 0],
+                "q75": [1, 2], "sw1": 0.5 * s}
+               for s in (0, 10) for site in ("a", "b")]
+    text = "".join(json.dumps(r) + "\n" for r in records) + '{"step": 20, "si'
+    (run / "activations.jsonl").write_text(text)
+    acts = collect.load_activations(run)
+    assert len(acts) == 8
+    assert list(acts.columns) == ["step", "epoch", "site", "unit", "mean", "var",
+                                  "q25", "q50", "q75", "sw1"]
+    late_b1 = row(acts, step=10, site="b", unit=1)
+    assert late_b1["mean"] == -10 and late_b1["var"] == 2.0 and late_b1.q75 == 2
+    assert late_b1.sw1 == 5.0
+    assert collect.load_activations(tmp_path).empty
+
+
+def test_load_run_metrics(collected):
+    df, _ = collected
+    runs = df[(df.method == "vanilla") & (df.task == "cifar")]
+    metrics = collect.load_run_metrics(runs)
+    assert len(metrics) == 3 * 2
+    assert set(metrics.seed) == {0, 1, 2}
+    assert metrics[metrics.epoch == 2].sort_values("seed").test_error.tolist() == [7.0, 7.2, 7.4]
+
+
+# --- paper ------------------------------------------------------------------------
+
+def test_paper_csv_is_the_shared_copy(paper):
+    repo_csv = paper_mod.find_repo_root() / paper_mod.PAPER_CSV
+    if SHARED_PAPER_CSV.exists():
+        assert repo_csv.read_bytes() == SHARED_PAPER_CSV.read_bytes()
+    assert len(paper) == 110
+    assert paper_mod.paper_value(paper, "cifar10", "resnet56", "relu", "per") == 6.72
+    assert paper_mod.paper_value(paper, "ptb", "lstm", "tanh", "per", "valid") == 118.5
+    assert math.isnan(paper_mod.paper_value(paper, "cifar10", "resnet56", "relu", "l1"))
+    explicit = paper_mod.load_paper_tables(repo_csv)
+    pd.testing.assert_frame_equal(explicit, paper)
+
+
+# --- selection ----------------------------------------------------------------------
+
+def test_select_lambda_uses_validation_only(collected):
+    df, _ = collected
+    chosen = tables.select_lambda(df, "cifar")
+    per = row(chosen, method="per", layout="channels")
+    assert per.lam == 1e-4            # not 3e-5 (best test) nor 3e-4 (a diverged seed)
+    assert per.score == pytest.approx(6.1) and per.n == 2 and per.n_lams == 3
+    assert row(chosen, method="per", layout="flatten").lam == 1e-4
+    vanilla = row(chosen, method="vanilla")
+    assert vanilla.lam == 0.0 and vanilla.n == 0 and math.isnan(vanilla.score)
+    assert math.isnan(row(chosen, method="l1").lam)       # two lambdas, no selection runs
+    lm_chosen = tables.select_lambda(df, "lm")
+    lm_per = row(lm_chosen, method="per")
+    assert lm_per.lam == 1e-4 and lm_per.score == pytest.approx(119.0) and lm_per.n == 2
+    assert row(lm_chosen, method="rbn").lam == 0.0
+
+    # Scrambling every test metric changes nothing: selection never reads them.
+    rng = np.random.default_rng(0)
+    scrambled = df.copy()
+    for col in [c for c in df.columns if c.endswith(("test_error", "test_ppl"))]:
+        scrambled[col] = rng.uniform(0, 1000, len(df))
+    for task in ("cifar", "lm"):
+        pd.testing.assert_frame_equal(tables.select_lambda(scrambled, task),
+                                      tables.select_lambda(df, task))
+
+
+def test_lambda_scores(collected):
+    df, _ = collected
+    scores = tables.lambda_scores(df, "cifar")
+    unstable = row(scores, method="per", layout="channels", lam=3e-4)
+    assert unstable.score == 5.5 and unstable.n == 1 and unstable.n_diverged == 1
+    trap = row(scores, method="per", layout="channels", lam=3e-5)
+    assert trap.score == pytest.approx(6.6) and trap.score_std == pytest.approx(math.sqrt(0.02))
+
+
+# --- results ------------------------------------------------------------------------
+
+def test_cell_results_images(collected, paper):
+    df, _ = collected
+    res = tables.cell_results(df, "cifar", paper)
+    per = row(res, method="per", layout="channels")
+    assert per.split == "test" and per.lam == 1e-4
+    assert per["mean"] == pytest.approx(6.7, abs=1e-12)
+    assert per["std"] == pytest.approx(0.1, abs=1e-12)
+    assert (per.n, per.n_diverged, per.n_interrupted) == (3, 1, 1)
+    assert per.paper == 6.72 and per["diff"] == pytest.approx(-0.02, abs=1e-12)
+    assert per.baseline == "vanilla" and per.vs_baseline == pytest.approx(-0.5, abs=1e-12)
+    # Welch by hand: se^2 = s1^2/n1 + s2^2/n2, Welch-Satterthwaite df.
+    v1, v2 = 0.1 ** 2 / 3, 0.2 ** 2 / 3
+    dof = (v1 + v2) ** 2 / (v1 ** 2 / 2 + v2 ** 2 / 2)
+    half = stats.t.ppf(0.975, dof) * math.sqrt(v1 + v2)
+    assert (per.ci_low, per.ci_high) == pytest.approx((-0.5 - half, -0.5 + half), abs=1e-9)
+
+    vanilla = row(res, method="vanilla")
+    assert vanilla["mean"] == pytest.approx(7.2, abs=1e-12)
+    assert vanilla["std"] == pytest.approx(0.2, abs=1e-12)
+    assert vanilla.n == 3 and vanilla.paper == 7.21
+    assert pd.isna(vanilla.baseline) and math.isnan(vanilla.ci_low)
+    bn = row(res, method="bn")
+    assert bn["mean"] == pytest.approx(7.0, abs=1e-12) and bn.paper == 6.95
+    assert bn.baseline == "vanilla"
+    flat = row(res, method="per", layout="flatten")
+    assert flat["mean"] == pytest.approx(7.0) and flat["std"] == pytest.approx(math.sqrt(0.02))
+    assert flat.paper == 6.72             # the paper's PER value, beside each variant
+    l1 = row(res, method="l1")
+    assert l1.n == 0 and math.isnan(l1.lam) and math.isnan(l1["mean"]) and math.isnan(l1.paper)
+
+
+def test_cell_results_language_model(collected, paper):
+    df, _ = collected
+    res = tables.cell_results(df, "lm", paper)
+    assert len(res) == 3 * 2                       # vanilla, per, rbn x valid, test
+    valid = row(res, method="per", split="valid")
+    test = row(res, method="per", split="test")
+    assert valid["mean"] == 119 and valid["std"] == pytest.approx(math.sqrt(2))
+    assert test["mean"] == 117 and test.n == 2 and test.lam == 1e-4
+    assert (valid.paper, test.paper) == (118.5, 114.5)
+    assert test["diff"] == pytest.approx(2.5)
+    # Equal variances (2) and n = 2 on both sides: df = 2, half-width t(2) * sqrt(2).
+    assert test.vs_baseline == -4
+    half = 4.302652729911275 * math.sqrt(2)
+    assert (test.ci_low, test.ci_high) == pytest.approx((-4 - half, -4 + half), abs=1e-9)
+    rbn = row(res, method="rbn", split="test")
+    assert rbn.n == 1 and math.isnan(rbn["std"]) and math.isnan(rbn.ci_low)
+
+
+def test_welch_interval_matches_formula():
+    a, b = [1.0, 2.0, 4.0, 7.0], [3.0, 3.5, 9.0]
+    low, high = tables.welch_interval(a, b)
+    v1, v2 = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    dof = (v1 + v2) ** 2 / (v1 ** 2 / 3 + v2 ** 2 / 2)
+    diff = np.mean(a) - np.mean(b)
+    half = stats.t.ppf(0.975, dof) * math.sqrt(v1 + v2)
+    assert (low, high) == pytest.approx((diff - half, diff + half))
+    assert all(math.isnan(x) for x in tables.welch_interval([1.0], b))
+
+
+# --- tables -------------------------------------------------------------------------
+
+def test_format_table_layouts(collected, paper):
+    df, _ = collected
+    results = tables.all_results(df, paper)
+    t1 = tables.format_table(results, "T1", paper)
+    assert list(t1.index) == ["vanilla", "bn", "l1", "l2", "per [channels, s=256]",
+                              "per [flatten, s=256]"]
+    assert list(t1.columns) == [("cifar10", "resnet56")]
+    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56")] == (
+        "6.70 ± 0.10 (n=3) λ=1e-04 · 1/5 diverged · 1/5 interrupted · paper 6.72 (-0.02)"
+        " · vs vanilla -0.50 [-0.92, -0.08]")
+    assert t1.loc["vanilla", ("cifar10", "resnet56")] == "7.20 ± 0.20 (n=3) · paper 7.21 (-0.01)"
+    assert t1.loc["l1", ("cifar10", "resnet56")] == "— (n=0) λ not selected"
+    assert t1.loc["l2", ("cifar10", "resnet56")] == "6.50 (n=1) λ=1e-04 (not validated)"
+    t3 = tables.format_table(results, "T3", paper)
+    assert list(t3.index) == [("lstm", "vanilla"), ("lstm", "rbn"), ("lstm", "per")]
+    assert list(t3.columns) == [("ptb", "valid"), ("ptb", "test")]
+    assert t3.loc[("lstm", "rbn"), ("ptb", "test")] == "115.0 (n=1) · paper 115.1 (-0.1)"
+
+
+def test_write_tables(collected, paper, tmp_path):
+    df, _ = collected
+    paths = tables.write_tables(df, tmp_path / "tables", paper)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["selection.csv", "results.csv", "T1.md", "T1.tex", "T1.csv",
+                            "T3.md", "T3.tex", "T3.csv"])
+    assert all(p.stat().st_size > 0 for p in paths)
+    md = (tmp_path / "tables" / "T1.md").read_text()
+    assert "| method | cifar10 resnet56 |" in md
+    assert "| per [channels, s=256] | 6.70 ± 0.10 (n=3) λ=1e-04" in md
+    tex = (tmp_path / "tables" / "T1.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex
+    results = pd.read_csv(tmp_path / "tables" / "results.csv")
+    assert len(results) == 6 + 6
+    selection = pd.read_csv(tmp_path / "tables" / "selection.csv")
+    chosen = selection[(selection.method == "per") & selection.chosen]
+    assert sorted(chosen.lam) == [1e-4, 1e-4, 1e-4]     # cifar channels, flatten, lm
+
+
+# --- W&B source -------------------------------------------------------------------
+
+class FakeRun:
+    def __init__(self, run_id: str, config: dict, summary: dict) -> None:
+        self.id, self.path = run_id, ["ent", "proj", run_id]
+        self.config, self.summary = config, summary
+
+
+class FakeApi:
+    def __init__(self, runs: list[FakeRun]) -> None:
+        self._runs = runs
+        self.paths: list[str] = []
+
+    def runs(self, path: str) -> list[FakeRun]:
+        self.paths.append(path)
+        return self._runs
+
+
+def test_wandb_source_matches_local(root, collected):
+    df, _ = collected
+    fake_runs = [FakeRun(f"r{i:03d}", yaml.safe_load(Path(d, "config.yaml").read_text()),
+                         {"summary": json.loads(Path(d, "summary.json").read_text()),
+                          "_runtime": 3})
+                 for i, d in enumerate(df.run_dir)]
+    fake_runs.append(FakeRun("broken", {"method": {"name": "per"}}, {"_runtime": 3}))
+    api = FakeApi(fake_runs)
+    remote, problems = collect_wandb("proj", entity="ent", api=api)
+    assert api.paths == ["ent/proj"]
+    assert remote.run_dir.iloc[0] == "wandb:ent/proj/r000"
+    pd.testing.assert_frame_equal(remote.drop(columns="run_dir"), df.drop(columns="run_dir"))
+    assert any("broken" in p and "skipped" in p for p in problems)
+    assert any("interrupted" in p for p in problems)
+
+
+# --- the aggregate script -------------------------------------------------------------
+
+def test_aggregate_script(root, tmp_path, capsys):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "aggregate.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--runs", str(root), "--out", str(tmp_path), "--task", "cifar"]) == 0
+    out, err = capsys.readouterr()
+    assert "## T1" in out and "## T3" not in out
+    assert "6.70 ± 0.10 (n=3)" in out
+    assert "JSONDecodeError" in err and "interrupted" in err
+    assert (tmp_path / "T1.md").exists() and not (tmp_path / "T3.md").exists()
+    assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0

@@ -1,0 +1,181 @@
+"""Figures: each plot writes a PNG and a PDF from small generated data; the 1-D curves
+are checked numerically (not pixels)."""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import integrate, stats
+
+from per.analysis import figures
+from per.analysis.collect import runs_frame
+from per.analysis.paper import load_paper_tables
+
+
+def assert_written(paths: list[Path], count: int) -> None:
+    assert len(paths) == count
+    for path in paths:
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
+        assert path.stat().st_size > 1000
+
+
+# --- analytic 1-D curves ------------------------------------------------------------
+
+X = np.linspace(-6, 6, 1201)
+
+
+def test_phi_bounds_and_value_at_zero():
+    assert figures.phi(np.array(0.0)) == pytest.approx(math.sqrt(2 / math.pi))
+    assert np.all(figures.phi(X) >= np.abs(X))
+    assert figures.phi(np.array(6.0)) - 6.0 < 1e-8          # phi(x) -> |x|
+
+
+@pytest.mark.parametrize("x", [-1.7, 0.0, 0.4, 2.5])
+def test_phi_is_expected_distance_to_a_standard_normal(x):
+    expected, _ = integrate.quad(lambda z: abs(x - z) * stats.norm.pdf(z), -12, 12, points=[x])
+    assert figures.phi(np.array(x)) == pytest.approx(expected, abs=1e-8)
+
+
+@pytest.mark.parametrize("f, grad", [
+    (figures.phi, figures.phi_grad),
+    (figures.huber, figures.huber_grad),
+    (figures.pseudo_huber, figures.pseudo_huber_grad),
+])
+def test_gradients_match_finite_differences(f, grad):
+    h = 1e-5
+    numeric = (f(X + h) - f(X - h)) / (2 * h)
+    assert np.allclose(numeric, grad(X), atol=1e-6)
+
+
+def test_phi_grad_is_erf_and_huber_values():
+    assert np.allclose(figures.phi_grad(X), [math.erf(x / math.sqrt(2)) for x in X])
+    assert figures.huber(np.array(3.0)) == 2.5 and figures.huber(np.array(0.5)) == 0.125
+    assert figures.pseudo_huber(np.array(1.0)) == pytest.approx(math.sqrt(2) - 1)
+
+
+def test_plot_losses_1d(tmp_path):
+    assert_written(figures.plot_losses_1d(tmp_path), 2)
+
+
+# --- activation figures -------------------------------------------------------------
+
+def activations(scale: float) -> pd.DataFrame:
+    """A `load_activations`-shaped frame: 2 sites x 4 units x 6 steps."""
+    rows = []
+    for step in range(0, 60, 10):
+        for site in ("layer3", "layer6"):
+            for unit in range(4):
+                m = scale * (unit + 1) * (1 + step / 50)
+                rows.append({"step": step, "epoch": step / 20, "site": site, "unit": unit,
+                             "mean": m, "var": scale * (1 + unit), "q25": m - 1, "q50": m,
+                             "q75": m + 1, "sw1": scale / (1 + step)})
+    return pd.DataFrame(rows)
+
+
+ACTS = {"vanilla": activations(3.0), "bn": activations(1.0), "per": activations(0.5)}
+
+
+def test_plot_activation_evolution(tmp_path):
+    paths = figures.plot_activation_evolution(ACTS, ["layer3", "layer6"], tmp_path)
+    assert_written(paths, 2)
+
+
+def test_plot_sw1(tmp_path):
+    assert_written(figures.plot_sw1(ACTS, ["layer3", "layer6"], tmp_path), 2)
+
+
+# --- sweeps, curves, ablation --------------------------------------------------------
+
+def run(method: str = "vanilla", lam: float = 0.0, seed: int = 0, val_size: int = 0,
+        test: float = 7.0, val: float | None = None, layout: str | None = None,
+        num_slices: int | None = None, status: str = "finished") -> dict:
+    """One row of the run table (T1 CIFAR-10 ResNet-56)."""
+    return {"run_dir": f"{method}-{layout}-{num_slices}-{lam}-{seed}-{val_size}", "status": status,
+            "task": "cifar", "table": "T1", "dataset": "cifar10", "model": "resnet56",
+            "activation": "relu", "method": method, "lam": lam, "seed": seed,
+            "val_size": val_size, "layout": layout, "num_slices": num_slices,
+            "final_val_error": val, "final_test_error": test}
+
+
+def sweep_runs() -> pd.DataFrame:
+    rows = [run(seed=s, test=7.2 + 0.1 * s) for s in range(3)]
+    rows += [run("bn", seed=s, test=6.9 + 0.1 * s) for s in range(3)]
+    for lam, base in [(1e-5, 6.9), (3e-5, 6.6), (1e-4, 6.4), (3e-4, 6.8)]:
+        for s in range(2):
+            opts = {"method": "per", "lam": lam, "seed": s, "layout": "channels", "num_slices": 256}
+            rows.append(run(**opts, val_size=5000, val=base + 0.1 * s, test=base))
+            rows.append(run(**opts, test=base + 0.2 + 0.1 * s))
+    return runs_frame(rows)
+
+
+def test_plot_sweep(tmp_path):
+    paths = figures.plot_sweep(sweep_runs(), tmp_path, paper=load_paper_tables())
+    assert [p.name for p in paths] == ["sweep_T1_cifar10_resnet56_relu.png",
+                                       "sweep_T1_cifar10_resnet56_relu.pdf"]
+    assert_written(paths, 2)
+
+
+def test_plot_training_curves(tmp_path):
+    runs = sweep_runs()
+    rows = [{**r, "epoch": e, "train_loss": 2.0 / e, "test_error": r["final_test_error"] + 5 / e}
+            for r in runs.to_dict("records") for e in range(1, 6)]
+    paths = figures.plot_training_curves(pd.DataFrame(rows), tmp_path)
+    assert_written(paths, 2)
+
+
+def test_plot_ablation(tmp_path):
+    rows = []
+    for layout in ("channels", "flatten"):
+        for lam in (1e-5, 1e-4, 1e-3):
+            for s in range(2):
+                rows.append(run("per", lam, s, 5000, val=6 + lam * 1e3 + s * 0.1, test=6.5,
+                                layout=layout, num_slices=256))
+    for slices in (16, 64, 1024):
+        for s in range(2):
+            rows.append(run("per", 1e-4, s, 5000, val=6 + 16 / slices, test=6.5,
+                            layout="channels", num_slices=slices))
+            rows.append(run("per", 1e-4, s, 0, test=6.4 + 16 / slices, layout="channels",
+                            num_slices=slices))
+    assert_written(figures.plot_ablation(runs_frame(rows), tmp_path), 2)
+    assert figures.plot_ablation(sweep_runs(), tmp_path / "none") == []
+
+
+def test_figures_script(tmp_path, capsys):
+    from test_analysis import make_run
+
+    runs = tmp_path / "runs"
+    make_run(runs, final={"test_error": 7.2})
+    for lam, val in ((1e-4, 6.1), (3e-5, 6.4)):
+        make_run(runs, method="per", lam=lam, val_size=5000,
+                 final={"val_error": val, "test_error": 6.5})
+    monitored = make_run(runs, method="per", lam=1e-4, final={"test_error": 6.7})
+    frame = activations(1.0)
+    records = [{"step": int(step), "epoch": float(g.epoch.iloc[0]), "site": site,
+                "units": g.unit.tolist(), "sw1": float(g.sw1.iloc[0]),
+                **{k: g[k].tolist() for k in ("mean", "var", "q25", "q50", "q75")}}
+               for (step, site), g in frame.groupby(["step", "site"])]
+    vanilla = runs / "cifar" / "cifar10_resnet56_vanilla_channels" / "lam=0.0,seed=0,val=0"
+    for run_dir in (monitored, vanilla):
+        (run_dir / "activations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "summary.json").write_text("{")
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
+    main = runpy.run_path(str(script))["main"]
+    out_dir = tmp_path / "figures"
+    assert main(["--runs", str(runs), "--out", str(out_dir)]) == 0
+    cell = "T1_cifar10_resnet56_relu"
+    stems = ["losses_1d", f"activations_{cell}", f"sw1_{cell}", f"sweep_{cell}", f"curves_{cell}",
+             f"curves_selection_{cell}"]
+    expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
+    assert {p.name for p in out_dir.iterdir()} == expected
+    out, err = capsys.readouterr()
+    assert "skipped the PER ablation" in out and "broken: skipped" in err
+    assert main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "only1d")]) == 0
+    assert {p.name for p in (tmp_path / "only1d").iterdir()} == {"losses_1d.png", "losses_1d.pdf"}
