@@ -21,6 +21,7 @@ LM_GRID = [3e-4, 1e-4, 3e-5]
 LM_PTB_L1L2_EXTRA = [1e-5, 3e-6, 1e-6, 3e-7, 1e-7]
 FLATTEN_GRID = [1e-5, 3e-6, 1e-6, 3e-7]            # flatten layout: ~sqrt(H*W) larger gradients
 ABLATION_SLICES = [16, 64, 256, 1024]
+MONITOR_EVERY = 100    # Table 2 runs: steps between activation snapshots (200 steps = 1 epoch)
 
 
 def _preset(name: str, title: str, groups: dict, table: str | None, body: dict) -> str:
@@ -71,7 +72,9 @@ def presets() -> dict[str, str]:
         for act in ("relu", "leaky_relu", "elu"):
             for method in ("vanilla", "bn", "vcl", "per"):
                 name = f"t2_{ds}_{act}_{method}"
-                body = {"model": {"activation": act, "norm": "bn" if method == "bn" else "none"}}
+                body = {"model": {"activation": act, "norm": "bn" if method == "bn" else "none"},
+                        # activation snapshots of layers 3/6/9 for the paper's Figures 3-4
+                        "trainer": {"monitor": f"{{every: {MONITOR_EVERY}}}"}}
                 if method == "per":
                     grid = PER_GRID_C100_RELU if ds == "cifar100" and act != "elu" else PER_GRID
                     body["method"] = {"lam": grid[1], "lam_grid": grid}

@@ -133,12 +133,16 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
 def load_activations(run_dir: str | Path) -> pd.DataFrame:
     """`activations.jsonl` in long form: one row per (step, site, unit) with columns
     step, epoch, site, unit, mean, var, q25, q50, q75, sw1 (`sw1` belongs to the
-    site and repeats over its units)."""
+    site and repeats over its units). Where records give the site's `layer` (its
+    position among the model's post-activation sites), `site` is "layer <k>", so
+    models whose site names differ (BN vs Fixup ResNets) line up."""
     per_unit = ["unit", "mean", "var", "q25", "q50", "q75"]
     records = _read_jsonl(Path(run_dir) / "activations.jsonl")
     if not records:
         return pd.DataFrame(columns=["step", "epoch", "site", *per_unit, "sw1"])
     wide = pd.DataFrame(records).rename(columns={"units": "unit"})
+    if "layer" in wide:
+        wide["site"] = "layer " + wide.layer.astype(int).astype(str)
     long = wide.explode(per_unit, ignore_index=True)
     return long[["step", "epoch", "site", *per_unit, "sw1"]].astype(
         {c: float for c in per_unit[1:]} | {"unit": int})

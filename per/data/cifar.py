@@ -295,9 +295,10 @@ def _write_cifar100(root: Path, train_x: np.ndarray, train_y: np.ndarray, test_x
     return directory
 
 
-def _fake_images(n: int, num_classes: int, rng: np.random.Generator
+def _fake_images(n: int, num_classes: int, rng: np.random.Generator, noise: float = 30.0
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable images: a class colour plus a class-oriented stripe pattern (random phase) and noise."""
+    """Learnable images: a class colour plus a class-oriented stripe pattern (random phase) and
+    Gaussian pixel noise of std `noise` (0-255 scale; larger is harder)."""
     class_rng = np.random.default_rng(12345)  # classes look the same in every split and seed
     colours = class_rng.uniform(40, 215, (num_classes, 3))
     freqs = class_rng.uniform(1.0, 4.0, num_classes)
@@ -307,20 +308,21 @@ def _fake_images(n: int, num_classes: int, rng: np.random.Generator
     proj = np.cos(angles[y])[:, None, None] * xx + np.sin(angles[y])[:, None, None] * yy
     phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     stripes = 50.0 * np.sin(2 * np.pi * freqs[y][:, None, None] * proj + phase)
-    img = colours[y][:, None, None, :] + stripes[..., None] + rng.normal(0, 30, (n, 32, 32, 3))
+    img = colours[y][:, None, None, :] + stripes[..., None] + rng.normal(0, noise, (n, 32, 32, 3))
     return np.clip(img, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
 def write_fake_cifar(root: str | Path, name: str = "cifar10", n_train: int = 1000,
-                     n_test: int = 200, seed: int = 0) -> Path:
+                     n_test: int = 200, seed: int = 0, noise: float = 30.0) -> Path:
     """Write a small generated, learnable dataset in the official pickle layout; return its folder.
 
-    Loadable with `load_cifar(name, root, verify_checksums=False)`.
+    `noise` is the pixel-noise std (0-255 scale): 30 is easy, ~150 leaves errors after
+    a few dozen steps. Loadable with `load_cifar(name, root, verify_checksums=False)`.
     """
     layout = _layout(name)
     rng = np.random.default_rng(seed)
-    train_x, train_y = _fake_images(n_train, layout.num_classes, rng)
-    test_x, test_y = _fake_images(n_test, layout.num_classes, rng)
+    train_x, train_y = _fake_images(n_train, layout.num_classes, rng, noise)
+    test_x, test_y = _fake_images(n_test, layout.num_classes, rng, noise)
     if name == "cifar10":
         return _write_cifar10(Path(root), train_x, train_y, test_x, test_y, list(CIFAR10_CLASSES))
     names = [f"class_{i:02d}" for i in range(layout.num_classes)]

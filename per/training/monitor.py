@@ -27,7 +27,8 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
                      epoch: float) -> list[dict]:
     """One row per site. Units are the first `num_units` coordinates of the site's
     points (channels for conv sites under the `channels` layout, hidden units for
-    the LSTM); `sw1` uses all coordinates. Runs the model in eval mode."""
+    the LSTM); `sw1` uses all coordinates; `layer` is the site's 1-based position
+    among the model's post-activation sites. Runs the model in eval mode."""
     was_training = model.training
     model.eval()
     try:
@@ -35,6 +36,7 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
             forward()
     finally:
         model.train(was_training)
+    layer = {n: i + 1 for i, n in enumerate(list_sites(model, role="post"))}
     rows = []
     probs = None
     for name in sites:
@@ -46,7 +48,7 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
         q = torch.quantile(vals, probs, dim=0)                      # (3, k)
         sw1 = sliced_wasserstein_normal(points, num_slices=num_slices)
         stats = torch.stack([vals.mean(0), vals.var(0), *q]).cpu().tolist()
-        rows.append({"step": step, "epoch": epoch, "site": name, "units": units,
+        rows.append({"step": step, "epoch": epoch, "site": name, "layer": layer.get(name), "units": units,
                      "mean": stats[0], "var": stats[1], "q25": stats[2], "q50": stats[3],
                      "q75": stats[4], "sw1": float(sw1)})
     return rows
