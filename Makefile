@@ -10,10 +10,12 @@ DRY_RUN ?=
 EXPERIMENT ?=
 LAMS ?=
 RUNS ?= results/runs
+OVERRIDES ?=
 REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
-        --launcher $(LAUNCHER) --runs $(RUNS) $(if $(DRY_RUN),--dry-run)
+        --launcher $(LAUNCHER) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) \
+        $(foreach o,$(OVERRIDES),--override $(o))
 
-.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation tables figures presets clean-demo
+.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation tables figures step-times presets
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -52,6 +54,9 @@ tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV)
 
 figures: ## figures from results/runs into results/figures (PNG, PDF)
 	$(PY) scripts/figures.py --runs $(RUNS) --out results/figures
+
+step-times: ## measure s/step of every preset on this device -> results/step_times.json (DRY_RUN estimates)
+	$(PY) scripts/step_times.py
 
 presets: ## regenerate configs/experiment/ from scripts/make_presets.py
 	$(PY) scripts/make_presets.py

@@ -34,7 +34,6 @@ from per.analysis.collect import collect_runs  # noqa: E402
 from per.analysis.tables import select_lambda  # noqa: E402
 from per.data.corpus import EXPECTED_COUNTS  # noqa: E402
 
-VAL_SIZE = 5000
 CIFAR_TRAIN = 50_000
 ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}
 PREFIXES = {"cifar": ("t1_", "t2_"), "lm": ("t3_",)}
@@ -102,7 +101,8 @@ class Phase:
     def command(self, args) -> list[str]:
         cmd = [sys.executable, str(ROOT / "experiments" / f"{ENTRY[self.preset.task]}.py"), "-m",
                f"experiment={self.preset.name}", "method.lam=" + ",".join(f"{l:g}" for l in self.lams),
-               "seed=" + ",".join(map(str, self.seeds)), f"paths.runs_dir={args.runs}", *self.extra]
+               "seed=" + ",".join(map(str, self.seeds)), f"paths.runs_dir={args.runs}", *self.extra,
+               *args.override]
         if self.preset.task == "cifar":
             cmd.append(f"data.val_size={self.val_size}")
         gpus = args.gpus.split(",")
@@ -133,8 +133,8 @@ def _run_name(phase: Phase) -> str:
     return phase.preset.cfg["run_name"] + (f"-val{phase.val_size}" if phase.val_size else "")
 
 
-def plan(presets: list[Preset], seeds: list[int], select_seeds: list[int],
-         lams: list[float] | None = None, extra: tuple[str, ...] = ()) -> list[tuple[Phase, Phase | None]]:
+def plan(presets: list[Preset], seeds: list[int], select_seeds: list[int], val_size: int,
+         lams: list[float] | None = None, extra: tuple[str, ...] = ()) -> list[tuple[Phase | None, Phase]]:
     """(selection phase or None, final phase) per preset; a final phase whose lambdas
     are unknown until selection has an empty `lams` (one lambda will be run)."""
     out = []
@@ -145,7 +145,7 @@ def plan(presets: list[Preset], seeds: list[int], select_seeds: list[int],
         elif len(grid) == 1:
             out.append((None, Phase(p, grid, seeds, extra=extra)))
         else:
-            out.append((Phase(p, grid, select_seeds, VAL_SIZE, extra), Phase(p, [], seeds, extra=extra)))
+            out.append((Phase(p, grid, select_seeds, val_size, extra), Phase(p, [], seeds, extra=extra)))
     return out
 
 
@@ -209,32 +209,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
     ap.add_argument("--runs-per-gpu", type=int, default=1)
     ap.add_argument("--launcher", choices=["local", "joblib", "slurm"], default="local")
-    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
+    ap.add_argument("--runs", default="results/runs",
+                    help="root of the run directories; tables and figures go beside it")
+    ap.add_argument("--val-size", type=int, default=5000, help="images held out for lambda selection")
+    ap.add_argument("--override", action="append", default=[],
+                    help="Hydra override passed to every run (repeatable), e.g. trainer.precision=bf16")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
+    args.runs = str(Path(args.runs).resolve())
     seeds, select_seeds = list(range(args.seeds)), list(range(args.select_seeds))
     lams = [float(x) for x in args.lams.split(",")] if args.lams else None
 
+    over = tuple(args.override)
     if args.task:
-        phases, title = plan(load_presets(task=args.task), seeds, select_seeds), f"reproduce-{args.task}"
+        phases = plan(load_presets(task=args.task, overrides=over), seeds, select_seeds, args.val_size)
+        title = f"reproduce-{args.task}"
     elif args.sweep:
-        phases, title = plan(load_presets([args.sweep]), seeds, select_seeds, lams), f"sweep {args.sweep}"
+        phases = plan(load_presets([args.sweep], overrides=over), seeds, select_seeds, args.val_size, lams)
+        title = f"sweep {args.sweep}"
     else:
-        phases = plan(load_presets(["ablation_resnet56_flatten"]), seeds, select_seeds)
+        phases = plan(load_presets(["ablation_resnet56_flatten"], overrides=over), seeds, select_seeds,
+                      args.val_size)
         (slices,) = load_presets(["ablation_resnet56_slices"])
         for s in slices.cfg["method"]["slices_grid"]:
             extra = (f"method.num_slices={s}",)
-            phases += plan(load_presets(["ablation_resnet56_slices"], overrides=extra), seeds,
-                           select_seeds, extra=extra)
+            phases += plan(load_presets(["ablation_resnet56_slices"], overrides=(*extra, *over)), seeds,
+                           select_seeds, args.val_size, extra=extra)
         title = "ablation"
     print_plan(phases, title)
     if args.dry_run:
         return 0
     execute(phases, args)
     if not args.no_report:
-        _run([sys.executable, str(ROOT / "scripts/aggregate.py"), "--runs", args.runs])
-        _run([sys.executable, str(ROOT / "scripts/figures.py"), "--runs", args.runs])
+        results = Path(args.runs).parent     # results/runs -> results/{tables,figures}
+        for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures")):
+            _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
+                  "--out", str(results / dest)])
     return 0
 
 

@@ -1,0 +1,85 @@
+"""The results pipeline as a user drives it: DRY_RUN plans, a real sweep through Hydra
+multirun (joblib launcher) with lambda selection, skipping of finished runs, the demo."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from per.data.cifar import write_fake_cifar
+from runner_utils import ROOT, compose_config
+
+REPRO = [sys.executable, str(ROOT / "scripts/reproduce.py")]
+
+
+def _grid(config_name: str, preset: str) -> list[float]:
+    return compose_config(config_name, [f"experiment={preset}"], "x")["method"]["lam_grid"]
+
+
+def _presets(prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "configs/experiment").glob("*.yaml") if p.stem.startswith(prefixes))
+
+
+def _planned_runs(stdout: str) -> int:
+    return int(re.search(r"== .*?: (\d+) runs", stdout).group(1))
+
+
+def test_dry_run_counts_match_presets():
+    out = subprocess.run([*REPRO, "--task", "cifar", "--dry-run", "--seeds", "3"], capture_output=True,
+                         text=True, check=True)
+    # Images: one selection run per lambda (45k/5k) where the grid has several, then 3 seeds.
+    expected = sum(3 + (len(g) if len(g) > 1 else 0)
+                   for g in (_grid("train_cifar", p) for p in _presets(("t1_", "t2_"))))
+    assert _planned_runs(out.stdout) == expected == 204
+    out = subprocess.run([*REPRO, "--task", "lm", "--dry-run", "--seeds", "2"], capture_output=True,
+                         text=True, check=True)
+    expected = sum(2 * len(_grid("train_lm", p)) for p in _presets(("t3_",)))
+    assert _planned_runs(out.stdout) == expected
+
+
+@pytest.mark.slow
+def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_path):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_fake_cifar(data, "cifar10", n_train=320, n_test=64, seed=0, noise=150.0)
+    cmd = [*REPRO, "--sweep", "t1_cifar10_resnet56_per", "--lams", "1e-2,1e-4", "--seeds", "2",
+           "--val-size", "64", "--runs", str(runs), "--launcher", "joblib", "--gpus", "0",
+           "--runs-per-gpu", "2"]
+    for o in ("model=resnet20", f"data.root={data}", "data.verify_checksums=false", "trainer.device=cpu",
+              "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "data.eval_batch_size=64",
+              "++method.num_slices=16", "trainer.progress=false"):
+        cmd += ["--override", o]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    select = {lam: json.loads((runs / f"cifar/t1_cifar10_resnet56_per-val64/lam={lam},seed=0/summary.json")
+                              .read_text()) for lam in ("0.01", "0.0001")}
+    assert all(s["status"] in ("finished", "diverged") for s in select.values())
+    finished = {lam: s["final"]["val_error"] for lam, s in select.items() if s["status"] == "finished"}
+    chosen = min(finished, key=lambda lam: (finished[lam], float(lam)))
+    assert f"lambda = {float(chosen):g} (validation)" in first.stdout
+    final = sorted((runs / "cifar/t1_cifar10_resnet56_per").iterdir())
+    assert [d.name for d in final] == [f"lam={chosen},seed=0", f"lam={chosen},seed=1"]
+    assert all(json.loads((d / "summary.json").read_text())["status"] == "finished" for d in final)
+    assert (tmp_path / "tables/T1.md").exists() and (tmp_path / "figures/losses_1d.png").exists()
+
+    mtimes = {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
+    again = subprocess.run(cmd + ["--no-report"], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in runs.rglob("summary.json")} == mtimes
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "not a reproduction" in out.stdout
+    table = (tmp_path / "tables/T1.md").read_text()
+    for method in ("vanilla", "bn", "l2", "per"):
+        assert f"| {method} |" in table
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"losses_1d.png", "losses_1d.pdf"} <= figures
+    assert any(f.startswith("sw1_") for f in figures) and any(f.startswith("activations_") for f in figures)
