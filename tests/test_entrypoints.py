@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, "cifar10", n_train=640, n_test=64, seed=0)
+    write_fake_cifar(root, "cifar10", n_train=640, n_test=64, seed=0, noise=150.0)
     return root
 
 
