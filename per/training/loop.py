@@ -195,13 +195,14 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             if on_step is not None:
                 on_step(state.step)
             if track or state.batch == steps_per_epoch:
-                if not math.isfinite(float(sums["total"])):   # the one host read per interval
+                host = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host read
+                if not math.isfinite(host["total"]):
                     bar.close()
                     state.final = {"train_loss": float("nan")}
                     return schema.DIVERGED, state
-                items = float(sums["items"])
-                bar.set_postfix(loss=f"{float(sums['loss']) / items:.3f}",
-                                **{f"{task.items}/s": f"{items / (state.train_time_s + time.perf_counter() - t0):.0f}"})
+                rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
+                bar.set_postfix({**{k: f"{v:.4g}" for k, v in task.train_metrics(host).items()},
+                                 f"{task.items}/s": f"{rate:.0f}"})
             bar.update(1)
             if settings.monitor_every and settings.monitor_sites and state.step % settings.monitor_every == 0:
                 monitor(epoch + state.batch / steps_per_epoch)
