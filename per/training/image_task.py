@@ -17,11 +17,11 @@ class ImageTask:
     name = "cifar"
     items = "images"
 
-    def __init__(self, train: DeviceLoader, evals: dict[str, DeviceLoader], probe: torch.Tensor,
+    def __init__(self, train: DeviceLoader, evals: dict[str, DeviceLoader], probe: torch.Tensor | None,
                  *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast) -> None:
         self.train = train
         self.evals = evals            # "val" (optional) and "test"
-        self.probe = probe            # (P, 3, 32, 32) fixed test images for monitoring
+        self.probe = probe            # (P, 3, 32, 32) fixed test images for monitoring, or None
         self.mixup_alpha = mixup_alpha
         self.autocast = autocast
         self.selection_metric = schema.VAL_ERROR if "val" in evals else None
@@ -57,8 +57,8 @@ class ImageTask:
         out = {}
         for split, loader in self.evals.items():
             n = 0
-            e_sum = torch.zeros((), device=self.probe.device)
-            l_sum = torch.zeros((), device=self.probe.device)
+            e_sum = torch.zeros((), device=loader.device)
+            l_sum = torch.zeros((), device=loader.device)
             for x, y in loader.epoch(0):
                 with self.autocast():
                     logits = model(x)
