@@ -113,10 +113,12 @@ def test_resume_after_sigterm_mid_epoch_is_exact(data_root, tmp_path, monkeypatc
 
 
 def test_non_finite_loss_is_recorded_as_diverged(data_root, tmp_path):
-    summary = train(_cfg(data_root, tmp_path, "model=resnet20", "model.norm=bn", "optim.lr=1e12",
-                         "trainer.epochs=2"), build_image_experiment)
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "model.norm=bn", "optim.lr=1e12", "trainer.epochs=2")
+    summary = train(cfg, build_image_experiment)
     assert summary["status"] == schema.DIVERGED
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "diverged"
+    assert train(cfg, build_image_experiment) == on_disk   # a divergence is a result: not re-run
 
 
 def test_missing_dataset_gives_clear_error_and_failed_record(tmp_path):

@@ -60,8 +60,8 @@ def _summary(status: str, exp: Experiment | None, cfg: dict, state: TrainState, 
 def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]) -> dict:
     """Run (or resume, or skip) the run described by `cfg`; returns its summary.
 
-    `cfg["run_dir"]` is the run directory. With `resume=auto` a finished run is
-    skipped and an unfinished one continues from `checkpoints/last.pt`.
+    `cfg["run_dir"]` is the run directory. With `resume=auto` a finished or diverged
+    run is skipped and any other continues from `checkpoints/last.pt`.
     """
     if cfg["resume"] not in RESUME_MODES:
         raise ValueError(f"unknown resume {cfg['resume']!r}; valid: {', '.join(RESUME_MODES)}")
@@ -74,8 +74,8 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
                 f"{run.path} holds a run with another configuration; use another hydra.run.dir "
                 "or resume=never to start over (compare its config.yaml)")
         old = run.read_summary()
-        if old is not None and old.get("status") == schema.FINISHED:
-            print(f"[per] skipping finished run {run.path}")
+        if old is not None and old.get("status") in (schema.FINISHED, schema.DIVERGED):
+            print(f"[per] skipping {old['status']} run {run.path}")   # a divergence is a result too
             return old
     run.write_config(cfg)
 
