@@ -113,11 +113,12 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     check_points(x)
     (n, d), s = x.shape, directions.shape[1]
     theta = directions.to(compute_dtype(x))
-    # Apply 1/sqrt 2 to the smaller operand: directions (d, s) or projections (N, s).
+    # Apply 1/sqrt 2 to the smaller operand: directions (d, s) or projections (N, s);
+    # erf in place on the fresh (N, s) projection matrix (no second N x s buffer).
     if d <= n:
-        e = torch.special.erf(project(x, theta / _SQRT2))                  # (N, s)
+        e = project(x, theta / _SQRT2).erf_()                               # (N, s)
     else:
-        e = torch.special.erf(project(x, theta) / _SQRT2)
+        e = project(x, theta).div_(_SQRT2).erf_()
     return (e @ theta.T).div_(n * s).to(x.dtype)
 
 
