@@ -143,3 +143,9 @@ def test_wandb_offline_writes_local_run(data_root, tmp_path, monkeypatch):
     assert summary["status"] == schema.FINISHED
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_bf16_autocast_run(data_root, tmp_path):
+    summary = train(_cfg(data_root, tmp_path, "model=resnet20", "method=per", "trainer.precision=bf16",
+                         "trainer.max_steps=2"), build_image_experiment)
+    assert summary["status"] == schema.FINISHED and 0 <= summary["final"]["test_error"] <= 100

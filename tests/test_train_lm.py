@@ -113,3 +113,9 @@ def test_non_finite_loss_is_recorded_as_diverged(data_root, tmp_path, monkeypatc
 def test_missing_corpus_gives_clear_error(tmp_path):
     with pytest.raises(DatasetMissingError, match="ptb.train.txt"):
         train(_cfg(tmp_path / "nowhere", tmp_path / "run"), build_lm_experiment)
+
+
+def test_bf16_autocast_run(data_root, tmp_path):
+    summary = train(_cfg(data_root, tmp_path, "model=vd_lstm", "method=per", "trainer.precision=bf16",
+                         "trainer.max_steps=2"), build_lm_experiment)
+    assert summary["status"] == schema.FINISHED and summary["best"]["val_ppl"] > 1
