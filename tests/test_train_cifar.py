@@ -149,3 +149,20 @@ def test_bf16_autocast_run(data_root, tmp_path):
     summary = train(_cfg(data_root, tmp_path, "model=resnet20", "method=per", "trainer.precision=bf16",
                          "trainer.max_steps=2"), build_image_experiment)
     assert summary["status"] == schema.FINISHED and 0 <= summary["final"]["test_error"] <= 100
+
+
+def test_monitoring_does_not_change_training(data_root, tmp_path):
+    runs = [train(_cfg(data_root, tmp_path / str(every), "model=resnet20", "method=per",
+                       "trainer.max_steps=4", f"trainer.monitor.every={every}"), build_image_experiment)
+            for every in (0, 2)]
+    assert (tmp_path / "2/activations.jsonl").exists() and not (tmp_path / "0/activations.jsonl").exists()
+    drop = lambda row: {k: v for k, v in row.items() if k not in ("images_per_s", "epoch_time_s")}
+    assert drop(runs[0]["final"]) == drop(runs[1]["final"])
+
+
+def test_finished_run_is_skipped_when_only_paths_or_launch_settings_change(data_root, tmp_path):
+    first = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
+    again = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1", "paths.runs_dir=/elsewhere",
+                       "trainer.gpus=[0,1]", "data.download=true"), build_image_experiment)
+    assert again == json.loads((tmp_path / "summary.json").read_text())
+    assert again["wall_time_s"] == first["wall_time_s"]

@@ -241,12 +241,14 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
 
     x: (B, ...), y: (B,) -> (lam * x + (1 - lam) * x[perm], y, y[perm], lam) with
     lam ~ Beta(alpha, alpha) (lam = 1 when alpha <= 0). Train on
-    `lam * CE(out, y_a) + (1 - lam) * CE(out, y_b)`. `generator` (CPU) makes the
-    draw reproducible.
+    `lam * CE(out, y_a) + (1 - lam) * CE(out, y_b)`. lam comes from the CPU RNG
+    (no device sync); the pairing is drawn on `x`'s device. `generator`, if given,
+    must live on `x`'s device and makes both draws reproducible.
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device
+                             if generator is not None else "cpu"))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha)) if alpha > 0 else 1.0
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    perm = torch.randperm(len(x), generator=generator, device=x.device)
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 

@@ -108,6 +108,4 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
         model = model.to(memory_format=torch.channels_last)
     task = ImageTask(loader(train_x, train_y, data["batch_size"], True), evals, probe,
                      mixup_alpha=data["mixup_alpha"], autocast=autocast)
-    cell = schema.make_cell(data["name"], name, cfg["method"]["name"], norm=mcfg.get("norm", "none"),
-                            activation=mcfg.get("activation"), table=cfg.get("table"))
-    return Experiment(model, task, cell)
+    return Experiment(model, task)

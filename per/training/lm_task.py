@@ -97,5 +97,4 @@ def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> 
              "test": batchify(corpus.test, data["eval_batch_size"], device)}
     task = LMTask(model, batchify(corpus.train, data["batch_size"], device), evals,
                   bptt=data["bptt"], autocast=autocast)
-    cell = schema.make_cell(data["name"], name, method, table=cfg.get("table"))
-    return Experiment(model, task, cell)
+    return Experiment(model, task)

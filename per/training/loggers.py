@@ -3,16 +3,16 @@ of truth. wandb is imported only when enabled; credentials come only from the
 environment (WANDB_API_KEY), never from configs or records."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 LOGGER_MODES = ("online", "offline", "disabled")
 
 
 class WandbSink:
-    """A W&B run in `mode` (offline needs no account), resumable by a stable id."""
+    """A W&B run in `mode` (offline needs no account); `run_id` (kept in the run
+    directory) makes a resumed run continue the same W&B run."""
 
-    def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path,
+    def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str,
                  name: str, group: str, tags: list[str], config: dict) -> None:
         if mode not in LOGGER_MODES:
             raise ValueError(f"unknown logger.mode {mode!r}; valid: {', '.join(LOGGER_MODES)}")
@@ -21,7 +21,6 @@ class WandbSink:
             return
         import wandb  # lazy: only when enabled
 
-        run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir),
                               id=run_id, resume="allow", name=name, group=group, tags=tags,
                               config=config, settings=wandb.Settings(silent=True))

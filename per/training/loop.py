@@ -47,10 +47,9 @@ class Task(Protocol):
 
 @dataclass
 class Experiment:
-    """What a task builder returns: the model, its task object and its table cell."""
+    """What a task builder returns: the model and its task object."""
     model: nn.Module
     task: Task
-    cell: dict
 
 
 @dataclass
@@ -66,6 +65,7 @@ class LoopSettings:
     monitor_units: int = 4
     monitor_layout: str = "channels"
     monitor_slices: int = 256
+    seed: int = 0                     # seeds the monitor's own directions (not the training RNG)
     progress: bool = True
 
 
@@ -154,7 +154,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         rows = activation_stats(model, lambda: task.probe_forward(model), settings.monitor_sites,
                                 num_units=settings.monitor_units, layout=settings.monitor_layout,
                                 num_slices=settings.monitor_slices, step=state.step,
-                                epoch=epoch_float)
+                                epoch=epoch_float, seed=settings.seed)
         run.append("activations.jsonl", rows)
 
     def done() -> bool:
@@ -164,9 +164,19 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         monitor(0.0)
     while state.epoch < settings.epochs and not done():
         epoch = state.epoch
-        # Epoch accumulators on the device: task sums, and per-site penalty statistics
-        # of tracked steps (keys with a '/'), restored from `state.sums` after a resume.
-        sums = {k: torch.tensor(v, device=device, dtype=torch.float64) for k, v in state.sums.items()}
+        # Epoch accumulators: tensors stay on the device (losses, error counts, per-site
+        # penalty statistics of tracked steps under keys with a '/'); Python numbers
+        # (item counts) and the partial sums restored after a resume stay on the host.
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, float] = dict(state.sums)
+
+        def read_sums() -> dict[str, float]:   # the one host read per log interval
+            host = dict(counts)
+            if sums:
+                for k, v in zip(sums, torch.stack(list(sums.values())).tolist()):
+                    host[k] = host.get(k, 0.0) + v
+            return host
+
         t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not settings.progress, leave=False, dynamic_ncols=True)
@@ -190,15 +200,18 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                 new.update(regularizer.site_stats())
                 new["tracked"] = 1
             for k, v in new.items():
-                v = torch.as_tensor(v, device=device, dtype=torch.float64)
-                sums[k] = sums[k] + v if k in sums else v
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().to(torch.float64)
+                    sums[k] = sums[k] + v if k in sums else v
+                else:
+                    counts[k] = counts.get(k, 0.0) + v
             if on_step is not None:
                 on_step(state.step)
             if track or state.batch == steps_per_epoch:
-                host = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host read
+                host = read_sums()
                 if not math.isfinite(host["total"]):
                     bar.close()
-                    state.final = {"train_loss": float("nan")}
+                    state.final = {**state.final, "diverged_at_step": state.step}
                     return schema.DIVERGED, state
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in task.train_metrics(host).items()},
@@ -211,9 +224,9 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         bar.close()
         state.train_time_s += time.perf_counter() - t0
         state.wall_time_s += time.perf_counter() - t0
-        state.sums = {k: float(v) for k, v in sums.items()}
+        state.sums = read_sums()
         if not math.isfinite(state.sums.get("total", 0.0)):
-            state.final = {"train_loss": float("nan")}
+            state.final = {**state.final, "diverged_at_step": state.step}
             return schema.DIVERGED, state
         if stop is not None and stop.signum is not None and state.batch < steps_per_epoch:
             save()  # mid-epoch: the checkpoint continues at this very batch
@@ -248,8 +261,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float) and "/" not in k):
             run.append("metrics.jsonl", [row])
             return schema.DIVERGED, state
+        run.append("metrics.jsonl", [row])   # before the checkpoint: a resume truncates extras
         save()
-        run.append("metrics.jsonl", [row])
         if sink is not None:
             sink.log(row, step=state.step)
         if settings.progress:

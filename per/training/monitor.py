@@ -24,11 +24,13 @@ def default_monitor_sites(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def activation_stats(model: nn.Module, forward: Callable[[], object], sites: list[str], *,
                      num_units: int, layout: str, num_slices: int, step: int,
-                     epoch: float) -> list[dict]:
+                     epoch: float, seed: int = 0) -> list[dict]:
     """One row per site. Units are the first `num_units` coordinates of the site's
     points (channels for conv sites under the `channels` layout, hidden units for
     the LSTM); `sw1` uses all coordinates; `layer` is the site's 1-based position
-    among the model's post-activation sites. Runs the model in eval mode."""
+    among the model's post-activation sites. Runs the model in eval mode; its random
+    directions come from a generator seeded by (seed, step), so monitoring leaves the
+    training RNG streams (PER directions, dropout) untouched."""
     was_training = model.training
     model.eval()
     try:
@@ -46,7 +48,8 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
         if probs is None:
             probs = torch.tensor([0.25, 0.5, 0.75], device=vals.device)
         q = torch.quantile(vals, probs, dim=0)                      # (3, k)
-        sw1 = sliced_wasserstein_normal(points, num_slices=num_slices)
+        gen = torch.Generator(device=points.device).manual_seed(seed * 1_000_003 + step)
+        sw1 = sliced_wasserstein_normal(points, num_slices=num_slices, generator=gen)
         stats = torch.stack([vals.mean(0), vals.var(0), *q]).cpu().tolist()
         rows.append({"step": step, "epoch": epoch, "site": name, "layer": layer.get(name), "units": units,
                      "mean": stats[0], "var": stats[1], "q25": stats[2], "q50": stats[3],

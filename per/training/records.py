@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from per import schema
 
 CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
+WANDB_ID = "wandb_id.txt"
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -122,5 +124,13 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove the records of an earlier attempt (resume=never)."""
-        for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, BEST_CHECKPOINT):
+        for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, BEST_CHECKPOINT,
+                     WANDB_ID):
             (self.path / name).unlink(missing_ok=True)
+
+    def wandb_id(self) -> str:
+        """The W&B run id of this attempt: kept across resumes, new after `clear()`."""
+        f = self.path / WANDB_ID
+        if not f.exists():
+            atomic_write_text(f, uuid.uuid4().hex[:16])
+        return f.read_text().strip()

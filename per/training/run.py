@@ -21,9 +21,11 @@ from per.training.records import RunDir
 
 RESUME_MODES = ("auto", "never")
 REGULARIZED = ("l1", "l2", "per", "vcl")
-# Config keys that may change between a run and its resumption.
-_VOLATILE = ("resume", "logger", "run_dir")
-_VOLATILE_TRAINER = ("device", "progress", "log_every")
+# Config keys that may change between a run and its resumption (where the data and
+# runs live, how the run was launched, how it reports) without changing its result.
+_VOLATILE = ("resume", "logger", "run_dir", "paths")
+_VOLATILE_TRAINER = ("device", "gpus", "progress", "log_every")
+_VOLATILE_DATA = ("root", "download", "verify_checksums")
 
 
 class ConfigMismatchError(ValueError):
@@ -33,6 +35,7 @@ class ConfigMismatchError(ValueError):
 def _comparable(cfg: dict) -> dict:
     out = {k: v for k, v in cfg.items() if k not in _VOLATILE}
     out["trainer"] = {k: v for k, v in cfg.get("trainer", {}).items() if k not in _VOLATILE_TRAINER}
+    out["data"] = {k: v for k, v in cfg.get("data", {}).items() if k not in _VOLATILE_DATA}
     return out
 
 
@@ -47,9 +50,17 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
                        share_directions=method["share_directions"])
 
 
-def _summary(status: str, exp: Experiment | None, cfg: dict, state: TrainState, device: str) -> dict:
+def cell_of(cfg: dict) -> dict:
+    """The run's table cell (`summary.json` `cell`), from its config alone."""
+    m = cfg["model"]
+    return schema.make_cell(cfg["data"]["name"], m["name"], cfg["method"]["name"],
+                            norm=m.get("norm", "none"), activation=m.get("activation"),
+                            table=cfg.get("table"))
+
+
+def _summary(status: str, cfg: dict, state: TrainState, device: str) -> dict:
     method = cfg["method"]
-    return {"status": status, "task": cfg["task"], "cell": exp.cell if exp else None,
+    return {"status": status, "task": cfg["task"], "cell": cell_of(cfg),
             "lam": float(method.get("lam", 0.0)) if method["name"] in REGULARIZED else 0.0,
             "seed": cfg["seed"], "epochs_completed": state.epoch, "steps": state.step,
             "wall_time_s": round(state.wall_time_s, 3), "device": device,
@@ -78,19 +89,19 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
             print(f"[per] skipping {old['status']} run {run.path}")   # a divergence is a result too
             return old
     run.write_config(cfg)
+    cell = cell_of(cfg)   # also validates the method/norm vocabulary before any work
 
     trainer, optim = cfg["trainer"], cfg["optim"]
-    runtime.seed_everything(cfg["seed"])
-    device = runtime.resolve_device(trainer["device"])
-    runtime.configure_backends(device, trainer["deterministic"])
-    dev_name = runtime.device_name(device)
-    autocast = lambda: runtime.autocast_context(device, trainer["precision"])  # noqa: E731
-
-    exp = None
     state = TrainState()
     sink = None
+    dev_name = "unknown"
     stop = StopSignal().__enter__()   # a signal during set-up stops the run after its first step
     try:
+        runtime.seed_everything(cfg["seed"])
+        device = runtime.resolve_device(trainer["device"])
+        runtime.configure_backends(device, trainer["deterministic"])
+        dev_name = runtime.device_name(device)
+        autocast = lambda: runtime.autocast_context(device, trainer["precision"])  # noqa: E731
         exp = build(cfg, device, autocast)
         model, task = exp.model, exp.task
         regularizer = build_regularizer(model, cfg["method"])
@@ -114,7 +125,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
             log_every=trainer["log_every"], monitor_every=mon["every"],
             monitor_sites=(mon["sites"] or default_monitor_sites(model)) if mon["every"] else [],
             monitor_units=mon["units"], monitor_layout=cfg["method"].get("layout", "channels"),
-            monitor_slices=mon["slices"],
+            monitor_slices=mon["slices"], seed=cfg["seed"],
             progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
 
         if cfg["resume"] == "auto" and (ckpt := run.load_checkpoint(map_location=device)) is not None:
@@ -124,23 +135,23 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
             print(f"[per] resuming {run.path} at epoch {state.epoch}, batch {state.batch}", flush=True)
         else:
             run.clear()
-        run.write_summary(_summary(schema.RUNNING, exp, cfg, state, dev_name))
+        run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name))
         train_model = torch.compile(model) if trainer["compile"] else model
         lg = cfg["logger"]
         sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
-                         name=run.path.name, group=_group(exp.cell), tags=list(exp.cell.values()),
-                         config=cfg)
+                         run_id=run.wandb_id(), name=run.path.name, group=_group(cell),
+                         tags=list(cell.values()), config=cfg)
         status, state = fit(train_model, task, optimizer, schedule, run, settings,
                             regularizer=regularizer, sink=sink, state=state,
                             checkpoint_extra={"config": cfg}, stop=stop)
     except BaseException:
-        run.write_summary(_summary(schema.FAILED, exp, cfg, state, dev_name))
+        run.write_summary(_summary(schema.FAILED, cfg, state, dev_name))
         if sink is not None:
             sink.finish(exit_code=1)
         raise
     finally:
         stop.__exit__()
-    summary = _summary(status, exp, cfg, state, dev_name)
+    summary = _summary(status, cfg, state, dev_name)
     run.write_summary(summary)
     sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
     if status == schema.INTERRUPTED:
