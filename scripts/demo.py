@@ -11,7 +11,6 @@ ResNet-20 (the paper's rows are ResNet-56/110) and each run is a few dozen steps
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time

@@ -9,5 +9,20 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "experiments"))
 from common import compose_plain as compose_config  # noqa: E402,F401
 
+from per.training.records import RunDir  # noqa: E402
+
+TIMING_KEYS = ("images_per_s", "tokens_per_s", "epoch_time_s")
+
+
+def without_timing(row: dict) -> dict:
+    """A metrics row without its wall-clock entries (which differ between equal runs)."""
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl rows."""
+    return RunDir(run_dir).read_jsonl("metrics.jsonl")
+
+
 CPU_SMOKE = ["trainer.device=cpu", "logger.mode=disabled", "trainer.progress=false",
              "trainer.deterministic=true"]

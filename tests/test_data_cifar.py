@@ -228,7 +228,7 @@ def test_train_loader_identity_when_unaugmented(images, monkeypatch: pytest.Monk
     real_randint = torch.randint
 
     def centred(low, high, size, *, generator=None, dtype=None):
-        out = real_randint(low, high, size, generator=generator)
+        real_randint(low, high, size, generator=generator)   # keep the RNG stream as the real draw
         return torch.full(size, 4) if high == 9 else torch.zeros(size, dtype=dtype)
 
     monkeypatch.setattr(torch, "randint", centred)

@@ -250,7 +250,7 @@ def _rng_after_step(model: nn.Module, h: torch.Tensor, reg: per.Regularizer) -> 
 
 
 def test_regularizer_holds_no_model_parameters_and_remove_detaches():
-    model, x = _mlp(), _input((8, 6))
+    model = _mlp()
     reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
     assert list(reg.parameters()) == [] and reg.site_names == ["2", "5"]
     with pytest.raises(ValueError, match="already"):

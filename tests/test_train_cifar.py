@@ -14,7 +14,7 @@ from per.training import run as run_mod
 from per.training.image_task import build_image_experiment
 from per.training.loop import fit
 from per.training.run import ConfigMismatchError, train
-from runner_utils import CPU_SMOKE, compose_config
+from runner_utils import CPU_SMOKE, compose_config, metrics, without_timing
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,6 @@ def _cfg(data_root, run_dir, *overrides):
         *CPU_SMOKE, f"data.root={data_root}", "data.verify_checksums=false",
         "data.batch_size=32", "data.eval_batch_size=64", "data.probe_size=16",
         "++method.num_slices=16", "trainer.log_every=2", *overrides], run_dir)
-
-
-def _metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 MODELS = [("resnet20", "none", None), ("resnet20", "bn", None)] + [
@@ -57,7 +53,7 @@ def test_every_model_and_method_trains(data_root, tmp_path, model, norm, act, me
     assert summary["cell"]["method"] == schema.method_label(method, norm)
     assert summary["cell"]["activation"] == (act or "relu")
     assert 0.0 <= summary["final"]["test_error"] <= 100.0
-    row = _metrics(tmp_path)[0]
+    row = metrics(tmp_path)[0]
     if method == "vanilla":
         assert "penalty" not in row
     else:
@@ -79,7 +75,7 @@ def test_run_directory_contract(data_root, tmp_path):
     assert on_disk["epochs_completed"] == 2 and on_disk["steps"] == 12   # 192 train images / 32
     assert on_disk["best"]["epoch"] in (1, 2) and "val_error" in on_disk["best"]
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints/last.pt").exists()
-    rows = _metrics(tmp_path)
+    rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "penalty", "val_error", "test_error", "lr", "images_per_s"):
         assert key in rows[0]
@@ -107,9 +103,8 @@ def test_resume_after_sigterm_mid_epoch_is_exact(data_root, tmp_path, monkeypatc
     monkeypatch.undo()
     resumed = train(_cfg(data_root, tmp_path / "cut", *overrides), build_image_experiment)
     assert resumed["status"] == schema.FINISHED and resumed["steps"] == ref["steps"]
-    drop = lambda row: {k: v for k, v in row.items() if k not in ("images_per_s", "epoch_time_s")}
-    assert drop(resumed["final"]) == drop(ref["final"])
-    assert [drop(r) for r in _metrics(tmp_path / "cut")] == [drop(r) for r in _metrics(tmp_path / "ref")]
+    assert without_timing(resumed["final"]) == without_timing(ref["final"])
+    assert [without_timing(r) for r in metrics(tmp_path / "cut")] == [without_timing(r) for r in metrics(tmp_path / "ref")]
 
 
 def test_non_finite_loss_is_recorded_as_diverged(data_root, tmp_path):
@@ -156,8 +151,7 @@ def test_monitoring_does_not_change_training(data_root, tmp_path):
                        "trainer.max_steps=4", f"trainer.monitor.every={every}"), build_image_experiment)
             for every in (0, 2)]
     assert (tmp_path / "2/activations.jsonl").exists() and not (tmp_path / "0/activations.jsonl").exists()
-    drop = lambda row: {k: v for k, v in row.items() if k not in ("images_per_s", "epoch_time_s")}
-    assert drop(runs[0]["final"]) == drop(runs[1]["final"])
+    assert without_timing(runs[0]["final"]) == without_timing(runs[1]["final"])
 
 
 def test_finished_run_is_skipped_when_only_paths_or_launch_settings_change(data_root, tmp_path):
