@@ -4,6 +4,10 @@ Notation (DESIGN.md section 1): one site's activations form a point cloud
 `x: (N, d)`; `directions: (d, s)` holds `s` unit directions `theta_k` as columns;
 projections `p_ik = <x_i, theta_k>`.
 
+Reduction over the `N` points (`REDUCTIONS`): "sum" (default) is the paper's
+Algorithm 1, which adds `lam * g_i` to each point's gradient with no `1/N`;
+"mean" is the `1/b` of the paper's eq. 5/6. The two differ by the factor `N`.
+
 Precision: float64 inputs are computed in float64; every other dtype (float32,
 bf16, fp16) projects in its own dtype, then evaluates `phi`/`erf` and all
 reductions in float32.
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 
 LAYOUTS = ("channels", "flatten")
+REDUCTIONS = ("sum", "mean")
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -66,6 +71,18 @@ def phi(x: torch.Tensor) -> torch.Tensor:
     return _Phi.apply(x)
 
 
+def check_reduction(reduction: str) -> None:
+    """Raise ValueError unless `reduction` is one of `REDUCTIONS`."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+
+
+def _reduce(per_point: torch.Tensor, reduction: str) -> torch.Tensor:
+    """`per_point: (N,)` -> 0-d: its sum or its mean."""
+    check_reduction(reduction)
+    return per_point.sum() if reduction == "sum" else per_point.mean()
+
+
 def check_points(x: torch.Tensor) -> None:
     """Raise ValueError unless `x` is a point cloud `(N, d)`."""
     if x.dim() != 2:
@@ -84,33 +101,39 @@ def project(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 
 
 def per_loss(x: torch.Tensor, directions: torch.Tensor | None = None, *, num_slices: int = 256,
-             generator: torch.Generator | None = None, check_finite: bool = True) -> torch.Tensor:
-    """PER loss `L = (1/N) sum_i (1/s) sum_k phi(<x_i, theta_k>)` (paper eq. 5, b -> N).
+             reduction: str = "sum", generator: torch.Generator | None = None,
+             check_finite: bool = True) -> torch.Tensor:
+    """PER loss `L = sum_i (1/s) sum_k phi(<x_i, theta_k>)` ("sum", Algorithm 1) or
+    `(1/N)` times that ("mean", paper eq. 5 with b -> N).
 
     Args:
         x: `(N, d)` points.
         directions: `(d, s)` unit directions; drawn with `sample_directions(d, num_slices,
             generator=generator)` when None.
+        reduction: "sum" or "mean" over the `N` points (`REDUCTIONS`).
         check_finite: raise ValueError on NaN/inf in `x` (synchronizes the device).
 
-    Returns: 0-d tensor in `compute_dtype(x)`. Its autograd gradient is eq. 6 (`per_grad`).
+    Returns: 0-d tensor in `compute_dtype(x)`. Its autograd gradient is `per_grad`.
     """
     check_points(x)
+    check_reduction(reduction)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError("non-finite activations (NaN or inf) passed to per_loss")
     if directions is None:
         directions = sample_directions(x.shape[1], num_slices, generator=generator,
                                        device=x.device, dtype=compute_dtype(x))
-    return phi(project(x, directions)).mean()
+    return _reduce(phi(project(x, directions)).mean(dim=1), reduction)
 
 
-def per_grad(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Analytic gradient of `per_loss(x, directions)`, eq. 6:
-    `dL/dx_i = (1/N)(1/s) sum_k erf(p_ik / sqrt 2) theta_k`.
+def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """Analytic gradient of `per_loss(x, directions, reduction=reduction)`:
+    `dL/dx_i = (1/s) sum_k erf(p_ik / sqrt 2) theta_k` (Algorithm 1's `g_i`, "sum"),
+    times `1/N` for "mean" (eq. 6).
 
     `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`).
     """
     check_points(x)
+    check_reduction(reduction)
     (n, d), s = x.shape, directions.shape[1]
     theta = directions.to(compute_dtype(x))
     # Apply 1/sqrt 2 to the smaller operand: directions (d, s) or projections (N, s);
@@ -119,19 +142,21 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         e = project(x, theta / _SQRT2).erf_()                               # (N, s)
     else:
         e = project(x, theta).div_(_SQRT2).erf_()
-    return (e @ theta.T).div_(n * s).to(x.dtype)
+    return (e @ theta.T).div_(s * (n if reduction == "mean" else 1)).to(x.dtype)
 
 
-def l1_penalty(x: torch.Tensor) -> torch.Tensor:
-    """`(1/N) sum_i ||x_i||_1` for `x: (N, d)`; 0-d tensor in `compute_dtype(x)`."""
+def l1_penalty(x: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """`sum_i ||x_i||_1` ("sum") or `(1/N)` times that ("mean") for `x: (N, d)`;
+    0-d tensor in `compute_dtype(x)`."""
     check_points(x)
-    return x.to(compute_dtype(x)).abs().sum(dim=1).mean()
+    return _reduce(x.to(compute_dtype(x)).abs().sum(dim=1), reduction)
 
 
-def l2_penalty(x: torch.Tensor) -> torch.Tensor:
-    """`(1/N) sum_i ||x_i||_2^2` for `x: (N, d)`; 0-d tensor in `compute_dtype(x)`."""
+def l2_penalty(x: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """`sum_i ||x_i||_2^2` ("sum") or `(1/N)` times that ("mean") for `x: (N, d)`;
+    0-d tensor in `compute_dtype(x)`."""
     check_points(x)
-    return x.to(compute_dtype(x)).square().sum(dim=1).mean()
+    return _reduce(x.to(compute_dtype(x)).square().sum(dim=1), reduction)
 
 
 def check_layout(layout: str) -> None:

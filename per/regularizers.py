@@ -1,8 +1,10 @@
 """Activation regularizers attached to a model's sites: PER, L1, L2 and VCL.
 
-Objective (DESIGN.md section 1): `task_loss + lam * sum over sites of L_site`, each
-`L_site` a mean over the site's `N` points (`per.to_points`), so its gradient carries
-the `1/N` of eq. 6.
+Objective (DESIGN.md section 1): `task_loss + lam * sum over sites of L_site`. With
+`reduction="sum"` (default, the paper's Algorithm 1) `L_site` sums over the site's `N`
+points (`per.to_points`), so each point's gradient is `lam * g_i` with no `1/N`; with
+`reduction="mean"` (the `1/b` of eq. 5/6) it is their mean. Logged per-site penalties
+are always per-point means, comparable across sites, runs and reductions.
 
 Two equivalent paths for PER/L1/L2:
 - "backward" (paper Algorithm 1): the site is an identity whose backward adds
@@ -29,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from per.functional import (
-    check_layout, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad, per_loss,
-    sample_directions, to_points)
+    check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad,
+    per_loss, sample_directions, to_points)
 from per.sites import Site, list_sites
 
 KINDS = ("per", "l1", "l2", "vcl")
@@ -38,19 +40,23 @@ PATHS = ("backward", "autograd")
 _ROLE = {"per": "post", "l1": "post", "l2": "post", "vcl": "pre"}
 
 
-def _site_value(kind: str, x: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
-    """`L_site` of `x: (N, d)`: PER eq. 5, L1 `(1/N) sum ||x_i||_1` or L2 `(1/N) sum ||x_i||^2`."""
+def _site_value(kind: str, x: torch.Tensor, directions: torch.Tensor | None,
+                reduction: str) -> torch.Tensor:
+    """`L_site` of `x: (N, d)`: PER, L1 `sum ||x_i||_1` or L2 `sum ||x_i||^2`, summed over
+    the points or averaged (`reduction`)."""
     if kind == "per":
-        return per_loss(x, directions, check_finite=False)
-    return l1_penalty(x) if kind == "l1" else l2_penalty(x)
+        return per_loss(x, directions, reduction=reduction, check_finite=False)
+    return (l1_penalty if kind == "l1" else l2_penalty)(x, reduction=reduction)
 
 
-def _site_grad(kind: str, x: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
+def _site_grad(kind: str, x: torch.Tensor, directions: torch.Tensor | None,
+               reduction: str) -> torch.Tensor:
     """`dL_site/dx` in closed form, `x: (N, d)` -> `(N, d)` in `x`'s dtype:
-    PER eq. 6, L1 `sign(x)/N`, L2 `2x/N`."""
+    PER `per_grad`, L1 `sign(x)`, L2 `2x`; divided by `N` for "mean"."""
     if kind == "per":
-        return per_grad(x, directions)
-    return (x.sign() if kind == "l1" else 2 * x) / x.shape[0]
+        return per_grad(x, directions, reduction=reduction)
+    grad = x.sign() if kind == "l1" else 2 * x
+    return grad / x.shape[0] if reduction == "mean" else grad
 
 
 class _AddPenaltyGrad(torch.autograd.Function):
@@ -58,20 +64,24 @@ class _AddPenaltyGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, kind: str, lam: float,
-                layout: str, stats: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+                layout: str, reduction: str, stats: dict[str, torch.Tensor] | None,
+                name: str) -> torch.Tensor:
         ctx.save_for_backward(h, directions)
-        ctx.kind, ctx.lam, ctx.layout, ctx.stats, ctx.name = kind, lam, layout, stats, name
+        ctx.kind, ctx.lam, ctx.layout, ctx.reduction = kind, lam, layout, reduction
+        ctx.stats, ctx.name = stats, name
         return h.view_as(h)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
         x = to_points(h, ctx.layout)
-        grad = ctx.lam * from_points(_site_grad(ctx.kind, x, directions), h.shape, ctx.layout)
+        grad = ctx.lam * from_points(_site_grad(ctx.kind, x, directions, ctx.reduction),
+                                     h.shape, ctx.layout)
         if ctx.stats is not None:
-            ctx.stats[f"penalty/{ctx.name}"] = _site_value(ctx.kind, x, directions)
+            ctx.stats[f"penalty/{ctx.name}"] = _site_value(ctx.kind, x, directions, "mean")
             ctx.stats[f"grad_ratio/{ctx.name}"] = grad.float().norm() / grad_output.float().norm()
-        return grad_output + grad.to(grad_output.dtype), None, None, None, None, None, None
+        return grad_output + grad.to(grad_output.dtype), None, None, None, None, None, None, None
 
 
 class _GradNormProbe(torch.autograd.Function):
@@ -98,6 +108,8 @@ class Regularizer(nn.Module):
         lam: the one coefficient for all sites (>= 0).
         layout: how a 4-D site becomes points, one of `LAYOUTS` (see `per.to_points`).
         num_slices: PER directions per site and call (`s`, paper: 256).
+        reduction: PER/L1/L2 over a site's points, one of `REDUCTIONS`: "sum" (Algorithm 1,
+            default) or "mean" (eq. 5/6). VCL ignores it.
         path: "backward" (Algorithm 1, gradient injected in backward) or "autograd"
             (penalty returned by `penalty()`); VCL always uses autograd.
         share_directions: draw one direction matrix per distinct `d` per step and reuse it
@@ -110,12 +122,13 @@ class Regularizer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
-                 num_slices: int = 256, path: str = "backward", share_directions: bool = False,
-                 vcl_chunk: int = 5) -> None:
+                 num_slices: int = 256, reduction: str = "sum", path: str = "backward",
+                 share_directions: bool = False, vcl_chunk: int = 5) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown regularizer kind {kind!r}; valid: {', '.join(KINDS)}")
         check_layout(layout)
+        check_reduction(reduction)
         if num_slices < 1:
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         if path not in PATHS:
@@ -134,6 +147,7 @@ class Regularizer(nn.Module):
                              "call its remove() first")
         self.__dict__["model"] = model  # a reference, not a registered submodule
         self.kind, self.lam, self.layout, self.num_slices = kind, float(lam), layout, num_slices
+        self.reduction = reduction
         self.path = "autograd" if kind == "vcl" else path
         self.share_directions, self.vcl_chunk = share_directions, vcl_chunk
         self.site_names: list[str] = list(sites)
@@ -150,7 +164,8 @@ class Regularizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, lam={self.lam}, layout={self.layout!r}, "
-                f"num_slices={self.num_slices}, path={self.path!r}, sites={len(self.site_names)}")
+                f"num_slices={self.num_slices}, reduction={self.reduction!r}, path={self.path!r}, "
+                f"sites={len(self.site_names)}")
 
     def begin_step(self, track: bool = False) -> None:
         """Start a training step: reset accumulators; `track` computes per-site statistics."""
@@ -166,7 +181,8 @@ class Regularizer(nn.Module):
         return torch.stack(self._terms).sum()
 
     def site_stats(self) -> dict[str, torch.Tensor]:
-        """After backward of a tracked step: `penalty/<site>` (`L_site`, not scaled by lam) and
+        """After backward of a tracked step: `penalty/<site>` (`L_site` as a per-point mean,
+        whatever the reduction; not scaled by lam) and
         `grad_ratio/<site>` (`||lam dL_site/dh|| / ||d(downstream loss)/dh||`), 0-d device
         tensors (no sync). Empty if the step was not tracked."""
         return dict(self._stats) if self._track else {}
@@ -203,15 +219,17 @@ class Regularizer(nn.Module):
         directions = self._directions(x.shape[1], h) if self.kind == "per" else None
         if self.path == "backward":
             stats = self._stats if self._track else None
-            return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout, stats,
-                                         name)
-        value = _site_value(self.kind, x, directions)
+            return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout,
+                                         self.reduction, stats, name)
+        value = _site_value(self.kind, x, directions, self.reduction)
         self._terms.append(self.lam * value)
         if not self._track:
             return h
         with torch.no_grad():
-            self._stats[f"penalty/{name}"] = value.detach()
-            grad_norm = self.lam * _site_grad(self.kind, x, directions).float().norm()
+            per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
+            self._stats[f"penalty/{name}"] = per_point
+            grad_norm = self.lam * _site_grad(self.kind, x, directions,
+                                              self.reduction).float().norm()
         return _GradNormProbe.apply(h, grad_norm, self._stats, f"grad_ratio/{name}")
 
     def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:

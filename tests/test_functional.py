@@ -16,34 +16,52 @@ def _np_phi(p: np.ndarray) -> np.ndarray:
     return p * scipy.special.erf(p / np.sqrt(2)) + np.sqrt(2 / np.pi) * np.exp(-p ** 2 / 2)
 
 
-def _np_per(x: np.ndarray, theta: np.ndarray) -> tuple[float, np.ndarray]:
-    """Eq. 5 and eq. 6 written out: L = mean_ik phi(p_ik),
-    dL/dx_i = (1/Ns) sum_k erf(p_ik/sqrt2) theta_k."""
+def _np_per(x: np.ndarray, theta: np.ndarray, reduction: str) -> tuple[float, np.ndarray]:
+    """Algorithm 1 ("sum") and eq. 5/6 ("mean") written out, loop by loop:
+    L = sum_i (1/s) sum_k phi(p_ik), dL/dx_i = (1/s) sum_k erf(p_ik/sqrt2) theta_k,
+    both divided by N for "mean"."""
     n, s = x.shape[0], theta.shape[1]
-    p = x @ theta
-    grad = np.zeros_like(x)
-    for k in range(s):
-        grad += np.outer(scipy.special.erf(p[:, k] / np.sqrt(2)), theta[:, k])
-    return float(_np_phi(p).mean()), grad / (n * s)
+    loss, grad = 0.0, np.zeros_like(x)
+    for i in range(n):
+        for k in range(s):
+            p = float(x[i] @ theta[:, k])
+            loss += _np_phi(np.array(p)) / s
+            grad[i] += scipy.special.erf(p / np.sqrt(2)) * theta[:, k] / s
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return float(loss) * scale, grad * scale
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("n, d", [(37, 6), (3, 20)])  # N > d and N < d (flatten-like)
-def test_per_loss_and_grad_match_numpy_float64(n, d):
+def test_per_loss_and_grad_match_numpy_float64(n, d, reduction):
     rng = np.random.default_rng(0)
     x_np = rng.normal(0.5, 2.0, size=(n, d))
     theta = rng.normal(size=(d, 11))
     theta /= np.linalg.norm(theta, axis=0)
-    want_loss, want_grad = _np_per(x_np, theta)
+    want_loss, want_grad = _np_per(x_np, theta, reduction)
 
     x = torch.tensor(x_np, requires_grad=True)
     directions = torch.tensor(theta)
-    loss = per.per_loss(x, directions)
+    loss = per.per_loss(x, directions, reduction=reduction)
     loss.backward()
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(want_loss, rel=1e-12)
     np.testing.assert_allclose(x.grad.numpy(), want_grad, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(per.per_grad(x.detach(), directions).numpy(), want_grad,
-                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(per.per_grad(x.detach(), directions, reduction=reduction).numpy(),
+                               want_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_default_reduction_is_algorithm_1_sum():
+    x = torch.randn(50, 3, dtype=torch.float64)
+    directions = per.sample_directions(3, 8, dtype=torch.float64)
+    assert per.per_loss(x, directions).item() == pytest.approx(
+        50 * per.per_loss(x, directions, reduction="mean").item(), rel=1e-12)
+    torch.testing.assert_close(per.per_grad(x, directions),
+                               50 * per.per_grad(x, directions, reduction="mean"))
+    for fn in (per.per_loss, per.per_grad, per.l1_penalty, per.l2_penalty):
+        args = (x, directions) if fn is per.per_grad else (x,)
+        with pytest.raises(ValueError, match="valid: sum, mean"):
+            fn(*args, reduction="avg")
 
 
 def test_per_loss_gradcheck():
@@ -117,16 +135,20 @@ def test_per_loss_bf16_accumulates_in_fp32():
     loss = per.per_loss(x.bfloat16(), directions)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(per.per_loss(x, directions).item(), rel=1e-2)
-    grad = per.per_grad(x.bfloat16(), directions)
+    grad = per.per_grad(x.bfloat16(), directions)   # (1/s) sum_k erf(.) theta_k: entries <= 1
     assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(grad.float(), per.per_grad(x, directions), rtol=0.05, atol=1e-5)
+    torch.testing.assert_close(grad.float(), per.per_grad(x, directions), rtol=0.05, atol=2e-3)
 
 
 def test_l1_l2_match_numpy():
     x_np = np.random.default_rng(8).normal(size=(10, 4))
     x = torch.tensor(x_np)
-    assert per.l1_penalty(x).item() == pytest.approx(np.abs(x_np).sum(axis=1).mean(), rel=1e-12)
-    assert per.l2_penalty(x).item() == pytest.approx((x_np ** 2).sum(axis=1).mean(), rel=1e-12)
+    assert per.l1_penalty(x).item() == pytest.approx(np.abs(x_np).sum(), rel=1e-12)
+    assert per.l2_penalty(x).item() == pytest.approx((x_np ** 2).sum(), rel=1e-12)
+    assert per.l1_penalty(x, reduction="mean").item() == pytest.approx(
+        np.abs(x_np).sum(axis=1).mean(), rel=1e-12)
+    assert per.l2_penalty(x, reduction="mean").item() == pytest.approx(
+        (x_np ** 2).sum(axis=1).mean(), rel=1e-12)
     assert per.l2_penalty(x.float().bfloat16()).dtype == torch.float32
 
 

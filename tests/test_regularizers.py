@@ -65,7 +65,7 @@ def _grads(model: nn.Module, x: torch.Tensor, reg: per.Regularizer | None, seed:
 
 
 def _reference_grads(model: nn.Module, x: torch.Tensor, kind: str, lam: float, layout: str,
-                     seed: int = 2) -> list[torch.Tensor]:
+                     seed: int = 2, reduction: str = "sum") -> list[torch.Tensor]:
     """The objective written out with the functional API, no Regularizer involved."""
     sites = per.list_sites(model, "post")
     terms = []
@@ -73,9 +73,11 @@ def _reference_grads(model: nn.Module, x: torch.Tensor, kind: str, lam: float, l
     def penalize(name: str, h: torch.Tensor) -> torch.Tensor:
         pts = per.to_points(h, layout)
         if kind == "per":
-            terms.append(per.per_loss(pts, per.sample_directions(pts.shape[1], SLICES)))
+            terms.append(per.per_loss(pts, per.sample_directions(pts.shape[1], SLICES),
+                                      reduction=reduction))
         else:
-            terms.append(per.l1_penalty(pts) if kind == "l1" else per.l2_penalty(pts))
+            fn = per.l1_penalty if kind == "l1" else per.l2_penalty
+            terms.append(fn(pts, reduction=reduction))
         return h
 
     for site in sites.values():
@@ -95,15 +97,17 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-5,
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("reduction", per.REDUCTIONS)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["per", "l1", "l2"])
-def test_backward_and_autograd_paths_match_reference(kind, case):
+def test_backward_and_autograd_paths_match_reference(kind, case, reduction):
     factory, shape, layout = CASES[case]
     model, x, lam = factory(), _input(shape), 0.3
-    want = _reference_grads(model, x, kind, lam, layout)
+    want = _reference_grads(model, x, kind, lam, layout, reduction=reduction)
     assert not torch.allclose(want[0], _grads(model, x, None)[0])  # the penalty matters
     for path in per.regularizers.PATHS:
-        reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path)
+        reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path,
+                              reduction=reduction)
         _close(_grads(model, x, reg), want)
         reg.remove()
 
@@ -112,22 +116,28 @@ def test_backward_and_autograd_paths_match_reference(kind, case):
                                            ((2, 3, 4, 5), "flatten"), ((5, 2, 3), "channels")])
 @pytest.mark.parametrize("kind", ["per", "l1", "l2"])
 @pytest.mark.parametrize("path", ["backward", "autograd"])
-def test_site_gradient_is_closed_form(path, kind, shape, layout):
-    # d(task)/dh = w, so h.grad = w + lam * dL_site/dh with eq. 6 / sign(h)/N / 2h/N.
+@pytest.mark.parametrize("reduction", per.REDUCTIONS)
+def test_site_gradient_is_closed_form(reduction, path, kind, shape, layout):
+    # d(task)/dh = w, so h.grad = w + lam * g with Algorithm 1's per-point g_i
+    # ((1/s) sum_k erf(p_ik/sqrt2) theta_k, sign(h), 2h) and, for "mean", g / N.
     model, lam = nn.Sequential(per.Site()), 0.7
     h = _input(shape).requires_grad_()
     w = torch.randn(shape)
-    reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path)
+    reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path,
+                          reduction=reduction)
     torch.manual_seed(3)
     reg.begin_step()
     ((model(h) * w).sum() + reg.penalty()).backward()
     pts = per.to_points(h.detach(), layout)
     torch.manual_seed(3)
-    grad = {"per": lambda: per.per_grad(pts, per.sample_directions(pts.shape[1], SLICES)),
-            "l1": lambda: pts.sign() / pts.shape[0],
-            "l2": lambda: 2 * pts / pts.shape[0]}[kind]()
+    theta = per.sample_directions(pts.shape[1], SLICES)
+    grad = {"per": lambda: torch.erf(pts @ theta / 2 ** 0.5) @ theta.T / SLICES,
+            "l1": lambda: pts.sign(),
+            "l2": lambda: 2 * pts}[kind]()
+    if reduction == "mean":
+        grad = grad / pts.shape[0]
     torch.testing.assert_close(h.grad, w + lam * from_points(grad, h.shape, layout),
-                               rtol=1e-5, atol=1e-7)
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_seeded_runs_are_reproducible_and_paths_consume_the_same_rng():
@@ -219,7 +229,9 @@ def test_site_stats_match_between_paths_and_closed_form():
     (site_model(h.requires_grad_()) * w).sum().backward()
     torch.manual_seed(4)
     directions = per.sample_directions(4, SLICES)
-    torch.testing.assert_close(reg.site_stats()["penalty/0"], per.per_loss(h.detach(), directions))
+    # penalty/<site> is the per-point mean whatever the reduction; the gradient is the sum's.
+    torch.testing.assert_close(reg.site_stats()["penalty/0"],
+                               per.per_loss(h.detach(), directions, reduction="mean"))
     torch.testing.assert_close(reg.site_stats()["grad_ratio/0"],
                                0.3 * per.per_grad(h.detach(), directions).norm() / w.norm())
 
@@ -313,6 +325,8 @@ def test_regularizer_rejects_bad_arguments():
         per.Regularizer(model, "per", 0.1, num_slices=0)
     with pytest.raises(ValueError, match="backward, autograd"):
         per.Regularizer(model, "per", 0.1, path="forward")
+    with pytest.raises(ValueError, match="reduction 'avg'; valid: sum, mean"):
+        per.Regularizer(model, "per", 0.1, reduction="avg")
     with pytest.raises(ValueError, match="lam"):
         per.Regularizer(model, "per", -0.1)
     with pytest.raises(ValueError, match="no Site\\(role='pre'\\)"):

@@ -74,7 +74,7 @@ def test_w1_normal_1d_dtype_and_rank():
 def test_per_loss_bounds_w1_in_1d(name):
     # Lemma 1: L_per(nu) >= W1(nu, N(0,1)); in 1-D the directions are +-1 and phi is even.
     x = torch.tensor(_samples(name, 400, np.random.default_rng(1)))[:, None]
-    loss = per.per_loss(x, num_slices=8).item()
+    loss = per.per_loss(x, num_slices=8, reduction="mean").item()
     w1 = per.w1_normal_1d(x[:, 0]).item()
     assert loss >= w1 - 1e-12
     if name.startswith("atom"):  # a point mass attains the bound

@@ -46,7 +46,8 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
     if method["name"] not in REGULARIZED:
         return None
     return Regularizer(model, method["name"], method["lam"], layout=method["layout"],
-                       num_slices=method["num_slices"], path=method["path"],
+                       num_slices=method["num_slices"], reduction=method.get("reduction", "sum"),
+                       path=method["path"],
                        share_directions=method["share_directions"])
 
 
