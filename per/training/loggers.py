@@ -1,11 +1,46 @@
 """W&B as one more sink behind `log(metrics, step)`; the local records stay the source
 of truth. wandb is imported only when enabled; credentials come only from the
-environment (WANDB_API_KEY), never from configs or records."""
+environment (WANDB_API_KEY), never from configs or records.
+
+Everything W&B writes stays in the run directory's `wandb/` folder: the run itself
+(`offline-run-*` / `run-*`), and W&B's own cache, config and staging folders (`cache/`,
+`config/`, `data/`; by default `~/.cache/wandb` and `~/.config/wandb`), which also hold
+its service's debug logs. The service reads these folders from the environment when it
+starts, so each run starts its own service and stops it at `finish`.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 LOGGER_MODES = ("online", "offline", "disabled")
+# W&B's own folders (environment variable -> subfolder of `<run dir>/wandb/`).
+WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
+STEP_PREFIX = "step/"   # per-`log_every` rows, apart from the per-epoch metrics of the same name
+
+
+def run_phase(cfg: dict) -> str:
+    """`select` for a lambda-selection run (images held out: `data.val_size > 0`), else `final`."""
+    return "select" if int(cfg["data"].get("val_size") or 0) > 0 else "final"
+
+
+def format_lam(lam: float) -> str:
+    """A short lambda label: 1e-4, 3e-05 -> 3e-5, 0.01 -> 1e-2, 0 -> 0."""
+    if lam == 0:
+        return "0"
+    mantissa, exponent = f"{lam:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def wandb_group(cfg: dict) -> str:
+    """The W&B group: one per cell (`run_name`, the preset's name) and phase."""
+    return f"{cfg['run_name']}/{run_phase(cfg)}"
+
+
+def wandb_name(cfg: dict) -> str:
+    """The W&B run name, e.g. `t1_cifar10_resnet56_per/select/lam=1e-4/seed=0`."""
+    lam = float(cfg["method"].get("lam") or 0.0)
+    return f"{wandb_group(cfg)}/lam={format_lam(lam)}/seed={cfg['seed']}"
 
 
 class WandbSink:
@@ -17,22 +52,50 @@ class WandbSink:
         if mode not in LOGGER_MODES:
             raise ValueError(f"unknown logger.mode {mode!r}; valid: {', '.join(LOGGER_MODES)}")
         self.run = None
+        self._saved_env: dict[str, str | None] = {}
         if mode == "disabled":
             return
         import wandb  # lazy: only when enabled
 
-        self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir),
-                              id=run_id, resume="allow", name=name, group=group, tags=tags,
-                              config=config, settings=wandb.Settings(silent=True))
+        root = Path(run_dir) / "wandb"
+        for var, sub in WANDB_FOLDERS.items():
+            self._saved_env[var] = os.environ.get(var)
+            os.environ[var] = str(root / sub)
+        wandb.teardown()   # a service started for an earlier run would keep that run's folders
+        try:
+            self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir),
+                                  id=run_id, resume="allow", name=name, group=group, tags=tags,
+                                  config=config, settings=wandb.Settings(silent=True))
+        except BaseException:
+            self._restore_env()
+            raise
 
     def log(self, metrics: dict, step: int) -> None:
+        """One per-epoch row (the keys of `metrics.jsonl`)."""
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def log_step(self, metrics: dict, step: int) -> None:
+        """One per-`log_every` row (training loss so far in the epoch, lr, throughput),
+        under `step/<key>`."""
+        if self.run is not None:
+            self.run.log({STEP_PREFIX + k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return
+        import wandb
+
         if summary is not None:
             self.run.summary["summary"] = summary
         self.run.finish(exit_code=exit_code)
         self.run = None
+        wandb.teardown()   # stop the service, whose logs live in this run's folder
+        self._restore_env()
+
+    def _restore_env(self) -> None:
+        for var, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value

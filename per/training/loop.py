@@ -214,8 +214,12 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                     state.final = {**state.final, "diverged_at_step": state.step}
                     return schema.DIVERGED, state
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
-                bar.set_postfix({**{k: f"{v:.4g}" for k, v in task.train_metrics(host).items()},
+                so_far = task.train_metrics(host)
+                bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()},
                                  f"{task.items}/s": f"{rate:.0f}"})
+                if sink is not None:
+                    sink.log_step({**so_far, "lr": optimizer.param_groups[0]["lr"],
+                                   f"{task.items}_per_s": rate}, step=state.step)
             bar.update(1)
             if settings.monitor_every and settings.monitor_sites and state.step % settings.monitor_every == 0:
                 monitor(epoch + state.batch / steps_per_epoch)

@@ -13,7 +13,7 @@ import torch
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
-from per.training.loggers import WandbSink
+from per.training.loggers import WandbSink, wandb_group, wandb_name
 from per.training.loop import Experiment, LoopSettings, StopSignal, TrainState, fit, restore
 from per.training.monitor import default_monitor_sites
 from per.training.optim import create_optimizer, create_schedule, param_groups
@@ -140,7 +140,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
         train_model = torch.compile(model) if trainer["compile"] else model
         lg = cfg["logger"]
         sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
-                         run_id=run.wandb_id(), name=run.path.name, group=_group(cell),
+                         run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
                          tags=list(cell.values()), config=cfg)
         status, state = fit(train_model, task, optimizer, schedule, run, settings,
                             regularizer=regularizer, sink=sink, state=state,
@@ -158,7 +158,3 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     if status == schema.INTERRUPTED:
         summary["signal"] = stop.signum
     return summary
-
-
-def _group(cell: dict) -> str:
-    return "/".join(str(cell[k]) for k in schema.CELL_KEYS)

@@ -1,0 +1,89 @@
+"""The W&B sink, run for real in offline mode (no account, no network)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from per import schema
+from per.data.cifar import write_fake_cifar
+from per.training import loggers
+from per.training.image_task import build_image_experiment
+from per.training.run import train
+from runner_utils import CPU_SMOKE, compose_config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=256, n_test=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty home folder: W&B must write nothing there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "WANDB_API_KEY", "WANDB_DIR",
+                *loggers.WANDB_FOLDERS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return home
+
+
+def _cfg(data_root, run_dir, *overrides):
+    return compose_config("train_cifar", [
+        *CPU_SMOKE, f"data.root={data_root}", "data.verify_checksums=false", "data.batch_size=32",
+        "data.eval_batch_size=64", "data.probe_size=16", "++method.num_slices=16", "model=resnet20",
+        "method=per", "trainer.log_every=2", "trainer.max_steps=4", "logger.mode=offline",
+        *overrides], run_dir)
+
+
+def _wandb_file(run_dir: Path) -> bytes:
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return path.read_bytes()
+
+
+def test_names_and_groups():
+    cfg = {"run_name": "t1_cifar10_resnet56_per", "seed": 0, "data": {"val_size": 5000},
+           "method": {"name": "per", "lam": 1e-4}}
+    assert loggers.wandb_name(cfg) == "t1_cifar10_resnet56_per/select/lam=1e-4/seed=0"
+    assert loggers.wandb_group(cfg) == "t1_cifar10_resnet56_per/select"
+    final = {**cfg, "seed": 2, "data": {"val_size": 0}, "method": {"name": "per", "lam": 3e-05}}
+    assert loggers.wandb_name(final) == "t1_cifar10_resnet56_per/final/lam=3e-5/seed=2"
+    lm = {"run_name": "t3_ptb_lstm_vanilla", "seed": 1, "data": {"name": "ptb"},
+          "method": {"name": "vanilla", "lam": 0.0}}
+    assert loggers.wandb_name(lm) == "t3_ptb_lstm_vanilla/final/lam=0/seed=1"
+    assert [loggers.format_lam(x) for x in (0.0003, 2.5e-7, 0.01, 1.0)] == ["3e-4", "2.5e-7", "1e-2", "1e0"]
+
+
+def test_offline_run_names_steps_and_keeps_its_files(data_root, tmp_path, home, monkeypatch):
+    steps: list[tuple[int, dict]] = []
+    log_step = loggers.WandbSink.log_step
+
+    def spy(self, metrics: dict, step: int) -> None:
+        steps.append((step, metrics))
+        log_step(self, metrics, step)
+    monkeypatch.setattr(loggers.WandbSink, "log_step", spy)
+
+    run_dirs = [tmp_path / "select", tmp_path / "final"]
+    for run_dir, val in zip(run_dirs, (64, 0)):
+        summary = train(_cfg(data_root, run_dir, f"data.val_size={val}"), build_image_experiment)
+        assert summary["status"] == schema.FINISHED
+
+    # Every `log_every` (2) steps: training loss and error so far, lr, throughput.
+    assert [s for s, _ in steps] == [1, 3, 1, 3]
+    assert set(steps[0][1]) == {"train_loss", "train_error", "lr", "images_per_s"}
+    select = _wandb_file(run_dirs[0])
+    name = b"cifar10-resnet20-none-relu-per/select/lam=1e-4/seed=0"
+    assert name in select and b"step/train_loss" in select and b"step/images_per_s" in select
+    assert b"cifar10-resnet20-none-relu-per/final/lam=1e-4/seed=0" in _wandb_file(run_dirs[1])
+
+    # W&B's own files (its service's debug logs included) stay in each run's directory.
+    assert [p for p in home.rglob("*") if p.is_file()] == []
+    for run_dir in run_dirs:
+        assert list((run_dir / "wandb" / "cache").rglob("core-debug-*.log"))
+    assert not any(var in os.environ for var in loggers.WANDB_FOLDERS)
