@@ -116,10 +116,16 @@ def test_hidden_state_carry() -> None:
     assert not torch.allclose(fresh, second)
 
 
+def _running_stats(layer: RBNLSTMLayer) -> dict[str, torch.Tensor]:
+    """The per-time-step population statistics buffers, each `(max_length, F)`."""
+    return {k: v for k, v in layer.named_buffers() if k.startswith("running_")}
+
+
 def _rbn_reference(layer: RBNLSTMLayer, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                   training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step-by-step recurrent BN with explicit statistics; returns outputs and running stats."""
-    running = {k: v.clone() for k, v in layer.named_buffers()}
+                   training: bool, last_slot: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step-by-step recurrent BN with explicit statistics, step t on slot min(t, last_slot);
+    returns outputs and running stats."""
+    running = {k: v.clone() for k, v in _running_stats(layer).items()}
     m, eps = layer.momentum, layer.eps
 
     def bn(z: torch.Tensor, part: str, slot: int, gamma: torch.Tensor) -> torch.Tensor:
@@ -134,7 +140,7 @@ def _rbn_reference(layer: RBNLSTMLayer, x: torch.Tensor, h: torch.Tensor, c: tor
 
     outputs = []
     for t in range(x.size(0)):
-        slot = min(t, layer.max_length - 1)
+        slot = min(t, last_slot)
         gates = (bn(x[t] @ layer.weight_ih.t(), "x", slot, layer.gamma_x)
                  + bn(h @ layer.weight_hh.t(), "h", slot, layer.gamma_h) + layer.bias)
         i, f, g, o = gates.chunk(4, dim=1)
@@ -154,24 +160,60 @@ def test_rbn_matches_step_by_step_reference(max_length: int) -> None:
     x = torch.randn(T, B, 6)
     h0, c0 = torch.randn(B, H), torch.randn(B, H)
     with torch.no_grad():
-        expected, expected_running = _rbn_reference(layer, x, h0, c0, training=True)
+        expected, expected_running = _rbn_reference(layer, x, h0, c0, training=True,
+                                                    last_slot=max_length - 1)
     out, (h, c) = layer.train()(x, (h0[None], c0[None]))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(h[0], out[-1])
-    for name, buf in layer.named_buffers():
+    for name, buf in _running_stats(layer).items():
         torch.testing.assert_close(buf, expected_running[name])
     # Per-time-step statistics: each step's running stats differ from the others.
     n_used = min(T, max_length)
-    for name, buf in layer.named_buffers():
+    assert layer.trained_length.item() == n_used
+    for name, buf in _running_stats(layer).items():
         assert all(not torch.allclose(buf[s], buf[s + 1]) for s in range(n_used - 1))
         assert (buf[n_used:] == (0.0 if "mean" in name else 1.0)).all()  # slots never used
     # Eval mode normalizes with the running statistics (and leaves them unchanged).
     with torch.no_grad():
-        expected_eval, _ = _rbn_reference(layer, x, h0, c0, training=False)
+        expected_eval, _ = _rbn_reference(layer, x, h0, c0, training=False,
+                                          last_slot=n_used - 1)
     before = {k: v.clone() for k, v in layer.named_buffers()}
     out_eval, _ = layer.eval()(x, (h0[None], c0[None]))
     torch.testing.assert_close(out_eval, expected_eval)
     assert all(torch.equal(v, before[k]) for k, v in layer.named_buffers())
+
+
+def test_rbn_eval_beyond_trained_window_reuses_last_trained_step() -> None:
+    """Cooijmans et al.: eval steps past the longest trained window use its last step's
+    population statistics, not the untouched slots after it."""
+    torch.manual_seed(0)
+    short, long = 3, 2 * T
+    layer = RBNLSTMLayer(6, H, max_length=100)
+    h0, c0 = torch.randn(B, H), torch.randn(B, H)
+    for window in (short, 2):                       # the longest window counts
+        layer.train()(torch.randn(window, B, 6), (h0[None], c0[None]))
+    assert layer.trained_length.item() == short
+    for name, buf in _running_stats(layer).items():
+        assert (buf[short:] == (0.0 if "mean" in name else 1.0)).all()  # untouched
+    x = torch.randn(long, B, 6)
+    with torch.no_grad():
+        out, _ = layer.eval()(x, (h0[None], c0[None]))
+        expected, _ = _rbn_reference(layer, x, h0, c0, training=False, last_slot=short - 1)
+        untouched, _ = _rbn_reference(layer, x, h0, c0, training=False, last_slot=long - 1)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out[short:], untouched[short:])
+    # The trained length travels with the state dict.
+    restored = RBNLSTMLayer(6, H, max_length=100)
+    restored.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x, (h0[None], c0[None]))[0], out)
+
+
+def test_rbn_max_length_reaches_the_layers() -> None:
+    for name in VARIANTS:
+        model = create(name, vocab_size=V, hidden_size=H, rbn=True, rbn_max_length=40)
+        assert all(layer["rnn"].max_length == 40 for layer in model.layers)
+        assert all(layer["rnn"].running_mean_h.shape == (40, 4 * H) for layer in model.layers)
 
 
 def test_rbn_gradients_flow_through_all_parameters() -> None:
@@ -233,4 +275,4 @@ def test_bf16_autocast(rbn: bool) -> None:
         logits, _ = model(x, detach_hidden(hidden))
     logits.float().sum().backward()
     assert torch.isfinite(model.encoder.weight.grad).all()
-    assert all(b.dtype == torch.float32 for b in model.buffers())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())

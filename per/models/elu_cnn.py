@@ -13,10 +13,11 @@ final 1x1 conv -> logits. norm="bn": conv -> BN (eps 1e-3, as in the VCL code)
 PER paper: "an extra scalar bias after ReLU/LeakyReLU" (Fixup style): with
 those activations each hidden layer adds a learnable scalar `act_bias` (init 0)
 after the activation, and the post site follows it; with ELU the post site
-follows the ELU. Leaky slope default 0.1: Clevert et al. compare against
-LReLU with alpha = 0.1 (recalled, not verified); the VCL code's `--activation
-lrelu` would give nn.LeakyReLU's default 0.01, but its ELU-11 builder ignores
-that switch.
+follows the ELU. Leaky slope (`leaky_slope`, config `model.leaky_slope`)
+default 0.01: the Table 2 protocol is Littwin & Wolf's (avirambh/vcl_pytorch),
+whose `--activation lrelu` selects `nn.LeakyReLU` with PyTorch's default slope
+0.01 (its ELU-11 builder itself only builds ELUs); Clevert et al.'s LReLU
+comparison (alpha 0.1, recalled) is the other candidate.
 
 Sites: hidden layer i (1..10) is submodule `layer{i}` with post site
 `layer{i}.site` and pre site `layer{i}.pre_site` (conv output, or BN output
@@ -85,7 +86,7 @@ class EluCnn(nn.Sequential):
     """
 
     def __init__(self, activation: str = "elu", norm: str = "none", num_classes: int = 10,
-                 leaky_slope: float = 0.1) -> None:
+                 leaky_slope: float = 0.01) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         if norm not in NORMS:
@@ -118,5 +119,5 @@ class EluCnn(nn.Sequential):
 
 @register("elu_cnn11")
 def elu_cnn11(activation: str = "elu", norm: str = "none", num_classes: int = 10,
-              leaky_slope: float = 0.1) -> EluCnn:
+              leaky_slope: float = 0.01) -> EluCnn:
     return EluCnn(activation, norm, num_classes, leaky_slope)

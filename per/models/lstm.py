@@ -66,10 +66,13 @@ class RBNLSTMLayer(nn.Module):
     BN_x and BN_h have a gain only (their shift is `b`); BN_c has gain and shift.
     Gains start at 0.1, shifts at 0. In training, each time step is normalized with
     its own batch statistics; population statistics are kept per time step
-    t = 0 .. max_length - 1 of the forward call (steps beyond share the last slot)
-    and used in eval mode. t counts from the start of each forward call (one BPTT
-    window), while h and c carry over between calls. Init as jihunchoi's bnlstm:
-    W_x orthogonal, W_h the identity tiled 4x, b = 0.
+    t = 0 .. max_length - 1 of the forward call (training steps beyond update the
+    last slot). `trained_length` records the longest window trained on (at most
+    max_length); in eval mode step t uses slot min(t, trained_length - 1), so steps
+    beyond the longest trained window reuse the last trained step's statistics
+    (Cooijmans et al. 2016), never untouched slots. t counts from the start of each
+    forward call (one BPTT window), while h and c carry over between calls. Init as
+    jihunchoi's bnlstm: W_x orthogonal, W_h the identity tiled 4x, b = 0.
 
     W_x x and BN_x run for all time steps at once; only the recurrent part loops.
     """
@@ -91,24 +94,29 @@ class RBNLSTMLayer(nn.Module):
         for part, size in (("x", h4), ("h", h4), ("c", hidden_size)):
             self.register_buffer(f"running_mean_{part}", torch.zeros(max_length, size))
             self.register_buffer(f"running_var_{part}", torch.ones(max_length, size))
+        self.register_buffer("trained_length", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: `(T, B, input_size)`, hidden `(h, c)` each `(1, B, H)` ->
         output `(T, B, H)` and the last `(h, c)`, each `(1, B, H)`."""
+        T = x.size(0)
+        if self.training:
+            self.trained_length.clamp_(min=min(T, self.max_length))
         gates_x = self._normalize_inputs(x @ self.weight_ih.t()) + self.bias   # (T, B, 4H)
+        mean_h, var_h = self._statistics("h", T)
+        mean_c, var_c = self._statistics("c", T)
         h, c = hidden[0][0], hidden[1][0]
         outputs = []
         # unbind, not gates_x[t]: its backward stacks once instead of T full-size scatters.
         for t, gates_x_t in enumerate(gates_x.unbind(0)):
-            slot = min(t, self.max_length - 1)
-            gates_h = F.batch_norm(h @ self.weight_hh.t(), self.running_mean_h[slot],
-                                   self.running_var_h[slot], self.gamma_h, None,
-                                   self.training, self.momentum, self.eps)
+            slot = min(t, mean_h.size(0) - 1)
+            gates_h = F.batch_norm(h @ self.weight_hh.t(), mean_h[slot], var_h[slot],
+                                   self.gamma_h, None, self.training, self.momentum, self.eps)
             i, f, g, o = (gates_x_t + gates_h).chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            c_hat = F.batch_norm(c, self.running_mean_c[slot], self.running_var_c[slot],
-                                 self.gamma_c, self.beta_c, self.training, self.momentum, self.eps)
+            c_hat = F.batch_norm(c, mean_c[slot], var_c[slot], self.gamma_c, self.beta_c,
+                                 self.training, self.momentum, self.eps)
             h = torch.sigmoid(o) * torch.tanh(c_hat)
             outputs.append(h)
         return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))
@@ -122,9 +130,23 @@ class RBNLSTMLayer(nn.Module):
                 self._update_running(self.running_mean_x, mean)
                 self._update_running(self.running_var_x, var * B / (B - 1))
         else:
-            slots = torch.arange(T, device=z.device).clamp(max=self.max_length - 1)
-            mean, var = self.running_mean_x[slots], self.running_var_x[slots]
+            mean, var = self._statistics("x", T)
         return (z - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps) * self.gamma_x
+
+    def _statistics(self, part: str, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Population mean and variance of BN_{part} for a window of T steps.
+
+        Training: the buffers themselves, `(max_length, F)` (step t uses slot
+        min(t, max_length - 1); F.batch_norm updates that row in place). Eval:
+        `(T, F)`, step t reading slot min(t, trained_length - 1).
+        """
+        mean = getattr(self, f"running_mean_{part}")
+        var = getattr(self, f"running_var_{part}")
+        if self.training:
+            return mean, var
+        last = (self.trained_length - 1).clamp(min=0)
+        slots = torch.arange(T, device=mean.device).clamp(max=last)
+        return mean[slots], var[slots]
 
     def _update_running(self, running: torch.Tensor, batch: torch.Tensor) -> None:
         """Exponential moving average of per-step statistics `batch: (T, F)` into
@@ -150,7 +172,8 @@ class LSTMLanguageModel(nn.Module):
         dropout_type: "variational" (mask shared over time) or "standard".
         tied: decoder weight is the embedding weight.
         rbn: recurrent batch normalization layers instead of nn.LSTM.
-        rbn_max_length: time steps with their own RBN population statistics.
+        rbn_max_length: time steps with their own RBN population statistics (at
+            least the training window; longer eval windows reuse the last trained step's).
     """
 
     def __init__(self, vocab_size: int, hidden_size: int = 650, num_layers: int = 2,
@@ -201,32 +224,35 @@ def detach_hidden(hidden: Hidden) -> Hidden:
 
 @register("lstm")
 def lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.0,
-         dropout_type: str = "variational", rbn: bool = False) -> LSTMLanguageModel:
+         dropout_type: str = "variational", rbn: bool = False,
+         rbn_max_length: int = 100) -> LSTMLanguageModel:
     """LSTM: untied, no dropout by default."""
     return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=False, rbn=rbn)
+                             tied=False, rbn=rbn, rbn_max_length=rbn_max_length)
 
 
 @register("re_lstm")
 def re_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.0,
-            dropout_type: str = "variational", rbn: bool = False) -> LSTMLanguageModel:
+            dropout_type: str = "variational", rbn: bool = False,
+            rbn_max_length: int = 100) -> LSTMLanguageModel:
     """RE-LSTM: tied input/output embeddings, no dropout by default."""
     return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=True, rbn=rbn)
+                             tied=True, rbn=rbn, rbn_max_length=rbn_max_length)
 
 
 @register("vd_lstm")
 def vd_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.5,
-            dropout_type: str = "variational", rbn: bool = False) -> LSTMLanguageModel:
+            dropout_type: str = "variational", rbn: bool = False,
+            rbn_max_length: int = 100) -> LSTMLanguageModel:
     """VD-LSTM: dropout 0.5 (variational by default), untied."""
     return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=False, rbn=rbn)
+                             tied=False, rbn=rbn, rbn_max_length=rbn_max_length)
 
 
 @register("re_vd_lstm")
 def re_vd_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2,
                dropout: float = 0.5, dropout_type: str = "variational",
-               rbn: bool = False) -> LSTMLanguageModel:
+               rbn: bool = False, rbn_max_length: int = 100) -> LSTMLanguageModel:
     """RE-VD-LSTM: tied embeddings and dropout 0.5 (variational by default)."""
     return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=True, rbn=rbn)
+                             tied=True, rbn=rbn, rbn_max_length=rbn_max_length)

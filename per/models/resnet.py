@@ -20,8 +20,9 @@ Sites (DESIGN.md section 1), 1 + 2*blocks of each role:
   Per block `in_site` on `x + bias1a` (the previous ReLU's output plus this
   block's bias: it feeds conv1 and the downsampling shortcut; the identity
   shortcut uses raw `x`, as in Fixup's code) and `act1_site` on
-  `relu(...) + bias2a`; `head_site` on the last block's final ReLU output (no
-  scalar bias follows it before pooling).
+  `relu(...) + bias2a`; `head_site` on the last block's final ReLU output plus
+  the head bias `bias2`. Fixup adds `bias2` after the average pooling; a scalar
+  commutes with the average, so it is added before pooling here (same logits).
 - pre (for VCL), both norms: on the input of each ReLU: `stem_pre_site`, per block
   `act1_pre_site` and `out_pre_site` (residual sum before the final ReLU).
 """
@@ -134,8 +135,8 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
             c_in = width
         if fixup:
-            self.head_site = Site()
             self.bias2 = nn.Parameter(torch.zeros(1))
+            self.head_site = Site()
         self.fc = nn.Linear(64, num_classes)
         self._init_weights(num_blocks=3 * n)
 
@@ -159,8 +160,9 @@ class CifarResNet(nn.Module):
         if self.norm == "none":
             x = F.relu(self.stem_pre_site(self.conv1(x) + self.bias1))
             x = self.layer3(self.layer2(self.layer1(x)))
-            x = self.head_site(x)
-            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1) + self.bias2)
+            # Fixup's fc(avgpool(x) + bias2), with bias2 added before pooling so the site sees it.
+            x = self.head_site(x + self.bias2)
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
         x = self.stem_site(F.relu(self.stem_pre_site(self.bn1(self.conv1(x)))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
