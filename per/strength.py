@@ -1,0 +1,101 @@
+"""How strongly a regularizer acts on a model: gradient ratios at its sites and parameters.
+
+A lambda does something only if the penalty's gradient is not negligible next to the
+task's. `measure_strength` answers that for one batch, without changing the model:
+
+- `site_ratios`: per site, `||lam dL_site/dh|| / ||d(downstream loss)/dh||`, exactly the
+  `grad_ratio/<site>` a training run logs (the downstream gradient includes the task and
+  the penalties of later sites);
+- `param_share`: `||grad_params(lam * penalty)|| / ||grad_params(task loss)||`, the
+  penalty's pull on the weights relative to the task's.
+
+Example:
+    s = measure_strength(model, lambda: F.cross_entropy(model(x), y), "per", 1e-4)
+    print(s.site_ratios, s.param_share)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from per.regularizers import Regularizer
+
+
+@dataclass
+class Strength:
+    """Result of `measure_strength` (plain floats)."""
+    site_ratios: dict[str, float]   # site name -> grad_ratio at that site
+    param_share: float              # ||penalty's parameter gradient|| / ||task's||
+
+
+def _param_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], reg: Regularizer,
+                 lam: float, task_weight: float, seed: int, track: bool) -> list[torch.Tensor]:
+    """Parameter gradients of `task_weight * loss + lam * penalty` after one seeded pass.
+
+    The same seed and the same attached regularizer make every pass draw the same PER
+    directions and dropout masks, so the passes differ only in `lam` and `task_weight`.
+    """
+    reg.lam = lam
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    reg.begin_step(track=track)
+    (task_weight * loss_fn() + reg.penalty()).backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for p in model.parameters() if p.requires_grad]
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind: str,
+                     lams: float | list[float], *, seed: int = 0,
+                     **regularizer_kwargs) -> Strength | list[Strength]:
+    """Gradient ratios of a `kind` regularizer at each of `lams` on one batch.
+
+    Args:
+        model: in train mode; its parameters and buffers (BN running statistics) are
+            restored afterwards, and no optimizer step is taken.
+        loss_fn: computes the task loss of one fixed batch with a forward pass of `model`.
+        kind: "per", "l1" or "l2" (the kinds with a closed-form site gradient).
+        lams: one lambda or a list.
+        **regularizer_kwargs: passed to `Regularizer` (layout, reduction, num_slices, ...).
+
+    Returns: a `Strength` per lambda (a single one when `lams` is a float). Each lambda
+    costs two forward/backward passes, plus one for the task gradient. The global RNG
+    (CPU and the model's CUDA devices) is left as it was.
+    """
+    if kind not in ("per", "l1", "l2"):
+        raise ValueError(f"measure_strength supports kinds per, l1, l2; got {kind!r}")
+    single = isinstance(lams, (int, float))
+    lam_list = [float(lams)] if single else [float(x) for x in lams]
+    saved = copy.deepcopy(model.state_dict())
+    reg = Regularizer(model, kind, 0.0, path="backward", **regularizer_kwargs)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), _restored(model, reg, saved):
+        task = _norm(_param_grads(model, loss_fn, reg, 0.0, 1.0, seed, track=False))
+        out = []
+        for lam in lam_list:
+            penalty = _norm(_param_grads(model, loss_fn, reg, lam, 0.0, seed, track=False))
+            _param_grads(model, loss_fn, reg, lam, 1.0, seed, track=True)
+            ratios = {k.split("/", 1)[1]: float(v) for k, v in reg.site_stats().items()
+                      if k.startswith("grad_ratio/")}
+            out.append(Strength(ratios, penalty / task if task > 0 else math.nan))
+    return out[0] if single else out
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, reg: Regularizer, saved: dict) -> Iterator[None]:
+    """Detach `reg` and put back the model's state and gradients, whatever happens."""
+    try:
+        yield
+    finally:
+        reg.remove()
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)

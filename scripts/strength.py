@@ -1,0 +1,233 @@
+"""Does each lambda of the paper's grids do anything? (`make strength`)
+
+For each model family of the tables, at initialization and after a few hundred
+unregularized training steps under the family's protocol (the real runner, real data
+when present under the data root, generated data otherwise), and for each lambda of
+the family's preset grids: the median and range over sites of `grad_ratio` (the
+penalty's gradient norm over the task's at each site, what every run logs) and the
+penalty's share of the parameter-gradient norm, for both reductions and both conv
+layouts. Batches are the protocols' (128 for the ResNets, 250 for the deep ELU net,
+20 x 35 tokens for the LSTMs): under `reduction=sum` the ratios grow with the batch.
+
+Writes results/strength/strength.{csv,md} and results/strength/ablation_grids.json
+(the ablation's lambda grids, derived from the measured ratios; scripts/make_presets.py
+reads it).
+
+    python scripts/strength.py [--steps 300] [--families "LSTM" "VD-LSTM"] [--data-root data]
+        [--override-cifar data.batch_size=32] [--override-lm model.hidden_size=200]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+from common import compose_plain  # noqa: E402
+
+from per.data.cifar import write_fake_cifar  # noqa: E402
+from per.data.corpus import write_fake_corpus  # noqa: E402
+from per.functional import LAYOUTS, REDUCTIONS  # noqa: E402
+from per.strength import measure_strength  # noqa: E402
+from per.training import runtime  # noqa: E402
+from per.training.image_task import build_image_experiment  # noqa: E402
+from per.training.lm_task import build_lm_experiment  # noqa: E402
+from per.training.run import train  # noqa: E402
+
+BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    base: str                 # unregularized preset: model, protocol, batch, training steps
+    grids: dict[str, str]     # kind -> preset whose lam_grid is measured
+
+    @property
+    def task(self) -> str:
+        return "lm" if self.base.startswith("t3_") else "cifar"
+
+
+FAMILIES = [
+    Family("Fixup ResNet-56", "t1_cifar10_resnet56_vanilla",
+           {k: f"t1_cifar10_resnet56_{k}" for k in ("per", "l1", "l2")}),
+    Family("BN ResNet-56", "t1_cifar10_resnet56_bn", {"per": "t1_cifar10_resnet56_per"}),
+    *[Family(f"deep ELU net, {act}", f"t2_cifar10_{act}_vanilla", {"per": f"t2_cifar10_{act}_per"})
+      for act in ("relu", "leaky_relu", "elu")],
+    Family("LSTM", "t3_ptb_lstm_vanilla", {k: f"t3_ptb_lstm_{k}" for k in ("per", "l1", "l2")}),
+    Family("VD-LSTM", "t3_ptb_vd_lstm_vanilla", {k: f"t3_ptb_vd_lstm_{k}" for k in ("per", "l1", "l2")}),
+]
+ENTRY = {"cifar": ("train_cifar", build_image_experiment), "lm": ("train_lm", build_lm_experiment)}
+
+
+def _data_root(task: str, root: Path, work: Path) -> tuple[Path, str]:
+    """(root, "real" | "generated"): the real files when present, else generated ones."""
+    if task == "cifar" and (root / "cifar-10-batches-py").is_dir():
+        return root, "real"
+    if task == "lm" and any((root / "ptb").glob("ptb.train.txt*")):
+        return root, "real"
+    gen = work / "generated"
+    if task == "cifar" and not (gen / "cifar-10-batches-py").is_dir():
+        write_fake_cifar(gen, "cifar10", n_train=2000, n_test=256, seed=0, noise=150.0)
+    if task == "lm" and not (gen / "ptb").is_dir():
+        write_fake_corpus(gen, "ptb", n_train_lines=4000, vocab_size=1000)
+    return gen, "generated"
+
+
+def _config(fam: Family, preset: str, root: Path, run_dir: Path, steps: int,
+            overrides: list[str]) -> dict:
+    config_name, _ = ENTRY[fam.task]
+    return compose_plain(config_name, [
+        f"experiment={preset}", f"data.root={root}", "data.verify_checksums=false",
+        "trainer.device=cpu", "trainer.progress=false", "trainer.monitor.every=0",
+        "logger.mode=disabled", f"trainer.max_steps={steps}", *overrides], run_dir=run_dir)
+
+
+def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict | None,
+          overrides: list[str], root: Path, run_dir: Path) -> list[dict]:
+    """Measure every (kind, layout, reduction, lambda) of `fam` on one fixed training batch."""
+    runtime.seed_everything(cfg["seed"])
+    exp = build(cfg, torch.device("cpu"), contextlib.nullcontext)
+    model, task = exp.model, exp.task
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    model.train()
+    batch = next(iter(task.train_batches(0, 0)))
+    hidden = getattr(task, "hidden", None)
+
+    def loss_fn() -> torch.Tensor:
+        if hidden is not None:
+            task.hidden = hidden      # every pass starts from the same LM state
+        return task.train_step(model, batch)[0]
+
+    conv = fam.task == "cifar"
+    out = []
+    for kind, preset in fam.grids.items():
+        method = _config(fam, preset, root, run_dir, 1, overrides)["method"]
+        grid = method["lam_grid"]
+        for layout in (LAYOUTS if conv else ("channels",)):
+            for reduction in REDUCTIONS:
+                results = measure_strength(model, loss_fn, kind, grid, layout=layout,
+                                           reduction=reduction, seed=cfg["seed"])
+                for lam, s in zip(grid, results):
+                    r = pd.Series(s.site_ratios)
+                    out.append({"family": fam.name, "kind": kind,
+                                "layout": layout if conv else "-", "reduction": reduction,
+                                "lam": lam, "middle": lam == method["lam"],
+                                "when": when, "data": data, "sites": len(r),
+                                "ratio_median": r.median(), "ratio_min": r.min(),
+                                "ratio_max": r.max(), "param_share": s.param_share})
+    return out
+
+
+def measure_family(fam: Family, steps: int, root: Path, work: Path,
+                   overrides: list[str]) -> list[dict]:
+    """Rows at initialization and after `steps` unregularized steps of `fam.base`."""
+    config_name, build = ENTRY[fam.task]
+    data_root, data = _data_root(fam.task, root, work)
+    run_dir = work / "runs" / fam.base
+    cfg = _config(fam, fam.base, data_root, run_dir, steps, overrides)
+    rows = _rows(fam, cfg, build, "init", data, None, overrides, data_root, run_dir)
+    summary = train(cfg, build)          # the real runner; a finished run is reused
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    rows += _rows(fam, cfg, build, f"step {summary['steps']}", data, ckpt["model"], overrides,
+                  data_root, run_dir)
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x != x else f"{x:.1e}"
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """The table a reader needs: each family at its preset's default lambda (the middle of
+    the paper's grids, 1e-4), with a flag when the median site ratio leaves `BAND`."""
+    lines = ["| family | kind | layout | reduction | lambda | when | data | site grad_ratio: "
+             "median [min, max] | param-grad share | in 1e-3..1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for _, r in df[df.middle].iterrows():
+        ok = BAND[0] <= r.ratio_median <= BAND[1]
+        lines.append(f"| {r.family} | {r.kind} | {r.layout} | {r.reduction} | {r.lam:g} | "
+                     f"{r.when} | {r.data} | {_fmt(r.ratio_median)} [{_fmt(r.ratio_min)}, "
+                     f"{_fmt(r.ratio_max)}] | {_fmt(r.param_share)} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _round_1_3(x: float) -> float:
+    """Nearest value of the form {1, 3} x 10^k on a log scale."""
+    k = math.floor(math.log10(x))
+    cands = [m * 10.0 ** e for e in (k - 1, k, k + 1) for m in (1, 3)]
+    return min(cands, key=lambda c: abs(math.log(c / x)))
+
+
+def ablation_grids(df: pd.DataFrame) -> dict:
+    """Grids for Fixup ResNet-56 + PER under each (layout, reduction): the paper's grid
+    (channels, sum) scaled so the median site ratio matches it, after training."""
+    fam = df[(df.family == "Fixup ResNet-56") & (df.kind == "per") & (df.when != "init")]
+    if fam.empty:
+        return {}
+    mid = fam[fam.middle].set_index(["layout", "reduction"]).ratio_median
+    ref = mid["channels", "sum"]
+    paper = sorted(fam[(fam.layout == "channels") & (fam.reduction == "sum")].lam.unique(),
+                   reverse=True)
+    out = {"source": "scripts/strength.py: median site grad_ratio of Fixup ResNet-56 + PER at "
+                     f"{fam.when.iloc[0]}, {fam.data.iloc[0]} data", "grids": {}}
+    for (layout, reduction), ratio in mid.items():
+        scale = ref / ratio
+        out["grids"][f"{layout}_{reduction}"] = {
+            "scale": float(scale), "lam_grid": [_round_1_3(lam * scale) for lam in paper]}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="unregularized training steps before the "
+                    "second measurement")
+    ap.add_argument("--families", nargs="*", default=[f.name for f in FAMILIES],
+                    help="subset of: " + ", ".join(f.name for f in FAMILIES))
+    ap.add_argument("--data-root", default=None, help="default: $PER_DATA_ROOT or data/")
+    ap.add_argument("--out", default=str(ROOT / "results" / "strength"))
+    ap.add_argument("--work", default=None, help="training runs and generated data "
+                    "(default: <out>/work, not committed)")
+    for task in ENTRY:
+        ap.add_argument(f"--override-{task}", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"Hydra override for every {task} configuration (repeatable)")
+    args = ap.parse_args()
+    unknown = set(args.families) - {f.name for f in FAMILIES}
+    if unknown:
+        ap.error(f"unknown families {sorted(unknown)}; valid: {', '.join(f.name for f in FAMILIES)}")
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    root = Path(args.data_root or compose_plain("train_lm", [])["paths"]["data_root"]).resolve()
+    csv = out / "strength.csv"
+    old = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
+    rows = []
+    for fam in FAMILIES:
+        if fam.name in args.families:
+            print(f"[strength] {fam.name} ({fam.base})", flush=True)
+            overrides = getattr(args, f"override_{fam.task}")
+            rows += measure_family(fam, args.steps, root, work.resolve(), overrides)
+    df = pd.concat([old[~old.family.isin(args.families)], pd.DataFrame(rows)], ignore_index=True)
+    df["middle"] = df.middle.astype(bool)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(csv, index=False)
+    (out / "strength.md").write_text(markdown(df))
+    grids = ablation_grids(df)
+    if grids:
+        (out / "ablation_grids.json").write_text(json.dumps(grids, indent=1) + "\n")
+    print(markdown(df))
+    print(f"[strength] wrote {csv}, {out / 'strength.md'}"
+          + (f", {out / 'ablation_grids.json'}" if grids else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""per.strength: gradient ratios against quantities written out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import per
+from per.strength import measure_strength
+
+
+def _bn_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), per.Site(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), per.Site(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_single_site_ratio_and_param_share_by_hand():
+    # One site right after a linear layer: d(task)/dh = w, and the penalty's
+    # parameter gradient is the site gradient pulled back through the layer.
+    torch.manual_seed(1)
+    lin, site = nn.Linear(5, 4), per.Site()
+    model = nn.Sequential(lin, site)
+    x, w = torch.randn(8, 5), torch.randn(8, 4)
+    lam = 3e-2
+    got = measure_strength(model, lambda: (model(x) * w).sum(), "l2", lam)
+    h = lin(x).detach()
+    g = lam * 2 * h                                   # sum reduction: lam * 2 h_i per point
+    assert got.site_ratios["1"] == pytest.approx(float(g.norm() / w.norm()), rel=1e-5)
+    # dW = G^T x, db = sum_i G_i for an upstream gradient G at the site.
+    def pnorm(G):
+        return math.sqrt(float((G.T @ x).square().sum() + G.sum(0).square().sum()))
+    assert got.param_share == pytest.approx(pnorm(g) / pnorm(w), rel=1e-5)
+    mean = measure_strength(model, lambda: (model(x) * w).sum(), "l2", lam, reduction="mean")
+    assert mean.site_ratios["1"] == pytest.approx(got.site_ratios["1"] / 8, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["per", "l1", "l2"])
+def test_ratios_match_a_training_step_and_leave_the_model_unchanged(kind):
+    model, x, y = _bn_cnn(), torch.randn(6, 3, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    lams = [1e-3, 1e-1]
+    got = measure_strength(model, lambda: F.cross_entropy(model(x), y), kind, lams, seed=4,
+                           num_slices=8)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k           # BN running statistics restored
+    assert all(p.grad is None for p in model.parameters())
+    assert per.list_sites(model)["3"].penalty_fn is None   # regularizer detached
+    # The same numbers a tracked training step logs as grad_ratio/<site>.
+    reg = per.Regularizer(model, kind, lams[1], num_slices=8)
+    torch.manual_seed(4)
+    reg.begin_step(track=True)
+    F.cross_entropy(model(x), y).backward()
+    logged = {k.split("/")[1]: float(v) for k, v in reg.site_stats().items() if "grad_ratio" in k}
+    assert got[1].site_ratios == pytest.approx(logged, rel=1e-5)
+    # Ratios grow with lambda; the parameter share is linear in it.
+    assert all(got[1].site_ratios[s] > got[0].site_ratios[s] for s in logged)
+    assert got[1].param_share == pytest.approx(100 * got[0].param_share, rel=1e-4)
+
+
+def test_rejects_kinds_without_closed_form():
+    with pytest.raises(ValueError, match="per, l1, l2"):
+        measure_strength(nn.Sequential(per.Site("pre")), lambda: torch.zeros(()), "vcl", 0.1)
