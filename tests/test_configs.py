@@ -12,6 +12,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from per import models, schema
+from per.data.cifar import NORMALIZATIONS
 from per.training.run import build_regularizer
 from runner_utils import ROOT, compose_config
 
@@ -57,6 +58,7 @@ def test_preset_composes_and_builds(name):
         model = models.create(cfg["model"]["name"], rbn=method["name"] == "rbn", **kwargs)
     else:
         model = models.create(cfg["model"]["name"], **kwargs)
+        assert cfg["data"]["normalize"] in NORMALIZATIONS
     reg = build_regularizer(model, method)
     assert (reg is None) == (method["name"] in ("vanilla", "rbn"))
 
@@ -65,14 +67,16 @@ def test_protocols_match_design():
     fixup = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_per"], "x")
     assert fixup["optim"]["schedule_args"]["milestones"] == [100, 150] and fixup["trainer"]["epochs"] == 200
     assert fixup["optim"]["bias_lr_mult"] == 0.1 and fixup["data"]["mixup_alpha"] == 0.0
+    assert fixup["data"]["normalize"] == "channel"
     he = compose_config("train_cifar", ["experiment=t1_cifar10_resnet110_bn"], "x")
     assert he["optim"]["total_steps"] == 64000 and he["optim"]["schedule_args"]["warmup_steps"] == 400
-    assert he["model"]["norm"] == "bn"
+    assert he["model"]["norm"] == "bn" and he["data"]["normalize"] == "pixel_mean"
     he56 = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_bn"], "x")
     assert he56["optim"]["schedule_args"]["warmup_steps"] == 0
     vcl = compose_config("train_cifar", ["experiment=t2_cifar100_elu_vcl"], "x")
     assert vcl["data"]["batch_size"] == 250 and vcl["optim"]["clip_mode"] == "per_param"
     assert vcl["method"]["lam"] == 0.01 and vcl["optim"]["nesterov"]
+    assert vcl["data"]["normalize"] == "pixel_standardize"
     c100 = compose_config("train_cifar", ["experiment=t2_cifar100_relu_per"], "x")
     assert c100["method"]["lam_grid"] == [3e-6, 1e-6, 3e-7, 1e-7]
     lm = compose_config("train_lm", ["experiment=t3_ptb_vd_lstm_l2"], "x")

@@ -1,6 +1,8 @@
-"""CIFAR data: pickle layout round trip, download errors, checksums, split, DeviceLoader, mixup."""
+"""CIFAR data: pickle layout round trip, download errors, checksums, split, DeviceLoader,
+input normalization per protocol, mixup."""
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -9,9 +11,12 @@ import pytest
 import torch
 
 from per.data import cifar
-from per.data.cifar import (CIFAR_MEAN, CIFAR_STD, DeviceLoader, load_cifar, mixup,
-                            split_train_val, write_fake_cifar)
+from per.data.cifar import (CIFAR_MEAN, CIFAR_STD, NORMALIZATIONS, DeviceLoader,
+                            input_normalization, load_cifar, mixup, split_train_val,
+                            write_fake_cifar)
 from per.data.download import DatasetMissingError
+from per.training.image_task import build_image_experiment
+from runner_utils import compose_config
 
 MEAN, STD = CIFAR_MEAN["cifar10"], CIFAR_STD["cifar10"]
 
@@ -202,9 +207,15 @@ def test_train_augmentation_is_crop_and_flip(images) -> None:
     zero_pixel = normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8))  # (1, 3, 1, 1)
     big = zero_pixel.repeat(len(x), 1, 40, 40)  # zero-padded sources, normalized
     big[:, :, 4:36, 4:36] = normalize(torch.as_tensor(x))
+    assert_crops_and_flips(loader((x, y), True, seed=7), big, y)
+
+
+def assert_crops_and_flips(dl: DeviceLoader, big: torch.Tensor, y: np.ndarray) -> None:
+    """Each of `dl`'s epoch-2 images is a unique 32x32 crop of one of the padded, normalized
+    sources big (N, 3, 40, 40), possibly flipped, with its label; 32 distinct sources."""
     windows = torch.nn.functional.unfold(big, 32)  # (N, 3*32*32, 81): every crop offset
     ids, n_flipped, n_shifted = [], 0, 0
-    for xb, yb in loader((x, y), True, seed=7).epoch(2):
+    for xb, yb in dl.epoch(2):
         for img, label in zip(xb, yb):
             # Identify the source image, crop offset and flip by exhaustive search.
             cands = np.flatnonzero(y == label.item())
@@ -220,6 +231,71 @@ def test_train_augmentation_is_crop_and_flip(images) -> None:
             n_shifted += k != 4 * 9 + 4
     assert len(set(ids)) == len(ids) == 32  # a permutation without repeats
     assert 4 < n_flipped < 28 and n_shifted > 20
+
+
+def reference_sources(x: np.ndarray, mode: str, train_x: np.ndarray) -> np.ndarray:
+    """Independent NumPy float64: uint8 (N, 32, 32, 3) -> (N, 3, 40, 40), normalized as `mode`
+    (statistics of train_x) and zero-padded by 4 in the protocol's space: the raw image for
+    "channel" (Fixup: torchvision pads before Normalize), the normalized one otherwise (VCL)."""
+    pad = ((0, 0), (4, 4), (4, 4), (0, 0))
+    xf, tf = x.astype(np.float64) / 255, train_x.astype(np.float64) / 255
+    if mode == "channel":
+        out = (np.pad(xf, pad) - np.array(MEAN)) / np.array(STD)
+    elif mode == "pixel_mean":
+        out = np.pad(xf - tf.mean(0), pad)
+    else:
+        out = np.pad((xf - tf.mean(0)) / tf.std(0), pad)
+    return out.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("mode", NORMALIZATIONS)
+def test_normalization_modes_against_numpy(fake_root: Path, mode: str) -> None:
+    arrays = load_cifar("cifar10", fake_root, verify_checksums=False)
+    train_x, train_y, _, _ = split_train_val(arrays.train_x, arrays.train_y, 100, seed=0)
+    norm = input_normalization(mode, "cifar10", train_x)
+    if mode != "channel":
+        tf = train_x.astype(np.float64) / 255
+        assert np.allclose(norm.mean, tf.mean(0).transpose(2, 0, 1), rtol=0, atol=1e-12)
+        std = tf.std(0).transpose(2, 0, 1) if mode == "pixel_standardize" else 1.0
+        assert np.allclose(norm.std, std, rtol=0, atol=1e-12)
+    x, y = arrays.test_x[:40], arrays.test_y[:40]
+    big = torch.from_numpy(reference_sources(x, mode, train_x)).float()
+    kw = dict(device="cpu", mean=norm.mean, std=norm.std, pad_space=norm.pad_space)
+    ev = torch.cat([b[0] for b in DeviceLoader(x, y, 16, train=False, **kw).epoch(0)])
+    assert torch.allclose(ev, big[:, :, 4:36, 4:36], atol=1e-5)
+    assert_crops_and_flips(DeviceLoader(x, y, 16, train=True, seed=7, **kw), big, y)
+
+
+def test_bad_normalization_names_valid_choices(images) -> None:
+    with pytest.raises(ValueError, match="valid: channel, pixel_mean, pixel_standardize"):
+        input_normalization("per_channel", "cifar10", images[0])
+    with pytest.raises(ValueError, match="valid: raw, normalized"):
+        loader(images, True, pad_space="zero")
+    pixel = np.full((3, 32, 32), 0.5)
+    with pytest.raises(ValueError, match="per-channel"):
+        DeviceLoader(*images, 16, device="cpu", train=True, mean=pixel, std=pixel)
+
+
+@pytest.mark.parametrize("optim,mode", [("fixup", "channel"), ("he_bn", "pixel_mean"),
+                                        ("vcl_elu", "pixel_standardize")])
+def test_builder_normalizes_with_the_training_split(fake_root: Path, tmp_path: Path, optim: str,
+                                                    mode: str) -> None:
+    """Each protocol sets data.normalize; statistics come from the 400 kept of 500 (val_size 100)."""
+    cfg = compose_config("train_cifar", [
+        f"optim={optim}", "model=resnet20", f"data.root={fake_root}", "data.verify_checksums=false",
+        "data.val_size=100", "data.batch_size=32", "data.probe_size=8", "trainer.device=cpu",
+        "logger.mode=disabled"], tmp_path)
+    assert cfg["data"]["normalize"] == mode
+    task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
+    arrays = load_cifar("cifar10", fake_root, verify_checksums=False)
+    train_x = split_train_val(arrays.train_x, arrays.train_y, 100, seed=cfg["seed"])[0]
+    test = torch.cat([b[0] for b in task.evals["test"].epoch(0)])
+    expected = reference_sources(arrays.test_x, mode, train_x)[:, :, 4:36, 4:36]
+    assert torch.allclose(test, torch.from_numpy(expected).float(), atol=1e-5)
+    assert torch.equal(task.probe, test[:8])
+    if mode != "channel":   # not the statistics of all 500
+        full = reference_sources(arrays.test_x, mode, arrays.train_x)[:, :, 4:36, 4:36]
+        assert not torch.allclose(test, torch.from_numpy(full).float(), atol=1e-3)
 
 
 def test_train_loader_identity_when_unaugmented(images, monkeypatch: pytest.MonkeyPatch) -> None:

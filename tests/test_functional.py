@@ -190,3 +190,53 @@ def test_to_points_rejects_bad_input():
     for shape in [(5,), (1, 2, 3, 4, 5)]:
         with pytest.raises(ValueError, match=r"rank 2 .* 3 .* 4"):
             per.to_points(torch.zeros(shape))
+
+
+def _unblocked_per_grad(x: torch.Tensor, theta: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The formula in one piece, in float64: `erf(x theta / sqrt 2) theta^T / s` (/ N for "mean")."""
+    x64, t64 = x.double(), theta.double()
+    g = torch.erf(x64 @ t64 / math.sqrt(2)) @ t64.T / theta.shape[1]
+    return g / x.shape[0] if reduction == "mean" else g
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-12, 1e-15),
+                                               (torch.float32, 1e-5, 1e-7),
+                                               (torch.bfloat16, 2e-2, 2e-3)])
+@pytest.mark.parametrize("n, d, block", [(1000, 16, 256),   # N not a multiple of the block
+                                         (100, 8, 256),     # N < block: one block
+                                         (12, 40, 5)])      # d > N: constants folded per block
+def test_per_grad_blocks_equal_the_unblocked_formula(n, d, block, dtype, rtol, atol, reduction,
+                                                     monkeypatch):
+    monkeypatch.setattr(per.functional, "PER_GRAD_BLOCK_ROWS", block)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    theta = per.sample_directions(d, 64, generator=gen, dtype=torch.float64)
+    got = per.per_grad(x, theta, reduction=reduction)
+    assert got.dtype == dtype and got.shape == (n, d)
+    # bf16 projects in bf16 (as `project`): compare with the same rounded directions.
+    want = _unblocked_per_grad(x, theta.to(dtype) if dtype == torch.bfloat16 else theta, reduction)
+    scale = 1.0 if reduction == "sum" else 1.0 / n
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale)
+
+
+def test_per_grad_block_size_does_not_change_the_result(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(777, 16, generator=gen)
+    theta = per.sample_directions(16, 256, generator=gen)
+    results = []
+    for block in (1, 64, 777, 10_000):
+        monkeypatch.setattr(per.functional, "PER_GRAD_BLOCK_ROWS", block)
+        results.append(per.per_grad(x, theta))
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-6, atol=1e-8)
+
+
+def test_per_grad_accepts_non_contiguous_points():
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(4, 16, 5, 5, generator=gen)      # channels layout: a permuted view
+    x = per.to_points(h.contiguous(memory_format=torch.channels_last), "channels")
+    theta = per.sample_directions(16, 32, generator=gen)
+    torch.testing.assert_close(per.per_grad(x, theta), per.per_grad(x.contiguous(), theta))
+    torch.testing.assert_close(per.per_grad(x.T.contiguous().T, theta).double(),
+                               _unblocked_per_grad(x, theta, "sum"), rtol=1e-5, atol=1e-7)

@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import torch
 
 from per import schema
 from per.data.cifar import write_fake_cifar
@@ -146,12 +147,19 @@ def test_bf16_autocast_run(data_root, tmp_path):
     assert summary["status"] == schema.FINISHED and 0 <= summary["final"]["test_error"] <= 100
 
 
-def test_monitoring_does_not_change_training(data_root, tmp_path):
-    runs = [train(_cfg(data_root, tmp_path / str(every), "model=resnet20", "method=per",
-                       "trainer.max_steps=4", f"trainer.monitor.every={every}"), build_image_experiment)
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_monitoring_does_not_change_training(data_root, tmp_path, norm):
+    """Snapshots (train-mode BN on the probe batch) leave weights, BN running statistics,
+    RNG streams (PER directions, mixup) and metrics exactly as without monitoring."""
+    runs = [train(_cfg(data_root, tmp_path / str(every), "model=resnet20", f"model.norm={norm}",
+                       "method=per", "data.mixup_alpha=1.0", "trainer.max_steps=4",
+                       f"trainer.monitor.every={every}"), build_image_experiment)
             for every in (0, 2)]
     assert (tmp_path / "2/activations.jsonl").exists() and not (tmp_path / "0/activations.jsonl").exists()
     assert without_timing(runs[0]["final"]) == without_timing(runs[1]["final"])
+    off, on = (torch.load(tmp_path / f"{every}/checkpoints/last.pt", weights_only=False)["model"]
+               for every in (0, 2))
+    assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
 
 
 def test_finished_run_is_skipped_when_only_paths_or_launch_settings_change(data_root, tmp_path):

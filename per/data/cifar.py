@@ -2,10 +2,13 @@
 
 - `load_cifar` reads `cifar-10-batches-py/` or `cifar-100-python/` under a root,
   downloading and extracting the official tarball when asked.
+- `input_normalization` gives a protocol's input normalization (`data.normalize`:
+  Fixup's per-channel constants, He et al.'s per-pixel mean, VCL's per-pixel
+  standardization), its statistics taken from the training split in use.
 - `DeviceLoader` keeps the uint8 dataset on the training device and runs random
-  crop (zero pad 4), horizontal flip and normalization batched there. Its
-  iteration is stateless: `epoch(e, start_batch=k)` is a pure function of
-  (seed, e), so a resumed run sees exactly the batches it would have seen.
+  crop (zero pad 4, in raw or normalized space), horizontal flip and normalization
+  batched there. Its iteration is stateless: `epoch(e, start_batch=k)` is a pure
+  function of (seed, e), so a resumed run sees exactly the batches it would have seen.
 - `write_fake_cifar` writes a small learnable dataset in the official layout
   (tests, CPU demos); `convert_jpeg_npz_to_pickles` turns the JPEG copy of
   CIFAR-10 in `shared/data/cifar10` into that layout.
@@ -28,6 +31,9 @@ from .download import download, ensure_files, verify_file
 # Per-channel normalization (Fixup's cifar_train.py for CIFAR-10).
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2023, 0.1994, 0.2010), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+NORMALIZATIONS = ("channel", "pixel_mean", "pixel_standardize")   # data.normalize
+PAD_SPACES = ("raw", "normalized")
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,56 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_size: int, seed: int
     return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
+def pixel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and std (ddof 0, as np.std) of uint8 images x (N, H, W, 3).
+
+    Returns two float64 (3, H, W) arrays on the 0-1 scale. Exact integer sums, taken
+    in chunks, so the 50k training set needs no float64 copy.
+    """
+    s = np.zeros(x.shape[1:], np.int64)
+    ss = np.zeros(x.shape[1:], np.int64)
+    for i in range(0, len(x), chunk):
+        c = x[i:i + chunk].astype(np.int64)
+        s += c.sum(0)
+        ss += (c * c).sum(0)
+    n = len(x)
+    mean = s / n
+    var = (n * ss - s * s) / n**2            # n * ss - s**2 is exact in int64
+    return ((mean / 255).transpose(2, 0, 1), (np.sqrt(var) / 255).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """x_in = (x / 255 - mean) / std. mean, std: (3,) per channel or (3, H, W) per pixel
+    (0-1 scale). pad_space: where the crop's zero padding lives, "raw" (black pixels,
+    then normalized) or "normalized" (zeros after normalization)."""
+    mean: np.ndarray
+    std: np.ndarray
+    pad_space: str
+
+
+def input_normalization(mode: str, name: str, train_x: np.ndarray) -> Normalization:
+    """The input normalization of a protocol (`data.normalize`), statistics from `train_x`.
+
+    train_x: uint8 (N, 32, 32, 3), the training split actually used.
+    - "channel" (Fixup's cifar_train.py): constants CIFAR_MEAN/CIFAR_STD of `name`;
+      torchvision's RandomCrop(32, padding=4) pads the raw image before Normalize: "raw".
+    - "pixel_mean" (He et al. 2016: "per-pixel mean subtracted"): mean (3, 32, 32), std 1;
+      the paper does not say where it pads; we pad the mean-subtracted image with zeros
+      (a per-pixel mean has no value outside the image): "normalized".
+    - "pixel_standardize" (VCL code, vcl_tests_main.py + utils.run_augmentation_v1):
+      per-pixel mean and std (np.std), then zero_pad of the standardized image: "normalized".
+    """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown data.normalize {mode!r}; valid: {', '.join(NORMALIZATIONS)}")
+    if mode == "channel":
+        return Normalization(np.array(CIFAR_MEAN[name]), np.array(CIFAR_STD[name]), "raw")
+    mean, std = pixel_stats(train_x)
+    if mode == "pixel_mean":
+        return Normalization(mean, np.ones(3), "normalized")
+    return Normalization(mean, std, "normalized")
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """CPU generator seeded from (seed, epoch) by numpy's SeedSequence hashing."""
     state = np.random.SeedSequence([seed, epoch]).generate_state(2)
@@ -165,9 +221,12 @@ class DeviceLoader:
     """Batches from a uint8 dataset held on `device`, augmented and normalized there.
 
     x: uint8 (N, 32, 32, 3) numpy array or tensor; y: (N,) integer labels.
-    Training loaders (`train=True`) shuffle and apply random crop (zero pad 4, in
-    pixel space as torchvision's RandomCrop(32, padding=4)) and horizontal flip;
-    eval loaders keep order and do neither. All of an epoch's random numbers
+    mean, std: (3,) per channel or (3, 32, 32) per pixel, 0-1 scale (see `Normalization`).
+    Training loaders (`train=True`) shuffle and apply random crop (zero pad 4) and
+    horizontal flip; eval loaders keep order and do neither. `pad_space="raw"` pads the
+    uint8 image (torchvision's RandomCrop(32, padding=4) before Normalize; per-channel
+    statistics only), "normalized" pads the normalized one (per-pixel statistics are
+    indexed by the source pixel, as when normalizing before the crop). All of an epoch's random numbers
     (permutation, crop offsets, flip bits) are drawn at the start of `epoch(e)`
     from a CPU generator seeded by (seed, e), so batches are identical on any
     device and `epoch(e, start_batch=k)` yields exactly batches k.. of `epoch(e)`.
@@ -177,11 +236,16 @@ class DeviceLoader:
 
     def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                  batch_size: int, *, device: str | torch.device, train: bool,
-                 mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0,
-                 drop_last: bool | None = None, channels_last: bool = False) -> None:
+                 mean: tuple[float, ...] | np.ndarray, std: tuple[float, ...] | np.ndarray,
+                 pad_space: str = "raw", seed: int = 0, drop_last: bool | None = None,
+                 channels_last: bool = False) -> None:
         x = torch.as_tensor(x)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[3] != 3:
             raise ValueError(f"x must be uint8 (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        if pad_space not in PAD_SPACES:
+            raise ValueError(f"unknown pad_space {pad_space!r}; valid: {', '.join(PAD_SPACES)}")
+        if pad_space == "raw" and (np.ndim(mean) != 1 or np.ndim(std) != 1):
+            raise ValueError("pad_space='raw' needs per-channel mean and std, shape (3,)")
         self.device = torch.device(device)
         self.num_examples = len(x)
         self.batch_size = batch_size
@@ -190,16 +254,34 @@ class DeviceLoader:
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
         x = x.to(self.device).permute(0, 3, 1, 2)  # (N, 3, H, W)
-        if train:  # pad once; crops are gathered from the padded copy
-            x = torch.nn.functional.pad(x, (self.PAD,) * 4)
+        size = x.shape[2:]
+        # x_norm = x_uint8 * scale - shift, i.e. (x/255 - mean) / std; scale, shift: (3, H, W)
+        std_t = self._per_pixel(std, size)
+        mean_t = self._per_pixel(mean, size)
+        scale, shift = 1.0 / (255.0 * std_t), mean_t / std_t
+        if train:  # pad once; crops (and their scale/shift) are gathered from the padded copies
+            pad = (self.PAD,) * 4
+            x = torch.nn.functional.pad(x, pad)
+            if pad_space == "raw":    # constant per channel: the border is a normalized black pixel
+                scale = torch.nn.functional.pad(scale[None], pad, mode="replicate")[0]
+                shift = torch.nn.functional.pad(shift[None], pad, mode="replicate")[0]
+            else:                     # zero scale and shift: the border is 0 after normalization
+                scale = torch.nn.functional.pad(scale, pad)
+                shift = torch.nn.functional.pad(shift, pad)
         self.x = x.contiguous()
+        self.scale, self.shift = scale, shift
         self.y = torch.as_tensor(y, dtype=torch.int64).to(self.device)
         self.image_size = self.x.shape[2] - (2 * self.PAD if train else 0)
-        # x_norm = x_uint8 * scale - shift, i.e. (x/255 - mean) / std
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = mean_t / std_t
+
+    def _per_pixel(self, v: tuple[float, ...] | np.ndarray, size: torch.Size) -> torch.Tensor:
+        """(3,) per channel or (3, H, W) per pixel -> float32 (3, H, W) on the device."""
+        t = torch.as_tensor(np.asarray(v, dtype=np.float32), device=self.device)
+        if t.shape == (3,):
+            return t.view(3, 1, 1).expand(3, *size)
+        if t.shape != (3, *size):
+            raise ValueError(f"mean/std must have shape (3,) or (3, {size[0]}, {size[1]}), "
+                             f"got {tuple(t.shape)}")
+        return t
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -223,12 +305,14 @@ class DeviceLoader:
                 idx = order[sl]
                 rows = offsets[sl, 0:1] + ar  # (B, 32)
                 cols = offsets[sl, 1:2] + torch.where(flips[sl, None], ar.flip(0), ar)
-                xb = self.x[idx.view(-1, 1, 1, 1), channels, rows[:, None, :, None],
-                            cols[:, None, None, :]]
+                pos = (channels, rows[:, None, :, None], cols[:, None, None, :])
+                xb = self.x[(idx.view(-1, 1, 1, 1), *pos)]
+                scale, shift = self.scale[pos], self.shift[pos]   # (B, 3, 32, 32)
                 yb = self.y[idx]
             else:
                 xb, yb = self.x[sl], self.y[sl]
-            xb = xb.float() * self.scale - self.shift
+                scale, shift = self.scale, self.shift
+            xb = xb.float() * scale - shift
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from per import models, schema
-from per.data.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, load_cifar, mixup, split_train_val
+from per.data.cifar import (DeviceLoader, input_normalization, load_cifar, mixup,
+                            split_train_val)
 from per.training.loop import Experiment
 
 
@@ -88,12 +89,14 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
                         verify_checksums=data["verify_checksums"])
     train_x, train_y, val_x, val_y = split_train_val(arrays.train_x, arrays.train_y,
                                                      data["val_size"], seed=cfg["seed"])
-    mean, std = CIFAR_MEAN[data["name"]], CIFAR_STD[data["name"]]
+    # Statistics of the training split in use (45k when val_size > 0), computed once.
+    norm = input_normalization(data["normalize"], data["name"], train_x)
     channels_last = cfg["trainer"]["channels_last"]
 
     def loader(x, y, batch_size, train):
-        return DeviceLoader(x, y, batch_size, device=device, train=train, mean=mean, std=std,
-                            seed=cfg["seed"], channels_last=channels_last)
+        return DeviceLoader(x, y, batch_size, device=device, train=train, mean=norm.mean,
+                            std=norm.std, pad_space=norm.pad_space, seed=cfg["seed"],
+                            channels_last=channels_last)
 
     evals = {}
     if data["val_size"] > 0:

@@ -1,15 +1,20 @@
 """Activation monitoring (the paper's Figures 3-4): on a fixed probe batch, per site,
 mean / variance / quartiles of a few fixed units and the sliced W1 of the site's
-points to N(0, I)."""
+points to N(0, I). Snapshots describe the network as it trains: normalization layers
+use the probe batch's statistics, and nothing of the training state changes."""
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from per import sliced_wasserstein_normal, to_points
+from per.models.lstm import SequenceDropout
 from per.sites import capture_sites, list_sites
+
+DROPOUT_MODULES = (nn.modules.dropout._DropoutNd, SequenceDropout)
 
 
 def default_monitor_sites(model: nn.Module) -> list[str]:
@@ -21,6 +26,27 @@ def default_monitor_sites(model: nn.Module) -> list[str]:
     return sorted({names[0], names[len(names) // 2], names[-1]}, key=names.index)
 
 
+@contextmanager
+def batch_statistics_mode(model: nn.Module) -> Iterator[None]:
+    """Train mode without dropout, leaving no trace: inside the block normalization
+    layers (BN, recurrent BN) normalize with the batch's statistics and dropout is the
+    identity (so no random numbers are drawn); on exit every buffer (running means and
+    variances, num_batches_tracked, trained lengths) and every module's mode are restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, DROPOUT_MODULES):
+            m.eval()
+    try:
+        yield
+    finally:
+        for b, saved in buffers:
+            b.copy_(saved)
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def activation_stats(model: nn.Module, forward: Callable[[], object], sites: list[str], *,
                      num_units: int, layout: str, num_slices: int, step: int,
@@ -28,16 +54,12 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
     """One row per site. Units are the first `num_units` coordinates of the site's
     points (channels for conv sites under the `channels` layout, hidden units for
     the LSTM); `sw1` uses all coordinates; `layer` is the site's 1-based position
-    among the model's post-activation sites. Runs the model in eval mode; its random
-    directions come from a generator seeded by (seed, step), so monitoring leaves the
-    training RNG streams (PER directions, dropout) untouched."""
-    was_training = model.training
-    model.eval()
-    try:
-        with capture_sites(model, sites) as captured:
-            forward()
-    finally:
-        model.train(was_training)
+    among the model's post-activation sites. `forward` runs under `batch_statistics_mode`
+    (batch statistics, no dropout, state restored) and no_grad (no regularizer acts);
+    the random directions come from a generator seeded by (seed, step), so monitoring
+    leaves the training RNG streams (PER directions, dropout, mixup) untouched."""
+    with batch_statistics_mode(model), capture_sites(model, sites) as captured:
+        forward()
     layer = {n: i + 1 for i, n in enumerate(list_sites(model, role="post"))}
     rows = []
     probs = None

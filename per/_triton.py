@@ -1,0 +1,66 @@
+"""Fused PER gradient on the GPU (DESIGN.md section 5): one Triton program per block of
+points computes the projections, `erf` and the back-projection, so the `(N, s)`
+projection matrix never reaches memory.
+
+`per.per_grad` calls `per_grad_fused` for CUDA tensors (see `per.functional._use_fused_kernel`);
+under `TRITON_INTERPRET=1` (set before this module is imported) the same kernel runs on
+CPU tensors, which is how the tests check it without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_S = 64          # directions per inner step
+TILE_ELEMENTS = 4096  # points per program x padded d: bounds the accumulator's registers
+
+
+@triton.jit
+def _per_grad_kernel(x_ptr, theta_ptr, out_ptr, n, d, s,
+                     stride_xn, stride_xd, stride_td, stride_ts, stride_on, stride_od,
+                     scale, inv_sqrt2,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """out[rows] = scale * erf(x[rows] theta / sqrt 2) theta^T for one block of rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok, col_ok = rows < n, cols < d
+    x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # (BN, BD)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, s, BLOCK_S):
+        ks = k0 + tl.arange(0, BLOCK_S)
+        theta = tl.load(theta_ptr + cols[:, None] * stride_td + ks[None, :] * stride_ts,
+                        mask=col_ok[:, None] & (ks < s)[None, :], other=0.0)   # (BD, BS) fp32
+        # Padded directions are 0, so their erf(0) = 0 adds nothing.
+        p = tl.dot(x, theta, input_precision=PRECISION)                        # (BN, BS)
+        e = tl.math.erf(p * inv_sqrt2)
+        acc = tl.dot(e, tl.trans(theta), acc, input_precision=PRECISION)      # (BN, BD)
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale * erf(x theta / sqrt 2) theta^T` in one kernel.
+
+    `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
+    -> `(N, d)` in `x`'s dtype. Both products run on float32 values (TF32 on the GPU when
+    `torch.backends.cuda.matmul.allow_tf32` is set, which holds bf16/fp16 inputs exactly),
+    at least as precise as the plain path's projection in `x`'s dtype. With `d <= 256`
+    the products are cheap next to the `erf`; and triton 3.8's interpreter gets bf16
+    `tl.dot` wrong, so a bf16 product could not be tested on CPU.
+    """
+    (n, d), s = x.shape, theta.shape[1]
+    out = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = max(16, min(64, TILE_ELEMENTS // block_d))
+    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    _per_grad_kernel[(triton.cdiv(n, block_n),)](
+        x, theta, out, n, d, s, x.stride(0), x.stride(1), theta.stride(0), theta.stride(1),
+        out.stride(0), out.stride(1), scale, 1 / math.sqrt(2.0),
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
+        PRECISION="tf32" if tf32 else "ieee")
+    return out

@@ -1,0 +1,110 @@
+"""The fused Triton `per_grad` kernel (per/_triton.py) against the plain path: on CPU under
+Triton's interpreter (`TRITON_INTERPRET=1` must be set before triton decorates the kernel,
+so those checks run in a fresh interpreter), and the compiled kernel where CUDA exists."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import per
+from per import models
+
+# Runs in a subprocess with TRITON_INTERPRET=1; prints "ok" when every check passed.
+_INTERPRETED_CHECKS = textwrap.dedent("""
+    import math
+    import torch
+    import torch.nn as nn
+    import per
+    import per.functional as F
+    from per._triton import per_grad_fused
+
+    def plain(x, theta, reduction):
+        return F._per_grad_blocked(x, theta, 1 / (theta.shape[1] * (x.shape[0] if reduction == "mean" else 1)), 64)
+
+    gen = torch.Generator().manual_seed(0)
+    tol = {torch.float32: (1e-5, 1e-7), torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 4e-3)}
+    # N not a multiple of the 64-point block, N < block, d not a power of 2, s not a multiple of 64.
+    for n, d, s in [(150, 16, 64), (20, 5, 100), (70, 33, 40)]:
+        for dtype in tol:
+            for reduction in ("sum", "mean"):
+                x = torch.randn(n, d, generator=gen).to(dtype)
+                theta = per.sample_directions(d, s, generator=gen)
+                scale = 1 / (s * (n if reduction == "mean" else 1))
+                got = per_grad_fused(x, theta, scale)
+                assert got.dtype == dtype and got.shape == (n, d)
+                rtol, atol = tol[dtype]
+                # Against the float32 formula on the same (rounded) inputs.
+                want = plain(x.float(), theta, reduction)
+                torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol * s * scale)
+    x = torch.randn(40, 12, generator=gen)
+    theta = per.sample_directions(12, 64, generator=gen)
+    torch.testing.assert_close(per_grad_fused(x.T.contiguous().T, theta, 0.5),
+                               per_grad_fused(x, theta, 0.5))
+
+    # The Regularizer's backward path (Algorithm 1) through the kernel equals the autograd path.
+    F._use_fused_kernel = lambda x: x.dtype != torch.float64
+    def grads(path):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), per.Site(),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), per.Site(),
+                              nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+        reg = per.Regularizer(model, "per", 1e-2, num_slices=64, path=path)
+        torch.manual_seed(1)
+        reg.begin_step()
+        x = torch.randn(4, 3, 6, 6)
+        (model(x).square().mean() + reg.penalty()).backward()
+        return [p.grad for p in model.parameters()]
+    for a, b in zip(grads("backward"), grads("autograd")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    print("ok")
+""")
+
+
+def test_kernel_under_triton_interpreter_matches_plain_path():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECKS], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+def test_cpu_tensors_use_the_plain_path():
+    assert not per.functional._use_fused_kernel(torch.zeros(4, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", per.REDUCTIONS)
+def test_fused_kernel_on_cuda_matches_plain_path_and_trains(dtype, reduction, monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(32 * 32 * 32 + 5, 16, device="cuda", generator=gen).to(dtype)
+    theta = per.sample_directions(16, 256, generator=gen, device="cuda")
+    assert per.functional._use_fused_kernel(x)
+    fused = per.per_grad(x, theta, reduction=reduction)
+    monkeypatch.setenv("PER_TRITON", "0")
+    assert not per.functional._use_fused_kernel(x)
+    plain = per.per_grad(x.float(), theta, reduction=reduction)
+    scale = 1.0 if reduction == "sum" else 1.0 / x.shape[0]
+    torch.testing.assert_close(fused.float(), plain, rtol=2e-2, atol=2e-3 * scale)
+    monkeypatch.delenv("PER_TRITON")
+
+    def grads(path: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = models.create("resnet20", norm="none").cuda()
+        reg = per.Regularizer(model, "per", 1e-3, path=path, reduction=reduction)
+        torch.manual_seed(1)
+        reg.begin_step()
+        images = torch.randn(8, 3, 32, 32, device="cuda")
+        (nn.functional.cross_entropy(model(images), torch.arange(8, device="cuda"))
+         + reg.penalty()).backward()
+        return [p.grad for p in model.parameters()]
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # IEEE products
+    for a, b in zip(grads("backward"), grads("autograd"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
