@@ -4,6 +4,8 @@ Collects the runs (local run directories, or a W&B project), chooses lambda per 
 on validation only, and writes Markdown, LaTeX and CSV tables plus `selection.csv`
 (every lambda's validation score) and `results.csv` (tidy numbers). Unreadable runs
 are listed and skipped; the exit status is 0 as long as the tables were written.
+Runs shorter than their protocol (smoke runs, `trainer.max_steps`, fewer epochs) are
+marked partial and not compared with the paper unless `--include-partial` is given.
 
     python scripts/aggregate.py --runs results/runs --out results/tables
     python scripts/aggregate.py --wandb-project per-repro --wandb-entity me --task lm
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
     ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
     ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
+    ap.add_argument("--include-partial", action="store_true",
+                    help="treat runs shorter than their protocol as complete (compare them with the paper)")
     args = ap.parse_args(argv)
 
     if args.wandb_project:
@@ -41,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print("no runs to aggregate", file=sys.stderr)
         return 0
-    paths = write_tables(df, args.out)
+    if df.partial.any():
+        treatment = ("treated as complete (--include-partial)" if args.include_partial else
+                     "averaged only where a row has no complete run, and not compared with the paper")
+        print(f"[aggregate] {int(df.partial.sum())} runs shorter than their protocol: {treatment}",
+              file=sys.stderr)
+    paths = write_tables(df, args.out, include_partial=args.include_partial)
     for path in paths:
         if path.suffix == ".md":
             print(f"\n{path.read_text()}")

@@ -15,6 +15,7 @@ from scipy import stats
 from per.analysis import collect, paper as paper_mod, tables
 from per.analysis.wandb_source import collect_wandb
 from per.schema import make_cell
+from runner_utils import compose_config
 
 SHARED_PAPER_CSV = Path("/work/shared/paper/paper_tables.csv")
 
@@ -24,8 +25,13 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
              activation: str | None = None,
              lam: float = 0.0, seed: int = 0, val_size: int = 0, status: str = "finished",
              final: dict | None = None, best: dict | None = None, layout: str = "channels",
-             num_slices: int = 256, epochs: int = 2, preset: str | None = None) -> Path:
-    """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl."""
+             num_slices: int = 256, epochs: int = 2, preset: str | None = None,
+             protocol_epochs: int | None = None, max_steps: int | None = None,
+             earlier_test: float | None = None) -> Path:
+    """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl.
+
+    `protocol_epochs` (default `epochs`) is the protocol's length (`optim.epochs`);
+    `earlier_test` is the test error of every epoch before the last."""
     cell = make_cell(dataset, model, method, norm, activation)
     name = preset or f"{dataset}_{model}_{cell['method']}_{layout}"
     run_dir = root / task / name / f"lam={lam},seed={seed},val={val_size}"
@@ -34,7 +40,8 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
     config = {"task": task, "seed": seed, "preset": preset, "data": data,
               "model": {"name": model, "norm": norm, "activation": cell["activation"]},
               "method": {"name": method, "lam": lam, "layout": layout, "num_slices": num_slices},
-              "trainer": {"epochs": epochs}}
+              "trainer": {"epochs": epochs, "max_steps": max_steps},
+              "optim": {"epochs": protocol_epochs or epochs, "total_steps": None}}
     final = final or {}
     summary = {"status": status, "task": task, "cell": cell, "lam": lam, "seed": seed,
                "epochs_completed": epochs, "steps": 10 * epochs, "wall_time_s": 1.5,
@@ -42,8 +49,9 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
                "final": final, "best": best or {"epoch": epochs, **final}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    earlier = {"test_error": earlier_test} if earlier_test is not None else {}
     lines = [{"epoch": e, "step": 10 * e, "lr": 0.1, "train_loss": 1.0 / e, "penalty": 0.0,
-              **(final if e == epochs else {})} for e in range(1, epochs + 1)]
+              **(final if e == epochs else earlier)} for e in range(1, epochs + 1)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     return run_dir
 
@@ -74,14 +82,20 @@ def build_runs(root: Path) -> None:
     make_run(root, **PER, **SEL, lam=3e-4, seed=0, final=image(5.5, 5.5))
     make_run(root, **PER, **SEL, lam=3e-4, seed=1, status="diverged", final=image(None, None))
     # Final runs (all 50k): three finished, one diverged, one left running at 1e-4.
-    for seed, test in enumerate([6.6, 6.7, 6.8]):
-        make_run(root, **PER, lam=1e-4, seed=seed, final=image(None, test))
+    # Seeds 1 and 2 had a lower test error at their first epoch (best test epoch 6.5, 6.6).
+    for seed, test, earlier in [(0, 6.6, None), (1, 6.7, 6.5), (2, 6.8, 6.6)]:
+        make_run(root, **PER, lam=1e-4, seed=seed, final=image(None, test), earlier_test=earlier)
     make_run(root, **PER, lam=1e-4, seed=3, status="diverged", final=image(None, None))
     make_run(root, **PER, lam=1e-4, seed=4, status="running", final=image(None, None))
     for seed, test in enumerate([5.0, 5.1]):
         make_run(root, **PER, lam=3e-5, seed=seed, final=image(None, test))
     # The same run again, from an ablation preset's folder: not counted twice.
     make_run(root, **PER, lam=1e-4, seed=0, final=image(None, 6.6), preset="ablation_s256")
+    # Partial runs: a 6-step vanilla run beside complete ones (left out), and a ResNet-110
+    # cell with only 2 of its protocol's 200 epochs (shown, not compared with the paper).
+    make_run(root, seed=5, final=image(None, 50.0), max_steps=6)
+    for seed, test in enumerate([30.0, 32.0]):
+        make_run(root, model="resnet110", seed=seed, final=image(None, test), protocol_epochs=200)
     # An ablation variant (flatten layout); L1 and L2 cells with no selection runs.
     make_run(root, **PER, **SEL, layout="flatten", lam=1e-4, final=image(6.3, 6.0))
     for seed, test in enumerate([6.9, 7.1]):
@@ -140,7 +154,7 @@ def row(frame: pd.DataFrame, **match) -> pd.Series:
 def test_collect_rows_columns_and_problems(collected):
     df, problems = collected
     assert list(df.columns) == list(collect.RUN_COLUMNS)
-    assert len(df) == 32
+    assert len(df) == 35
     bad = [p for p in problems if "skipped" in p]
     assert len(bad) == 3
     assert any("seed=7" in p and "JSONDecodeError" in p for p in bad)
@@ -170,7 +184,13 @@ def test_collect_values(collected):
     lm_run = row(df, task="lm", method="per", lam=1e-4, seed=0)
     assert lm_run.val_size == 0 and lm_run.best_val_ppl == 118 and lm_run.final_val_ppl == 200
     assert lm_run.table == "T3" and lm_run.activation == "tanh"
-    assert pd.isna(lm_run.final_test_error)
+    assert pd.isna(lm_run.final_test_error) and pd.isna(lm_run.min_test_error)
+    # Best test epoch from metrics.jsonl; partial runs.
+    best = row(df, task="cifar", method="per", layout="channels", lam=1e-4, seed=1, val_size=0)
+    assert (best.min_test_epoch, best.min_test_error, best.final_test_error) == (1, 6.5, 6.7)
+    assert row(df, method="vanilla", seed=0, model="resnet56").min_test_epoch == 2
+    assert set(df[df.partial].run_dir.str.extract(r"(resnet\d+)_vanilla.*seed=(\d)").apply(tuple, axis=1)) == {
+        ("resnet56", "5"), ("resnet110", "0"), ("resnet110", "1")}
 
 
 def test_load_metrics_and_activations(tmp_path):
@@ -195,7 +215,7 @@ def test_load_metrics_and_activations(tmp_path):
 
 def test_load_run_metrics(collected):
     df, _ = collected
-    runs = df[(df.method == "vanilla") & (df.task == "cifar")]
+    runs = df[(df.method == "vanilla") & (df.model == "resnet56") & ~df.partial]
     metrics = collect.load_run_metrics(runs)
     assert len(metrics) == 3 * 2
     assert set(metrics.seed) == {0, 1, 2}
@@ -225,7 +245,7 @@ def test_select_lambda_uses_validation_only(collected):
     assert per.lam == 1e-4            # not 3e-5 (best test) nor 3e-4 (a diverged seed)
     assert per.score == pytest.approx(6.1) and per.n == 2 and per.n_lams == 3
     assert row(chosen, method="per", layout="flatten").lam == 1e-4
-    vanilla = row(chosen, method="vanilla")
+    vanilla = row(chosen, method="vanilla", model="resnet56")
     assert vanilla.lam == 0.0 and vanilla.n == 0 and math.isnan(vanilla.score)
     assert math.isnan(row(chosen, method="l1").lam)       # two lambdas, no selection runs
     lm_chosen = tables.select_lambda(df, "lm")
@@ -233,11 +253,14 @@ def test_select_lambda_uses_validation_only(collected):
     assert lm_per.lam == 1e-4 and lm_per.score == pytest.approx(119.0) and lm_per.n == 2
     assert row(lm_chosen, method="rbn").lam == 0.0
 
-    # Scrambling every test metric changes nothing: selection never reads them.
+    # Scrambling every test metric (the best test epoch included) changes nothing:
+    # selection never reads them.
     rng = np.random.default_rng(0)
     scrambled = df.copy()
-    for col in [c for c in df.columns if c.endswith(("test_error", "test_ppl"))]:
-        scrambled[col] = rng.uniform(0, 1000, len(df))
+    test_columns = [c for c in df.columns if c.endswith(("test_error", "test_ppl", "test_epoch"))]
+    assert {"min_test_error", "min_test_epoch", "final_test_error"} <= set(test_columns)
+    for col in test_columns:
+        scrambled[col] = rng.integers(1, 1000, len(df))
     for task in ("cifar", "lm"):
         pd.testing.assert_frame_equal(tables.select_lambda(scrambled, task),
                                       tables.select_lambda(df, task))
@@ -270,7 +293,7 @@ def test_cell_results_images(collected, paper):
     half = stats.t.ppf(0.975, dof) * math.sqrt(v1 + v2)
     assert (per.ci_low, per.ci_high) == pytest.approx((-0.5 - half, -0.5 + half), abs=1e-9)
 
-    vanilla = row(res, method="vanilla")
+    vanilla = row(res, method="vanilla", model="resnet56")
     assert vanilla["mean"] == pytest.approx(7.2, abs=1e-12)
     assert vanilla["std"] == pytest.approx(0.2, abs=1e-12)
     assert vanilla.n == 3 and vanilla.paper == 7.21
@@ -283,6 +306,56 @@ def test_cell_results_images(collected, paper):
     assert flat.paper == 6.72             # the paper's PER value, beside each variant
     l1 = row(res, method="l1")
     assert l1.n == 0 and math.isnan(l1.lam) and math.isnan(l1["mean"]) and math.isnan(l1.paper)
+    # Best test epoch over the same runs, beside the final-epoch number.
+    assert per.best_test == pytest.approx((6.6 + 6.5 + 6.6) / 3)
+    assert per.best_test_diff == pytest.approx(per.best_test - 6.72)
+    # Partial runs: left out beside complete ones; alone, shown but not compared.
+    assert vanilla.n_partial_excluded == 1 and not vanilla.partial
+    r110 = row(res, method="vanilla", model="resnet110")
+    assert r110.partial and r110.n == 2 and r110["mean"] == 31.0 and r110.paper == 6.90
+    assert math.isnan(r110["diff"]) and math.isnan(r110.best_test_diff)
+
+
+def test_partial_runs_are_compared_only_when_asked(collected, paper):
+    df, _ = collected
+    res = tables.cell_results(df, "cifar", paper, include_partial=True)
+    vanilla = row(res, method="vanilla", model="resnet56")
+    assert vanilla.n == 4 and vanilla["mean"] == pytest.approx((7.0 + 7.2 + 7.4 + 50.0) / 4)
+    assert vanilla.partial and vanilla.n_partial_excluded == 0
+    r110 = row(res, method="vanilla", model="resnet110")
+    assert r110["diff"] == pytest.approx(31.0 - 6.90)
+
+
+PROTOCOL = {"epochs": 200, "total_steps": None}
+HE = {"epochs": 164, "total_steps": 64000}
+
+
+@pytest.mark.parametrize("trainer, optim, status, steps, epochs, partial", [
+    ({"epochs": 200, "max_steps": None}, PROTOCOL, "finished", 78200, 200, False),
+    ({"epochs": 200, "max_steps": 6}, PROTOCOL, "finished", 6, 0, True),          # smoke run
+    ({"epochs": 2, "max_steps": None}, PROTOCOL, "finished", 782, 2, True),       # fewer epochs
+    ({"epochs": 200, "max_steps": None}, PROTOCOL, "finished", 391, 1, True),     # stopped short
+    ({"epochs": 200, "max_steps": None}, PROTOCOL, "diverged", 391, 1, False),    # a result
+    ({"epochs": 164, "max_steps": None}, HE, "finished", 64000, 164, False),
+    ({"epochs": 164, "max_steps": 100}, HE, "finished", 100, 0, True),
+    ({"epochs": 164, "max_steps": 64000}, HE, "finished", 64000, 164, False),
+    ({"epochs": 1}, None, "finished", 1, 1, False),                              # no protocol recorded
+])
+def test_is_partial(trainer, optim, status, steps, epochs, partial):
+    config = {"trainer": trainer, **({"optim": optim} if optim else {})}
+    summary = {"status": status, "steps": steps, "epochs_completed": epochs}
+    assert collect.is_partial(config, summary) is partial
+
+
+def test_is_partial_on_real_configs(tmp_path):
+    finished = {"status": "finished", "steps": 78200, "epochs_completed": 200}
+    preset = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_per"], tmp_path)
+    assert not collect.is_partial(preset, finished)
+    smoke = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_per", "debug=smoke"], tmp_path)
+    assert collect.is_partial(smoke, {**finished, "steps": 4, "epochs_completed": 0})
+    he = compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_bn"], tmp_path)
+    assert not collect.is_partial(he, {**finished, "steps": 64000, "epochs_completed": 164})
+    assert collect.is_partial(he, {**finished, "steps": 640, "epochs_completed": 2})
 
 
 def test_cell_results_language_model(collected, paper):
@@ -301,6 +374,7 @@ def test_cell_results_language_model(collected, paper):
     assert (test.ci_low, test.ci_high) == pytest.approx((-4 - half, -4 + half), abs=1e-9)
     rbn = row(res, method="rbn", split="test")
     assert rbn.n == 1 and math.isnan(rbn["std"]) and math.isnan(rbn.ci_low)
+    assert res.best_test.isna().all()      # the LM protocol already reports at the best validation
 
 
 def test_welch_interval_matches_formula():
@@ -322,17 +396,42 @@ def test_format_table_layouts(collected, paper):
     t1 = tables.format_table(results, "T1", paper)
     assert list(t1.index) == ["vanilla", "bn", "l1", "l2", "per [channels, s=256]",
                               "per [flatten, s=256]"]
-    assert list(t1.columns) == [("cifar10", "resnet56")]
-    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56")] == (
+    error, best = "test error (%)", "best test epoch (as the references report; optimistic)"
+    assert list(t1.columns) == [("cifar10", "resnet56", error), ("cifar10", "resnet56", best),
+                                ("cifar10", "resnet110", error), ("cifar10", "resnet110", best)]
+    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56", error)] == (
         "6.70 ± 0.10 (n=3) λ=1e-04 · 1/5 diverged · 1/5 interrupted · paper 6.72 (-0.02)"
         " · vs vanilla -0.50 [-0.92, -0.08]")
-    assert t1.loc["vanilla", ("cifar10", "resnet56")] == "7.20 ± 0.20 (n=3) · paper 7.21 (-0.01)"
-    assert t1.loc["l1", ("cifar10", "resnet56")] == "— (n=0) λ not selected"
-    assert t1.loc["l2", ("cifar10", "resnet56")] == "6.50 (n=1) λ=1e-04 (not validated)"
+    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56", best)] == "6.57 (-0.15 vs paper)"
+    assert t1.loc["vanilla", ("cifar10", "resnet56", error)] == (
+        "7.20 ± 0.20 (n=3) · 1 partial left out · paper 7.21 (-0.01)")
+    assert t1.loc["vanilla", ("cifar10", "resnet110", error)] == (
+        "31.00 ± 1.41 (n=2) · partial (shorter than the protocol) · paper 6.90 (not compared: partial)")
+    assert t1.loc["l1", ("cifar10", "resnet56", error)] == "— (n=0) λ not selected"
+    assert t1.loc["l1", ("cifar10", "resnet56", best)] == "—"
+    assert t1.loc["l2", ("cifar10", "resnet56", error)] == "6.50 (n=1) λ=1e-04 (not validated)"
     t3 = tables.format_table(results, "T3", paper)
     assert list(t3.index) == [("lstm", "vanilla"), ("lstm", "rbn"), ("lstm", "per")]
-    assert list(t3.columns) == [("ptb", "valid"), ("ptb", "test")]
-    assert t3.loc[("lstm", "rbn"), ("ptb", "test")] == "115.0 (n=1) · paper 115.1 (-0.1)"
+    assert list(t3.columns) == [("ptb", "valid", "perplexity"), ("ptb", "test", "perplexity")]
+    assert t3.loc[("lstm", "rbn"), ("ptb", "test", "perplexity")] == "115.0 (n=1) · paper 115.1 (-0.1)"
+
+
+def test_table_numbers(collected, paper):
+    df, _ = collected
+    results = tables.all_results(df, paper)
+    t1 = tables.table_numbers(results, "T1", paper)
+    assert list(t1.columns[:12]) == [
+        "method", "dataset", "model", "lambda", "selection score (validation)",
+        "test error (%) mean", "test error (%) std", "n", "paper test error (%)", "ours - paper",
+        "best test epoch (as the references report; optimistic)", "best test epoch - paper"]
+    per = row(t1, method="per [channels, s=256]")
+    assert (per["lambda"], per["n"], per["diverged"], per["interrupted"]) == (1e-4, 3, 1, 1)
+    assert per["test error (%) mean"] == pytest.approx(6.7)
+    assert per["ours - paper"] == pytest.approx(-0.02)
+    assert per["95% CI low"] == pytest.approx(-0.9155, abs=1e-4)
+    t3 = tables.table_numbers(results, "T3", paper)
+    assert "perplexity mean" in t3 and "split" in t3 and not any("best" in c for c in t3.columns)
+    assert row(t3, method="per", split="test")["perplexity mean"] == 117
 
 
 def test_write_tables(collected, paper, tmp_path):
@@ -343,12 +442,20 @@ def test_write_tables(collected, paper, tmp_path):
                             "T3.md", "T3.tex", "T3.csv"])
     assert all(p.stat().st_size > 0 for p in paths)
     md = (tmp_path / "tables" / "T1.md").read_text()
-    assert "| method | cifar10 resnet56 |" in md
+    assert ("| method | cifar10 resnet56 test error (%) | cifar10 resnet56 best test epoch "
+            "(as the references report; optimistic) |") in md
     assert "| per [channels, s=256] | 6.70 ± 0.10 (n=3) λ=1e-04" in md
+    assert "| ptb valid perplexity | ptb test perplexity |" in (tmp_path / "tables" / "T3.md").read_text()
+    # CSV and LaTeX: one number per column.
+    csv = pd.read_csv(tmp_path / "tables" / "T1.csv")
+    assert csv["test error (%) mean"].dtype == float and csv["n"].dtype == int
+    assert csv["lambda"].dtype == float and csv["95% CI high"].dtype == float
+    assert row(csv, method="vanilla", model="resnet56")["test error (%) mean"] == pytest.approx(7.2)
     tex = (tmp_path / "tables" / "T1.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex
+    assert r"\begin{tabular}" in tex and "±" not in tex and r"test error (\%) mean" in tex
+    assert "per [channels, s=256] & cifar10 & resnet56 & 1e-04 & 6.10 & 6.70 & 0.10 & 3 & 6.72 & -0.02" in tex
     results = pd.read_csv(tmp_path / "tables" / "results.csv")
-    assert len(results) == 6 + 6
+    assert len(results) == 7 + 6
     selection = pd.read_csv(tmp_path / "tables" / "selection.csv")
     chosen = selection[(selection.method == "per") & selection.chosen]
     assert sorted(chosen.lam) == [1e-4, 1e-4, 1e-4]     # cifar channels, flatten, lm
@@ -357,9 +464,13 @@ def test_write_tables(collected, paper, tmp_path):
 # --- W&B source -------------------------------------------------------------------
 
 class FakeRun:
-    def __init__(self, run_id: str, config: dict, summary: dict) -> None:
+    def __init__(self, run_id: str, config: dict, summary: dict, history: list[dict] = ()) -> None:
         self.id, self.path = run_id, ["ent", "proj", run_id]
-        self.config, self.summary = config, summary
+        self.config, self.summary, self.history = config, summary, history
+
+    def scan_history(self, keys: list[str]) -> list[dict]:
+        """The history rows that have every key (as W&B's `scan_history(keys=...)`)."""
+        return [{k: r[k] for k in keys} for r in self.history if all(k in r for k in keys)]
 
 
 class FakeApi:
@@ -376,7 +487,8 @@ def test_wandb_source_matches_local(root, collected):
     df, _ = collected
     fake_runs = [FakeRun(f"r{i:03d}", yaml.safe_load(Path(d, "config.yaml").read_text()),
                          {"summary": json.loads(Path(d, "summary.json").read_text()),
-                          "_runtime": 3})
+                          "_runtime": 3},
+                         [json.loads(line) for line in Path(d, "metrics.jsonl").read_text().splitlines()])
                  for i, d in enumerate(df.run_dir)]
     fake_runs.append(FakeRun("broken", {"method": {"name": "per"}}, {"_runtime": 3}))
     api = FakeApi(fake_runs)
@@ -399,4 +511,9 @@ def test_aggregate_script(root, tmp_path, capsys):
     assert "6.70 ± 0.10 (n=3)" in out
     assert "JSONDecodeError" in err and "interrupted" in err
     assert (tmp_path / "T1.md").exists() and not (tmp_path / "T3.md").exists()
+    assert "3 runs shorter than their protocol" in err and "not compared with the paper" in err
+    assert math.isnan(row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"])
+    assert main(["--runs", str(root), "--out", str(tmp_path), "--include-partial"]) == 0
+    assert "treated as complete" in capsys.readouterr().err
+    assert row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"] == pytest.approx(24.1)
     assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0

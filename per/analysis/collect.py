@@ -1,14 +1,22 @@
 """Run directories -> tidy pandas frames (one row per run, per epoch, per monitored unit).
 
-A run directory holds `config.yaml` (the resolved config), `summary.json` (DESIGN.md
-section 4), `metrics.jsonl` (one line per epoch) and, when monitored,
-`activations.jsonl` (one line per monitor step and site).
+A run directory holds `config.yaml` (the resolved config), `summary.json` (the run's
+status, cell, final and best-validation metrics), `metrics.jsonl` (one line per epoch)
+and, when monitored, `activations.jsonl` (one line per monitor step and site).
+
+Besides what `summary.json` says, each run's row carries:
+- `partial`: the run is shorter than its protocol (see `is_partial`);
+- `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
+  `metrics.jsonl` and its epoch, the "best test epoch" that the reference
+  implementations report (image runs only). It is optimistic (test data pick the
+  epoch), so it is reported beside the final-epoch number and never used to select.
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -28,17 +36,54 @@ RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS,
     "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
+    "partial", "min_test_epoch", "min_test_error",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
 RUN_IDENTITY = ["task", *CELL_KEYS, *METHOD_OPTIONS, "lam", "seed", "val_size"]
 _DTYPES = {"lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
            "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
-           "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS}}
+           "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
+           "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
 
 
-def run_record(config: Mapping, summary: Mapping, run_dir: str) -> dict:
-    """One row of the run table from a resolved config and a `summary.json` dict.
+def is_partial(config: Mapping, summary: Mapping) -> bool:
+    """Whether a run is shorter than its protocol, the `optim` group its preset names:
+    `optim.total_steps` steps when set (He et al.), else `optim.epochs` epochs.
+
+    Partial: a `trainer.max_steps` below the protocol's steps (any `max_steps` under an
+    epoch protocol: smoke and debug runs), fewer `trainer.epochs` than the protocol's,
+    or a finished run that completed fewer steps / epochs than the protocol. Records
+    whose config has no `optim` group are not judged (False).
+    """
+    trainer, optim = config.get("trainer") or {}, config.get("optim") or {}
+    max_steps, total_steps, epochs = trainer.get("max_steps"), optim.get("total_steps"), optim.get("epochs")
+    if total_steps:
+        planned_short = bool(max_steps) and max_steps < total_steps
+        done_short = summary["steps"] < total_steps
+    elif epochs:
+        planned_short = bool(max_steps) or (trainer.get("epochs") or epochs) < epochs
+        done_short = summary["epochs_completed"] < epochs
+    else:
+        return False
+    return planned_short or (summary["status"] == FINISHED and done_short)
+
+
+def min_test(history: Iterable[Mapping]) -> tuple[int | None, float | None]:
+    """(epoch, value) of the lowest finite `test_error` among per-epoch rows; (None, None)
+    when no row has one (language models, runs stopped before their first epoch)."""
+    rows = [r for r in history if isinstance(r.get(TEST_ERROR), (int, float))
+            and math.isfinite(r[TEST_ERROR]) and r.get("epoch") is not None]
+    if not rows:
+        return None, None
+    best = min(rows, key=lambda r: (r[TEST_ERROR], r["epoch"]))
+    return int(best["epoch"]), float(best[TEST_ERROR])
+
+
+def run_record(config: Mapping, summary: Mapping, run_dir: str,
+               history: Iterable[Mapping] = ()) -> dict:
+    """One row of the run table from a resolved config, a `summary.json` dict and the
+    run's per-epoch rows (`metrics.jsonl`; for `min_test_*`).
 
     Raises KeyError or ValueError when the summary lacks a key or has an unknown status.
     A `running` status is read as `interrupted` (the collector cannot see the process).
@@ -52,6 +97,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str) -> dict:
         raise ValueError(f"unknown status {summary['status']!r}")
     method = config["method"]["name"]
     final, best = summary["final"] or {}, summary["best"] or {}
+    min_epoch, min_error = min_test(history)
     return {
         "run_dir": run_dir, "status": status, "task": summary["task"],
         **{k: summary["cell"][k] for k in CELL_KEYS},
@@ -64,19 +110,24 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str) -> dict:
         **{f"final_{m}": final.get(m) for m in METRICS},
         "best_epoch": best.get("epoch"),
         **{f"best_{m}": best.get(m) for m in METRICS},
+        "partial": is_partial(config, summary), "min_test_epoch": min_epoch, "min_test_error": min_error,
     }
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
-    """The run table (columns `RUN_COLUMNS`, fixed dtypes) from `run_record` rows."""
-    return pd.DataFrame(rows, columns=list(RUN_COLUMNS)).astype(_DTYPES)
+    """The run table (columns `RUN_COLUMNS`, fixed dtypes) from `run_record` rows; a
+    row without `partial` is not partial."""
+    frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    frame["partial"] = frame.partial.eq(True)
+    return frame.astype(_DTYPES)
 
 
 def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep one run per `RUN_IDENTITY` (a finished one if any, else the first folder):
-    the same seed of the same configuration is not an independent sample. Returns
-    the remaining runs and one problem line per dropped run."""
-    ordered = df.assign(unfinished=df.status != FINISHED).sort_values(["unfinished", "run_dir"])
+    """Keep one run per `RUN_IDENTITY` (a finished one if any, complete before partial,
+    else the first folder): the same seed of the same configuration is not an
+    independent sample. Returns the remaining runs and one problem line per dropped run."""
+    ordered = (df.assign(unfinished=df.status != FINISHED)
+               .sort_values(["unfinished", "partial", "run_dir"]))
     duplicate = ordered.duplicated(RUN_IDENTITY)
     dropped = ordered[duplicate].merge(ordered.loc[~duplicate, [*RUN_IDENTITY, "run_dir"]],
                                        on=RUN_IDENTITY, suffixes=("", "_kept"))
@@ -99,7 +150,7 @@ def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
         try:
             summary = json.loads(path.read_text())
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
-            rows.append(run_record(config, summary, str(run_dir)))
+            rows.append(run_record(config, summary, str(run_dir), _read_jsonl(run_dir / "metrics.jsonl")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
             problems.append(f"{run_dir}: skipped ({type(err).__name__}: {err})")
             continue

@@ -1,4 +1,4 @@
-"""Honest lambda selection and the paper's tables (DESIGN.md section 4).
+"""Honest lambda selection and the paper's tables (docs/protocols.md, "Reporting").
 
 Run table (`collect.collect_runs`) -> per-lambda validation scores -> chosen lambda
 per cell -> the reported runs at that lambda -> mean, std, n, the paper's value,
@@ -8,6 +8,17 @@ Images choose lambda on runs trained on 45k with 5k held out (`val_size > 0`) an
 report the final-epoch test error of the runs trained on all 50k (`val_size == 0`);
 language models choose on the best-validation perplexity and report the test
 perplexity of that checkpoint, from the same runs. Selection never reads a test metric.
+
+Beside the image tables' number stands the mean "best test epoch" (the lowest test
+error over the epochs, as the reference implementations report it: optimistic), so
+the gap to the paper reads both ways. For language models the table's number is
+already the references' protocol (test perplexity at the best validation epoch), so
+that column is left empty.
+
+Runs shorter than their protocol (`collect.is_partial`: smoke runs, `max_steps`,
+fewer epochs) are averaged only where a row has no complete run; such a row is marked
+partial and not compared with the paper unless `include_partial` is set (which
+treats partial runs as complete).
 """
 from __future__ import annotations
 
@@ -30,6 +41,9 @@ FAILED_STATUSES = (DIVERGED, FAILED)
 SPLITS = {"cifar": ("test",), "lm": ("valid", "test")}
 SPLIT_METRIC = {"valid": SELECTION_METRIC, "test": REPORT_METRIC}
 DECIMALS = {"cifar": 2, "lm": 1}
+# The metric of a table's numbers with its unit, per task (T3's columns name the split).
+TABLE_METRIC_LABEL = {"cifar": "test error (%)", "lm": "perplexity"}
+BEST_TEST_LABEL = "best test epoch (as the references report; optimistic)"
 # Row order of the paper's tables, extra rows after; `bn+<method>` rows come last.
 METHOD_ORDER = ("vanilla", "bn", "l1", "l2", "vcl", "rbn", "per")
 SPLIT_ORDER = ("valid", "test")
@@ -40,7 +54,6 @@ TABLE_LAYOUT = {
     "T3": (["model", "method"], ["dataset", "split"]),
 }
 DEFAULT_LAYOUT = (["model", "activation", "method"], ["dataset", "split"])
-LATEX_SYMBOLS = {"±": r"$\pm$", "λ": r"$\lambda$", "·": r"$\cdot$", "—": "--"}
 
 
 def metric_column(task: str, metric: str) -> str:
@@ -123,39 +136,66 @@ def welch_interval(a: Sequence[float], b: Sequence[float],
     return float(ci.low), float(ci.high)
 
 
-def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+def _kept_runs(runs: pd.DataFrame, include_partial: bool) -> pd.DataFrame:
+    """`runs` with `kept`: a run counts unless it is partial and its group has a
+    finished complete run (every run counts with `include_partial`)."""
+    complete = (runs[(runs.status == FINISHED) & ~runs.partial][GROUP_KEYS]
+                .drop_duplicates().assign(has_complete=True))
+    runs = runs.merge(complete, on=GROUP_KEYS, how="left")
+    has_complete = runs.has_complete.eq(True)
+    return runs.drop(columns="has_complete").assign(
+        kept=include_partial | ~runs.partial | ~has_complete)
+
+
+def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
+                 include_partial: bool = False) -> pd.DataFrame:
     """One row per (cell, variant, split) of `task`, at the chosen lambda.
 
     Columns: the group keys, split, lam, score (selection), mean, std (ddof=1), n
-    (finished reported runs), n_diverged (diverged or failed), n_interrupted, paper,
-    diff (mean - paper), baseline, vs_baseline (mean - baseline mean), ci_low,
-    ci_high (95% Welch interval of vs_baseline), task.
+    (finished reported runs), n_diverged (diverged or failed), n_interrupted,
+    n_partial_excluded (partial runs left out beside complete ones), partial (the
+    row's runs are shorter than the protocol), paper, diff (mean - paper; NaN for a
+    partial row unless `include_partial`), best_test (images: mean over the same runs
+    of the best test epoch's error; NaN for language models), best_test_diff
+    (best_test - paper), baseline, vs_baseline (mean - baseline mean), ci_low, ci_high
+    (95% Welch interval of vs_baseline), task.
     """
     paper = load_paper_tables() if paper is None else paper
     chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score"]]
-    runs = report_runs(df, task).merge(
-        chosen[[*GROUP_KEYS, "lam"]], on=[*GROUP_KEYS, "lam"])
+    runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
+                                                  on=[*GROUP_KEYS, "lam"]), include_partial)
+    kept = runs[runs.kept]
+    finished = kept[kept.status == FINISHED]
     split_columns = {metric_column(task, SPLIT_METRIC[s][task]): s for s in SPLITS[task]}
-    values = (runs[runs.status == FINISHED]
-              .rename(columns=split_columns)
+    values = (finished.rename(columns=split_columns)
               .melt(id_vars=GROUP_KEYS, value_vars=list(split_columns.values()),
                     var_name="split", value_name="value")
               .dropna(subset=["value"]))
     summary = (values.groupby([*GROUP_KEYS, "split"], dropna=False).value
                .agg(mean="mean", std="std", n="count", values=list).reset_index())
-    counts = (runs.assign(n_diverged=runs.status.isin(FAILED_STATUSES),
-                          n_interrupted=runs.status == INTERRUPTED)
-              .groupby(GROUP_KEYS, dropna=False)[["n_diverged", "n_interrupted"]].sum()
+    counts = (runs.assign(n_diverged=runs.kept & runs.status.isin(FAILED_STATUSES),
+                          n_interrupted=runs.kept & (runs.status == INTERRUPTED),
+                          n_partial_excluded=~runs.kept,
+                          partial=runs.kept & runs.partial,
+                          best_test=runs.min_test_error.where(runs.kept & (runs.status == FINISHED)))
+              .groupby(GROUP_KEYS, dropna=False)
+              .agg(n_diverged=("n_diverged", "sum"), n_interrupted=("n_interrupted", "sum"),
+                   n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
+                   best_test=("best_test", "mean"))
               .reset_index())
     published = paper[[*CELL_KEYS, "split", "value"]].rename(columns={"value": "paper"})
     out = (chosen.merge(pd.DataFrame({"split": SPLITS[task]}), how="cross")
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
            .merge(counts, on=GROUP_KEYS, how="left")
            .merge(published, on=[*CELL_KEYS, "split"], how="left"))
-    out[["n", "n_diverged", "n_interrupted"]] = (
-        out[["n", "n_diverged", "n_interrupted"]].fillna(0).astype(int))
+    numbers = ["n", "n_diverged", "n_interrupted", "n_partial_excluded"]
+    out[numbers] = out[numbers].fillna(0).astype(int)
+    out["partial"] = out.partial.eq(True)
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
-    out["diff"] = out["mean"] - out.paper
+    out["best_test"] = out.best_test.where(out.split == "test") if task == "cifar" else math.nan
+    compared = include_partial | ~out.partial
+    out["diff"] = (out["mean"] - out.paper).where(compared)
+    out["best_test_diff"] = (out.best_test - out.paper).where(compared)
 
     # The baseline row of each cell: same table, dataset, model, activation and split.
     baseline = out.method.map(baseline_method)
@@ -173,10 +213,12 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None)
     return out.drop(columns=["values", "baseline_mean", "baseline_values"]).assign(task=task)
 
 
-def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None,
+                include_partial: bool = False) -> pd.DataFrame:
     """`cell_results` of every task present in the run table, stacked."""
     paper = load_paper_tables() if paper is None else paper
-    frames = [cell_results(df, task, paper) for task in TASKS if (df.task == task).any()]
+    frames = [cell_results(df, task, paper, include_partial)
+              for task in TASKS if (df.task == task).any()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -207,7 +249,7 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
 
 
 def _cell_text(row: pd.Series, decimals: int) -> str:
-    """`mean ± std (n=k) λ=... · k/m diverged · paper p (diff) · vs baseline d [lo, hi]`."""
+    """`mean ± std (n=k) λ=... · k/m diverged · partial · paper p (diff) · vs baseline d [lo, hi]`."""
     f = f".{decimals}f"
     if row.n >= 2:
         text = f"{row['mean']:{f}} ± {row['std']:{f}} (n={row.n})"
@@ -224,22 +266,35 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += f" · {row.n_diverged}/{total} diverged"
     if row.n_interrupted:
         text += f" · {row.n_interrupted}/{total} interrupted"
+    if row.partial:
+        text += " · partial (shorter than the protocol)"
+    if row.n_partial_excluded:
+        text += f" · {row.n_partial_excluded} partial left out"
     if pd.notna(row.paper):
         text += f" · paper {row.paper:{f}}"
-        text += f" ({row['diff']:+{f}})" if pd.notna(row["diff"]) else ""
+        if pd.notna(row["diff"]):
+            text += f" ({row['diff']:+{f}})"
+        elif row.partial:
+            text += " (not compared: partial)"
     if pd.notna(row.ci_low):
         text += (f" · vs {row.baseline} {row.vs_baseline:+{f}}"
                  f" [{row.ci_low:+{f}}, {row.ci_high:+{f}}]")
     return text
 
 
-def format_table(results: pd.DataFrame, table_id: str,
-                 paper: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One paper table (`T1`, `T2`, `T3`, or any other `table` value) laid out as in
-    the paper: T1 methods x (dataset, model), T2 methods x (dataset, activation), T3
-    (model, method) x (dataset, split). Each cell is a string (see `_cell_text`);
-    rows of ablation variants are labelled `per [flatten, s=256]`."""
-    paper = load_paper_tables() if paper is None else paper
+def _best_text(row: pd.Series, decimals: int) -> str:
+    """`best (diff vs paper)`, or `—` where there is no best test epoch."""
+    if pd.isna(row.best_test):
+        return "—"
+    f = f".{decimals}f"
+    diff = f" ({row.best_test_diff:+{f}} vs paper)" if pd.notna(row.best_test_diff) else ""
+    return f"{row.best_test:{f}}{diff}"
+
+
+def _table_rows(results: pd.DataFrame, table_id: str, paper: pd.DataFrame
+                ) -> tuple[pd.DataFrame, list[str], list[str], pd.DataFrame]:
+    """The results of one table in the paper's order, with row labels, its row keys,
+    its column keys, and the column keys' rows in order."""
     rows, cols = TABLE_LAYOUT.get(table_id, DEFAULT_LAYOUT)
     orders = {k: list(paper[k].unique()) for k in ("dataset", "model", "activation")}
     orders |= {"method": METHOD_ORDER, "split": SPLIT_ORDER}
@@ -251,13 +306,63 @@ def format_table(results: pd.DataFrame, table_id: str,
     if t.empty:
         raise ValueError(f"no results for table {table_id!r}")
     t["variant"] = t.apply(_variant, axis=1)
-    t["text"] = [_cell_text(r, DECIMALS[r.task]) for _, r in t.iterrows()]
-    t = t.sort_values([*rows, "variant"], key=by_rank)
+    t = t.sort_values([*rows, "variant", *cols], key=by_rank)
     t["method"] = row_labels(t)
+    return t, rows, cols, t[cols].drop_duplicates().sort_values(cols, key=by_rank)
+
+
+def _metric_label(t: pd.DataFrame) -> str:
+    """The metric (with its unit) of a table's numbers."""
+    labels = sorted({TABLE_METRIC_LABEL[task] for task in t.task})
+    return labels[0] if len(labels) == 1 else " / ".join(labels)
+
+
+def format_table(results: pd.DataFrame, table_id: str,
+                 paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One paper table (`T1`, `T2`, `T3`, or any other `table` value) as text, laid out
+    as in the paper: T1 methods x (dataset, model), T2 methods x (dataset, activation),
+    T3 (model, method) x (dataset, split). Columns are (*column keys, metric): each
+    cell is a string (see `_cell_text`) under the metric with its unit; image tables
+    add a `BEST_TEST_LABEL` column per cell. Rows of ablation variants are labelled
+    `per [flatten, s=256]`."""
+    paper = load_paper_tables() if paper is None else paper
+    t, rows, cols, col_keys = _table_rows(results, table_id, paper)
+    label = _metric_label(t)
+    t[label] = [_cell_text(r, DECIMALS[r.task]) for _, r in t.iterrows()]
+    quantities = [label]
+    if (t.task == "cifar").any():
+        t[BEST_TEST_LABEL] = [_best_text(r, DECIMALS[r.task]) for _, r in t.iterrows()]
+        quantities.append(BEST_TEST_LABEL)
+    wide = t.set_index([*rows, *cols])[quantities].unstack(cols)     # columns (quantity, *cols)
+    wide.columns = wide.columns.reorder_levels([*range(1, len(cols) + 1), 0])
+    col_index = pd.MultiIndex.from_tuples(
+        [(*key, q) for key in col_keys.itertuples(index=False) for q in quantities],
+        names=[*cols, "metric"])
     row_index = pd.MultiIndex.from_frame(t[rows].drop_duplicates())
-    col_index = pd.MultiIndex.from_frame(t[cols].drop_duplicates().sort_values(cols, key=by_rank))
-    return t.set_index([*rows, *cols]).text.unstack(cols).reindex(
-        index=row_index if len(rows) > 1 else row_index.get_level_values(0), columns=col_index)
+    return wide.reindex(index=row_index if len(rows) > 1 else row_index.get_level_values(0),
+                        columns=col_index)
+
+
+def table_numbers(results: pd.DataFrame, table_id: str,
+                  paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One paper table as numbers, one row per table cell (row keys, column keys) in
+    the paper's order, each quantity in its own column; headers name the metric
+    and its unit (`test error (%) mean`, `paper test error (%)`). Image tables have the
+    `BEST_TEST_LABEL` columns; language-model tables do not."""
+    paper = load_paper_tables() if paper is None else paper
+    t, rows, cols, _ = _table_rows(results, table_id, paper)
+    label = _metric_label(t)
+    best = ({"best_test": BEST_TEST_LABEL, "best_test_diff": "best test epoch - paper"}
+            if (t.task == "cifar").any() else {})
+    columns = {
+        "lam": "lambda", "score": "selection score (validation)", "mean": f"{label} mean",
+        "std": f"{label} std", "n": "n", "paper": f"paper {label}", "diff": "ours - paper",
+        **best, "baseline": "baseline", "vs_baseline": "ours - baseline",
+        "ci_low": "95% CI low", "ci_high": "95% CI high", "n_diverged": "diverged",
+        "n_interrupted": "interrupted", "partial": "partial",
+        "n_partial_excluded": "partial runs left out",
+    }
+    return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -271,18 +376,27 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """A LaTeX tabular (booktabs) with the cells' symbols in math mode."""
-    latex = table.fillna("").to_latex(escape=True, multicolumn_format="c")
-    for symbol, macro in LATEX_SYMBOLS.items():
-        latex = latex.replace(symbol, macro)
-    return latex
+def to_latex(numbers: pd.DataFrame, decimals: int) -> str:
+    """A LaTeX tabular (booktabs) of `table_numbers`: lambda in scientific notation,
+    metrics with `decimals` decimals, counts as integers, `--` where empty."""
+    def number(value) -> str:
+        return "--" if pd.isna(value) else f"{value:.{decimals}f}"
+
+    formatters = {c: number for c in numbers.columns if numbers[c].dtype.kind == "f"}
+    formatters["lambda"] = lambda v: "--" if pd.isna(v) else "0" if v == 0 else f"{v:.0e}"
+    formatters["partial"] = lambda v: "yes" if v else "no"
+    return numbers.to_latex(index=False, escape=True, formatters=formatters, na_rep="--")
 
 
 LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validation; "
           "diverged/interrupted runs are counted, not averaged; paper = published value "
           "(ours − paper); vs <baseline>: difference to the baseline row with its 95% "
-          "Welch interval.")
+          "Welch interval. Image tables report the final-epoch test error; beside it, "
+          f"\"{BEST_TEST_LABEL}\" is the mean over the same runs of each run's lowest "
+          "test error over its epochs (never used to choose anything). Language models "
+          "report the test perplexity at the best validation epoch, which is already "
+          "the references' protocol, so they have no such column. Partial rows come "
+          "from runs shorter than their protocol and are not compared with the paper.")
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -298,22 +412,25 @@ def selection_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
-                 paper: pd.DataFrame | None = None) -> list[Path]:
+                 paper: pd.DataFrame | None = None, include_partial: bool = False) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),
-    `results.csv` (tidy `cell_results` of all tasks) and, per table, `<T>.md`,
-    `<T>.tex` and `<T>.csv` in the paper's layout. Returns the written paths."""
+    `results.csv` (tidy `cell_results` of all tasks) and, per table, `<T>.md` (text in
+    the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one number per
+    column). Returns the written paths."""
     paper = load_paper_tables() if paper is None else paper
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = all_results(df, paper)
+    results = all_results(df, paper, include_partial)
     paths = [out / "selection.csv", out / "results.csv"]
     selection_table(df).to_csv(paths[0], index=False)
     results.to_csv(paths[1], index=False)
     for table_id in sorted(results.table.unique()) if not results.empty else []:
         table = format_table(results, table_id, paper)
+        numbers = table_numbers(results, table_id, paper)
+        decimals = max(DECIMALS[task] for task in results[results.table == table_id].task.unique())
         md, tex, csv = (out / f"{table_id}.{ext}" for ext in ("md", "tex", "csv"))
         md.write_text(f"## {table_id}\n\n{LEGEND}\n\n{to_markdown(table)}")
-        tex.write_text(to_latex(table))
-        table.to_csv(csv)
+        tex.write_text(to_latex(numbers, decimals))
+        numbers.to_csv(csv, index=False, float_format="%.6g")
         paths += [md, tex, csv]
     return paths

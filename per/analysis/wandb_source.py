@@ -1,8 +1,9 @@
 """W&B as a second source of the run table (the local run directories are the first).
 
-The runners log the resolved config as the W&B run config and the `summary.json`
-dict under the run summary's key "summary"; this module reads both back into the
-same table `collect.collect_runs` builds.
+The runners log the resolved config as the W&B run config, the `summary.json`
+dict under the run summary's key "summary" and each `metrics.jsonl` row in the run's
+history; this module reads them back into the same table `collect.collect_runs`
+builds (the history only for image runs, for `min_test_*`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from per.analysis.collect import drop_duplicate_runs, run_record, runs_frame
-from per.schema import RUNNING
+from per.schema import RUNNING, TEST_ERROR
 
 SUMMARY_KEY = "summary"
 
@@ -29,7 +30,8 @@ def collect_wandb(project: str, entity: str | None = None,
     """Every run of a W&B project as the run table of `collect.collect_runs`
     (`run_dir` is `wandb:<entity>/<project>/<run id>`), plus the problems list.
 
-    `api` defaults to `wandb.Api()`; tests pass a stand-in with `runs(path)`.
+    `api` defaults to `wandb.Api()`; tests pass a stand-in with `runs(path)` whose
+    runs have `path`, `config`, `summary` and `scan_history(keys)`.
     """
     if api is None:
         import wandb
@@ -40,7 +42,8 @@ def collect_wandb(project: str, entity: str | None = None,
         name = f"wandb:{'/'.join(run.path)}"
         try:
             summary = _plain(run.summary[SUMMARY_KEY])
-            rows.append(run_record(_plain(run.config), summary, name))
+            history = run.scan_history(keys=["epoch", TEST_ERROR]) if summary["task"] == "cifar" else ()
+            rows.append(run_record(_plain(run.config), summary, name, history))
         except (KeyError, ValueError, TypeError, AttributeError) as err:
             problems.append(f"{name}: skipped ({type(err).__name__}: {err})")
             continue
