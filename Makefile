@@ -31,8 +31,8 @@ test: ## quick suite (unit tests, fast end-to-end runs): a few minutes on 2 CPU 
 test-all: ## everything CI runs: quick suite + slow tiers (end-to-end, resume, real-data smoke tests)
 	$(PY) -m pytest -q -m "not gpu" --durations=15
 
-bench: ## PER step-time ratios against an unregularized step, on this machine's device
-	$(PY) scripts/bench_per.py
+bench: ## speed ratios on this machine's device (PER/L2/LM vs vanilla, per_grad, loader), JSON lines; ARGS=--tiny
+	$(PY) scripts/bench.py $(ARGS)
 
 demo: ## CPU, offline: generated CIFAR-layout data, short runs, table and figures in results/demo/
 	$(PY) scripts/demo.py --out results/demo
@@ -55,8 +55,8 @@ tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV)
 figures: ## figures from results/runs into results/figures (PNG, PDF)
 	$(PY) scripts/figures.py --runs $(RUNS) --out results/figures
 
-step-times: ## measure s/step of every preset on this device -> results/step_times.json (DRY_RUN estimates)
-	$(PY) scripts/step_times.py
+step-times: ## measure s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN estimates)
+	$(PY) scripts/step_times.py $(ARGS)
 
 presets: ## regenerate configs/experiment/ from scripts/make_presets.py
 	$(PY) scripts/make_presets.py

@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from per.data.corpus import EXPECTED_COUNTS  # noqa: E402
 CIFAR_TRAIN = 50_000
 ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}
 PREFIXES = {"cifar": ("t1_", "t2_"), "lm": ("t3_",)}
-STEP_TIMES = ROOT / "results" / "step_times.json"
+STEP_TIMES_DIR = ROOT / "results" / "step_times"   # <device slug>.json, written by scripts/step_times.py
 
 
 @dataclass
@@ -149,9 +152,69 @@ def plan(presets: list[Preset], seeds: list[int], select_seeds: list[int], val_s
     return out
 
 
+def device_info(device_type: str | None = None) -> dict[str, str]:
+    """This machine's device (the first GPU, else the CPU; `device_type` forces one):
+    `name` (card, or CPU model with cores and torch threads) and `slug` (step-time table stem)."""
+    import torch
+    cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    if cuda:
+        name = torch.cuda.get_device_name()
+        short = name
+    else:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M) \
+            if Path("/proc/cpuinfo").exists() else None
+        short = found.group(1).strip() if found else (platform.processor() or platform.machine())
+        name = f"{short} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    slug = re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-")
+    return {"name": name, "slug": f"{'cuda' if cuda else 'cpu'}-{slug}"}
+
+
+def step_time_table() -> tuple[dict | None, str]:
+    """(table, label): the `results/step_times/` table of this machine's device, else one
+    measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
+    tables = {p.stem: p for p in sorted(STEP_TIMES_DIR.glob("*.json"))}
+    if not tables:
+        return None, f"no tables in {STEP_TIMES_DIR.relative_to(ROOT)}; run `make step-times` on the device"
+    here = device_info()
+    if here["slug"] in tables:
+        t = json.loads(tables[here["slug"]].read_text())
+        return t, f"this machine's {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
+    stem = sorted(tables, key=lambda k: (not k.startswith("cuda"), k))[0]
+    t = json.loads(tables[stem].read_text())
+    return t, (f"NOT this machine ({here['name']}): measured on {t['device']} "
+               f"(torch {t.get('torch', '?')}, {t.get('recorded', '?')})")
+
+
+def _estimate(times: dict[str, float], key: str) -> float | None:
+    """A step time for an unmeasured `key` from a measured configuration of the same method:
+    CIFAR-10 for CIFAR-100 (they differ in the classifier's width), the plain LSTM for its
+    variants on the same corpus (tied embeddings, dropout), twice ResNet-56 for ResNet-110
+    (54 blocks against 27)."""
+    data, model, *rest = key.split("|")
+    candidates = [(f"cifar10|{model}", 1.0)] if data.startswith("cifar") else [(f"{data}|lstm", 1.0)]
+    if model == "resnet110":
+        candidates.append((f"{data}|resnet56", 2.0))
+        candidates.append(("cifar10|resnet56", 2.0))
+    for prefix, factor in candidates:
+        other = "|".join([prefix, *rest])
+        if other in times:
+            return factor * times[other]
+    return None
+
+
+def step_time(times: dict[str, float], key: str) -> tuple[float | None, bool]:
+    """(seconds per step, estimated): `key`'s measured time, else `_estimate`, else None."""
+    if key in times:
+        return times[key], False
+    s = _estimate(times, key)
+    return s, s is not None
+
+
 def print_plan(phases, title: str) -> None:
-    times = json.loads(STEP_TIMES.read_text()) if STEP_TIMES.exists() else None
-    rows, tot_runs, tot_steps, tot_s, unknown = [], 0, 0, 0.0, set()
+    table, label = step_time_table()
+    times = table["s_per_step"] if table else {}
+    rows, tot_runs, tot_steps, tot_s = [], 0, 0, 0.0
+    unknown, substituted = set(), set()
     for select, final in phases:
         for ph in (select, final):
             if ph is None:
@@ -159,28 +222,34 @@ def print_plan(phases, title: str) -> None:
             n = ph.n_runs if ph.lams else len(ph.seeds)
             steps = n * ph.preset.steps_per_run(ph.val_size)
             key = ph.preset.key()
-            if times and key in times["s_per_step"]:
-                tot_s += steps * times["s_per_step"][key]
-            else:
+            s, approx = step_time(times, key)
+            if s is None:
                 unknown.add(key)
+            else:
+                tot_s += steps * s
+                if approx:
+                    substituted.add(key)
+            hours = "?" if s is None else f"{'~' if approx else ''}{steps * s / 3600:,.1f}"
             tot_runs += n
             tot_steps += steps
-            rows.append((ph.preset.name, "select" if ph.val_size else "final", n, steps))
+            rows.append((ph.preset.name, "select" if ph.val_size else "final", n, steps, hours))
     print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
     by_table: dict[str, list[int]] = {}
-    for name, phase, n, steps in rows:
+    for name, phase, n, steps, _ in rows:
         t = by_table.setdefault(name.split("_")[0].upper(), [0, 0])
         t[0] += n
         t[1] += steps
     for t, (n, steps) in sorted(by_table.items()):
         print(f"   {t}: {n} runs, {steps:,} steps")
-    for name, phase, n, steps in rows:
-        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps")
-    if times is None:
-        print(f"   GPU time: unknown (no {STEP_TIMES.relative_to(ROOT)}; run `make step-times` on the GPU box)")
-    else:
-        print(f"   estimated time on {times['device']}: {tot_s / 3600:,.1f} device-hours"
-              + (f" (no step time for {len(unknown)} configurations)" if unknown else ""))
+    print(f"   step times: {label}")
+    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13}")
+    for name, phase, n, steps, hours in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13}")
+    if table is not None:
+        print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
+              + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
+                 if substituted else "")
+              + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else ""))
 
 
 def execute(phases, args) -> None:

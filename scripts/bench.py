@@ -1,0 +1,255 @@
+"""Speed benchmark (DESIGN.md section 5): every ratio against its baseline, measured in
+the same run on this machine's device, most important first. Each result is one JSON
+line, printed (and appended to `--out`) as soon as it is measured, so a run cut short
+still reports what it has.
+
+1. Training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
+2. LM step, PER / vanilla (2x650 LSTM, PTB sizes).
+3. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
+4. Training throughput, the project's device-resident loader + step / a plain DataLoader +
+   torchvision-transforms trainer of the same model.
+
+Steps are the presets' real steps (`step_times.PresetStep`: regularizer, task step,
+clipping, optimizer) on synthetic data; configurations alternate step by step so load
+drifts on a shared machine hit baseline and candidate alike.
+
+    python scripts/bench.py                  # full size for this device (1 CPU thread)
+    python scripts/bench.py --tiny           # seconds on a CPU: checks that it runs (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from reproduce import device_info, load_presets  # noqa: E402
+from step_times import PresetStep, build_step, timed  # noqa: E402
+
+from per import functional, models  # noqa: E402
+from per.training import runtime  # noqa: E402
+
+# Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
+# steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
+# the per_grad sites.
+SIZES = {
+    "cuda": dict(models=("resnet56", "resnet110"), batch=128, image=(), lm=(), repeats=20, warmup=5,
+                 loader_steps=40, sites=128),
+    "cpu": dict(models=("resnet20", "resnet56"), batch=32, image=(), lm=(), repeats=5, warmup=1,
+                loader_steps=6, sites=32),
+    "tiny": dict(models=("resnet20",), batch=2, image=("++method.num_slices=16",),
+                 lm=("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"),
+                 repeats=2, warmup=1, loader_steps=2, sites=2),
+}
+STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
+    "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
+    "per channels": ("t1_cifar10_resnet56_per", ()),
+    "per flatten": ("t1_cifar10_resnet56_per", ("method.layout=flatten",)),
+    "l2": ("t1_cifar10_resnet56_l2", ()),
+}
+
+
+class Reporter:
+    """Prints each result as a JSON line and appends it to `out` (if given), flushed."""
+
+    def __init__(self, out: str | None, common: dict[str, Any]) -> None:
+        self.out = Path(out) if out else None
+        self.common = common
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **result: Any) -> None:
+        line = json.dumps({**result, **self.common})
+        print(line, flush=True)
+        if self.out:
+            with self.out.open("a") as f:
+                f.write(line + "\n")
+
+
+def ratio_result(bench: str, candidate: str, baseline: str, cand_s: list[float],
+                 base_s: list[float]) -> dict[str, Any]:
+    c, b = statistics.median(cand_s), statistics.median(base_s)
+    return {"bench": bench, "candidate": candidate, "baseline": baseline, "ratio": round(c / b, 3),
+            "candidate_ms": round(1e3 * c, 3), "baseline_ms": round(1e3 * b, 3)}
+
+
+def interleaved_steps(steps: dict[str, PresetStep], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration, one step of each in turn."""
+    batches = {k: s.batches() for k, s in steps.items()}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for k, step in steps.items():
+            s, _ = timed(step, next(batches[k]))
+            if i >= warmup:
+                times[k].append(s)
+    return times
+
+
+def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
+    over = (f"model={model}", f"data.batch_size={size['batch']}", *size["image"])
+    steps = {label: build_step(p.cfg, "cifar", args.device, args.precision,
+                               batches=size["warmup"] + size["repeats"], channels_last=args.channels_last)
+             for label, (name, extra) in STEP_CONFIGS.items()
+             for p in load_presets([name], overrides=(*over, *extra))}
+    times = interleaved_steps(steps, size["repeats"], size["warmup"])
+    for label in ("per channels", "per flatten", "l2"):
+        report(**ratio_result(f"step/{model}/batch{size['batch']}", label, "vanilla",
+                              times[label], times["vanilla"]))
+
+
+def bench_lm_steps(report: Reporter, size: dict, args) -> None:
+    steps = {label: build_step(p.cfg, "lm", args.device, args.precision,
+                               batches=size["warmup"] + size["repeats"])
+             for label, name in (("vanilla", "t3_ptb_lstm_vanilla"), ("per", "t3_ptb_lstm_per"))
+             for p in load_presets([name], overrides=size["lm"])}
+    times = interleaved_steps(steps, size["repeats"], size["warmup"])
+    cfg = load_presets(["t3_ptb_lstm_per"], overrides=size["lm"])[0].cfg
+    report(**ratio_result(f"step/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
+                          f"x{cfg['data']['bptt']}", "per", "vanilla", times["per"], times["vanilla"]))
+
+
+def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved, after one warm-up call each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats + 1):
+        for k, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_per_grad(report: Reporter, size: dict, args) -> None:
+    """One site of each ResNet stage (channels layout, 256 slices): the path `per_grad` takes
+    on this device, and one `erf` over the `N x s` projections (the CPU floor) / unblocked."""
+    cuda = args.device.type == "cuda"
+    for n, d in ((size["sites"] * 32 * 32, 16), (size["sites"] * 16 * 16, 32), (size["sites"] * 8 * 8, 64)):
+        x = torch.randn(n, d, device=args.device)
+        theta = functional.sample_directions(d, 256, device=args.device)
+        fns = {"unblocked": lambda: functional._per_grad_blocked(x, theta, 1 / 256, n),
+               "per_grad": lambda: functional.per_grad(x, theta),
+               "erf only": lambda: torch.empty(n, 256, device=args.device).erf_()}
+        times = _median_time(fns, max(size["repeats"], 5), cuda)
+        path = "fused triton" if functional._use_fused_kernel(x) else (
+            f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
+        for label in ("per_grad", "erf only"):
+            report(**ratio_result(f"per_grad/N{n}/d{d}/s256", path if label == "per_grad" else label,
+                                  "unblocked", times[label], times["unblocked"]))
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    """uint8 (N, 32, 32, 3) images as PIL images through a torchvision transform, as
+    torchvision.datasets.CIFAR10 serves them."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def bench_loader(report: Reporter, size: dict, args) -> None:
+    """images/s: the project's trainer (device-resident loader + preset step) against a
+    plain DataLoader + torchvision transforms trainer (fp32, eager, SGD) of the same model."""
+    import torchvision.transforms as T
+    model_name, batch, n_steps = size["models"][0], size["batch"], size["loader_steps"]
+    (preset,) = load_presets([STEP_CONFIGS["vanilla"][0]], overrides=(f"model={model_name}",
+                                                                     f"data.batch_size={batch}"))
+    ours = build_step(preset.cfg, "cifar", args.device, args.precision, batches=n_steps + 1,
+                      channels_last=args.channels_last)
+    m = dict(preset.cfg["model"])
+    plain_model = models.create(m.pop("name"), num_classes=10, **m).to(args.device)
+    opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
+    rng = np.random.default_rng(0)
+    data = _ArrayDataset(rng.integers(0, 256, (batch * (n_steps + 1), 32, 32, 3), dtype=np.uint8),
+                         rng.integers(0, 10, batch * (n_steps + 1)),
+                         T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))]))
+    cuda = args.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=cuda)
+
+    def plain_step(xy) -> None:
+        x, y = (t.to(args.device, non_blocking=True) for t in xy)
+        loss = F.cross_entropy(plain_model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sources: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+        "device loader": (ours.batches(), ours), "dataloader+torchvision": (iter(loader), plain_step)}
+    times: dict[str, list[float]] = {k: [] for k in sources}
+    for i in range(n_steps + 1):      # data fetch + step, alternating; the first is a warm-up
+        for k, (it, step) in sources.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(next(it))
+            if cuda:
+                torch.cuda.synchronize()
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    result = ratio_result(f"trainer/{model_name}/batch{batch}", "dataloader+torchvision",
+                          "device loader", times["dataloader+torchvision"], times["device loader"])
+    result["images_per_s"] = {k: round(batch / statistics.median(v), 1) for k, v in times.items()}
+    result["dataloader_workers"] = args.workers
+    report(**result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes: seconds, no meaningful times")
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES)
+    ap.add_argument("--precision", default=None, choices=runtime.PRECISIONS,
+                    help="default: bf16 on cuda (with channels_last), fp32 on cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
+    ap.add_argument("--only", default="", help="comma-separated subset: step,lm,per_grad,loader")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+    args.device = runtime.resolve_device(args.device)
+    cuda = args.device.type == "cuda"
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.channels_last = cuda
+    args.workers = args.workers if args.workers is not None else (8 if cuda else 0)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    runtime.configure_backends(args.device, deterministic=False)
+    mode = "tiny" if args.tiny else args.device.type
+    size = SIZES[mode]
+    report = Reporter(args.out, {"device": device_info(args.device.type)["name"], "size": mode,
+                                 "precision": args.precision, "torch": torch.__version__})
+    only = set(args.only.split(",")) if args.only else {"step", "lm", "per_grad", "loader"}
+    if "step" in only:
+        for model in size["models"]:
+            bench_image_steps(report, model, size, args)
+    if "lm" in only:
+        bench_lm_steps(report, size, args)
+    if "per_grad" in only:
+        bench_per_grad(report, size, args)
+    if "loader" in only:
+        bench_loader(report, size, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
