@@ -1,0 +1,37 @@
+"""The README and docs/ stand on their own: no references to files outside the
+repository, links that resolve, and the data URLs the code actually uses."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from per.data.cifar import _layout
+from per.data.corpus import CORPORA
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_references_outside_the_repository(page):
+    text = page.read_text()
+    assert "DESIGN.md" not in text and "REFERENCES.md" not in text
+    assert "../shared" not in text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        if not target.startswith(("http://", "https://")):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_readme_links_docs_and_has_gpu_and_data_instructions():
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/method.md)" in readme and "](docs/protocols.md)" in readme
+    assert "## GPU setup" in readme and "nvidia-smi" in readme and "RUNS_PER_GPU" in readme
+    urls = [_layout(name).url for name in ("cifar10", "cifar100")] + [s.url for s in CORPORA.values()]
+    for url in urls:
+        assert url in readme, f"README's data section lacks {url}"
