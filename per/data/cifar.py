@@ -96,7 +96,11 @@ def _layout(name: str) -> _Layout:
 def _unpickle(path: Path) -> dict:
     # encoding="bytes": keys stay bytes for the official (Python 2) files and for ours.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            return pickle.load(f, encoding="bytes")
+        except Exception as e:   # truncated or damaged: EOFError, UnpicklingError, ...
+            raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
+                             "expected file; delete it and fetch it again (data.download=true)") from e
 
 
 def _read_batches(directory: Path, files: tuple[tuple[str, str], ...], label_key: bytes

@@ -116,7 +116,12 @@ class Corpus:
         tokens = {}
         for split, file_name in spec.files.items():
             expected = spec.sha256[file_name] if verify_checksums else None
-            tokens[split] = tokenize(_read(_find(self.directory, file_name), expected))
+            path = _find(self.directory, file_name)
+            try:
+                tokens[split] = tokenize(_read(path, expected))
+            except (EOFError, OSError, UnicodeDecodeError) as e:   # truncated .gz, not UTF-8 text
+                raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
+                                 "expected file; delete it and fetch it again (data.download=true)") from e
         self.vocab: list[str] = list(dict.fromkeys(tokens["train"]))
         self.word2idx: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
         self.train = self._ids(tokens["train"], "train")
