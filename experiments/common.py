@@ -1,4 +1,5 @@
-"""Hydra glue shared by the entry points: resolvers, config -> plain dict, exit codes."""
+"""Hydra glue shared by the entry points: resolvers, config -> plain dict, the `.hydra/`
+record, exit codes."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +15,7 @@ from per import schema
 from per.training.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+HYDRA_RECORD = ".hydra"   # hydra.output_subdir is null: train() writes it once the run is accepted
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
 
 
@@ -44,9 +46,28 @@ def to_plain(cfg: DictConfig) -> dict:
     return plain
 
 
+def group_defaults(config_name: str, choices: dict[str, str | None]) -> dict:
+    """The config that the chosen groups (model, method, experiment, ...) give without
+    any command-line value: a key that an older run's config.yaml lacks is accepted at
+    this value. Call inside Hydra's main (it composes with the app's search path)."""
+    overrides = [f"{group}={choice}" for group, choice in choices.items()
+                 if choice is not None and not group.startswith("hydra/")]
+    return OmegaConf.to_container(compose(config_name, overrides=overrides), resolve=True)
+
+
+def hydra_record(cfg: DictConfig) -> dict[str, str]:
+    """Hydra's run record (config, hydra config, overrides), as Hydra would write it."""
+    hydra_cfg = HydraConfig.get()
+    return {f"{HYDRA_RECORD}/config.yaml": OmegaConf.to_yaml(cfg),
+            f"{HYDRA_RECORD}/hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+            f"{HYDRA_RECORD}/overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task))}
+
+
 def run_main(cfg: DictConfig, build: Callable) -> dict:
     """Train; a stop signal exits with 128+signal so schedulers see the interruption."""
-    summary = train(to_plain(cfg), build)
+    hydra_cfg = HydraConfig.get()
+    summary = train(to_plain(cfg), build, records=hydra_record(cfg),
+                    defaults=group_defaults(hydra_cfg.job.config_name, dict(hydra_cfg.runtime.choices)))
     if summary["status"] == schema.INTERRUPTED:
         sys.exit(128 + int(summary.get("signal") or 15))
     return summary

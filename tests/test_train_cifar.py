@@ -1,19 +1,28 @@
 """End-to-end tests of the image-classification runner on generated CIFAR pickles."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import os
+import re
 import signal
+import stat
 
 import pytest
 import torch
+import yaml
 
 from per import schema
 from per.data.cifar import write_fake_cifar
 from per.data.download import DatasetMissingError
 from per.training import run as run_mod
+from per.training import runtime
+from per.training.checks import ConfigValueError
 from per.training.image_task import build_image_experiment
 from per.training.loop import fit
+from per.training.records import RunDir, RunLockedError
 from per.training.run import ConfigMismatchError, train
 from runner_utils import CPU_SMOKE, compose_config, metrics, without_timing
 
@@ -168,3 +177,144 @@ def test_finished_run_is_skipped_when_only_paths_or_launch_settings_change(data_
                        "trainer.gpus=[0,1]", "data.download=true"), build_image_experiment)
     assert again == json.loads((tmp_path / "summary.json").read_text())
     assert again["wall_time_s"] == first["wall_time_s"]
+
+
+def test_console_lines_go_through_logging(data_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="per")
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2")
+    train(cfg, build_image_experiment)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("per")]
+    assert lines[0].startswith(f"run {tmp_path} | device cpu")
+    assert "parameters | 16 steps planned (2 epochs of 8 batches)" in lines[0]
+    assert [l.split(" |")[0] for l in lines[1:3]] == ["epoch 1/2 step 8", "epoch 2/2 step 16"]
+    assert "test_error=" in lines[1] and "train_loss=" in lines[1]
+    assert lines[3].startswith(f"finished {tmp_path} | train_loss=") and "wall" in lines[3]
+    caplog.clear()
+    train(cfg, build_image_experiment)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path}"]
+
+
+def test_divergence_says_so(data_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="per")
+    train(_cfg(data_root, tmp_path, "model=resnet20", "model.norm=bn", "optim.lr=1e12", "trainer.epochs=2"),
+          build_image_experiment)
+    assert any(r.getMessage().startswith("diverged: non-finite") for r in caplog.records)
+    assert caplog.records[-1].getMessage().startswith(f"diverged {tmp_path}")
+
+
+def test_progress_bar_counts_the_steps_that_run_and_evaluation(data_root, tmp_path, capsys):
+    train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=4", "trainer.progress=true"),
+          build_image_experiment)
+    err = capsys.readouterr().err
+    assert "0/4" in err and "/8 " not in err       # 4 of the epoch's 8 batches run
+    assert re.search(r"epoch 1/200 eval: .*[01]/1 ", err)   # the test split: one batch of 64
+
+
+def test_limit_eval_batches(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "data.eval_batch_size=16", "data.val_size=64",
+               "trainer.limit_eval_batches=2")
+    task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
+    model = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).model
+    seen = []
+    task.evaluate(model, on_batch=lambda: seen.append(1))
+    assert task.eval_batches() == len(seen) == 4       # 2 of 4 batches in each of val and test
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("method.lam=abc", "a finite number >= 0"), ("data.batch_size=0", "an integer >= 1"),
+    ("trainer.max_steps=-1", "null or an integer >= 1"), ("trainer.epochs=-2", "an integer >= 1"),
+    ("method.layout=foo", "one of channels, flatten"), ("trainer.limit_eval_batches=0", "null or an integer")])
+def test_bad_values_are_refused_before_anything_is_written(data_root, tmp_path, override, allowed):
+    key, value = override.split("=")
+    cfg = _cfg(data_root, tmp_path / "run", "model=resnet20", "method=per", override)
+    with pytest.raises(ConfigValueError) as err:
+        train(cfg, build_image_experiment)
+    assert key in str(err.value) and value in str(err.value) and allowed in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_refusal_names_each_differing_key_and_changes_nothing(data_root, tmp_path):
+    train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigMismatchError) as err:
+        train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1", "seed=5", "optim.momentum=0.5",
+                   "resume=auto"), build_image_experiment)
+    assert "seed: 0 -> 5" in str(err.value) and "optim.momentum: 0.9 -> 0.5" in str(err.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_sweep_settings_and_new_keys_at_their_default_do_not_refuse(data_root, tmp_path):
+    overrides = ["model=resnet20", "method=per", "trainer.max_steps=1"]
+    first = train(_cfg(data_root, tmp_path, *overrides), build_image_experiment)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["method"]["reduction"], stored["trainer"]["limit_eval_batches"]   # as if written before they existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    defaults = compose_config("train_cifar", ["model=resnet20", "method=per"], tmp_path)
+    again = train(_cfg(data_root, tmp_path, *overrides, "method.lam_grid=[1e-3]"), build_image_experiment,
+                  defaults=defaults)
+    assert again == first
+    with pytest.raises(ConfigMismatchError, match=r"method.reduction: <absent> -> 'mean'"):
+        train(_cfg(data_root, tmp_path, *overrides, "method.reduction=mean"), build_image_experiment,
+              defaults=defaults)
+
+
+def test_locked_run_directory_is_refused_naming_the_holder(data_root, tmp_path):
+    holder = RunDir(tmp_path)
+    holder.lock()
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by process {os.getpid()}"):
+            train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
+    finally:
+        holder.unlock()
+    assert not (tmp_path / "config.yaml").exists()
+    assert train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"),
+                 build_image_experiment)["status"] == schema.FINISHED
+
+
+def test_damaged_last_checkpoint_resumes_from_the_previous_one(data_root, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="per")
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2")
+    monkeypatch.setattr(runtime, "code_version", lambda: "v1")
+    ref = train(cfg, build_image_experiment)
+    ckpts = tmp_path / "checkpoints"
+    assert torch.load(ckpts / "prev.pt", weights_only=False)["train_state"]["epoch"] == 1
+    # As if killed in epoch 2 while last.pt was being copied elsewhere and cut short.
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    (ckpts / "last.pt").write_bytes((ckpts / "last.pt").read_bytes()[:1000])
+    monkeypatch.setattr(runtime, "code_version", lambda: "v2")
+    resumed = train(cfg, build_image_experiment)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"checkpoint {ckpts / 'last.pt'} is damaged") for m in messages)
+    assert any(m.startswith(f"resuming {tmp_path} from checkpoints/prev.pt at epoch 1") for m in messages)
+    assert resumed["status"] == schema.FINISHED and resumed["steps"] == ref["steps"]
+    assert without_timing(resumed["final"]) == without_timing(ref["final"])
+    assert [a["code_version"] for a in resumed["attempts"]] == ["v1", "v2"] and resumed["code_version"] == "v2"
+    assert resumed["attempts"][0]["resumed_from"] is None
+    assert resumed["attempts"][1]["resumed_from"] == {"checkpoint": "checkpoints/prev.pt", "epoch": 1,
+                                                      "batch": 0, "step": 8}
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
+    assert (ckpts / "last.pt.damaged").exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_records_are_readable_as_the_umask_allows(data_root, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "data.val_size=64"),
+              build_image_experiment)
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", "wandb_id.txt", ".lock",
+                 "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/best.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_damaged_pickle_is_named(tmp_path):
+    root = tmp_path / "data"
+    folder = write_fake_cifar(root, "cifar10", n_train=64, n_test=16, seed=0)
+    batch = folder / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:500])
+    with pytest.raises(ValueError, match="cannot read .*data_batch_3 .*damaged"):
+        train(_cfg(root, tmp_path / "run", "model=resnet20"), build_image_experiment)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"

@@ -1,11 +1,17 @@
 """End-to-end tests of the language-model runner on generated PTB-format text."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import json
+import logging
+import math
+import re
 import signal
 
 import pytest
+import torch
 
 from per import schema
 from per.data.corpus import write_fake_corpus
@@ -114,3 +120,44 @@ def test_bf16_autocast_run(data_root, tmp_path):
     summary = train(_cfg(data_root, tmp_path, "model=vd_lstm", "method=per", "trainer.precision=bf16",
                          "trainer.max_steps=2"), build_lm_experiment)
     assert summary["status"] == schema.FINISHED and summary["best"]["val_ppl"] > 1
+
+
+def test_perplexity_overflow_is_diverged(data_root, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="per")
+    real_step = LMTask.train_step
+
+    def huge_loss(self, model, batch):   # +800 nats per token: exp overflows; the gradient is unchanged
+        loss, sums = real_step(self, model, batch)
+        return loss + 800.0, sums
+    monkeypatch.setattr(LMTask, "train_step", huge_loss)
+    summary = train(_cfg(data_root, tmp_path, "model=lstm", "trainer.epochs=2"), build_lm_experiment)
+    assert summary["status"] == schema.DIVERGED and summary["epochs_completed"] == 1
+    assert math.isinf(summary["final"]["train_ppl"])
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["train_ppl"] is None   # inf -> null
+    assert any(r.getMessage().startswith("diverged: non-finite train_ppl after epoch 1") for r in caplog.records)
+
+
+def test_limit_eval_batches(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path, "model=lstm", "trainer.limit_eval_batches=2")
+    exp = build_lm_experiment(cfg, torch.device("cpu"), contextlib.nullcontext)
+    seen = []
+    out = exp.task.evaluate(exp.model, on_batch=lambda: seen.append(1))
+    assert exp.task.eval_batches() == len(seen) == 4   # 2 windows of val and of test
+    assert out["val_ppl"] == pytest.approx(math.exp(out["val_loss"]))
+
+
+@pytest.mark.parametrize("damage", ["truncated_gz", "not_utf8"])
+def test_damaged_text_file_is_named(tmp_path, damage):
+    root = tmp_path / "data"
+    write_fake_corpus(root, "ptb", n_train_lines=50, seed=0, vocab_size=20)
+    valid = root / "ptb/ptb.valid.txt"
+    if damage == "truncated_gz":
+        packed = gzip.compress(valid.read_bytes())
+        valid.unlink()
+        valid = valid.with_name("ptb.valid.txt.gz")
+        valid.write_bytes(packed[:len(packed) // 2])
+    else:
+        valid.write_bytes(b"caf\xe9 au lait\n")   # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(valid))} .*damaged"):
+        train(_cfg(root, tmp_path / "run"), build_lm_experiment)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"

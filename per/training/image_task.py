@@ -1,6 +1,7 @@
 """Image classification on CIFAR-10/100: the task object and its builder."""
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterator
 
 import torch
@@ -19,9 +20,11 @@ class ImageTask:
     items = "images"
 
     def __init__(self, train: DeviceLoader, evals: dict[str, DeviceLoader], probe: torch.Tensor | None,
-                 *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast) -> None:
+                 *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast,
+                 eval_limit: int | None = None) -> None:
         self.train = train
         self.evals = evals            # "val" (optional) and "test"
+        self.eval_limit = eval_limit  # batches per split (debug runs); None = all
         self.probe = probe            # (P, 3, 32, 32) fixed test images for monitoring, or None
         self.mixup_alpha = mixup_alpha
         self.autocast = autocast
@@ -51,8 +54,11 @@ class ImageTask:
         return {schema.TRAIN_LOSS: sums["loss"] / sums["items"],
                 "train_error": 100.0 * sums["errors"] / sums["items"]}
 
+    def eval_batches(self) -> int:
+        return sum(min(len(loader), self.eval_limit or len(loader)) for loader in self.evals.values())
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
         was_training = model.training
         model.eval()
         out = {}
@@ -60,12 +66,14 @@ class ImageTask:
             n = 0
             e_sum = torch.zeros((), device=loader.device)
             l_sum = torch.zeros((), device=loader.device)
-            for x, y in loader.epoch(0):
+            for x, y in itertools.islice(loader.epoch(0), self.eval_limit):
                 with self.autocast():
                     logits = model(x)
                 l_sum += F.cross_entropy(logits.float(), y, reduction="sum")
                 e_sum += (logits.argmax(1) != y).sum()
                 n += y.numel()
+                if on_batch is not None:
+                    on_batch()
             out[f"{split}_error"] = 100.0 * float(e_sum) / n
             out[f"{split}_loss"] = float(l_sum) / n
         model.train(was_training)
@@ -110,5 +118,6 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = ImageTask(loader(train_x, train_y, data["batch_size"], True), evals, probe,
-                     mixup_alpha=data["mixup_alpha"], autocast=autocast)
+                     mixup_alpha=data["mixup_alpha"], autocast=autocast,
+                     eval_limit=cfg["trainer"]["limit_eval_batches"])
     return Experiment(model, task)

@@ -18,18 +18,27 @@ from per.models.lstm import detach_hidden
 from per.training.loop import Experiment
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where it overflows (a diverged run: the loop records it so)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 class LMTask:
     name = "lm"
     items = "tokens"
     selection_metric = schema.VAL_PPL
 
     def __init__(self, model: nn.Module, train: torch.Tensor, evals: dict[str, torch.Tensor], *,
-                 bptt: int, autocast: Callable) -> None:
+                 bptt: int, autocast: Callable, eval_limit: int | None = None) -> None:
         self.model = model
         self.train = train            # (L, B) token ids
         self.evals = evals            # "val" and "test": (L, B_eval)
         self.bptt = bptt
         self.autocast = autocast
+        self.eval_limit = eval_limit  # BPTT windows per split (debug runs); None = all
         self.hidden = None            # carried across the windows of an epoch
 
     def batches_per_epoch(self) -> int:
@@ -50,25 +59,36 @@ class LMTask:
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         loss = sums["loss"] / sums["items"]
-        return {schema.TRAIN_LOSS: loss, "train_ppl": math.exp(min(loss, 700.0))}
+        return {schema.TRAIN_LOSS: loss, "train_ppl": perplexity(loss)}
+
+    def _windows(self, data: torch.Tensor) -> range:
+        starts = range(0, data.size(0) - 1, self.bptt)
+        return starts[:self.eval_limit]
+
+    def eval_batches(self) -> int:
+        return sum(len(self._windows(data)) for data in self.evals.values())
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
         was_training = model.training
         model.eval()
         out = {}
         for split, data in self.evals.items():
             hidden = model.init_hidden(data.size(1))
             total = torch.zeros((), device=data.device, dtype=torch.float64)
-            for i in range(0, data.size(0) - 1, self.bptt):
+            tokens = 0
+            for i in self._windows(data):
                 x, y = get_batch(data, i, self.bptt)
                 with self.autocast():
                     logits, hidden = model(x, hidden)
                 total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
                                          reduction="sum")
-            loss = float(total) / (data.size(0) - 1) / data.size(1)
+                tokens += y.numel()
+                if on_batch is not None:
+                    on_batch()
+            loss = float(total) / tokens
             out[f"{split}_loss"] = loss
-            out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
+            out[f"{split}_ppl"] = perplexity(loss)
         model.train(was_training)
         return out
 
@@ -96,5 +116,5 @@ def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> 
     evals = {"val": batchify(corpus.valid, data["eval_batch_size"], device),
              "test": batchify(corpus.test, data["eval_batch_size"], device)}
     task = LMTask(model, batchify(corpus.train, data["batch_size"], device), evals,
-                  bptt=data["bptt"], autocast=autocast)
+                  bptt=data["bptt"], autocast=autocast, eval_limit=cfg["trainer"]["limit_eval_batches"])
     return Experiment(model, task)

@@ -8,9 +8,9 @@ per `log_every` steps and at the end of each epoch.
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -27,6 +27,8 @@ from per.training.monitor import activation_stats
 from per.training.optim import clip_gradients, set_lr
 from per.training.records import BEST_CHECKPOINT, RunDir
 
+log = logging.getLogger(__name__)
+
 
 class Task(Protocol):
     """What differs between image classification and language modelling."""
@@ -39,7 +41,10 @@ class Task(Protocol):
     def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one batch: (mean task loss, sums to accumulate; must include 'items')."""
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def eval_batches(self) -> int:
+        """Batches one `evaluate` runs (all splits, within `limit_eval_batches`)."""
+    def evaluate(self, model: nn.Module, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+        """Metrics of every evaluation split; `on_batch()` after each batch (progress)."""
     def probe_forward(self, model: nn.Module) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -100,6 +105,11 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def format_metrics(metrics: dict) -> str:
+    """`key=value` pairs, floats to 4 significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -178,7 +188,10 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             return host
 
         t0 = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+        batches = steps_per_epoch   # the batches of this epoch that will run
+        if settings.max_steps is not None:
+            batches = min(batches, state.batch + settings.max_steps - state.step)
+        bar = tqdm(total=batches, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not settings.progress, leave=False, dynamic_ncols=True)
         for batch in task.train_batches(epoch, state.batch):
             set_lr(optimizer, schedule.base_lr(epoch, state.step))
@@ -212,6 +225,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                 if not math.isfinite(host["total"]):
                     bar.close()
                     state.final = {**state.final, "diverged_at_step": state.step}
+                    log.warning("diverged: non-finite training loss by step %d (epoch %d); recorded as "
+                                "diverged", state.step, epoch + 1)
                     return schema.DIVERGED, state
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
                 so_far = task.train_metrics(host)
@@ -231,9 +246,14 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         state.sums = read_sums()
         if not math.isfinite(state.sums.get("total", 0.0)):
             state.final = {**state.final, "diverged_at_step": state.step}
+            log.warning("diverged: non-finite training loss by step %d (epoch %d); recorded as diverged",
+                        state.step, epoch + 1)
             return schema.DIVERGED, state
         if stop is not None and stop.signum is not None and state.batch < steps_per_epoch:
             save()  # mid-epoch: the checkpoint continues at this very batch
+            log.warning("stopped by %s at step %d (epoch %d, batch %d): checkpoint written; the same "
+                        "command resumes", signal.Signals(stop.signum).name, state.step, epoch + 1,
+                        state.batch)
             return schema.INTERRUPTED, state
 
         # ---- end of epoch: evaluate, record, checkpoint --------------------
@@ -244,7 +264,10 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items() if "/" in k}
             row["penalty"] = sum(v for k, v in site_avgs.items() if k.startswith("penalty/"))
             row.update(site_avgs)
-        row.update(task.evaluate(model))
+        bar = tqdm(total=task.eval_batches(), desc=f"epoch {epoch + 1}/{settings.epochs} eval",
+                   disable=not settings.progress, leave=False, dynamic_ncols=True)
+        row.update(task.evaluate(model, on_batch=lambda: bar.update(1)))
+        bar.close()
         row[f"{task.items}_per_s"] = state.sums["items"] / max(state.train_time_s, 1e-9)
         row["epoch_time_s"] = state.train_time_s
         state.wall_time_s += time.perf_counter() - t_eval
@@ -262,17 +285,20 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                                 BEST_CHECKPOINT)
         # Diagnostics (keys with '/') may be infinite legitimately: a grad ratio where the
         # task gradient is exactly zero (Fixup's zero-initialized branches).
-        if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float) and "/" not in k):
+        bad = [k for k, v in row.items() if isinstance(v, float) and "/" not in k and not math.isfinite(v)]
+        if bad:
             run.append("metrics.jsonl", [row])
+            log.warning("diverged: non-finite %s after epoch %d; recorded as diverged", ", ".join(bad),
+                        epoch + 1)
             return schema.DIVERGED, state
         run.append("metrics.jsonl", [row])   # before the checkpoint: a resume truncates extras
         save()
         if sink is not None:
             sink.log(row, step=state.step)
-        if settings.progress:
-            shown = {k: v for k, v in row.items() if "/" not in k}
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in shown.items()), file=sys.stderr)
+        shown = {k: v for k, v in row.items() if "/" not in k and k not in ("epoch", "step")}
+        log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
         if stop is not None and stop.signum is not None:
+            log.warning("stopped by %s after epoch %d (step %d): checkpoint written; the same command "
+                        "resumes", signal.Signals(stop.signum).name, epoch + 1, state.step)
             return schema.INTERRUPTED, state
     return schema.FINISHED, state

@@ -1,8 +1,13 @@
 """The run directory: resolved config, metrics.jsonl, activations.jsonl, summary.json,
-checkpoints. Files that are rewritten are written to a temp file and renamed."""
+checkpoints, and the lock held while a process runs in it. Files that are rewritten are
+written to a temp file and renamed; every record is readable by the group and others
+as the umask allows (0644 under the usual 022)."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import tempfile
@@ -16,14 +21,34 @@ import yaml
 from per import schema
 
 CHECKPOINT = "checkpoints/last.pt"
+PREVIOUS_CHECKPOINT = "checkpoints/prev.pt"   # the checkpoint before `last.pt`
 BEST_CHECKPOINT = "checkpoints/best.pt"
 WANDB_ID = "wandb_id.txt"
+LOCK = ".lock"
+
+log = logging.getLogger(__name__)
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint although one was written."""
+
+
+def _file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())   # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -53,8 +78,42 @@ class RunDir:
     """One run's directory and its records (DESIGN.md section 4)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = Path(path)    # created by `lock()` or the first write, not here
+        self._lock_fd: int | None = None
+
+    # --- lock ---------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the directory's advisory lock (`flock` on `.lock`, which keeps the
+        holder's pid) for this process's life, or until `unlock()`.
+
+        Raises:
+            RunLockedError: another process holds it; the message names its pid.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise RunLockedError(f"{self.path} is in use by process {holder} (lock {self.path / LOCK}); "
+                                 "wait for it to end, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock; the file stays (removing it would race with a waiting process)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- any text record (the Hydra record under .hydra/) -------------------
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
 
     # --- config -------------------------------------------------------------
     def write_config(self, config: dict) -> None:
@@ -114,18 +173,45 @@ class RunDir:
 
     # --- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state: dict, name: str = CHECKPOINT) -> None:
-        _atomic_write_bytes(self.path / name, lambda f: torch.save(state, f))
+        """Write `name` atomically; the `last.pt` it replaces becomes `prev.pt`."""
+        path = self.path / name
+        if name == CHECKPOINT and path.exists():
+            # Between these two renames only prev.pt exists: a reader falls back to it.
+            _atomic_write_bytes(self.path / f"{name}.new", lambda f: torch.save(state, f))
+            os.replace(path, self.path / PREVIOUS_CHECKPOINT)
+            os.replace(self.path / f"{name}.new", path)
+        else:
+            _atomic_write_bytes(path, lambda f: torch.save(state, f))
 
-    def load_checkpoint(self, name: str = CHECKPOINT, map_location=None) -> dict | None:
-        f = self.path / name
-        if not f.exists():
-            return None
-        return torch.load(f, map_location=map_location, weights_only=False)
+    def load_checkpoint(self, map_location=None) -> tuple[dict, str] | None:
+        """The newest readable checkpoint and its name: `last.pt`, else `prev.pt` (a
+        damaged `last.pt` is named in a warning); None when neither exists.
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read.
+        """
+        damaged = []
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            f = self.path / name
+            if not f.exists():
+                continue
+            try:
+                return torch.load(f, map_location=map_location, weights_only=False), name
+            except Exception as e:   # truncated zip, unpickling error, ...
+                # Set aside, so that the next save does not rotate it into prev.pt.
+                os.replace(f, f.with_name(f.name + ".damaged"))
+                log.warning("checkpoint %s is damaged (%s: %s); kept as %s.damaged", f,
+                            type(e).__name__, e, f.name)
+                damaged.append(f"{f}.damaged")
+        if damaged:
+            raise CheckpointError(f"no readable checkpoint in {self.path}: {', '.join(damaged)} damaged; "
+                                  "resume=never starts the run over")
+        return None
 
     def clear(self) -> None:
         """Remove the records of an earlier attempt (resume=never)."""
-        for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, BEST_CHECKPOINT,
-                     WANDB_ID):
+        for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT,
+                     BEST_CHECKPOINT, WANDB_ID):
             (self.path / name).unlink(missing_ok=True)
 
     def wandb_id(self) -> str:

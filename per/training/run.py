@@ -1,11 +1,15 @@
-"""One run from a plain config dict: resume-or-skip, build, train, record.
+"""One run from a plain config dict: check, lock, resume-or-skip, build, train, record.
 
 Both entry points (experiments/train_cifar.py, experiments/train_lm.py) call `train`
-with their task builder; nothing here imports Hydra.
+with their task builder; nothing here imports Hydra. Progress goes to the `per`
+logger: a start line, one line per epoch, an end line, and one line for each resume,
+skip, stop signal and divergence.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -13,30 +17,32 @@ import torch
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
+from per.training.checks import ConfigMismatchError, config_differences, validate
 from per.training.loggers import WandbSink, wandb_group, wandb_name
-from per.training.loop import Experiment, LoopSettings, StopSignal, TrainState, fit, restore
+from per.training.loop import (Experiment, LoopSettings, StopSignal, TrainState, fit, format_metrics,
+                               restore)
 from per.training.monitor import default_monitor_sites
 from per.training.optim import create_optimizer, create_schedule, param_groups
 from per.training.records import RunDir
 
-RESUME_MODES = ("auto", "never")
 REGULARIZED = ("l1", "l2", "per", "vcl")
-# Config keys that may change between a run and its resumption (where the data and
-# runs live, how the run was launched, how it reports) without changing its result.
-_VOLATILE = ("resume", "logger", "run_dir", "paths")
-_VOLATILE_TRAINER = ("device", "gpus", "progress", "log_every")
-_VOLATILE_DATA = ("root", "download", "verify_checksums")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"   # Hydra's job-log format
+# The metrics an end or skip line shows (those present).
+KEY_METRICS = (schema.TRAIN_LOSS, schema.VAL_ERROR, schema.TEST_ERROR, schema.VAL_PPL, schema.TEST_PPL)
+
+log = logging.getLogger(__name__)
 
 
-class ConfigMismatchError(ValueError):
-    """The run directory holds a run with a different configuration."""
-
-
-def _comparable(cfg: dict) -> dict:
-    out = {k: v for k, v in cfg.items() if k not in _VOLATILE}
-    out["trainer"] = {k: v for k, v in cfg.get("trainer", {}).items() if k not in _VOLATILE_TRAINER}
-    out["data"] = {k: v for k, v in cfg.get("data", {}).items() if k not in _VOLATILE_DATA}
-    return out
+def console_logging() -> None:
+    """Send the `per` logger's INFO lines to stderr when no handler is configured
+    (a plain-Python caller); under Hydra, or with the caller's own logging set up,
+    the lines go to those handlers and nothing is added."""
+    logger = logging.getLogger("per")
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def build_regularizer(model, method: dict) -> Regularizer | None:
@@ -59,41 +65,79 @@ def cell_of(cfg: dict) -> dict:
                             table=cfg.get("table"))
 
 
-def _summary(status: str, cfg: dict, state: TrainState, device: str) -> dict:
+def _summary(status: str, cfg: dict, state: TrainState, device: str, attempts: list[dict]) -> dict:
     method = cfg["method"]
     return {"status": status, "task": cfg["task"], "cell": cell_of(cfg),
             "lam": float(method.get("lam", 0.0)) if method["name"] in REGULARIZED else 0.0,
             "seed": cfg["seed"], "epochs_completed": state.epoch, "steps": state.step,
             "wall_time_s": round(state.wall_time_s, 3), "device": device,
-            "code_version": runtime.code_version(), "versions": runtime.versions(),
-            "final": state.final, "best": state.best}
+            "code_version": attempts[-1]["code_version"], "versions": runtime.versions(),
+            "attempts": attempts, "final": state.final, "best": state.best}
 
 
-def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]) -> dict:
+def _earlier_attempts(summary: dict | None) -> list[dict]:
+    """The attempts a stored summary lists (one, from its `code_version`, for records
+    written before summaries listed attempts)."""
+    if summary is None:
+        return []
+    if "attempts" in summary:
+        return summary["attempts"]
+    return [{"code_version": summary.get("code_version"), "started": None, "resumed_from": None}]
+
+
+def _key_metrics(metrics: dict) -> str:
+    return format_metrics({k: metrics[k] for k in KEY_METRICS if k in metrics}) or "no metrics"
+
+
+def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment], *,
+          defaults: dict | None = None, records: dict[str, str] | None = None) -> dict:
     """Run (or resume, or skip) the run described by `cfg`; returns its summary.
 
-    `cfg["run_dir"]` is the run directory. With `resume=auto` a finished or diverged
-    run is skipped and any other continues from `checkpoints/last.pt`.
+    `cfg["run_dir"]` is the run directory. Before anything there changes, every
+    config value is checked (ConfigValueError), a stored run's config is compared
+    with `cfg` on what decides the result (ConfigMismatchError names each differing
+    key; keys missing from the stored config are accepted at their value in
+    `defaults`, the config without command-line values) and the directory's lock is
+    taken (RunLockedError names the holder). With `resume=auto` a finished or diverged
+    run is then skipped and any other continues from its newest readable checkpoint.
+    `records` (name -> text) are written into the run directory once the run starts
+    (the entry points' `.hydra/` record).
     """
-    if cfg["resume"] not in RESUME_MODES:
-        raise ValueError(f"unknown resume {cfg['resume']!r}; valid: {', '.join(RESUME_MODES)}")
+    console_logging()
+    validate(cfg)
+    cell = cell_of(cfg)
     run = RunDir(cfg["run_dir"])
+    if cfg["resume"] == "auto" and (stored := run.read_config()) is not None:
+        if diffs := config_differences(stored, cfg, defaults):
+            raise ConfigMismatchError(
+                f"{run.path} holds a run with another configuration ({len(diffs)} key"
+                f"{'s' if len(diffs) > 1 else ''} differ, stored -> now):\n  " + "\n  ".join(diffs)
+                + "\nUse another hydra.run.dir, or resume=never to start this one over.")
+    run.lock()
+    try:
+        return _train_locked(cfg, build, run, cell, records or {})
+    finally:
+        run.unlock()
+
+
+def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: dict[str, str]) -> dict:
+    previous = None
     if cfg["resume"] == "never":
         run.clear()
     else:
-        if (stored := run.read_config()) is not None and _comparable(stored) != _comparable(cfg):
-            raise ConfigMismatchError(
-                f"{run.path} holds a run with another configuration; use another hydra.run.dir "
-                "or resume=never to start over (compare its config.yaml)")
-        old = run.read_summary()
-        if old is not None and old.get("status") in (schema.FINISHED, schema.DIVERGED):
-            print(f"[per] skipping {old['status']} run {run.path}")   # a divergence is a result too
-            return old
+        previous = run.read_summary()
+        if previous is not None and previous.get("status") in (schema.FINISHED, schema.DIVERGED):
+            log.info("skipping %s: already %s (%s); resume=never runs it again", run.path,
+                     previous["status"], _key_metrics(previous.get("final") or {}))
+            return previous   # a divergence is a result too
+    for name, text in records.items():
+        run.write_text(name, text)
     run.write_config(cfg)
-    cell = cell_of(cfg)   # also validates the method/norm vocabulary before any work
 
     trainer, optim = cfg["trainer"], cfg["optim"]
     state = TrainState()
+    attempts = [{"code_version": runtime.code_version(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": None}]
     sink = None
     dev_name = "unknown"
     stop = StopSignal().__enter__()   # a signal during set-up stops the run after its first step
@@ -128,15 +172,27 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
             monitor_units=mon["units"], monitor_layout=cfg["method"].get("layout", "channels"),
             monitor_slices=mon["slices"], seed=cfg["seed"],
             progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
+        planned = epochs * task.batches_per_epoch()
+        planned = min(planned, max_steps) if max_steps else planned
+        log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
+                 run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
+                 "s" if epochs > 1 else "", task.batches_per_epoch(),
+                 f", max_steps {max_steps}" if max_steps else "")
 
-        if cfg["resume"] == "auto" and (ckpt := run.load_checkpoint(map_location=device)) is not None:
+        loaded = run.load_checkpoint(map_location=device) if cfg["resume"] == "auto" else None
+        if loaded is not None:
+            ckpt, ckpt_name = loaded
             state = restore(ckpt, model, optimizer, schedule, regularizer, task)
             run.truncate("metrics.jsonl", "epoch", state.epoch)
             run.truncate("activations.jsonl", "step", state.step)
-            print(f"[per] resuming {run.path} at epoch {state.epoch}, batch {state.batch}", flush=True)
+            attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
+                                           "batch": state.batch, "step": state.step}
+            attempts = _earlier_attempts(previous) + attempts
+            log.info("resuming %s from %s at epoch %d, batch %d (step %d of %d)", run.path, ckpt_name,
+                     state.epoch, state.batch, state.step, planned)
         else:
             run.clear()
-        run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name))
+        run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
         train_model = torch.compile(model) if trainer["compile"] else model
         lg = cfg["logger"]
         sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
@@ -145,16 +201,21 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
         status, state = fit(train_model, task, optimizer, schedule, run, settings,
                             regularizer=regularizer, sink=sink, state=state,
                             checkpoint_extra={"config": cfg}, stop=stop)
-    except BaseException:
-        run.write_summary(_summary(schema.FAILED, cfg, state, dev_name))
+    except BaseException as e:
+        run.write_summary(_summary(schema.FAILED, cfg, state, dev_name, attempts))
+        log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
         if sink is not None:
             sink.finish(exit_code=1)
         raise
     finally:
         stop.__exit__()
-    summary = _summary(status, cfg, state, dev_name)
+    summary = _summary(status, cfg, state, dev_name, attempts)
     run.write_summary(summary)
     sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
+    best = state.best
+    log.info("%s %s | %s%s | steps %d, epochs %d | wall %.1f s", status, run.path, _key_metrics(state.final),
+             f" | best epoch {best['epoch']}: {_key_metrics(best)}" if best.get("epoch") else "",
+             state.step, state.epoch, state.wall_time_s)
     if status == schema.INTERRUPTED:
         summary["signal"] = stop.signum
     return summary

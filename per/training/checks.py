@@ -1,0 +1,194 @@
+"""Config checks before a run touches its directory: every value against what is
+allowed, and a stored run's config against the new one (what decides the result).
+
+Plain dicts in, errors that name the dotted key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from per import models, schema
+from per.functional import LAYOUTS, REDUCTIONS
+from per.models.lstm import DROPOUT_TYPES
+from per.regularizers import PATHS
+from per.training.loggers import LOGGER_MODES
+from per.training.optim import CLIP_MODES, SCHEDULES
+from per.training.runtime import DEVICES, PRECISIONS
+
+RESUME_MODES = ("auto", "never")
+DATASETS = {"cifar": ("cifar10", "cifar100"), "lm": ("ptb", "wikitext2")}
+ACTIVATIONS = ("relu", "leaky_relu", "elu")
+
+# Keys that may change between a run and its resumption without changing its result:
+# where the data and runs live, how the run is launched and reports, sweep settings.
+VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name",
+            "trainer.device", "trainer.gpus", "trainer.progress", "trainer.log_every",
+            "data.root", "data.download", "data.verify_checksums",
+            "method.lam_grid", "method.slices_grid")
+
+
+class ConfigValueError(ValueError):
+    """A config value outside what is allowed."""
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory holds a run with a different configuration."""
+
+
+_MISSING = object()
+
+
+def _get(cfg: dict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
+
+
+def _number_at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_number(v) and v >= lo), f"a finite number >= {lo}"
+
+
+def _one_of(choices) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
+
+
+def _optional(check: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    ok, what = check
+    return (lambda v: v is None or ok(v)), f"null or {what}"
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_POSITIVE = ((lambda v: _is_number(v) and v > 0), "a finite number > 0")
+_STRING = ((lambda v: isinstance(v, str) and v != ""), "a non-empty string")
+_STRINGS = ((lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)), "a list of strings")
+_INTS = ((lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+         "a list of integers >= 0")
+
+# Checked where present (a task or method without the key does not have it).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": _one_of(schema.TASKS),
+    "seed": _int_at_least(0),
+    "resume": _one_of(RESUME_MODES),
+    "table": _optional(_STRING),
+    "method.name": _one_of(schema.METHODS),
+    "method.lam": _number_at_least(0),
+    "method.layout": _one_of(LAYOUTS),
+    "method.num_slices": _int_at_least(1),
+    "method.reduction": _one_of(REDUCTIONS),
+    "method.path": _one_of(PATHS),
+    "method.share_directions": _BOOL,
+    "model.name": _one_of(models.list_models()),
+    "model.norm": _one_of(schema.NORMS),
+    "model.activation": _one_of(ACTIVATIONS),
+    "model.hidden_size": _int_at_least(1),
+    "model.num_layers": _int_at_least(1),
+    "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "model.dropout_type": _one_of(DROPOUT_TYPES),
+    "data.root": _STRING,
+    "data.download": _BOOL,
+    "data.verify_checksums": _BOOL,
+    "data.val_size": _int_at_least(0),
+    "data.batch_size": _int_at_least(1),
+    "data.eval_batch_size": _int_at_least(1),
+    "data.mixup_alpha": _number_at_least(0),
+    "data.probe_size": _int_at_least(1),
+    "data.bptt": _int_at_least(1),
+    "optim.epochs": _int_at_least(1),
+    "optim.total_steps": _optional(_int_at_least(1)),
+    "optim.lr": _POSITIVE,
+    "optim.momentum": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "optim.nesterov": _BOOL,
+    "optim.weight_decay": _number_at_least(0),
+    "optim.bias_weight_decay": _BOOL,
+    "optim.bias_lr_mult": _number_at_least(0),
+    "optim.clip_norm": _number_at_least(0),
+    "optim.clip_mode": _one_of(CLIP_MODES),
+    "optim.schedule": _one_of(SCHEDULES),
+    "trainer.epochs": _int_at_least(1),
+    "trainer.max_steps": _optional(_int_at_least(1)),
+    "trainer.limit_eval_batches": _optional(_int_at_least(1)),
+    "trainer.device": _one_of(DEVICES),
+    "trainer.precision": _one_of(PRECISIONS),
+    "trainer.compile": _BOOL,
+    "trainer.channels_last": _BOOL,
+    "trainer.deterministic": _BOOL,
+    "trainer.log_every": _int_at_least(1),
+    "trainer.progress": _optional(_BOOL),
+    "trainer.monitor.every": _int_at_least(0),
+    "trainer.monitor.sites": _optional(_STRINGS),
+    "trainer.monitor.units": _int_at_least(1),
+    "trainer.monitor.slices": _int_at_least(1),
+    "trainer.gpus": _optional(_INTS),
+    "logger.mode": _one_of(LOGGER_MODES),
+}
+
+
+def validate(cfg: dict) -> None:
+    """Check every known config value; the error lists each bad key, its value and
+    what is allowed. Keys not listed here pass (other modules check their own).
+
+    Raises:
+        ConfigValueError: one or more values are outside what is allowed.
+    """
+    bad = []
+    for key, (ok, allowed) in _CHECKS.items():
+        value = _get(cfg, key)
+        if value is not _MISSING and not ok(value):
+            bad.append(f"{key}={value!r}: expected {allowed}")
+    if bad:
+        raise ConfigValueError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  "
+                               + "\n  ".join(bad))
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _decides_result(key: str) -> bool:
+    return not any(key == v or key.startswith(v + ".") for v in VOLATILE)
+
+
+def config_differences(stored: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """What differs between a stored run's config and a new one, on the keys that
+    decide the result: one `key: stored -> new` line per dotted key. A key missing
+    from the stored config (new since the run was written) counts only when its new
+    value differs from its value in `defaults` (the config without command-line values)."""
+    a, b = _flatten(stored), _flatten(new)
+    d = _flatten(defaults) if defaults is not None else {}
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if not _decides_result(key):
+            continue
+        old, now = a.get(key, _MISSING), b.get(key, _MISSING)
+        if old is _MISSING and key in d and now == d[key]:
+            continue
+        if old != now:
+            out.append(f"{key}: {_show(old)} -> {_show(now)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    return "<absent>" if value is _MISSING else repr(value)
