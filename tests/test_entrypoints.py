@@ -65,6 +65,7 @@ def test_sigterm_writes_checkpoint_and_kill_resumes_to_same_result(data_root, tm
             proc.send_signal(signal.SIGTERM)
             break
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in proc.stdout.read()
     summary = json.loads((cut_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["steps"] < ref["steps"]
     assert (cut_dir / "checkpoints/last.pt").stat().st_mtime > mtime
@@ -86,3 +87,58 @@ def test_unknown_layout_names_valid_choices(data_root, tmp_path):
                          env=_env(), capture_output=True, text=True)
     assert out.returncode != 0
     assert "channels" in out.stderr and "flatten" in out.stderr
+
+
+def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "out.txt", "w") as out:   # as under SLURM or nohup: not a TTY
+        subprocess.run(_cmd(data_root, run_dir, "trainer.epochs=1", "trainer.max_steps=3"), env=_env(),
+                       check=True, stdout=out, stderr=subprocess.STDOUT)
+    for text in ((tmp_path / "out.txt").read_text(), (run_dir / "train_cifar.log").read_text()):
+        assert f"run {run_dir} | device cpu" in text and "3 steps planned" in text
+        assert "epoch 1/1 step 3 | lr=" in text and f"finished {run_dir} | train_loss=" in text
+
+
+def test_plain_python_call_shows_lines(data_root, tmp_path):
+    code = ("import sys; sys.path.insert(0, 'experiments'); from common import compose_plain; "
+            "from per.training.run import train; from per.training.image_task import build_image_experiment; "
+            f"train(compose_plain('train_cifar', sys.argv[1:], {str(tmp_path / 'run')!r}), build_image_experiment)")
+    out = subprocess.run([sys.executable, "-c", code, *_cmd(data_root, tmp_path)[2:-1], "trainer.max_steps=2"],
+                         env=_env(), cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "steps planned" in out.stderr and "finished" in out.stderr and out.stdout == ""
+
+
+def test_refused_invocation_changes_nothing_in_the_run_directory(data_root, tmp_path):
+    subprocess.run(_cmd(data_root, tmp_path, "trainer.max_steps=2"), env=_env(), check=True, capture_output=True)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert tmp_path / ".hydra/overrides.yaml" in before
+    for bad in ("optim.lr=0.5", "method.lam=abc"):
+        out = subprocess.run(_cmd(data_root, tmp_path, "trainer.max_steps=2", bad), env=_env(),
+                             capture_output=True, text=True)
+        assert out.returncode != 0
+        assert ("optim.lr: 0.1 -> 0.5" if bad == "optim.lr=0.5" else "method.lam='abc'") in out.stderr
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*")
+                if p.is_file() and p.suffix != ".log"} == before
+
+
+def test_second_process_on_the_same_run_directory_exits_naming_the_holder(data_root, tmp_path):
+    first = subprocess.Popen(_cmd(data_root, tmp_path), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "summary.json").exists():   # written once the lock is held
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(_cmd(data_root, tmp_path), env=_env(), capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+    assert second.returncode != 0
+    assert f"is in use by process {first.pid}" in second.stderr
+
+
+def test_debug_smoke_writes_under_the_debug_root(data_root, tmp_path):
+    env = {**_env(), "PER_RUNS_DIR": str(tmp_path / "runs"), "PER_DEBUG_DIR": str(tmp_path / "debug")}
+    cmd = [c for c in _cmd(data_root, tmp_path) if not c.startswith("hydra.run.dir=")]
+    subprocess.run([*cmd, "debug=smoke"], env=env, check=True, capture_output=True)
+    summaries = list((tmp_path / "debug").rglob("summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 4
+    assert not (tmp_path / "runs").exists()

@@ -318,3 +318,14 @@ def test_damaged_pickle_is_named(tmp_path):
     with pytest.raises(ValueError, match="cannot read .*data_batch_3 .*damaged"):
         train(_cfg(root, tmp_path / "run", "model=resnet20"), build_image_experiment)
     assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("config,preset", [("train_cifar", "t2_cifar10_elu_per"), ("train_lm", "t3_ptb_lstm_per")])
+def test_debug_smoke_lands_outside_the_runs_tree(config, preset):
+    real = compose_config(config, [f"experiment={preset}"])
+    smoke = compose_config(config, [f"experiment={preset}", "debug=smoke"])
+    task = real["task"]
+    assert real["run_dir"].startswith(f"results/runs/{task}/{preset}/")
+    assert smoke["run_dir"] == real["run_dir"].replace("results/runs/", "results/debug/", 1)
+    assert smoke["trainer"]["max_steps"] == 4 and smoke["trainer"]["limit_eval_batches"] == 2
+    assert smoke["logger"]["mode"] == "disabled"
