@@ -1,0 +1,38 @@
+"""Config checks: every preset passes `validate`; `config_differences` compares what decides the result."""
+from __future__ import annotations
+
+import pytest
+
+from per.training.checks import ConfigValueError, config_differences, validate
+from runner_utils import ROOT, compose_config
+
+PRESETS = sorted(p.stem for p in (ROOT / "configs/experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_and_its_smoke_run_pass_validation(name):
+    config = "train_lm" if name.startswith("t3_") else "train_cifar"
+    validate(compose_config(config, [f"experiment={name}"], "unused"))
+    validate(compose_config(config, [f"experiment={name}", "debug=smoke"], "unused"))
+
+
+def test_validation_lists_every_bad_value():
+    cfg = compose_config("train_lm", ["method=per", "method.lam=-1", "data.bptt=0", "trainer.device=tpu",
+                                      "trainer.progress=maybe"], "unused")
+    with pytest.raises(ConfigValueError) as err:
+        validate(cfg)
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["  method.lam=-1: expected a finite number >= 0", "  data.bptt=0: expected an integer >= 1",
+                     "  trainer.device='tpu': expected one of auto, cpu, cuda",
+                     "  trainer.progress='maybe': expected null or true or false"]
+
+
+def test_differences_ignore_volatile_keys_and_new_keys_at_their_default():
+    stored = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [1e-4]}, "trainer": {"device": "cpu"},
+              "data": {"root": "a"}}
+    new = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [3e-4], "reduction": "sum"},
+           "trainer": {"device": "cuda", "limit_eval_batches": 2}, "data": {"root": "b"}}
+    defaults = {"method": {"reduction": "sum"}, "trainer": {"limit_eval_batches": None}}
+    assert config_differences(stored, new, defaults) == ["trainer.limit_eval_batches: <absent> -> 2"]
+    assert config_differences(stored, {**new, "seed": 1}, defaults)[0] == "seed: 0 -> 1"
+    assert config_differences({**stored, "old_key": 1}, new, defaults)[0] == "old_key: 1 -> <absent>"
