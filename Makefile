@@ -15,7 +15,7 @@ REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gp
         --launcher $(LAUNCHER) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
-.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation tables figures step-times presets
+.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times presets
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -46,8 +46,11 @@ reproduce-lm: ## Table 3: every lambda x SEEDS seeds, lambda chosen on validatio
 sweep: ## one cell's lambda sweep: make sweep EXPERIMENT=t1_cifar10_resnet56_per [LAMS=1e-4,3e-5] [SEEDS=3]
 	$(REPRO) --sweep $(EXPERIMENT) $(if $(LAMS),--lams $(LAMS))
 
-ablation: ## ResNet-56/CIFAR-10 PER: channels vs flatten layouts, 16/64/256/1024 slices
+ablation: ## ResNet-56/CIFAR-10 PER: layout (channels, flatten) x reduction (sum, mean), 16/64/256/1024 slices
 	$(REPRO) --ablation
+
+strength: ## per-site gradient ratios of every family x lambda grid x layout x reduction -> results/strength/
+	$(PY) scripts/strength.py
 
 tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV)
 	$(PY) scripts/aggregate.py --runs $(RUNS) --out results/tables

@@ -210,11 +210,11 @@ def main() -> int:
     csv = out / "strength.csv"
     old = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
     rows = []
-    for fam in FAMILIES:
-        if fam.name in args.families:
-            print(f"[strength] {fam.name} ({fam.base})", flush=True)
-            overrides = getattr(args, f"override_{fam.task}")
-            rows += measure_family(fam, args.steps, root, work.resolve(), overrides)
+    by_name = {f.name: f for f in FAMILIES}
+    for fam in (by_name[name] for name in args.families):   # in the order given
+        print(f"[strength] {fam.name} ({fam.base})", flush=True)
+        overrides = getattr(args, f"override_{fam.task}")
+        rows += measure_family(fam, args.steps, root, work.resolve(), overrides)
     df = pd.concat([old[~old.family.isin(args.families)], pd.DataFrame(rows)], ignore_index=True)
     df["middle"] = df.middle.astype(bool)
     out.mkdir(parents=True, exist_ok=True)
