@@ -1,4 +1,4 @@
-"""Fused PER gradient on the GPU (DESIGN.md section 5): one Triton program per block of
+"""Fused PER gradient on the GPU: one Triton program per block of
 points computes the projections, `erf` and the back-projection, so the `(N, s)`
 projection matrix never reaches memory.
 

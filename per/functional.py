@@ -1,6 +1,6 @@
 """The PER loss and its gradient, the L1/L2 baselines, and activations-to-points.
 
-Notation (DESIGN.md section 1): one site's activations form a point cloud
+Notation (docs/method.md): one site's activations form a point cloud
 `x: (N, d)`; `directions: (d, s)` holds `s` unit directions `theta_k` as columns;
 projections `p_ik = <x_i, theta_k>`.
 

@@ -1,6 +1,6 @@
 """Activation regularizers attached to a model's sites: PER, L1, L2 and VCL.
 
-Objective (DESIGN.md section 1): `task_loss + lam * sum over sites of L_site`. With
+Objective (docs/method.md): `task_loss + lam * sum over sites of L_site`. With
 `reduction="sum"` (default, the paper's Algorithm 1) `L_site` sums over the site's `N`
 points (`per.to_points`), so each point's gradient is `lam * g_i` with no `1/N`; with
 `reduction="mean"` (the `1/b` of eq. 5/6) it is their mean. Logged per-site penalties
@@ -100,7 +100,7 @@ class _GradNormProbe(torch.autograd.Function):
 
 
 class Regularizer(nn.Module):
-    """One regularizer acting on all sites of one role in `model` (DESIGN.md section 1).
+    """One regularizer acting on all sites of one role in `model` (docs/method.md).
 
     Args:
         model: a model containing `per.Site` modules; kept by reference (not a submodule).
@@ -255,7 +255,7 @@ class Regularizer(nn.Module):
         return self.betas[key]
 
     def _apply_vcl(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """VCL (Littwin & Wolf 2018; REFERENCES.md 5.1) on pre-activations `h: (B, ...)`:
+        """VCL (Littwin & Wolf 2018; docs/protocols.md) on pre-activations `h: (B, ...)`:
         `L = mean over units of (1 - var(h[:c]) / (var(h[c:2c]) + beta))^2`, var over the batch."""
         beta = self._vcl_beta(name, h)
         c = self.vcl_chunk

@@ -1,6 +1,6 @@
 """Sites: explicit, named points in a model whose activations a regularizer sees.
 
-A model places `Site()` modules where DESIGN.md section 1 says (after each
+A model places `Site()` modules where docs/method.md says (after each
 nonlinearity, and after the scalar bias that follows it where the model has one;
 `Site(role="pre")` on pre-activations for VCL). A site is the identity in the
 forward pass; a `Regularizer` attaches to it to add its penalty, and

@@ -1,4 +1,4 @@
-"""per.functional against independent NumPy/scipy float64 evaluations of DESIGN.md section 1."""
+"""per.functional against independent NumPy/scipy float64 evaluations of the formulas in docs/method.md."""
 from __future__ import annotations
 
 import math

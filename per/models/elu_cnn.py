@@ -1,6 +1,6 @@
 """The "deep ELU network": Clevert et al. 2015's 11-layer CIFAR CNN, as used by VCL and PER.
 
-Stacks (layers x units x kernel), Clevert's original widths (REFERENCES.md 5.3-5.4):
+Stacks (layers x units x kernel), Clevert's original widths (docs/protocols.md):
 [1x192x5], [1x192x1, 1x240x3], [1x240x1, 1x260x2], [1x260x1, 1x280x2],
 [1x280x1, 1x300x2], [1x300x1], [1x{num_classes}x1]. 'same' padding (for the
 even kernel 2, one extra zero row/column at the bottom/right, as the VCL

@@ -13,7 +13,7 @@ zero channels concatenated after. Every Fixup scalar's parameter name contains
 `bias` or `scale`, so a training loop can select "bias and scale parameters"
 (lr/10 in Fixup's protocol) by name.
 
-Sites (DESIGN.md section 1), 1 + 2*blocks of each role:
+Sites (docs/method.md), 1 + 2*blocks of each role:
 - post, BN: `stem_site` after the stem ReLU; per block `act1_site` after the
   first ReLU and `out_site` after the block's final ReLU.
 - post, Fixup: after each ReLU and after the scalar bias that follows it.
