@@ -17,9 +17,48 @@ STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED, INTERRUPTED)
 METHODS = ("vanilla", "l1", "l2", "per", "vcl", "rbn")
 NORMS = ("none", "bn")
 
-# Metric names, per task. Image errors are in percent.
-TRAIN_LOSS, VAL_ERROR, TEST_ERROR = "train_loss", "val_error", "test_error"
-VAL_PPL, TEST_PPL = "val_ppl", "test_ppl"
+# Splits. Run records and the corpus use these names; the corpus files on disk keep
+# theirs (`ptb.valid.txt`, `wiki.valid.tokens`) and the paper's tables say `valid`.
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
+PAPER_SPLIT = {VAL: "valid", TEST: "test"}   # split label in `paper_tables.csv` and our tables
+
+# Per-split measures. Image errors are in percent; ppl = exp(mean token loss).
+LOSS, ERROR, PPL = "loss", "error", "ppl"
+
+
+def metric_key(split: str, measure: str) -> str:
+    """The row key of a measure on a split: `metric_key(VAL, PPL) == "val_ppl"`."""
+    return f"{split}_{measure}"
+
+
+# Metric names, per task.
+TRAIN_LOSS, TRAIN_ERROR, TRAIN_PPL = (metric_key(TRAIN, m) for m in (LOSS, ERROR, PPL))
+VAL_ERROR, TEST_ERROR = metric_key(VAL, ERROR), metric_key(TEST, ERROR)
+VAL_PPL, TEST_PPL = metric_key(VAL, PPL), metric_key(TEST, PPL)
+
+# The other keys of a `metrics.jsonl` row (one per epoch).
+EPOCH, STEP, LR = "epoch", "step", "lr"
+PENALTY = "penalty"             # sum over sites of the unscaled per-site penalty
+EPOCH_TIME = "epoch_time_s"     # training seconds of the epoch (evaluation excluded)
+
+
+def throughput_key(items: str) -> str:
+    """Training items per second, named by the task's items: `images_per_s`, `tokens_per_s`."""
+    return f"{items}_per_s"
+
+
+# Per-site diagnostics: `<prefix><site>`, averaged over the tracked steps of an epoch.
+PENALTY_PREFIX = "penalty/"         # the site's unscaled penalty L_site
+GRAD_RATIO_PREFIX = "grad_ratio/"   # ||lam dL_site/dh|| / ||d(downstream loss)/dh||
+DIAGNOSTIC_PREFIXES = (PENALTY_PREFIX, GRAD_RATIO_PREFIX)
+
+
+def is_diagnostic(key: str) -> bool:
+    """Whether a row key is a per-site diagnostic (it has a `/`). Diagnostics may be
+    infinite legitimately and stay out of `final`, `best` and the console line."""
+    return "/" in key
+
 SELECTION_METRIC = {"cifar": VAL_ERROR, "lm": VAL_PPL}   # lambda is chosen on this
 REPORT_METRIC = {"cifar": TEST_ERROR, "lm": TEST_PPL}     # the table reports this
 # Where the reported metric is read from: images report the final epoch, LMs the
