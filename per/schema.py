@@ -78,11 +78,24 @@ MODEL_ACTIVATION = {
 }
 
 
+# A table cell: the `cell` block of `summary.json`, the paper CSV's key columns.
+CELL_KEYS = ("table", "dataset", "model", "activation", "method")
+# A cell less its method: the setting whose methods a figure draws side by side.
+SETTING_KEYS = CELL_KEYS[:-1]
+# Method options that make ablation variants of a cell, and the methods they apply to
+# (for other methods the option is None, so a default left in the config does not
+# split their cells).
+METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "num_slices": ("per",)}
+# A cell plus its variant: what runs are grouped by to choose lambda and to report.
+VARIANT_KEYS = (*CELL_KEYS, *METHOD_OPTIONS)
+
+
 def method_label(method: str, norm: str = "none") -> str:
     """Row label of a run in the paper's vocabulary.
 
     A BN model with no regularizer is `bn`; BN plus PER is `bn+per`; a model
     without normalization keeps the method name (`vanilla`, `per`, ...).
+    `method_and_norm` is the inverse.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -91,6 +104,16 @@ def method_label(method: str, norm: str = "none") -> str:
     if norm == "bn":
         return "bn" if method == "vanilla" else f"bn+{method}"
     return method
+
+
+def method_and_norm(label: str) -> tuple[str, str]:
+    """The (method, norm) of a row label: `bn` -> (vanilla, bn), `bn+per` -> (per, bn),
+    `per` -> (per, none); the inverse of `method_label`."""
+    norm = "bn" if label == "bn" or label.startswith("bn+") else "none"
+    method = "vanilla" if label == "bn" else label.removeprefix("bn+")
+    if method not in METHODS or method_label(method, norm) != label:
+        raise ValueError(f"unknown method label {label!r}")
+    return method, norm
 
 
 def make_cell(dataset: str, model: str, method: str, norm: str = "none",
@@ -109,6 +132,22 @@ def make_cell(dataset: str, model: str, method: str, norm: str = "none",
     }
 
 
-CELL_KEYS = ("table", "dataset", "model", "activation", "method")
+def cell_of(cfg: dict) -> dict:
+    """The table cell of a run, from its resolved config as a plain dict (`data.name`,
+    `model.{name, norm, activation}`, `method.name`, the preset's `table`)."""
+    model = cfg["model"]
+    return make_cell(cfg["data"]["name"], model["name"], cfg["method"]["name"],
+                     norm=model.get("norm", "none"), activation=model.get("activation"),
+                     table=cfg.get("table"))
+
+
+def method_options(cfg: dict) -> dict:
+    """The run's `METHOD_OPTIONS` values from its config; None where the option does
+    not apply to the run's method."""
+    method = cfg["method"]
+    return {opt: method.get(opt) if method["name"] in methods else None
+            for opt, methods in METHOD_OPTIONS.items()}
+
+
 SUMMARY_KEYS = ("status", "task", "cell", "lam", "seed", "epochs_completed", "steps",
                 "wall_time_s", "device", "code_version", "versions", "final", "best")

@@ -16,22 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from per.schema import (CELL_KEYS, FINISHED, INTERRUPTED, RUNNING, STATUSES, SUMMARY_KEYS,
-                        TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR, VAL_PPL)
+from per.schema import (CELL_KEYS, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, RUNNING,
+                        STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
+                        VAL_PPL, VARIANT_KEYS, method_options)
 
 log = logging.getLogger(__name__)
 
 METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
-# Method options that split a cell into variants (the PER ablations), and the
-# regularizers they apply to; for other methods the option is recorded as missing,
-# so that a default left in the config does not split their cells.
-METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "num_slices": ("per",)}
 RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS,
     "experiment", "epochs_completed", "steps", "wall_time_s", "device",
@@ -40,7 +38,7 @@ RUN_COLUMNS = (
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
-RUN_IDENTITY = ["task", *CELL_KEYS, *METHOD_OPTIONS, "lam", "seed", "val_size"]
+RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
 _DTYPES = {"lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
            "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
            "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
@@ -73,11 +71,11 @@ def min_test(history: Iterable[Mapping]) -> tuple[int | None, float | None]:
     """(epoch, value) of the lowest finite `test_error` among per-epoch rows; (None, None)
     when no row has one (language models, runs stopped before their first epoch)."""
     rows = [r for r in history if isinstance(r.get(TEST_ERROR), (int, float))
-            and math.isfinite(r[TEST_ERROR]) and r.get("epoch") is not None]
+            and math.isfinite(r[TEST_ERROR]) and r.get(EPOCH) is not None]
     if not rows:
         return None, None
-    best = min(rows, key=lambda r: (r[TEST_ERROR], r["epoch"]))
-    return int(best["epoch"]), float(best[TEST_ERROR])
+    best = min(rows, key=lambda r: (r[TEST_ERROR], r[EPOCH]))
+    return int(best[EPOCH]), float(best[TEST_ERROR])
 
 
 def run_record(config: Mapping, summary: Mapping, run_dir: str,
@@ -95,7 +93,6 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     status = INTERRUPTED if summary["status"] == RUNNING else summary["status"]
     if status not in STATUSES:
         raise ValueError(f"unknown status {summary['status']!r}")
-    method = config["method"]["name"]
     final, best = summary["final"] or {}, summary["best"] or {}
     min_epoch, min_error = min_test(history)
     return {
@@ -103,12 +100,11 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         **{k: summary["cell"][k] for k in CELL_KEYS},
         "lam": float(summary["lam"]), "seed": int(summary["seed"]),
         "val_size": int((config.get("data") or {}).get("val_size") or 0),
-        **{opt: config["method"].get(opt) if method in methods else None
-           for opt, methods in METHOD_OPTIONS.items()},
+        **method_options(config),
         "experiment": config.get("preset", config.get("experiment")),
         **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
         **{f"final_{m}": final.get(m) for m in METRICS},
-        "best_epoch": best.get("epoch"),
+        "best_epoch": best.get(EPOCH),
         **{f"best_{m}": best.get(m) for m in METRICS},
         "partial": is_partial(config, summary), "min_test_epoch": min_epoch, "min_test_error": min_error,
     }
@@ -137,6 +133,35 @@ def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return kept.sort_values("run_dir", ignore_index=True), problems
 
 
+RunReader = Callable[[], tuple[Mapping, Mapping, Iterable[Mapping]]]
+
+
+def run_table(runs: Iterable[tuple[str, RunReader]],
+              errors: tuple[type[Exception], ...]) -> tuple[pd.DataFrame, list[str]]:
+    """The run table from (name, read) pairs, `read()` giving the run's config, summary
+    and per-epoch rows, plus the problems list: a run whose reading or record raises
+    one of `errors` is skipped, one left `running` is kept (read as `interrupted`), and
+    duplicates of another run are dropped (`drop_duplicate_runs`), each with one line."""
+    rows, problems = [], []
+    for name, read in runs:
+        try:
+            config, summary, history = read()
+            rows.append(run_record(config, summary, name, history))
+        except errors as err:
+            problems.append(f"{name}: skipped ({type(err).__name__}: {err})")
+            continue
+        if summary["status"] == RUNNING:
+            problems.append(f"{name}: status 'running' read as 'interrupted'")
+    kept, duplicates = drop_duplicate_runs(runs_frame(rows))
+    return kept, problems + duplicates
+
+
+def _read_run_dir(run_dir: Path) -> tuple[dict, dict, list[dict]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return config, summary, _read_jsonl(run_dir / "metrics.jsonl")
+
+
 def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """Every run under `root` (found by its `summary.json`), one row per run.
 
@@ -144,20 +169,9 @@ def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     (skipped), duplicates of another run (skipped, see `drop_duplicate_runs`) and
     runs left `running` (kept, read as `interrupted`).
     """
-    rows, problems = [], []
-    for path in sorted(Path(root).rglob("summary.json")):
-        run_dir = path.parent
-        try:
-            summary = json.loads(path.read_text())
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
-            rows.append(run_record(config, summary, str(run_dir), _read_jsonl(run_dir / "metrics.jsonl")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
-            problems.append(f"{run_dir}: skipped ({type(err).__name__}: {err})")
-            continue
-        if summary["status"] == RUNNING:
-            problems.append(f"{run_dir}: status 'running' read as 'interrupted'")
-    runs, duplicates = drop_duplicate_runs(runs_frame(rows))
-    return runs, problems + duplicates
+    run_dirs = sorted(path.parent for path in Path(root).rglob("summary.json"))
+    return run_table(((str(d), partial(_read_run_dir, d)) for d in run_dirs),
+                     (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError))
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -6,37 +6,36 @@ objects (Agg canvas), never through pyplot's global state.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
-from scipy.special import erf
 
+import per
 from per.analysis import tables
 from per.analysis.collect import METRICS
 from per.analysis.paper import load_paper_tables
-from per.schema import (FINISHED, REPORT_METRIC, SELECTION_METRIC, TASKS, TEST_ERROR, TEST_PPL,
-                        TRAIN_LOSS, VAL_ERROR, VAL_PPL)
+from per.schema import (EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
+                        SETTING_KEYS, TASKS, TEST)
 
-LABELS = {TRAIN_LOSS: "training loss", VAL_ERROR: "validation error (%)",
-          TEST_ERROR: "test error (%)", VAL_PPL: "validation perplexity",
-          TEST_PPL: "test perplexity"}
-CELL = ["table", "dataset", "model", "activation"]
+CELL = list(SETTING_KEYS)   # one figure per setting: the methods of a cell side by side
 FORMATS = ("png", "pdf")
 
 
 # --- 1-D losses (the paper's Figure 1) --------------------------------------------
 
 def phi(x: np.ndarray) -> np.ndarray:
-    """PER's 1-D loss, phi(x) = E|x - Z| for Z ~ N(0, 1)."""
-    return x * erf(x / math.sqrt(2)) + math.sqrt(2 / math.pi) * np.exp(-x ** 2 / 2)
+    """PER's 1-D loss, phi(x) = E|x - Z| for Z ~ N(0, 1) (`per.phi` in float64)."""
+    return per.phi(torch.as_tensor(x, dtype=torch.float64)).numpy()
 
 
 def phi_grad(x: np.ndarray) -> np.ndarray:
-    """phi'(x) = erf(x / sqrt 2)."""
-    return erf(x / math.sqrt(2))
+    """phi'(x) = erf(x / sqrt 2), the gradient `per.phi` backpropagates."""
+    t = torch.as_tensor(x, dtype=torch.float64).requires_grad_()
+    per.phi(t).sum().backward()
+    return t.grad.numpy()
 
 
 def huber(x: np.ndarray, delta: float = 1.0) -> np.ndarray:
@@ -189,16 +188,16 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
                           colors, chosen)
             _lambda_panel(rep_ax, _in_cell(reports, key).merge(labels), "mean", "std", colors)
-            published = _in_cell(paper[paper.split == "test"], key)
+            published = _in_cell(paper[paper.split == PAPER_SPLIT[TEST]], key)
             for method, value in zip(published.method, published.value):
                 if method in set(cell.method):
                     rep_ax.axhline(value, color="0.3", ls=":", lw=1)
                     rep_ax.text(1.0, value, f" paper {method}", va="center", fontsize=7,
                                 transform=rep_ax.get_yaxis_transform())
-            sel_ax.set(title=f"selection: {LABELS[SELECTION_METRIC[task]]}",
-                       ylabel=LABELS[SELECTION_METRIC[task]])
-            rep_ax.set(title=f"reported: {LABELS[REPORT_METRIC[task]]}",
-                       ylabel=LABELS[REPORT_METRIC[task]])
+            selection = tables.metric_label(SELECTION_METRIC[task])
+            report = tables.metric_label(REPORT_METRIC[task])
+            sel_ax.set(title=f"selection: {selection}", ylabel=selection)
+            rep_ax.set(title=f"reported: {report}", ylabel=report)
             for ax in (sel_ax, rep_ax):
                 ax.set_xlabel("λ")
                 if (cell.lam > 0).any():
@@ -228,11 +227,12 @@ def plot_training_curves(metrics_by_run: pd.DataFrame, out_dir: str | Path = "re
         fig = Figure(figsize=(4 * len(metrics), 3.4), layout="constrained")
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for ax, metric in zip(axes, metrics):
-            curves = cell.groupby(["label", "epoch"], sort=False)[metric].mean().dropna()
+            curves = cell.groupby(["label", EPOCH], sort=False)[metric].mean().dropna()
             for label, curve in curves.groupby(level="label", sort=False):
-                ax.plot(curve.index.get_level_values("epoch"), curve.to_numpy(), label=label,
+                ax.plot(curve.index.get_level_values(EPOCH), curve.to_numpy(), label=label,
                         marker="o" if len(curve) == 1 else None)
-            ax.set(title=LABELS[metric], xlabel="epoch", ylabel=LABELS[metric])
+            ylabel = tables.metric_label(metric)
+            ax.set(title=ylabel, xlabel="epoch", ylabel=ylabel)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
         fig.suptitle(" ".join(key))
@@ -283,11 +283,11 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                                marker="o", capsize=3, label=f"λ={lam:.0e}")
         ticks = sorted(by_slices.num_slices.unique())
         layout_ax.set(title=f"layout (s={slices})", xscale="log", xlabel="λ",
-                      ylabel=LABELS[metric])
+                      ylabel=tables.metric_label(metric))
         slices_ax.set_xscale("log", base=2)
         slices_ax.set_xticks(ticks, labels=[str(t) for t in ticks])
         slices_ax.set(title=f"number of slices ({layout})", xlabel="slices",
-                      ylabel=LABELS[metric])
+                      ylabel=tables.metric_label(metric))
         for ax, varied in ((layout_ax, by_layout.layout), (slices_ax, by_slices.num_slices)):
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")

@@ -29,24 +29,36 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from per.analysis.collect import METHOD_OPTIONS
 from per.analysis.paper import load_paper_tables
-from per.schema import (CELL_KEYS, DIVERGED, FAILED, FINISHED, INTERRUPTED, REPORT_FROM,
-                        REPORT_METRIC, SELECTION_METRIC, TASKS)
+from per.schema import (CELL_KEYS, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
+                        PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, TASKS,
+                        TEST, TRAIN, VAL, VARIANT_KEYS)
 
-# A cell of the paper plus the method options that make ablation variants of it.
-GROUP_KEYS = [*CELL_KEYS, *METHOD_OPTIONS]
+# What runs are grouped by: a cell of the paper and its ablation variant.
+GROUP_KEYS = list(VARIANT_KEYS)
 FAILED_STATUSES = (DIVERGED, FAILED)
-# Splits each task reports, and the metric of each split.
-SPLITS = {"cifar": ("test",), "lm": ("valid", "test")}
-SPLIT_METRIC = {"valid": SELECTION_METRIC, "test": REPORT_METRIC}
+# Splits each task reports, and the metric of each split. The `split` column of the
+# results holds the paper's label of the split (`PAPER_SPLIT`).
+SPLITS = {"cifar": (TEST,), "lm": (VAL, TEST)}
+SPLIT_METRIC = {VAL: SELECTION_METRIC, TEST: REPORT_METRIC}
 DECIMALS = {"cifar": 2, "lm": 1}
+# Labels of metrics (`metric_key(split, measure)`) in tables and figures.
+SPLIT_LABELS = {TRAIN: "training", VAL: "validation", TEST: "test"}
+MEASURE_LABELS = {LOSS: "loss", ERROR: "error (%)", PPL: "perplexity"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric's label with its unit: `test_error` -> "test error (%)"."""
+    split, measure = metric.split("_", 1)
+    return f"{SPLIT_LABELS[split]} {MEASURE_LABELS[measure]}"
+
+
 # The metric of a table's numbers with its unit, per task (T3's columns name the split).
-TABLE_METRIC_LABEL = {"cifar": "test error (%)", "lm": "perplexity"}
+TABLE_METRIC_LABEL = {"cifar": metric_label(REPORT_METRIC["cifar"]), "lm": MEASURE_LABELS[PPL]}
 BEST_TEST_LABEL = "best test epoch (as the references report; optimistic)"
 # Row order of the paper's tables, extra rows after; `bn+<method>` rows come last.
 METHOD_ORDER = ("vanilla", "bn", "l1", "l2", "vcl", "rbn", "per")
-SPLIT_ORDER = ("valid", "test")
+SPLIT_ORDER = tuple(PAPER_SPLIT.values())
 # (row keys, column keys) of each table in the paper's layout; other tables get DEFAULT_LAYOUT.
 TABLE_LAYOUT = {
     "T1": (["method"], ["dataset", "model"]),
@@ -166,7 +178,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
     finished = kept[kept.status == FINISHED]
-    split_columns = {metric_column(task, SPLIT_METRIC[s][task]): s for s in SPLITS[task]}
+    split_columns = {metric_column(task, SPLIT_METRIC[s][task]): PAPER_SPLIT[s]
+                     for s in SPLITS[task]}
     values = (finished.rename(columns=split_columns)
               .melt(id_vars=GROUP_KEYS, value_vars=list(split_columns.values()),
                     var_name="split", value_name="value")
@@ -184,7 +197,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
                    best_test=("best_test", "mean"))
               .reset_index())
     published = paper[[*CELL_KEYS, "split", "value"]].rename(columns={"value": "paper"})
-    out = (chosen.merge(pd.DataFrame({"split": SPLITS[task]}), how="cross")
+    out = (chosen.merge(pd.DataFrame({"split": list(split_columns.values())}), how="cross")
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
            .merge(counts, on=GROUP_KEYS, how="left")
            .merge(published, on=[*CELL_KEYS, "split"], how="left"))
@@ -192,7 +205,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     out[numbers] = out[numbers].fillna(0).astype(int)
     out["partial"] = out.partial.eq(True)
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
-    out["best_test"] = out.best_test.where(out.split == "test") if task == "cifar" else math.nan
+    is_test = out.split == PAPER_SPLIT[TEST]
+    out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
     compared = include_partial | ~out.partial
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)

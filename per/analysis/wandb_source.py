@@ -7,13 +7,14 @@ builds (the history only for image runs, for `min_test_*`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import pandas as pd
 
-from per.analysis.collect import drop_duplicate_runs, run_record, runs_frame
-from per.schema import RUNNING, TEST_ERROR
+from per.analysis.collect import run_table
+from per.schema import EPOCH, TEST_ERROR
 
 SUMMARY_KEY = "summary"
 
@@ -37,17 +38,12 @@ def collect_wandb(project: str, entity: str | None = None,
         import wandb
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
-    rows, problems = [], []
-    for run in api.runs(path):
-        name = f"wandb:{'/'.join(run.path)}"
-        try:
-            summary = _plain(run.summary[SUMMARY_KEY])
-            history = run.scan_history(keys=["epoch", TEST_ERROR]) if summary["task"] == "cifar" else ()
-            rows.append(run_record(_plain(run.config), summary, name, history))
-        except (KeyError, ValueError, TypeError, AttributeError) as err:
-            problems.append(f"{name}: skipped ({type(err).__name__}: {err})")
-            continue
-        if summary["status"] == RUNNING:
-            problems.append(f"{name}: status 'running' read as 'interrupted'")
-    runs, duplicates = drop_duplicate_runs(runs_frame(rows))
-    return runs, problems + duplicates
+    return run_table(((f"wandb:{'/'.join(run.path)}", partial(_read_run, run)) for run in api.runs(path)),
+                     (KeyError, ValueError, TypeError, AttributeError))
+
+
+def _read_run(run: Any) -> tuple[dict, dict, Iterable[dict]]:
+    """A W&B run's config, summary and (image runs) per-epoch test errors."""
+    summary = _plain(run.summary[SUMMARY_KEY])
+    history = run.scan_history(keys=[EPOCH, TEST_ERROR]) if summary["task"] == "cifar" else ()
+    return _plain(run.config), summary, history
