@@ -26,6 +26,8 @@ from per.training.optim import create_optimizer, create_schedule, param_groups
 from per.training.records import RunDir
 
 REGULARIZED = ("l1", "l2", "per", "vcl")
+# Method config keys passed to Regularizer where present (absent: its default).
+REGULARIZER_OPTIONS = ("layout", "num_slices", "reduction", "path", "share_directions")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"   # Hydra's job-log format
 # The metrics an end or skip line shows (those present).
 KEY_METRICS = (schema.TRAIN_LOSS, schema.VAL_ERROR, schema.TEST_ERROR, schema.VAL_PPL, schema.TEST_PPL)
@@ -51,10 +53,8 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
         raise ValueError(f"unknown method {method['name']!r}; valid: {', '.join(schema.METHODS)}")
     if method["name"] not in REGULARIZED:
         return None
-    return Regularizer(model, method["name"], method["lam"], layout=method["layout"],
-                       num_slices=method["num_slices"], reduction=method.get("reduction", "sum"),
-                       path=method["path"],
-                       share_directions=method["share_directions"])
+    options = {k: method[k] for k in REGULARIZER_OPTIONS if k in method}   # PER-only keys in per.yaml
+    return Regularizer(model, method["name"], method["lam"], **options)
 
 
 def cell_of(cfg: dict) -> dict:
