@@ -6,7 +6,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from common import run_main
+from experiments.common import run_main
 from per.training.lm_task import build_lm_experiment
 
 

@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from common import compose_plain  # noqa: E402
+from experiments.common import compose_plain
+from per.analysis.collect import collect_runs
+from per.analysis.tables import select_lambda
+from per.data.cifar import write_fake_cifar
+from per.training.image_task import build_image_experiment
+from per.training.run import train
 
-from per.analysis.collect import collect_runs  # noqa: E402
-from per.analysis.tables import select_lambda  # noqa: E402
-from per.data.cifar import write_fake_cifar  # noqa: E402
-from per.training.image_task import build_image_experiment  # noqa: E402
-from per.training.run import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BANNER = ("SMOKE DEMO ON SYNTHETIC DATA (ResNet-20, a few dozen CPU steps per run): "
           "not a reproduction of the paper's numbers.")

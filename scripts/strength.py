@@ -29,18 +29,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from common import compose_plain  # noqa: E402
+from experiments.common import compose_plain
+from per.data.cifar import write_fake_cifar
+from per.data.corpus import write_fake_corpus
+from per.functional import LAYOUTS, REDUCTIONS
+from per.strength import measure_strength
+from per.training import runtime
+from per.training.image_task import build_image_experiment
+from per.training.lm_task import build_lm_experiment
+from per.training.run import train
 
-from per.data.cifar import write_fake_cifar  # noqa: E402
-from per.data.corpus import write_fake_corpus  # noqa: E402
-from per.functional import LAYOUTS, REDUCTIONS  # noqa: E402
-from per.strength import measure_strength  # noqa: E402
-from per.training import runtime  # noqa: E402
-from per.training.image_task import build_image_experiment  # noqa: E402
-from per.training.lm_task import build_lm_experiment  # noqa: E402
-from per.training.run import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
 

@@ -1,15 +1,13 @@
 """Helpers for end-to-end tests: the real Hydra configs as plain dicts."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from experiments.common import compose_plain as compose_config  # noqa: F401
+from per.training.records import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "experiments"))
-from common import compose_plain as compose_config  # noqa: E402,F401
-
-from per.training.records import RunDir  # noqa: E402
 
 TIMING_KEYS = ("images_per_s", "tokens_per_s", "epoch_time_s")
 

@@ -100,7 +100,7 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
 
 
 def test_plain_python_call_shows_lines(data_root, tmp_path):
-    code = ("import sys; sys.path.insert(0, 'experiments'); from common import compose_plain; "
+    code = ("import sys; from experiments.common import compose_plain; "
             "from per.training.run import train; from per.training.image_task import build_image_experiment; "
             f"train(compose_plain('train_cifar', sys.argv[1:], {str(tmp_path / 'run')!r}), build_image_experiment)")
     out = subprocess.run([sys.executable, "-c", code, *_cmd(data_root, tmp_path)[2:-1], "trainer.max_steps=2"],
