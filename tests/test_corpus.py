@@ -14,6 +14,7 @@ import torch
 import per.data.corpus as corpus_mod
 from per.data.corpus import CORPORA, Corpus, batchify, get_batch, write_fake_corpus
 from per.data.download import DatasetMissingError
+from per.schema import SPLITS, TEST, TRAIN, VAL
 
 
 def _split_counts(path: Path) -> tuple[int, int]:
@@ -27,11 +28,12 @@ def test_counts_vocab_and_ids(tmp_path: Path, name: str) -> None:
     directory = write_fake_corpus(tmp_path, name, n_train_lines=300, seed=1)
     c = Corpus(tmp_path, name, verify_checksums=False)
     spec = CORPORA[name]
-    for split in ("train", "valid", "test"):
+    assert spec.files[VAL].split(".")[1] == "valid"   # the on-disk name stays the corpus's
+    for split in SPLITS:
         words, lines = _split_counts(directory / spec.files[split])
         assert len(getattr(c, split)) == words + lines
         assert getattr(c, split).dtype == torch.long
-    train_text = (directory / spec.files["train"]).read_text().split("\n")[:-1]
+    train_text = (directory / spec.files[TRAIN]).read_text().split("\n")[:-1]
     train_words = {w for line in train_text for w in line.split()}
     assert set(c.vocab) == train_words | {"<eos>"}
     assert c.vocab_size == len(c.vocab) == len(c.word2idx)
@@ -49,7 +51,7 @@ def test_fake_corpus_format(tmp_path: Path) -> None:
     for name in ("ptb", "wikitext2"):
         directory = write_fake_corpus(tmp_path, name, n_train_lines=200)
         spec = CORPORA[name]
-        train = (directory / spec.files["train"]).read_text().split("\n")[:-1]
+        train = (directory / spec.files[TRAIN]).read_text().split("\n")[:-1]
         assert len(train) == 200
         assert all(line == " " or (line.startswith(" ") and line.endswith(" ")
                                    and "  " not in line) for line in train)
@@ -57,7 +59,7 @@ def test_fake_corpus_format(tmp_path: Path) -> None:
         if name == "wikitext2":
             assert " " in train and any(line.startswith(" = ") for line in train)
         train_words = {w for line in train for w in line.split()}
-        for split in ("valid", "test"):
+        for split in (VAL, TEST):
             text = (directory / spec.files[split]).read_text()
             assert len(text.split("\n")) - 1 == 20
             assert set(text.split()) <= train_words
@@ -86,7 +88,7 @@ def test_unseen_words(tmp_path: Path) -> None:
                               "ptb.test.txt": " b \n"})
     c = Corpus(tmp_path, "ptb", verify_checksums=False)
     assert c.vocab == ["a", "<unk>", "b", "<eos>"]
-    assert c.valid.tolist() == [0, 1, 3]  # "zz" -> <unk>
+    assert c.val.tolist() == [0, 1, 3]  # "zz" -> <unk>
     _write(tmp_path / "ptb", {"ptb.train.txt": " a b \n"})
     with pytest.raises(ValueError, match="zz"):
         Corpus(tmp_path, "ptb", verify_checksums=False)
@@ -170,7 +172,7 @@ def test_download_extracts_and_verifies(tmp_path: Path, monkeypatch: pytest.Monk
     c = Corpus(root, name, download=True, verify_checksums=False)
     assert urls == [CORPORA[name].url] * 2
     expected = Corpus(tmp_path / "source", name, verify_checksums=False)
-    assert c.vocab == expected.vocab and torch.equal(c.valid, expected.valid)
+    assert c.vocab == expected.vocab and torch.equal(c.val, expected.val)
 
 
 def test_batchify_and_get_batch() -> None:

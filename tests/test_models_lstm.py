@@ -247,7 +247,7 @@ def test_learns_fake_corpus(tmp_path: Path) -> None:
     corpus = Corpus(tmp_path, "ptb", verify_checksums=False)
     counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).float() + 1.0
     unigram_ppl = math.exp(F.nll_loss(counts.div(counts.sum()).log().expand(
-        len(corpus.valid), -1), corpus.valid).item())
+        len(corpus.val), -1), corpus.val).item())
     model = create("lstm", vocab_size=corpus.vocab_size, hidden_size=48, num_layers=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train = batchify(corpus.train, 20)
@@ -259,7 +259,7 @@ def test_learns_fake_corpus(tmp_path: Path) -> None:
         F.cross_entropy(logits.view(-1, corpus.vocab_size), y.reshape(-1)).backward()
         opt.step()
     model.eval()
-    valid = batchify(corpus.valid, 1)
+    valid = batchify(corpus.val, 1)
     with torch.no_grad():
         logits, _ = model(valid[:-1], model.init_hidden(1))
     ppl = math.exp(F.cross_entropy(logits.view(-1, corpus.vocab_size), valid[1:].view(-1)).item())

@@ -27,7 +27,7 @@ def test_real_corpus_counts(tmp_path: Path, name: str) -> None:
     start = time.perf_counter()
     corpus = Corpus(tmp_path, name, verify_checksums=True)
     load_s = time.perf_counter() - start
-    assert (corpus.vocab_size, len(corpus.train), len(corpus.valid), len(corpus.test)) \
+    assert (corpus.vocab_size, len(corpus.train), len(corpus.val), len(corpus.test)) \
         == EXPECTED_COUNTS[name]
     assert corpus.vocab.count("<eos>") == 1 and "<unk>" in corpus.word2idx
     assert int(corpus.train.max()) == corpus.vocab_size - 1

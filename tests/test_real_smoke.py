@@ -45,8 +45,8 @@ def test_lstm_on_real_ptb_beats_unigram_baseline(tmp_path):
     counts = collections.Counter(corpus.train.tolist())
     total = len(corpus.train)
     # Unigram baseline: perplexity of the training unigram distribution on validation.
-    unigram_ppl = math.exp(-sum(math.log(counts[t] / total) for t in corpus.valid.tolist())
-                           / len(corpus.valid))
+    unigram_ppl = math.exp(-sum(math.log(counts[t] / total) for t in corpus.val.tolist())
+                           / len(corpus.val))
     cfg = compose_config("train_lm", [
         *CPU_SMOKE, "experiment=t3_ptb_lstm_per", f"data.root={SHARED_DATA}", "model.hidden_size=128",
         "trainer.max_steps=600", "trainer.log_every=100", "++method.num_slices=64"], tmp_path / "run")

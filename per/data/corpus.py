@@ -27,11 +27,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from per.schema import SPLITS, TEST, TRAIN, VAL
+
 from .download import download, ensure_files, verify_file
 
 EOS = "<eos>"
 UNK = "<unk>"
-SPLITS = ("train", "valid", "test")
+# How the files name each split (`ptb.valid.txt`); in the code a split has the schema's name.
+FILE_SPLIT = {TRAIN: "train", VAL: "valid", TEST: "test"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class CorpusSpec:
 
 CORPORA: dict[str, CorpusSpec] = {
     "ptb": CorpusSpec(
-        files={s: f"ptb.{s}.txt" for s in SPLITS},
+        files={s: f"ptb.{FILE_SPLIT[s]}.txt" for s in SPLITS},
         sha256={
             "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
             "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
@@ -56,7 +59,7 @@ CORPORA: dict[str, CorpusSpec] = {
         archive_dir="simple-examples/data",
     ),
     "wikitext2": CorpusSpec(
-        files={s: f"wiki.{s}.tokens" for s in SPLITS},
+        files={s: f"wiki.{FILE_SPLIT[s]}.tokens" for s in SPLITS},
         sha256={
             "wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
             "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
@@ -68,7 +71,7 @@ CORPORA: dict[str, CorpusSpec] = {
 }
 
 
-# The real files' counts: (vocabulary size, train / valid / test tokens with one <eos>
+# The real files' counts: (vocabulary size, train / val / test tokens with one <eos>
 # per line). Tests assert them; the run planner sizes LM runs with the train count.
 EXPECTED_COUNTS = {
     "ptb": (10_000, 929_589, 73_760, 82_430),
@@ -94,11 +97,11 @@ class Corpus:
     Attributes:
         vocab: id -> word, training words in order of first appearance (incl. `<eos>`).
         word2idx: word -> id.
-        train, valid, test: LongTensor `(n,)` of token ids.
+        train, val, test: LongTensor `(n,)` of token ids.
 
     Raises:
         DatasetMissingError: files absent and not downloadable.
-        ValueError: unknown name, checksum mismatch, or a valid/test word missing
+        ValueError: unknown name, checksum mismatch, or a val/test word missing
             from the training vocabulary while `<unk>` is not in it.
     """
 
@@ -122,11 +125,11 @@ class Corpus:
             except (EOFError, OSError, UnicodeDecodeError) as e:   # truncated .gz, not UTF-8 text
                 raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
                                  "expected file; delete it and fetch it again (data.download=true)") from e
-        self.vocab: list[str] = list(dict.fromkeys(tokens["train"]))
+        self.vocab: list[str] = list(dict.fromkeys(tokens[TRAIN]))
         self.word2idx: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
-        self.train = self._ids(tokens["train"], "train")
-        self.valid = self._ids(tokens["valid"], "valid")
-        self.test = self._ids(tokens["test"], "test")
+        self.train = self._ids(tokens[TRAIN], TRAIN)
+        self.val = self._ids(tokens[VAL], VAL)
+        self.test = self._ids(tokens[TEST], TEST)
 
     @property
     def vocab_size(self) -> int:
@@ -241,10 +244,10 @@ def write_fake_corpus(root: str | Path, name: str = "ptb", *, n_train_lines: int
     Text comes from a random sparse Markov chain over `vocab_size` word types (`<unk>`
     and `w1`, `w2`, ...; each word has 3 possible successors), so a small LSTM beats
     the unigram baseline quickly. The chain starts at `<unk>`, so `<unk>` is always in
-    the training vocabulary; words of valid/test unseen in train are written as `<unk>`.
+    the training vocabulary; words of val/test unseen in train are written as `<unk>`.
     Every line is a space, tokens separated by single spaces, a space and `\\n`.
     WikiText style adds empty lines and ` = heading = ` lines (each split starts with
-    an empty line, a heading and an empty line, as the real files). Valid and test have
+    an empty line, a heading and an empty line, as the real files). Val and test have
     `max(1, n_train_lines // 10)` lines each. Load it with `verify_checksums=False`.
     """
     spec = _spec(name)
@@ -275,7 +278,7 @@ def write_fake_corpus(root: str | Path, name: str = "ptb", *, n_train_lines: int
     train = split_lines(n_train_lines)
     train_words = {w for line in train for w in line}
     for split, file_name in spec.files.items():
-        if split == "train":
+        if split == TRAIN:
             lines = train
         else:
             lines = [[w if w in train_words else UNK for w in line]

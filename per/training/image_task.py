@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from per import models, schema
 from per.data.cifar import (DeviceLoader, input_normalization, load_cifar, mixup,
                             split_train_val)
+from per.training.evaluation import eval_mode
 from per.training.loop import Experiment
 
 
@@ -23,12 +24,12 @@ class ImageTask:
                  *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast,
                  eval_limit: int | None = None) -> None:
         self.train = train
-        self.evals = evals            # "val" (optional) and "test"
+        self.evals = evals            # schema.VAL (optional) and schema.TEST
         self.eval_limit = eval_limit  # batches per split (debug runs); None = all
         self.probe = probe            # (P, 3, 32, 32) fixed test images for monitoring, or None
         self.mixup_alpha = mixup_alpha
         self.autocast = autocast
-        self.selection_metric = schema.VAL_ERROR if "val" in evals else None
+        self.selection_metric = schema.SELECTION_METRIC[self.name] if schema.VAL in evals else None
 
     def batches_per_epoch(self) -> int:
         return len(self.train)
@@ -52,31 +53,28 @@ class ImageTask:
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {schema.TRAIN_LOSS: sums["loss"] / sums["items"],
-                "train_error": 100.0 * sums["errors"] / sums["items"]}
+                schema.TRAIN_ERROR: 100.0 * sums["errors"] / sums["items"]}
 
     def eval_batches(self) -> int:
         return sum(min(len(loader), self.eval_limit or len(loader)) for loader in self.evals.values())
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         out = {}
-        for split, loader in self.evals.items():
-            n = 0
-            e_sum = torch.zeros((), device=loader.device)
-            l_sum = torch.zeros((), device=loader.device)
-            for x, y in itertools.islice(loader.epoch(0), self.eval_limit):
-                with self.autocast():
-                    logits = model(x)
-                l_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-                e_sum += (logits.argmax(1) != y).sum()
-                n += y.numel()
-                if on_batch is not None:
-                    on_batch()
-            out[f"{split}_error"] = 100.0 * float(e_sum) / n
-            out[f"{split}_loss"] = float(l_sum) / n
-        model.train(was_training)
+        with eval_mode(model):
+            for split, loader in self.evals.items():
+                n = 0
+                e_sum = torch.zeros((), device=loader.device)
+                l_sum = torch.zeros((), device=loader.device)
+                for x, y in itertools.islice(loader.epoch(0), self.eval_limit):
+                    with self.autocast():
+                        logits = model(x)
+                    l_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+                    e_sum += (logits.argmax(1) != y).sum()
+                    n += y.numel()
+                    if on_batch is not None:
+                        on_batch()
+                out[schema.metric_key(split, schema.ERROR)] = 100.0 * float(e_sum) / n
+                out[schema.metric_key(split, schema.LOSS)] = float(l_sum) / n
         return out
 
     def probe_forward(self, model: nn.Module) -> None:
@@ -108,8 +106,8 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
 
     evals = {}
     if data["val_size"] > 0:
-        evals["val"] = loader(val_x, val_y, data["eval_batch_size"], False)
-    evals["test"] = loader(arrays.test_x, arrays.test_y, data["eval_batch_size"], False)
+        evals[schema.VAL] = loader(val_x, val_y, data["eval_batch_size"], False)
+    evals[schema.TEST] = loader(arrays.test_x, arrays.test_y, data["eval_batch_size"], False)
     probe = next(iter(loader(arrays.test_x[:data["probe_size"]], arrays.test_y[:data["probe_size"]],
                              data["probe_size"], False).epoch(0)))[0]
 

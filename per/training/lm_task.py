@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from per import models, schema
 from per.data.corpus import Corpus, batchify, get_batch
 from per.models.lstm import detach_hidden
+from per.training.evaluation import eval_mode
 from per.training.loop import Experiment
 
 
@@ -27,15 +28,32 @@ def perplexity(loss: float) -> float:
 
 
 class LMTask:
+    """Next-token cross-entropy on a batchified corpus (the task object `fit` drives).
+
+    Each epoch walks the training stream in BPTT windows of `bptt` steps, carrying the
+    hidden state from window to window (detached at each step, reset at the start of
+    an epoch; `state_dict` saves it so a mid-epoch resume continues it). Evaluation
+    runs every split from a fresh hidden state; metrics are mean token losses and
+    their perplexities (`train_ppl`, `val_ppl`, `test_ppl`); lambda and the best
+    checkpoint are chosen on `val_ppl`.
+
+    Args:
+        model: an LSTM language model (`init_hidden(batch)`, `forward(x, hidden)`).
+        train: `(L, B)` token ids (`batchify` of the training split).
+        evals: split -> `(L, B_eval)` token ids; `schema.VAL` and `schema.TEST`.
+        bptt: window length in tokens.
+        autocast: a no-argument factory of the precision context for forward passes.
+        eval_limit: windows per split in evaluation (debug runs); None = all.
+    """
     name = "lm"
     items = "tokens"
-    selection_metric = schema.VAL_PPL
+    selection_metric = schema.SELECTION_METRIC[name]
 
     def __init__(self, model: nn.Module, train: torch.Tensor, evals: dict[str, torch.Tensor], *,
                  bptt: int, autocast: Callable, eval_limit: int | None = None) -> None:
         self.model = model
         self.train = train            # (L, B) token ids
-        self.evals = evals            # "val" and "test": (L, B_eval)
+        self.evals = evals            # schema.VAL and schema.TEST: (L, B_eval)
         self.bptt = bptt
         self.autocast = autocast
         self.eval_limit = eval_limit  # BPTT windows per split (debug runs); None = all
@@ -59,7 +77,7 @@ class LMTask:
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         loss = sums["loss"] / sums["items"]
-        return {schema.TRAIN_LOSS: loss, "train_ppl": perplexity(loss)}
+        return {schema.TRAIN_LOSS: loss, schema.TRAIN_PPL: perplexity(loss)}
 
     def _windows(self, data: torch.Tensor) -> range:
         starts = range(0, data.size(0) - 1, self.bptt)
@@ -68,32 +86,29 @@ class LMTask:
     def eval_batches(self) -> int:
         return sum(len(self._windows(data)) for data in self.evals.values())
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         out = {}
-        for split, data in self.evals.items():
-            hidden = model.init_hidden(data.size(1))
-            total = torch.zeros((), device=data.device, dtype=torch.float64)
-            tokens = 0
-            for i in self._windows(data):
-                x, y = get_batch(data, i, self.bptt)
-                with self.autocast():
-                    logits, hidden = model(x, hidden)
-                total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                                         reduction="sum")
-                tokens += y.numel()
-                if on_batch is not None:
-                    on_batch()
-            loss = float(total) / tokens
-            out[f"{split}_loss"] = loss
-            out[f"{split}_ppl"] = perplexity(loss)
-        model.train(was_training)
+        with eval_mode(model):
+            for split, data in self.evals.items():
+                hidden = model.init_hidden(data.size(1))
+                total = torch.zeros((), device=data.device, dtype=torch.float64)
+                tokens = 0
+                for i in self._windows(data):
+                    x, y = get_batch(data, i, self.bptt)
+                    with self.autocast():
+                        logits, hidden = model(x, hidden)
+                    total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                             y.reshape(-1), reduction="sum")
+                    tokens += y.numel()
+                    if on_batch is not None:
+                        on_batch()
+                loss = float(total) / tokens
+                out[schema.metric_key(split, schema.LOSS)] = loss
+                out[schema.metric_key(split, schema.PPL)] = perplexity(loss)
         return out
 
     def probe_forward(self, model: nn.Module) -> None:
-        data = self.evals["val"]
+        data = self.evals[schema.VAL]
         x, _ = get_batch(data, 0, self.bptt)
         with self.autocast():
             model(x, model.init_hidden(data.size(1)))
@@ -113,8 +128,8 @@ def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> 
     name = mcfg.pop("name")
     method = cfg["method"]["name"]
     model = models.create(name, vocab_size=len(corpus.vocab), rbn=method == "rbn", **mcfg).to(device)
-    evals = {"val": batchify(corpus.valid, data["eval_batch_size"], device),
-             "test": batchify(corpus.test, data["eval_batch_size"], device)}
+    evals = {schema.VAL: batchify(corpus.val, data["eval_batch_size"], device),
+             schema.TEST: batchify(corpus.test, data["eval_batch_size"], device)}
     task = LMTask(model, batchify(corpus.train, data["batch_size"], device), evals,
                   bptt=data["bptt"], autocast=autocast, eval_limit=cfg["trainer"]["limit_eval_batches"])
     return Experiment(model, task)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from per.schema import VAL_PPL
+
 SCHEDULES = ("multistep", "plateau")
 
 
@@ -96,7 +98,7 @@ class PlateauSchedule:
     validation metric did not improve on the best so far."""
     lr: float
     factor: float = 4.0
-    metric: str = "val_ppl"
+    metric: str = VAL_PPL
     current: float = field(init=False)
     best: float = field(init=False, default=float("inf"))
 
@@ -123,6 +125,19 @@ class PlateauSchedule:
 
 
 def create_schedule(name: str, **kwargs) -> MultiStepSchedule | PlateauSchedule:
+    """The schedule named by `optim.schedule`, built from `optim.schedule_args`.
+
+    Args:
+        name: "multistep" (`MultiStepSchedule`: lr, milestones, gamma, unit,
+            warmup_steps, warmup_lr) or "plateau" (`PlateauSchedule`: lr, factor, metric).
+        **kwargs: the schedule's fields.
+
+    Raises:
+        ValueError: unknown name (the error lists `SCHEDULES`).
+
+    Example:
+        create_schedule("multistep", lr=0.1, milestones=[100, 150], gamma=0.1)
+    """
     if name == "multistep":
         return MultiStepSchedule(**kwargs)
     if name == "plateau":

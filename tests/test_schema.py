@@ -1,0 +1,64 @@
+"""The run-record vocabulary: names on disk, diagnostics, the table cell."""
+from __future__ import annotations
+
+import pytest
+
+from per import schema
+
+
+def test_metric_names_on_disk() -> None:
+    """metrics.jsonl / summary.json keys are on-disk formats: these strings must not change."""
+    assert schema.metric_key(schema.VAL, schema.PPL) == schema.VAL_PPL == "val_ppl"
+    names = (schema.TRAIN_LOSS, schema.TRAIN_ERROR, schema.TRAIN_PPL, schema.VAL_ERROR,
+             schema.TEST_ERROR, schema.TEST_PPL, schema.EPOCH_TIME, schema.throughput_key("images"))
+    assert names == ("train_loss", "train_error", "train_ppl", "val_error", "test_error",
+                     "test_ppl", "epoch_time_s", "images_per_s")
+    assert schema.SELECTION_METRIC == {"cifar": "val_error", "lm": "val_ppl"}
+    assert schema.PAPER_SPLIT == {"val": "valid", "test": "test"}
+
+
+def test_is_diagnostic() -> None:
+    for prefix in schema.DIAGNOSTIC_PREFIXES:
+        assert schema.is_diagnostic(prefix + "layers.0.site")
+    for key in (schema.PENALTY, schema.TRAIN_LOSS, schema.VAL_PPL, schema.EPOCH, schema.LR):
+        assert not schema.is_diagnostic(key)
+
+
+@pytest.mark.parametrize("method", schema.METHODS)
+@pytest.mark.parametrize("norm", schema.NORMS)
+def test_method_label_round_trip(method: str, norm: str) -> None:
+    label = schema.method_label(method, norm)
+    assert schema.method_and_norm(label) == (method, norm)
+
+
+def test_method_labels_and_errors() -> None:
+    assert [schema.method_label(m, "bn") for m in ("vanilla", "per")] == ["bn", "bn+per"]
+    for label in ("bn+vanilla", "dropout", "bn+"):
+        with pytest.raises(ValueError, match="unknown method label"):
+            schema.method_and_norm(label)
+    with pytest.raises(ValueError, match="valid: none, bn"):
+        schema.method_label("per", "ln")
+
+
+def test_cell_of_a_plain_config() -> None:
+    cfg = {"data": {"name": "cifar10"}, "model": {"name": "elu_cnn11", "activation": "relu", "norm": "bn"},
+           "method": {"name": "vanilla"}, "table": "T2"}
+    cell = schema.cell_of(cfg)
+    assert tuple(cell) == schema.CELL_KEYS
+    assert cell == {"table": "T2", "dataset": "cifar10", "model": "elu_cnn11", "activation": "relu",
+                    "method": "bn"}
+    lm = schema.cell_of({"data": {"name": "ptb"}, "model": {"name": "re_lstm"}, "method": {"name": "rbn"}})
+    assert lm == {"table": "T3", "dataset": "ptb", "model": "re_lstm", "activation": "tanh", "method": "rbn"}
+    with pytest.raises(ValueError, match="needs an explicit activation"):
+        schema.cell_of({"data": {"name": "cifar10"}, "model": {"name": "elu_cnn11"}, "method": {"name": "per"}})
+
+
+def test_method_options_apply_only_to_their_methods() -> None:
+    options = {"layout": "flatten", "num_slices": 64}
+    assert schema.method_options({"method": {"name": "per", **options}}) == options
+    assert schema.method_options({"method": {"name": "l2", **options}}) == {"layout": "flatten",
+                                                                             "num_slices": None}
+    assert schema.method_options({"method": {"name": "vanilla", **options}}) == {"layout": None,
+                                                                                  "num_slices": None}
+    assert schema.VARIANT_KEYS == (*schema.CELL_KEYS, *schema.METHOD_OPTIONS)
+    assert schema.SETTING_KEYS == schema.CELL_KEYS[:-1]
