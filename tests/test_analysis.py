@@ -14,7 +14,8 @@ from scipy import stats
 
 from per.analysis import collect, paper as paper_mod, tables
 from per.analysis.wandb_source import collect_wandb
-from per.schema import make_cell
+from per.schema import (EPOCH, LR, PENALTY, STEP, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
+                        VAL_PPL, make_cell)
 from runner_utils import compose_config
 
 SHARED_PAPER_CSV = Path("/work/shared/paper/paper_tables.csv")
@@ -49,19 +50,19 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
                "final": final, "best": best or {"epoch": epochs, **final}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    earlier = {"test_error": earlier_test} if earlier_test is not None else {}
-    lines = [{"epoch": e, "step": 10 * e, "lr": 0.1, "train_loss": 1.0 / e, "penalty": 0.0,
+    earlier = {TEST_ERROR: earlier_test} if earlier_test is not None else {}
+    lines = [{EPOCH: e, STEP: 10 * e, LR: 0.1, TRAIN_LOSS: 1.0 / e, PENALTY: 0.0,
               **(final if e == epochs else earlier)} for e in range(1, epochs + 1)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     return run_dir
 
 
 def image(val: float | None, test: float | None) -> dict:
-    return {"train_loss": 0.1, "val_error": val, "test_error": test}
+    return {TRAIN_LOSS: 0.1, VAL_ERROR: val, TEST_ERROR: test}
 
 
 def lm(val: float, test: float) -> dict:
-    return {"epoch": 5, "train_loss": 4.0, "val_ppl": val, "test_ppl": test}
+    return {EPOCH: 5, TRAIN_LOSS: 4.0, VAL_PPL: val, TEST_PPL: test}
 
 
 PER = {"method": "per"}
@@ -105,7 +106,7 @@ def build_runs(root: Path) -> None:
     make_run(root, method="l2", lam=1e-4, final=image(None, 6.5))    # one lambda, never validated
     # Language model: lambda 3e-5 has the best test perplexity (trap).
     ptb = {"task": "lm", "dataset": "ptb", "model": "lstm"}
-    final_lm = {"train_loss": 4.0, "val_ppl": 200.0, "test_ppl": 190.0}
+    final_lm = {TRAIN_LOSS: 4.0, VAL_PPL: 200.0, TEST_PPL: 190.0}
     for seed, (val, test) in enumerate([(123, 120), (125, 122)]):
         make_run(root, **ptb, seed=seed, final=final_lm, best=lm(val, test))
     for lam, pairs in [(1e-4, [(118, 116), (120, 118)]), (3e-5, [(121, 100), (121, 100)])]:

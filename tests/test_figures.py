@@ -15,6 +15,7 @@ from scipy import integrate, stats
 from per.analysis import figures
 from per.analysis.collect import runs_frame
 from per.analysis.paper import load_paper_tables
+from per.schema import EPOCH, TEST_ERROR, TRAIN_LOSS, VAL_ERROR
 
 
 def assert_written(paths: list[Path], count: int) -> None:
@@ -123,7 +124,7 @@ def test_plot_sweep(tmp_path):
 
 def test_plot_training_curves(tmp_path):
     runs = sweep_runs()
-    rows = [{**r, "epoch": e, "train_loss": 2.0 / e, "test_error": r["final_test_error"] + 5 / e}
+    rows = [{**r, EPOCH: e, TRAIN_LOSS: 2.0 / e, TEST_ERROR: r["final_test_error"] + 5 / e}
             for r in runs.to_dict("records") for e in range(1, 6)]
     paths = figures.plot_training_curves(pd.DataFrame(rows), tmp_path)
     assert_written(paths, 2)
@@ -150,11 +151,11 @@ def test_figures_script(tmp_path, capsys):
     from test_analysis import make_run
 
     runs = tmp_path / "runs"
-    make_run(runs, final={"test_error": 7.2})
+    make_run(runs, final={TEST_ERROR: 7.2})
     for lam, val in ((1e-4, 6.1), (3e-5, 6.4)):
         make_run(runs, method="per", lam=lam, val_size=5000,
-                 final={"val_error": val, "test_error": 6.5})
-    monitored = make_run(runs, method="per", lam=1e-4, final={"test_error": 6.7})
+                 final={VAL_ERROR: val, TEST_ERROR: 6.5})
+    monitored = make_run(runs, method="per", lam=1e-4, final={TEST_ERROR: 6.7})
     frame = activations(1.0)
     records = [{"step": int(step), "epoch": float(g.epoch.iloc[0]), "site": site,
                 "units": g.unit.tolist(), "sw1": float(g.sw1.iloc[0]),

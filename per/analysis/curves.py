@@ -10,9 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from per.analysis.paper import load_paper_tables, paper_value
+from per.schema import EPOCH, ERROR, PAPER_SPLIT, PPL, metric_key
 from per.training.records import RunDir
 
-PAPER_SPLIT = {"val_ppl": "valid", "test_ppl": "test", "val_error": "valid", "test_error": "test"}
+# The paper's split of each metric it publishes: `val_ppl` -> "valid", `test_error` -> "test".
+METRIC_PAPER_SPLIT = {metric_key(split, measure): label
+                      for split, label in PAPER_SPLIT.items() for measure in (ERROR, PPL)}
 
 
 def _value(row: dict, metric: str) -> float | None:
@@ -29,11 +32,11 @@ def epoch_curves(runs: dict[str, str | Path], metrics: list[str]) -> pd.DataFram
 
     A metric may name a per-site prefix (`grad_ratio`, `penalty`): its median over sites.
     """
-    rows = [{"run": label, "epoch": r["epoch"], **{m: _value(r, m) for m in metrics}}
+    rows = [{"run": label, EPOCH: r[EPOCH], **{m: _value(r, m) for m in metrics}}
             for label, path in runs.items() for r in RunDir(path).read_jsonl("metrics.jsonl")]
     if not rows:
         return pd.DataFrame()
-    return pd.DataFrame(rows).pivot(index="epoch", columns="run", values=metrics)
+    return pd.DataFrame(rows).pivot(index=EPOCH, columns="run", values=metrics)
 
 
 def paper_numbers(runs: dict[str, str | Path], metrics: list[str],
@@ -44,9 +47,9 @@ def paper_numbers(runs: dict[str, str | Path], metrics: list[str],
     for label, path in runs.items():
         cell = (RunDir(path).read_summary() or {}).get("cell")
         for m in metrics:
-            if cell and m in PAPER_SPLIT:
+            if cell and m in METRIC_PAPER_SPLIT:
                 out[m, label] = paper_value(paper, cell["dataset"], cell["model"],
-                                            cell["activation"], cell["method"], PAPER_SPLIT[m])
+                                            cell["activation"], cell["method"], METRIC_PAPER_SPLIT[m])
     return out
 
 
