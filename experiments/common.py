@@ -2,6 +2,7 @@
 record, exit codes."""
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,10 +13,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
+from per.data.cifar import LAYOUTS
+from per.data.corpus import CORPORA
 from per.training.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HYDRA_RECORD = ".hydra"   # hydra.output_subdir is null: train() writes it once the run is accepted
+ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}   # task -> entry config and script experiments/<entry>.py
+DATASETS = {"cifar": tuple(LAYOUTS), "lm": tuple(CORPORA)}   # what each task's builder loads
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
 
 
@@ -32,6 +37,26 @@ def compose_plain(config_name: str, overrides: list[str], run_dir: str | Path | 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["run_dir"] = str(run_dir if run_dir is not None else default_dir)
     return plain
+
+
+def preset_names(pattern: str = "*") -> list[str]:
+    """The presets (`configs/experiment/<name>.yaml`) whose name matches the glob `pattern`."""
+    return sorted(p.stem for p in (CONFIGS / "experiment").glob(f"{pattern}.yaml"))
+
+
+@functools.cache
+def preset_task(name: str) -> str:
+    """The task of preset `name`: the one whose builder loads the dataset the preset names."""
+    if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
+        raise ValueError(f"unknown preset {name!r}; see configs/experiment/")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        dataset = compose(ENTRY["cifar"], overrides=[f"experiment={name}"]).data.name
+    return next(task for task, names in DATASETS.items() if dataset in names)
+
+
+def compose_preset(name: str, overrides: tuple[str, ...] = ()) -> dict:
+    """Preset `name` resolved as its runs see it (with `run_dir`), under its task's entry config."""
+    return compose_plain(ENTRY[preset_task(name)], [f"experiment={name}", *overrides])
 
 
 def to_plain(cfg: DictConfig) -> dict:

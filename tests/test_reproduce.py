@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from experiments.common import compose_preset, preset_names
+from per import sweep
 from per.data.cifar import write_fake_cifar
 from runner_utils import ROOT, compose_config
 
@@ -83,3 +85,20 @@ def test_demo_runs_end_to_end(tmp_path):
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"losses_1d.png", "losses_1d.pdf"} <= figures
     assert any(f.startswith("sw1_") for f in figures) and any(f.startswith("activations_") for f in figures)
+
+
+def test_ablation_plans_each_layout_x_reduction_preset_then_each_slice_count(tmp_path, capsys):
+    presets = ("t1_cifar10_resnet56_per",
+               *(n for n in preset_names("ablation_resnet56_*") if n != sweep.ABLATION_SLICES))
+    compose = lambda n, o: sweep.Preset(n, compose_preset(n, o))  # noqa: E731
+    phases = sweep.plan_ablation(compose, preset_names(), [0, 1], [0], 5000, (f"paths.runs_dir={tmp_path}",),
+                                 presets=(*presets, "ablation_resnet56_not_there"))
+    assert "ablation_resnet56_not_there" in capsys.readouterr().err
+    slices = compose(sweep.ABLATION_SLICES, ()).cfg["method"]["slices_grid"]
+    assert [final.preset.name for _, final in phases] == [*presets, *[sweep.ABLATION_SLICES] * len(slices)]
+    for select, final in phases:     # selection on 45k/5k, reported seeds on 50k, in the runs folder
+        assert select.selection and select.preset.cfg["data"]["val_size"] == 5000
+        assert select.preset.cell_dir.name.endswith("-val5000") and select.preset.cell_dir.parent == tmp_path / "cifar"
+        assert final.preset.cfg["data"]["val_size"] == 0 and final.seeds == [0, 1] and final.lams == []
+    assert [final.preset.cfg["method"]["num_slices"] for _, final in phases[len(presets):]] == slices
+    assert len({select.preset.cell_dir for select, _ in phases}) == len(phases)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 import per
+from experiments.common import compose_preset
+from per import sweep
+from per.training import runtime
 from runner_utils import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import reproduce  # noqa: E402
 
 
 @pytest.mark.slow   # ~10 s of CPU; longer on a loaded machine
@@ -42,22 +42,23 @@ def _table(path, device: str, times: dict[str, float]) -> None:
 
 
 def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
-    presets = reproduce.load_presets(["t1_cifar10_resnet56_per", "t1_cifar100_resnet110_per"])
-    phases = reproduce.plan(presets, [0], [0], 5000)
+    names = ["t1_cifar10_resnet56_per", "t1_cifar100_resnet110_per"]
+    phases = sweep.plan(names, lambda n, o: sweep.Preset(n, compose_preset(n, o)), [0], [0], 5000)
     _table(tmp_path / "cuda-some-card.json", "Some Card", {"cifar10|resnet56|none|per|channels|256": 0.01})
-    reproduce.print_plan(phases, "t")
+    sweep.print_plan(phases, "t", tmp_path)
     out = capsys.readouterr().out
     assert "NOT this machine" in out and "Some Card" in out
-    here = reproduce.device_info()
+    here = runtime.device_info(runtime.resolve_device("auto"))
     _table(tmp_path / f"{here['slug']}.json", "This box", {"cifar10|resnet56|none|per|channels|256": 1.0})
-    reproduce.print_plan(phases, "t")
+    sweep.print_plan(phases, "t", tmp_path)
     out = capsys.readouterr().out
     assert "this machine's This box" in out and "NOT this machine" not in out
-    # ResNet-56 CIFAR-10 measured; CIFAR-100 ResNet-110 estimated as twice it ("~").
-    n56 = presets[0].steps_per_run(5000)
-    assert f"{4 * n56 / 3600:,.1f}" in out
-    assert f"~{2 * 4 * presets[1].steps_per_run(5000) / 3600:,.1f}" in out
+    # ResNet-56 CIFAR-10 measured; CIFAR-100 ResNet-110 estimated as twice it ("~"). 4 selection
+    # runs each: Fixup's 200 epochs of 128-image batches from 45k images (5k held out).
+    select56, select110 = (sweep.steps_per_run(select.preset.cfg) for select, _ in phases)
+    assert select56 == select110 == 200 * (45_000 // 128)
+    assert f"{4 * select56 / 3600:,.1f}" in out
+    assert f"~{2 * 4 * select110 / 3600:,.1f}" in out
     assert " ?" not in out
 
 

@@ -32,6 +32,7 @@ from .download import download, ensure_files, verify_file
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2023, 0.1994, 0.2010), "cifar100": (0.2673, 0.2564, 0.2762)}
 
+TRAIN_SIZE = 50_000   # training images of CIFAR-10 and of CIFAR-100, before any validation split
 NORMALIZATIONS = ("channel", "pixel_mean", "pixel_standardize")   # data.normalize
 PAD_SPACES = ("raw", "normalized")
 
@@ -215,6 +216,13 @@ def input_normalization(mode: str, name: str, train_x: np.ndarray) -> Normalizat
     return Normalization(mean, std, "normalized")
 
 
+def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of one `DeviceLoader` epoch; training loaders drop the last partial batch."""
+    if drop_last:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """CPU generator seeded from (seed, epoch) by numpy's SeedSequence hashing."""
     state = np.random.SeedSequence([seed, epoch]).generate_state(2)
@@ -288,9 +296,7 @@ class DeviceLoader:
         return t
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_examples // self.batch_size
-        return math.ceil(self.num_examples / self.batch_size)
+        return num_batches(self.num_examples, self.batch_size, self.drop_last)
 
     def epoch(self, epoch: int, start_batch: int = 0
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

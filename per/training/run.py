@@ -57,6 +57,20 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
     return Regularizer(model, method["name"], method["lam"], **options)
 
 
+def run_length(cfg: dict, batches_per_epoch: int) -> tuple[int, int | None, int]:
+    """(epochs, max_steps, planned steps) of the run: `optim.total_steps` (step-based
+    protocols, He et al.'s 64k iterations) sets the epochs it needs and caps the steps,
+    as does `trainer.max_steps`."""
+    trainer, optim = cfg["trainer"], cfg["optim"]
+    epochs = trainer["epochs"]
+    if optim.get("total_steps"):
+        epochs = -(-optim["total_steps"] // batches_per_epoch)
+    limits = [s for s in (trainer["max_steps"], optim.get("total_steps")) if s]
+    max_steps = min(limits) if limits else None
+    planned = epochs * batches_per_epoch
+    return epochs, max_steps, min(planned, max_steps) if max_steps else planned
+
+
 def cell_of(cfg: dict) -> dict:
     """The run's table cell (`summary.json` `cell`), from its config alone."""
     m = cfg["model"]
@@ -158,11 +172,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
         optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"],
                                      nesterov=optim["nesterov"])
         schedule = create_schedule(optim["schedule"], **optim["schedule_args"])
-        epochs = trainer["epochs"]
-        if optim.get("total_steps"):  # step-based protocols (He et al.: 64k iterations)
-            epochs = -(-optim["total_steps"] // task.batches_per_epoch())
-        limits = [s for s in (trainer["max_steps"], optim.get("total_steps")) if s]
-        max_steps = min(limits) if limits else None
+        epochs, max_steps, planned = run_length(cfg, task.batches_per_epoch())
         mon = trainer["monitor"]
         settings = LoopSettings(
             epochs=epochs, max_steps=max_steps, precision=trainer["precision"],
@@ -172,8 +182,6 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             monitor_units=mon["units"], monitor_layout=cfg["method"].get("layout", "channels"),
             monitor_slices=mon["slices"], seed=cfg["seed"],
             progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
-        planned = epochs * task.batches_per_epoch()
-        planned = min(planned, max_steps) if max_steps else planned
         log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
                  run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
                  "s" if epochs > 1 else "", task.batches_per_epoch(),

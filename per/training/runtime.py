@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -55,6 +57,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_info(device: torch.device) -> dict[str, str]:
+    """`name` (the card, or the CPU model with its cores and torch threads) and `slug`
+    (`cuda-<card>` or `cpu-<model>`: the stem of the device's step-time table)."""
+    if device.type == "cuda":
+        name = short = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
+        short = found.group(1).strip() if found else (platform.processor() or platform.machine())
+        name = f"{short} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    slug = re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-")
+    return {"name": name, "slug": f"{device.type}-{slug}"}
 
 
 def code_version() -> str:

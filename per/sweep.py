@@ -1,0 +1,227 @@
+"""The sweep planner behind `scripts/reproduce.py`: presets, phases, run counts, step counts
+and device-hour estimates, lambda selection from finished runs.
+
+Images (Tables 1-2): every lambda of a cell's grid is trained with a held-out split
+(`data.val_size`); the lambda with the lowest mean final validation error is then trained
+on all training images with the reported seeds. Language models (Table 3): every
+lambda x seed, lambda chosen afterwards on validation perplexity. Presets arrive composed
+(`compose(name, overrides)`, the Hydra glue in `experiments/common.py`): their task and run
+directory are those of the composed config; nothing here imports Hydra.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from per.analysis.collect import collect_runs
+from per.analysis.tables import select_lambda
+from per.data.cifar import TRAIN_SIZE, num_batches
+from per.data.corpus import EXPECTED_COUNTS
+from per.training import runtime
+from per.training.run import run_length
+
+# The ablation (ResNet-56, CIFAR-10, PER): layout x reduction, the first shared with Table 1,
+# then the slices preset once per value of its `slices_grid`.
+ABLATION_PRESETS = ("t1_cifar10_resnet56_per", "ablation_resnet56_channels_mean",
+                    "ablation_resnet56_flatten_sum", "ablation_resnet56_flatten_mean")
+ABLATION_SLICES = "ablation_resnet56_slices"
+
+
+def batches_per_epoch(cfg: dict) -> int:
+    """Training batches per epoch of the config's task on the full dataset (no files read):
+    the CIFAR training loader's count, or the BPTT windows of the batchified corpus."""
+    data = cfg["data"]
+    if cfg["task"] == "cifar":
+        return num_batches(TRAIN_SIZE - data["val_size"], data["batch_size"], drop_last=True)
+    rows = EXPECTED_COUNTS[data["name"]][1] // data["batch_size"]      # per.data.corpus.batchify
+    return math.ceil((rows - 1) / data["bptt"])                          # LMTask.batches_per_epoch
+
+
+def steps_per_run(cfg: dict) -> int:
+    """Optimizer steps one run of `cfg` takes (as `per.training.run.train` plans them)."""
+    return run_length(cfg, batches_per_epoch(cfg))[2]
+
+
+def step_time_key(cfg: dict) -> str:
+    """What decides the cost of one step: the key of a step-time table."""
+    m, method = cfg["model"], cfg["method"]
+    return "|".join(str(x) for x in (cfg["data"]["name"], m["name"], m.get("norm", ""), method["name"],
+                                      method.get("layout", ""), method.get("num_slices", "")))
+
+
+@dataclass
+class Preset:
+    """A preset as its runs see it: the resolved config, with `run_dir` (of `method.lam`, `seed`)."""
+    name: str
+    cfg: dict
+
+    @property
+    def task(self) -> str:
+        return self.cfg["task"]
+
+    @property
+    def grid(self) -> list[float]:
+        return [float(x) for x in self.cfg["method"]["lam_grid"]]
+
+    @property
+    def cell_dir(self) -> Path:
+        """The folder of the cell's runs (`<runs>/<task>/<run name>`)."""
+        return Path(self.cfg["run_dir"]).parent
+
+
+Compose = Callable[[str, tuple[str, ...]], Preset]
+
+
+@dataclass
+class Phase:
+    """One Hydra multirun: a preset composed with `overrides`, its lambdas and seeds."""
+    preset: Preset
+    overrides: tuple[str, ...]
+    lams: list[float]          # empty until the selection phase before it has chosen one
+    seeds: list[int]
+    selection: bool = False    # runs on the held-out split that choose lambda
+
+    @property
+    def n_runs(self) -> int:
+        return max(len(self.lams), 1) * len(self.seeds)
+
+    def hydra_args(self) -> list[str]:
+        """The entry point's multirun overrides."""
+        return [f"experiment={self.preset.name}", "method.lam=" + ",".join(f"{lam:g}" for lam in self.lams),
+                "seed=" + ",".join(map(str, self.seeds)), *self.overrides]
+
+
+def plan(names: list[str], compose: Compose, seeds: list[int], select_seeds: list[int], val_size: int,
+         lams: list[float] | None = None, overrides: tuple[str, ...] = ()) -> list[tuple[Phase | None, Phase]]:
+    """(selection phase or None, final phase) per preset. An image preset with several
+    lambdas first trains each on a `val_size` held-out split with `select_seeds`."""
+    out = []
+    for name in names:
+        preset = compose(name, overrides)
+        grid = lams or preset.grid
+        if preset.task != "cifar":
+            out.append((None, Phase(preset, overrides, grid, seeds)))
+            continue
+        final = (*overrides, "data.val_size=0")
+        if len(grid) == 1:
+            out.append((None, Phase(compose(name, final), final, grid, seeds)))
+            continue
+        select = (*overrides, f"data.val_size={val_size}")
+        out.append((Phase(compose(name, select), select, grid, select_seeds, selection=True),
+                    Phase(compose(name, final), final, [], seeds)))
+    return out
+
+
+def plan_ablation(compose: Compose, available: list[str], seeds: list[int], select_seeds: list[int],
+                  val_size: int, overrides: tuple[str, ...] = (),
+                  presets: tuple[str, ...] = ABLATION_PRESETS) -> list[tuple[Phase | None, Phase]]:
+    """`plan` of the ablation: `presets` (those in `available`; the others are named on
+    stderr), then `ABLATION_SLICES` once per value of its `slices_grid`."""
+    names = [n for n in presets if n in available]
+    if missing := [n for n in presets if n not in available]:
+        print(f"[reproduce] ablation presets not generated yet (scripts/make_presets.py): "
+              f"{', '.join(missing)}", file=sys.stderr)
+    phases = plan(names, compose, seeds, select_seeds, val_size, overrides=overrides)
+    for s in compose(ABLATION_SLICES, overrides).cfg["method"]["slices_grid"]:
+        phases += plan([ABLATION_SLICES], compose, seeds, select_seeds, val_size,
+                       overrides=(f"method.num_slices={s}", *overrides))
+    return phases
+
+
+def chosen_lambda(phase: Phase) -> float:
+    """The lambda with the best validation score among the selection phase's finished runs."""
+    df, problems = collect_runs(phase.preset.cell_dir)
+    for p in problems:
+        print(f"[reproduce] skipped run: {p}", file=sys.stderr)
+    if df.empty:
+        raise SystemExit(f"no selection runs under {phase.preset.cell_dir}")
+    chosen = select_lambda(df, phase.preset.task)
+    lam = chosen.lam.iloc[0]
+    if len(chosen) != 1 or math.isnan(lam):
+        raise SystemExit(f"could not choose lambda from {phase.preset.cell_dir}:\n{chosen}")
+    return float(lam)
+
+
+def step_time_table(directory: Path) -> tuple[dict | None, str]:
+    """(table, label): the step-time table in `directory` of this machine's device, else one
+    measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
+    tables = {p.stem: p for p in sorted(directory.glob("*.json"))}
+    if not tables:
+        return None, f"no tables in {directory}; run `make step-times` on the device"
+    here = runtime.device_info(runtime.resolve_device("auto"))
+    if here["slug"] in tables:
+        t = json.loads(tables[here["slug"]].read_text())
+        return t, f"this machine's {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
+    stem = sorted(tables, key=lambda k: (not k.startswith("cuda"), k))[0]
+    t = json.loads(tables[stem].read_text())
+    return t, (f"NOT this machine ({here['name']}): measured on {t['device']} "
+               f"(torch {t.get('torch', '?')}, {t.get('recorded', '?')})")
+
+
+def _estimate(times: dict[str, float], key: str) -> float | None:
+    """A step time for an unmeasured `key` from a measured configuration of the same method:
+    CIFAR-10 for CIFAR-100 (they differ in the classifier's width), the plain LSTM for its
+    variants on the same corpus (tied embeddings, dropout), twice ResNet-56 for ResNet-110
+    (54 blocks against 27)."""
+    data, model, *rest = key.split("|")
+    candidates = [(f"cifar10|{model}", 1.0)] if data.startswith("cifar") else [(f"{data}|lstm", 1.0)]
+    if model == "resnet110":
+        candidates.append((f"{data}|resnet56", 2.0))
+        candidates.append(("cifar10|resnet56", 2.0))
+    for prefix, factor in candidates:
+        other = "|".join([prefix, *rest])
+        if other in times:
+            return factor * times[other]
+    return None
+
+
+def step_time(times: dict[str, float], key: str) -> tuple[float | None, bool]:
+    """(seconds per step, estimated): `key`'s measured time, else `_estimate`, else None."""
+    if key in times:
+        return times[key], False
+    s = _estimate(times, key)
+    return s, s is not None
+
+
+def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_dir: Path) -> None:
+    """Runs and optimizer steps per phase, per table and in total, with device-hours from the
+    step-time table of this machine's device (or another one, labelled)."""
+    table, label = step_time_table(step_times_dir)
+    times = table["s_per_step"] if table else {}
+    rows, tot_runs, tot_steps, tot_s = [], 0, 0, 0.0
+    unknown, substituted = set(), set()
+    for ph in (ph for pair in phases for ph in pair if ph is not None):
+        steps = ph.n_runs * steps_per_run(ph.preset.cfg)
+        key = step_time_key(ph.preset.cfg)
+        s, approx = step_time(times, key)
+        if s is None:
+            unknown.add(key)
+        else:
+            tot_s += steps * s
+            if approx:
+                substituted.add(key)
+        hours = "?" if s is None else f"{'~' if approx else ''}{steps * s / 3600:,.1f}"
+        tot_runs += ph.n_runs
+        tot_steps += steps
+        rows.append((ph.preset.name, "select" if ph.selection else "final", ph.n_runs, steps, hours))
+    print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
+    by_table: dict[str, list[int]] = {}
+    for name, _, n, steps, _ in rows:
+        t = by_table.setdefault(name.split("_")[0].upper(), [0, 0])
+        t[0] += n
+        t[1] += steps
+    for t, (n, steps) in sorted(by_table.items()):
+        print(f"   {t}: {n} runs, {steps:,} steps")
+    print(f"   step times: {label}")
+    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13}")
+    for name, phase, n, steps, hours in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13}")
+    if table is not None:
+        print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
+              + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
+                 if substituted else "")
+              + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else ""))
