@@ -1,4 +1,5 @@
-"""The run-record vocabulary: one place for metric names, cell labels and statuses.
+"""The run-record vocabulary: one place for split names, the keys of a `metrics.jsonl`
+row (metrics, per-site diagnostics), the table cell and its labels, and run statuses.
 
 `summary.json` (DESIGN.md section 4) and `paper_tables.csv` share this vocabulary, so
 aggregation can join our runs with the paper's numbers on
