@@ -33,6 +33,7 @@ import torch.nn as nn
 from per.functional import (
     check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad,
     per_loss, sample_directions, to_points)
+from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
 from per.sites import Site, list_sites
 
 KINDS = ("per", "l1", "l2", "vcl")
@@ -79,8 +80,8 @@ class _AddPenaltyGrad(torch.autograd.Function):
         grad = ctx.lam * from_points(_site_grad(ctx.kind, x, directions, ctx.reduction),
                                      h.shape, ctx.layout)
         if ctx.stats is not None:
-            ctx.stats[f"penalty/{ctx.name}"] = _site_value(ctx.kind, x, directions, "mean")
-            ctx.stats[f"grad_ratio/{ctx.name}"] = grad.float().norm() / grad_output.float().norm()
+            ctx.stats[PENALTY_PREFIX + ctx.name] = _site_value(ctx.kind, x, directions, "mean")
+            ctx.stats[GRAD_RATIO_PREFIX + ctx.name] = grad.float().norm() / grad_output.float().norm()
         return grad_output + grad.to(grad_output.dtype), None, None, None, None, None, None, None
 
 
@@ -227,10 +228,10 @@ class Regularizer(nn.Module):
             return h
         with torch.no_grad():
             per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
-            self._stats[f"penalty/{name}"] = per_point
+            self._stats[PENALTY_PREFIX + name] = per_point
             grad_norm = self.lam * _site_grad(self.kind, x, directions,
                                               self.reduction).float().norm()
-        return _GradNormProbe.apply(h, grad_norm, self._stats, f"grad_ratio/{name}")
+        return _GradNormProbe.apply(h, grad_norm, self._stats, GRAD_RATIO_PREFIX + name)
 
     def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:
         """`(d, num_slices)` directions from the global RNG, fresh per call (or shared per `d`)."""
@@ -268,8 +269,8 @@ class Regularizer(nn.Module):
         self._terms.append(self.lam * value)
         if not self._track:
             return h
-        self._stats[f"penalty/{name}"] = value.detach()
+        self._stats[PENALTY_PREFIX + name] = value.detach()
         if not h.requires_grad:
             return h
         (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)
-        return _GradNormProbe.apply(h, grad.float().norm(), self._stats, f"grad_ratio/{name}")
+        return _GradNormProbe.apply(h, grad.float().norm(), self._stats, GRAD_RATIO_PREFIX + name)

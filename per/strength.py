@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from per.regularizers import Regularizer
+from per.schema import GRAD_RATIO_PREFIX
 
 
 @dataclass
@@ -84,8 +85,8 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
         for lam in lam_list:
             penalty = _norm(_param_grads(model, loss_fn, reg, lam, 0.0, seed, track=False))
             _param_grads(model, loss_fn, reg, lam, 1.0, seed, track=True)
-            ratios = {k.split("/", 1)[1]: float(v) for k, v in reg.site_stats().items()
-                      if k.startswith("grad_ratio/")}
+            ratios = {k.removeprefix(GRAD_RATIO_PREFIX): float(v)
+                      for k, v in reg.site_stats().items() if k.startswith(GRAD_RATIO_PREFIX)}
             out.append(Strength(ratios, penalty / task if task > 0 else math.nan))
     return out[0] if single else out
 
