@@ -10,9 +10,11 @@ import tomllib
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from per import models, schema
 from per.data.cifar import NORMALIZATIONS
+from per.training.checks import config_differences
 from per.training.run import build_regularizer
 from runner_utils import ROOT, compose_config
 
@@ -37,10 +39,7 @@ def test_one_preset_per_table_cell():
     for name in t1 + t2 + t3:
         cfg = compose_config("train_lm" if name.startswith("t3_") else "train_cifar",
                              [f"experiment={name}"], "unused")
-        m = cfg["model"]
-        cell = schema.make_cell(cfg["data"]["name"], m["name"], cfg["method"]["name"],
-                                norm=m.get("norm", "none"), activation=m.get("activation"),
-                                table=cfg["table"])
+        cell = schema.cell_of(cfg)
         covered.add(tuple(cell[k] for k in schema.CELL_KEYS))
     assert paper_cells <= covered, sorted(paper_cells - covered)
 
@@ -54,13 +53,72 @@ def test_preset_composes_and_builds(name):
     assert method["lam"] in method["lam_grid"]
     kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
     if task == "lm":
+        assert kwargs["rbn"] == (method["name"] == "rbn")
         kwargs.update(vocab_size=50, hidden_size=8)
-        model = models.create(cfg["model"]["name"], rbn=method["name"] == "rbn", **kwargs)
+        model = models.create(cfg["model"]["name"], **kwargs)
     else:
         model = models.create(cfg["model"]["name"], **kwargs)
         assert cfg["data"]["normalize"] in NORMALIZATIONS
     reg = build_regularizer(model, method)
     assert (reg is None) == (method["name"] in ("vanilla", "rbn"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_only_override(name):
+    """Every value a preset sets differs from what its groups give without it."""
+    task = "lm" if name.startswith("t3_") else "cifar"
+    preset = OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/experiment/{name}.yaml"))
+    groups = [entry.removeprefix("override /").replace(": ", "=")
+              for entry in (f"{k}: {v}" for d in preset.pop("defaults") for k, v in d.items())]
+    assert preset.pop("preset") == name
+    without = compose_config(f"train_{task}", groups, "unused")
+    for key, value in _flatten(preset).items():
+        assert _get(without, key) != value, f"{name} restates {key}={value!r}"
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+    return cfg
+
+
+# Old run records (tests/old_configs/, composed before model.rbn, before l1/l2/vcl lost
+# num_slices/share_directions and presets their `table`) and what composes that run now.
+OLD_RUNS = {"t3_ptb_vd_lstm_l1": ("train_lm", ["experiment=t3_ptb_vd_lstm_l1"]),
+            "t3_ptb_lstm_rbn": ("train_lm", ["experiment=t3_ptb_lstm_rbn"]),
+            "t1_cifar100_resnet56_l2": ("train_cifar", ["experiment=t1_cifar100_resnet56_l2"]),
+            "t2_cifar10_elu_vcl": ("train_cifar", ["experiment=t2_cifar10_elu_vcl"]),
+            "cifar10-resnet56-none-relu-l1": ("train_cifar", ["method=l1"])}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_RUNS))
+def test_runs_stored_before_the_config_changes_are_the_same_runs(old):
+    config_name, overrides = OLD_RUNS[old]
+    stored = yaml.safe_load((ROOT / f"tests/old_configs/{old}.yaml").read_text())
+    now = compose_config(config_name, overrides)
+    assert now["run_dir"] == stored["run_dir"]
+    assert config_differences(stored, now, defaults=now) == []
+    if stored["method"]["name"] in ("l1", "l2", "vcl"):   # a removed key counts at another value
+        stored["method"]["num_slices"] = 64
+        assert config_differences(stored, now, defaults=now) == ["method.num_slices: 64 -> <absent>"]
+
+
+def test_method_rbn_sets_the_model_flag_and_lstm_configs_their_variant():
+    for model, tied, dropout in (("lstm", False, 0.0), ("re_lstm", True, 0.0), ("vd_lstm", False, 0.5),
+                                 ("re_vd_lstm", True, 0.5)):
+        for method in ("vanilla", "rbn"):
+            cfg = compose_config("train_lm", [f"model={model}", f"method={method}", "model.hidden_size=8"])
+            kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+            net = models.create(model, vocab_size=20, **kwargs)
+            assert (net.tied, net.drop.p, net.rbn) == (tied, dropout, method == "rbn")
+            assert cfg["model"]["hidden_size"] == 8 and cfg["model"]["num_layers"] == 2
 
 
 def test_protocols_match_design():

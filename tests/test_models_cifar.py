@@ -66,7 +66,7 @@ def test_resnet_site_names() -> None:
 
 
 def test_resnet_bad_args() -> None:
-    with pytest.raises(ValueError, match="bn, none"):
+    with pytest.raises(ValueError, match="none, bn"):
         create("resnet20", norm="gn")
     with pytest.raises(ValueError, match="6n\\+2"):
         from per.models.resnet import CifarResNet

@@ -17,13 +17,18 @@ V, H, T, B = 30, 16, 7, 5
 VARIANTS = ["lstm", "re_lstm", "vd_lstm", "re_vd_lstm"]
 
 
+def _lstm(name: str, dropout: float = 0.0, **kwargs) -> LSTMLanguageModel:
+    """A small 2-layer `name` (sizes and dropout come from configs/model/*.yaml in runs)."""
+    return create(name, vocab_size=V, hidden_size=H, num_layers=2, dropout=dropout, **kwargs)
+
+
 @pytest.mark.parametrize("rbn", [False, True])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_forward_backward(name: str, rbn: bool) -> None:
     torch.manual_seed(0)
-    model = create(name, vocab_size=V, hidden_size=H, rbn=rbn)
+    model = _lstm(name, dropout=0.5, rbn=rbn)
     assert model.tied == name.startswith("re_")
-    assert model.drop.p == (0.5 if "vd" in name else 0.0)
+    assert model.drop.p == 0.5
     assert model.dropout_type == "variational"
     x = torch.randint(0, V, (T, B))
     logits, hidden = model(x, model.init_hidden(B))
@@ -36,22 +41,22 @@ def test_forward_backward(name: str, rbn: bool) -> None:
 
 def test_bad_dropout_type() -> None:
     with pytest.raises(ValueError, match="variational, standard"):
-        create("vd_lstm", vocab_size=V, hidden_size=H, dropout_type="locked")
+        _lstm("vd_lstm", dropout=0.5, dropout_type="locked")
 
 
 def test_init() -> None:
-    model = create("lstm", vocab_size=V, hidden_size=H)
+    model = _lstm("lstm")
     for w in (model.encoder.weight, model.decoder.weight):
         assert w.abs().max() <= 0.1
     assert torch.all(model.decoder.bias == 0)
 
 
 def test_tied_weights_share_storage() -> None:
-    model = create("re_lstm", vocab_size=V, hidden_size=H)
+    model = _lstm("re_lstm")
     assert model.decoder.weight is model.encoder.weight
     assert model.decoder.weight.data_ptr() == model.encoder.weight.data_ptr()
     n_params = sum(p.numel() for p in model.parameters())
-    untied = create("lstm", vocab_size=V, hidden_size=H)
+    untied = _lstm("lstm")
     assert n_params == sum(p.numel() for p in untied.parameters()) - V * H
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     x = torch.randint(0, V, (T, B))
@@ -87,7 +92,7 @@ def test_standard_dropout_and_eval() -> None:
 @pytest.mark.parametrize("rbn", [False, True])
 def test_sites_see_layer_output_before_dropout(rbn: bool) -> None:
     torch.manual_seed(0)
-    model = create("vd_lstm", vocab_size=V, hidden_size=H, rbn=rbn)
+    model = _lstm("vd_lstm", dropout=0.5, rbn=rbn)
     names = ["layers.0.site", "layers.1.site"]
     assert list(list_sites(model)) == names
     rnn_out, decoder_in = [], []
@@ -106,7 +111,7 @@ def test_sites_see_layer_output_before_dropout(rbn: bool) -> None:
 
 def test_hidden_state_carry() -> None:
     torch.manual_seed(0)
-    model = create("lstm", vocab_size=V, hidden_size=H).eval()
+    model = _lstm("lstm").eval()
     x = torch.randint(0, V, (2 * T, B))
     full, _ = model(x, model.init_hidden(B))
     first, hidden = model(x[:T], model.init_hidden(B))
@@ -211,7 +216,7 @@ def test_rbn_eval_beyond_trained_window_reuses_last_trained_step() -> None:
 
 def test_rbn_max_length_reaches_the_layers() -> None:
     for name in VARIANTS:
-        model = create(name, vocab_size=V, hidden_size=H, rbn=True, rbn_max_length=40)
+        model = _lstm(name, rbn=True, rbn_max_length=40)
         assert all(layer["rnn"].max_length == 40 for layer in model.layers)
         assert all(layer["rnn"].running_mean_h.shape == (40, 4 * H) for layer in model.layers)
 
@@ -230,7 +235,7 @@ def test_rbn_gradients_flow_through_all_parameters() -> None:
 def test_rbn_hidden_state_carry() -> None:
     """With one statistics slot, eval-mode RBN is a plain recurrence: windows compose."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(V, H, rbn=True, rbn_max_length=1)
+    model = LSTMLanguageModel(V, H, num_layers=2, dropout=0.0, rbn=True, rbn_max_length=1)
     model.train()(torch.randint(0, V, (T, B)), model.init_hidden(B))  # fill the running stats
     model.eval()
     x = torch.randint(0, V, (2 * T, B))
@@ -248,7 +253,7 @@ def test_learns_fake_corpus(tmp_path: Path) -> None:
     counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).float() + 1.0
     unigram_ppl = math.exp(F.nll_loss(counts.div(counts.sum()).log().expand(
         len(corpus.val), -1), corpus.val).item())
-    model = create("lstm", vocab_size=corpus.vocab_size, hidden_size=48, num_layers=1)
+    model = create("lstm", vocab_size=corpus.vocab_size, hidden_size=48, num_layers=1, dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train = batchify(corpus.train, 20)
     hidden = model.init_hidden(20)
@@ -268,7 +273,7 @@ def test_learns_fake_corpus(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rbn", [False, True])
 def test_bf16_autocast(rbn: bool) -> None:
-    model = create("vd_lstm", vocab_size=V, hidden_size=H, rbn=rbn)
+    model = _lstm("vd_lstm", dropout=0.5, rbn=rbn)
     x = torch.randint(0, V, (T, B))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, hidden = model(x, model.init_hidden(B))

@@ -89,7 +89,7 @@ def test_elu_net_snapshot_without_dropout_or_penalty() -> None:
 def test_recurrent_bn_lstm_snapshot_leaves_no_trace() -> None:
     """VD-LSTM with recurrent BN: per-step running statistics and trained length restored."""
     torch.manual_seed(0)
-    model = models.create("vd_lstm", vocab_size=50, hidden_size=8, rbn=True).train()
+    model = models.create("vd_lstm", vocab_size=50, hidden_size=8, num_layers=2, dropout=0.5, rbn=True).train()
     tokens = torch.randint(0, 50, (5, 4))
     sites = default_monitor_sites(model)
     assert_no_trace(model, lambda: snapshot(model, lambda: model(tokens, model.init_hidden(4)),

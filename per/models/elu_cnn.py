@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 
 from . import register
+from ..schema import NORMS
 from ..sites import Site
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu")
-NORMS = ("none", "bn")
 # (out_channels, kernel) of the 10 hidden conv layers.
 HIDDEN = ((192, 5), (192, 1), (240, 3), (240, 1), (260, 2), (260, 1), (280, 2), (280, 1),
           (300, 2), (300, 1))

@@ -5,7 +5,7 @@ as the PyTorch word-language-model example, with one single-layer LSTM per layer
 each layer's hidden output is a named site (`layers.{l}.site`, before dropout).
 
 - `re_*` (tied): the decoder weight is the embedding weight (same Parameter).
-- `vd_*`: dropout 0.5, variational (locked) by default: one mask `(1, B, F)` per
+- `vd_*`: dropout 0.5 (their configs), variational (locked) by default: one mask `(1, B, F)` per
   forward call, shared over time (AWD-LSTM's LockedDropout); `dropout_type="standard"`
   draws a fresh mask per element and step (the PyTorch example).
 - `rbn=True`: recurrent batch normalization (Cooijmans et al. 2016) in a custom
@@ -176,8 +176,8 @@ class LSTMLanguageModel(nn.Module):
             least the training window; longer eval windows reuse the last trained step's).
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int = 650, num_layers: int = 2,
-                 dropout: float = 0.0, dropout_type: str = "variational", tied: bool = False,
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, dropout: float,
+                 dropout_type: str = "variational", tied: bool = False,
                  rbn: bool = False, rbn_max_length: int = 100) -> None:
         super().__init__()
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
@@ -222,37 +222,19 @@ def detach_hidden(hidden: Hidden) -> Hidden:
     return [(h.detach(), c.detach()) for h, c in hidden]
 
 
+# Sizes and dropout come from the config (configs/model/*.yaml: 650 units, 2 layers,
+# VD dropout 0.5); the registered names differ in tying only.
 @register("lstm")
-def lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.0,
-         dropout_type: str = "variational", rbn: bool = False,
-         rbn_max_length: int = 100) -> LSTMLanguageModel:
-    """LSTM: untied, no dropout by default."""
-    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=False, rbn=rbn, rbn_max_length=rbn_max_length)
+@register("vd_lstm")
+def untied_lstm(vocab_size: int, *, hidden_size: int, num_layers: int, dropout: float,
+                **options) -> LSTMLanguageModel:
+    """LSTM and VD-LSTM: untied embeddings. `options`: dropout_type, rbn, rbn_max_length."""
+    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, tied=False, **options)
 
 
 @register("re_lstm")
-def re_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.0,
-            dropout_type: str = "variational", rbn: bool = False,
-            rbn_max_length: int = 100) -> LSTMLanguageModel:
-    """RE-LSTM: tied input/output embeddings, no dropout by default."""
-    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=True, rbn=rbn, rbn_max_length=rbn_max_length)
-
-
-@register("vd_lstm")
-def vd_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2, dropout: float = 0.5,
-            dropout_type: str = "variational", rbn: bool = False,
-            rbn_max_length: int = 100) -> LSTMLanguageModel:
-    """VD-LSTM: dropout 0.5 (variational by default), untied."""
-    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=False, rbn=rbn, rbn_max_length=rbn_max_length)
-
-
 @register("re_vd_lstm")
-def re_vd_lstm(vocab_size: int, hidden_size: int = 650, num_layers: int = 2,
-               dropout: float = 0.5, dropout_type: str = "variational",
-               rbn: bool = False, rbn_max_length: int = 100) -> LSTMLanguageModel:
-    """RE-VD-LSTM: tied embeddings and dropout 0.5 (variational by default)."""
-    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, dropout_type,
-                             tied=True, rbn=rbn, rbn_max_length=rbn_max_length)
+def tied_lstm(vocab_size: int, *, hidden_size: int, num_layers: int, dropout: float,
+              **options) -> LSTMLanguageModel:
+    """RE-LSTM and RE-VD-LSTM: tied input/output embeddings. `options` as `untied_lstm`."""
+    return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, tied=True, **options)

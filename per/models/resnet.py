@@ -35,9 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register
+from ..schema import NORMS
 from ..sites import Site
-
-NORMS = ("bn", "none")
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:

@@ -5,13 +5,14 @@ Plain dicts in, errors that name the dotted key, the bad value and what is allow
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
 from per import models, schema
 from per.functional import LAYOUTS, REDUCTIONS
 from per.models.lstm import DROPOUT_TYPES
-from per.regularizers import PATHS
+from per.regularizers import PATHS, Regularizer
 from per.training.loggers import LOGGER_MODES
 from per.training.optim import CLIP_MODES, SCHEDULES
 from per.training.runtime import DEVICES, PRECISIONS
@@ -21,11 +22,17 @@ DATASETS = {"cifar": ("cifar10", "cifar100"), "lm": ("ptb", "wikitext2")}
 ACTIVATIONS = ("relu", "leaky_relu", "elu")
 
 # Keys that may change between a run and its resumption without changing its result:
-# where the data and runs live, how the run is launched and reports, sweep settings.
-VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name",
+# where the data and runs live, how the run is launched and reports, sweep settings,
+# labels (`table`: presets no longer restate the table their model gives).
+VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table",
             "trainer.device", "trainer.gpus", "trainer.progress", "trainer.log_every",
             "data.root", "data.download", "data.verify_checksums",
             "method.lam_grid", "method.slices_grid")
+# Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
+# the value their absence stands for (the Regularizer's default): a stored run that
+# has one at this value is the same run.
+REMOVED = {f"method.{k}": inspect.signature(Regularizer).parameters[k].default
+           for k in ("num_slices", "share_directions")}
 
 
 class ConfigValueError(ValueError):
@@ -94,6 +101,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.path": _one_of(PATHS),
     "method.share_directions": _BOOL,
     "model.name": _one_of(models.list_models()),
+    "model.rbn": _BOOL,
     "model.norm": _one_of(schema.NORMS),
     "model.activation": _one_of(ACTIVATIONS),
     "model.hidden_size": _int_at_least(1),
@@ -175,7 +183,9 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
     """What differs between a stored run's config and a new one, on the keys that
     decide the result: one `key: stored -> new` line per dotted key. A key missing
     from the stored config (new since the run was written) counts only when its new
-    value differs from its value in `defaults` (the config without command-line values)."""
+    value differs from its value in `defaults` (the config without command-line values);
+    a key missing from the new config (see `REMOVED`) only when its stored value
+    differs from the value its absence stands for."""
     a, b = _flatten(stored), _flatten(new)
     d = _flatten(defaults) if defaults is not None else {}
     out = []
@@ -184,6 +194,8 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
             continue
         old, now = a.get(key, _MISSING), b.get(key, _MISSING)
         if old is _MISSING and key in d and now == d[key]:
+            continue
+        if now is _MISSING and key in REMOVED and old == REMOVED[key]:
             continue
         if old != now:
             out.append(f"{key}: {_show(old)} -> {_show(now)}")

@@ -126,8 +126,7 @@ def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> 
     corpus = Corpus(data["root"], data["name"], download=data["download"],
                     verify_checksums=data["verify_checksums"])
     name = mcfg.pop("name")
-    method = cfg["method"]["name"]
-    model = models.create(name, vocab_size=len(corpus.vocab), rbn=method == "rbn", **mcfg).to(device)
+    model = models.create(name, vocab_size=len(corpus.vocab), **mcfg).to(device)
     evals = {schema.VAL: batchify(corpus.val, data["eval_batch_size"], device),
              schema.TEST: batchify(corpus.test, data["eval_batch_size"], device)}
     task = LMTask(model, batchify(corpus.train, data["batch_size"], device), evals,
