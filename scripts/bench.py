@@ -9,9 +9,9 @@ still reports what it has.
 4. Training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
 
-Steps are the presets' real steps (`step_times.PresetStep`: regularizer, task step,
-clipping, optimizer) on synthetic data; configurations alternate step by step so load
-drifts on a shared machine hit baseline and candidate alike.
+Steps are the presets' real steps (`per.training.loop.TrainStep` built through the task
+builders: regularizer, task step, clipping, optimizer) on generated data; configurations
+alternate step by step so load drifts on a shared machine hit baseline and candidate alike.
 
     python scripts/bench.py                  # full size for this device (1 CPU thread)
     python scripts/bench.py --tiny           # seconds on a CPU: checks that it runs (CI)
@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,13 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from reproduce import device_info, load_presets  # noqa: E402
-from step_times import PresetStep, build_step, timed  # noqa: E402
-
-from per import functional, models  # noqa: E402
-from per.training import runtime  # noqa: E402
+from experiments.common import BUILD, compose_preset
+from per import functional, models
+from per.training import runtime
+from per.training.loop import TrainStep
+from per.training.speed import endless_batches, interleaved_times, on_generated_data, preset_step, timed
 
 # Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
 # steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
@@ -82,37 +80,29 @@ def ratio_result(bench: str, candidate: str, baseline: str, cand_s: list[float],
             "candidate_ms": round(1e3 * c, 3), "baseline_ms": round(1e3 * b, 3)}
 
 
-def interleaved_steps(steps: dict[str, PresetStep], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each configuration, one step of each in turn."""
-    batches = {k: s.batches() for k, s in steps.items()}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(warmup + repeats):
-        for k, step in steps.items():
-            s, _ = timed(step, next(batches[k]))
-            if i >= warmup:
-                times[k].append(s)
-    return times
+def build(name: str, overrides: tuple[str, ...], batches: int, args) -> TrainStep:
+    """Preset `name`'s training step on `batches` batches of generated data, at the
+    benchmark's precision and memory format."""
+    cfg = compose_preset(name, (f"trainer.precision={args.precision}",
+                                f"trainer.channels_last={str(args.channels_last).lower()}", *overrides))
+    return preset_step(on_generated_data(cfg, args.data_root, batches), BUILD[cfg["task"]], args.device)
 
 
 def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
     over = (f"model={model}", f"data.batch_size={size['batch']}", *size["image"])
-    steps = {label: build_step(p.cfg, "cifar", args.device, args.precision,
-                               batches=size["warmup"] + size["repeats"], channels_last=args.channels_last)
-             for label, (name, extra) in STEP_CONFIGS.items()
-             for p in load_presets([name], overrides=(*over, *extra))}
-    times = interleaved_steps(steps, size["repeats"], size["warmup"])
+    steps = {label: build(name, (*over, *extra), size["warmup"] + size["repeats"], args)
+             for label, (name, extra) in STEP_CONFIGS.items()}
+    times = interleaved_times(steps, size["repeats"], size["warmup"])
     for label in ("per channels", "per flatten", "l2"):
         report(**ratio_result(f"step/{model}/batch{size['batch']}", label, "vanilla",
                               times[label], times["vanilla"]))
 
 
 def bench_lm_steps(report: Reporter, size: dict, args) -> None:
-    steps = {label: build_step(p.cfg, "lm", args.device, args.precision,
-                               batches=size["warmup"] + size["repeats"])
-             for label, name in (("vanilla", "t3_ptb_lstm_vanilla"), ("per", "t3_ptb_lstm_per"))
-             for p in load_presets([name], overrides=size["lm"])}
-    times = interleaved_steps(steps, size["repeats"], size["warmup"])
-    cfg = load_presets(["t3_ptb_lstm_per"], overrides=size["lm"])[0].cfg
+    steps = {label: build(name, size["lm"], size["warmup"] + size["repeats"], args)
+             for label, name in (("vanilla", "t3_ptb_lstm_vanilla"), ("per", "t3_ptb_lstm_per"))}
+    times = interleaved_times(steps, size["repeats"], size["warmup"])
+    cfg = compose_preset("t3_ptb_lstm_per", size["lm"])
     report(**ratio_result(f"step/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
                           f"x{cfg['data']['bptt']}", "per", "vanilla", times["per"], times["vanilla"]))
 
@@ -122,14 +112,9 @@ def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool) ->
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(repeats + 1):
         for k, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
+            s, _ = timed(fn, cuda)
             if i:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(s)
     return times
 
 
@@ -171,11 +156,9 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
     plain DataLoader + torchvision transforms trainer (fp32, eager, SGD) of the same model."""
     import torchvision.transforms as T
     model_name, batch, n_steps = size["models"][0], size["batch"], size["loader_steps"]
-    (preset,) = load_presets([STEP_CONFIGS["vanilla"][0]], overrides=(f"model={model_name}",
-                                                                     f"data.batch_size={batch}"))
-    ours = build_step(preset.cfg, "cifar", args.device, args.precision, batches=n_steps + 1,
-                      channels_last=args.channels_last)
-    m = dict(preset.cfg["model"])
+    over = (f"model={model_name}", f"data.batch_size={batch}")
+    ours = build(STEP_CONFIGS["vanilla"][0], over, n_steps + 1, args)
+    m = dict(compose_preset(STEP_CONFIGS["vanilla"][0], over)["model"])
     plain_model = models.create(m.pop("name"), num_classes=10, **m).to(args.device)
     opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     rng = np.random.default_rng(0)
@@ -194,19 +177,9 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
         loss.backward()
         opt.step()
 
-    sources: dict[str, tuple[Any, Callable[[Any], Any]]] = {
-        "device loader": (ours.batches(), ours), "dataloader+torchvision": (iter(loader), plain_step)}
-    times: dict[str, list[float]] = {k: [] for k in sources}
-    for i in range(n_steps + 1):      # data fetch + step, alternating; the first is a warm-up
-        for k, (it, step) in sources.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(next(it))
-            if cuda:
-                torch.cuda.synchronize()
-            if i:
-                times[k].append(time.perf_counter() - t0)
+    ours_batches, plain_batches = endless_batches(ours.task), iter(loader)
+    times = _median_time({"device loader": lambda: ours(next(ours_batches)),     # data fetch + step
+                          "dataloader+torchvision": lambda: plain_step(next(plain_batches))}, n_steps, cuda)
     result = ratio_result(f"trainer/{model_name}/batch{batch}", "dataloader+torchvision",
                           "device loader", times["dataloader+torchvision"], times["device loader"])
     result["images_per_s"] = {k: round(batch / statistics.median(v), 1) for k, v in times.items()}
@@ -236,18 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure_backends(args.device, deterministic=False)
     mode = "tiny" if args.tiny else args.device.type
     size = SIZES[mode]
-    report = Reporter(args.out, {"device": device_info(args.device.type)["name"], "size": mode,
+    report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,
                                  "precision": args.precision, "torch": torch.__version__})
     only = set(args.only.split(",")) if args.only else {"step", "lm", "per_grad", "loader"}
-    if "step" in only:
-        for model in size["models"]:
-            bench_image_steps(report, model, size, args)
-    if "lm" in only:
-        bench_lm_steps(report, size, args)
-    if "per_grad" in only:
-        bench_per_grad(report, size, args)
-    if "loader" in only:
-        bench_loader(report, size, args)
+    with tempfile.TemporaryDirectory() as data_root:
+        args.data_root = Path(data_root)
+        if "step" in only:
+            for model in size["models"]:
+                bench_image_steps(report, model, size, args)
+        if "lm" in only:
+            bench_lm_steps(report, size, args)
+        if "per_grad" in only:
+            bench_per_grad(report, size, args)
+        if "loader" in only:
+            bench_loader(report, size, args)
     return 0
 
 

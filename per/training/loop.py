@@ -8,12 +8,13 @@ per `log_every` steps and at the end of each epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -23,11 +24,12 @@ from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
 from per.training.loggers import WandbSink
-from per.training.monitor import activation_stats
+from per.training.monitor import Monitor
 from per.training.optim import clip_gradients, set_lr
 from per.training.records import BEST_CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
+ACTIVATIONS = "activations.jsonl"   # the monitor's rows
 
 
 class Task(Protocol):
@@ -59,19 +61,19 @@ class Experiment:
 
 @dataclass
 class LoopSettings:
+    """How `fit` trains: the length of the run, clipping, and how often it reads the host.
+
+    A run ends after `epochs` epochs or `max_steps` optimizer steps in total, whichever
+    comes first; `clip_mode` and `clip_norm` are `per.training.optim.clip_gradients`'.
+    Every `log_every` steps the loop reads its device accumulators once (progress bar,
+    W&B step row, divergence check) and the regularizer records per-site statistics.
+    """
     epochs: int
-    max_steps: int | None = None      # stop after this many optimizer steps in total
-    precision: str = "fp32"
+    max_steps: int | None = None
     clip_norm: float = 0.0
     clip_mode: str = "none"
-    log_every: int = 50               # steps between host reads (progress, divergence, penalty stats)
-    monitor_every: int = 0            # steps between activation snapshots (0 = off)
-    monitor_sites: list[str] = field(default_factory=list)
-    monitor_units: int = 4
-    monitor_layout: str = "channels"
-    monitor_slices: int = 256
-    seed: int = 0                     # seeds the monitor's own directions (not the training RNG)
-    progress: bool = True
+    log_every: int = 50
+    progress: bool = True             # tqdm bars (training and evaluation)
 
 
 @dataclass
@@ -88,11 +90,16 @@ class TrainState:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps:
+    `with StopSignal() as stop: ... if stop.requested: ...`."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "StopSignal":
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -105,6 +112,64 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step, the same in `fit`, `scripts/step_times.py` and `scripts/bench.py`:
+    the regularizer's step begins, the task's forward runs under `autocast()`, then
+    backward, clipping and the update."""
+    model: nn.Module
+    task: Task
+    optimizer: torch.optim.Optimizer
+    regularizer: Regularizer | None = None
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    clip_norm: float = 0.0
+    clip_mode: str = "none"
+
+    def __call__(self, batch: Any, track: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(task loss, total loss, the task's sums) of one batch; `track` has the regularizer
+        record per-site statistics (`site_stats()`) in this step's backward."""
+        if self.regularizer is not None:
+            self.regularizer.begin_step(track=track)
+        with self.autocast():
+            loss, sums = self.task.train_step(self.model, batch)
+            # On the default backward path `penalty()` is 0 and lambda enters in each site's
+            # backward (per.regularizers._AddPenaltyGrad adds lam * dL_site/dh to the site's
+            # gradient); on the autograd path it is lam * sum_sites L_site itself.
+            total = loss + self.regularizer.penalty() if self.regularizer is not None else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        clip_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_norm,
+                       self.clip_mode)
+        self.optimizer.step()
+        return loss, total, sums
+
+
+class EpochSums:
+    """An epoch's accumulators. Tensors (losses, error counts, per-site statistics of tracked
+    steps) stay on the device and are read in one host copy; Python numbers (item counts)
+    and the partial sums restored after a resume stay on the host."""
+
+    def __init__(self, restored: dict[str, float]) -> None:
+        self.device: dict[str, torch.Tensor] = {}
+        self.host: dict[str, float] = dict(restored)
+
+    def add(self, new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(torch.float64)
+                self.device[k] = self.device[k] + v if k in self.device else v
+            else:
+                self.host[k] = self.host.get(k, 0.0) + v
+
+    def read(self) -> dict[str, float]:
+        """All sums as floats: the one host read per log interval."""
+        out = dict(self.host)
+        if self.device:
+            for k, v in zip(self.device, torch.stack(list(self.device.values())).tolist()):
+                out[k] = out.get(k, 0.0) + v
+        return out
 
 
 def format_metrics(metrics: dict) -> str:
@@ -128,6 +193,8 @@ def checkpoint_state(model: nn.Module, optimizer, schedule, regularizer: Regular
 
 def restore(ckpt: dict, model: nn.Module, optimizer, schedule, regularizer: Regularizer | None,
             task: Task) -> TrainState:
+    """Load a `checkpoint_state` dict into the run's objects (weights, optimizer, schedule,
+    regularizer, task state such as the LM's hidden state, RNG states); returns its counters."""
     _unwrap(model).load_state_dict(ckpt["model"])
     if regularizer is not None and ckpt["regularizer"] is not None:
         regularizer.load_state_dict(ckpt["regularizer"])
@@ -138,167 +205,127 @@ def restore(ckpt: dict, model: nn.Module, optimizer, schedule, regularizer: Regu
     return TrainState(**ckpt["train_state"])
 
 
+def _diverged(what: str, when: str) -> str:
+    log.warning("diverged: non-finite %s %s; recorded as diverged", what, when)
+    return schema.DIVERGED
+
+
+def _stopped(stop: StopSignal, where: str) -> str:
+    log.warning("stopped by %s %s: checkpoint written; the same command resumes",
+                signal.Signals(stop.signum).name, where)
+    return schema.INTERRUPTED
+
+
 def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule,
-        run: RunDir, settings: LoopSettings, *, regularizer: Regularizer | None = None,
-        sink: WandbSink | None = None, state: TrainState | None = None,
-        checkpoint_extra: dict | None = None, stop: StopSignal | None = None,
+        run: RunDir, settings: LoopSettings, *, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        regularizer: Regularizer | None = None, sink: WandbSink | None = None, monitor: Monitor | None = None,
+        state: TrainState | None = None, checkpoint_extra: dict | None = None, stop: StopSignal | None = None,
         on_step: Callable[[int], None] | None = None) -> tuple[str, TrainState]:
     """Train until `settings.epochs` (or `max_steps`); returns (status, state).
 
     status is `finished`, `diverged` (a non-finite loss or penalty was seen) or
     `interrupted` (a stop signal arrived; a checkpoint was written first).
-    `on_step(step)` is called after each optimizer step (tests use it to inject faults).
+    `autocast()` wraps each forward pass (decided once by the caller, who built the task
+    with the same one). `on_step(step)` is called after each optimizer step (tests use it
+    to inject faults).
     """
     state = state or TrainState()
     extra = checkpoint_extra or {}
-    device = next(model.parameters()).device
-    autocast = runtime.autocast_context(device, settings.precision)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stop = stop or StopSignal()
+    step = TrainStep(model, task, optimizer, regularizer, autocast, settings.clip_norm, settings.clip_mode)
     steps_per_epoch = task.batches_per_epoch()
+    max_steps = math.inf if settings.max_steps is None else settings.max_steps
+    if monitor is not None and state.step == 0:
+        run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), 0, 0.0))
 
-    def save(path: str | None = None) -> None:
-        ckpt = checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra)
-        run.save_checkpoint(ckpt) if path is None else run.save_checkpoint(ckpt, path)
-
-    def monitor(epoch_float: float) -> None:
-        rows = activation_stats(model, lambda: task.probe_forward(model), settings.monitor_sites,
-                                num_units=settings.monitor_units, layout=settings.monitor_layout,
-                                num_slices=settings.monitor_slices, step=state.step,
-                                epoch=epoch_float, seed=settings.seed)
-        run.append("activations.jsonl", rows)
-
-    def done() -> bool:
-        return settings.max_steps is not None and state.step >= settings.max_steps
-
-    if settings.monitor_every and settings.monitor_sites and state.step == 0:
-        monitor(0.0)
-    while state.epoch < settings.epochs and not done():
+    while state.epoch < settings.epochs and state.step < max_steps:
         epoch = state.epoch
-        # Epoch accumulators: tensors stay on the device (losses, error counts, per-site
-        # penalty statistics of tracked steps under keys with a '/'); Python numbers
-        # (item counts) and the partial sums restored after a resume stay on the host.
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, float] = dict(state.sums)
-
-        def read_sums() -> dict[str, float]:   # the one host read per log interval
-            host = dict(counts)
-            if sums:
-                for k, v in zip(sums, torch.stack(list(sums.values())).tolist()):
-                    host[k] = host.get(k, 0.0) + v
-            return host
-
+        sums = EpochSums(state.sums)
         t0 = time.perf_counter()
-        batches = steps_per_epoch   # the batches of this epoch that will run
-        if settings.max_steps is not None:
-            batches = min(batches, state.batch + settings.max_steps - state.step)
-        bar = tqdm(total=batches, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
-                   disable=not settings.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=min(steps_per_epoch, state.batch + max_steps - state.step), initial=state.batch,
+                   desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False,
+                   dynamic_ncols=True)
         for batch in task.train_batches(epoch, state.batch):
             set_lr(optimizer, schedule.base_lr(epoch, state.step))
             track = state.step % settings.log_every == 0
-            if regularizer is not None:
-                regularizer.begin_step(track=track)
-            with autocast:
-                loss, batch_sums = task.train_step(model, batch)
-                total = loss + regularizer.penalty() if regularizer is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            clip_gradients(params, settings.clip_norm, settings.clip_mode)
-            optimizer.step()
+            loss, total, batch_sums = step(batch, track=track)
             state.step += 1
             state.batch += 1
             n = batch_sums["items"]
-            new = {"loss": loss.detach() * n, "total": total.detach() * n, **batch_sums}
+            sums.add({"loss": loss.detach() * n, "total": total.detach() * n, **batch_sums})
             if regularizer is not None and track:
-                new.update(regularizer.site_stats())
-                new["tracked"] = 1
-            for k, v in new.items():
-                if isinstance(v, torch.Tensor):
-                    v = v.detach().to(torch.float64)
-                    sums[k] = sums[k] + v if k in sums else v
-                else:
-                    counts[k] = counts.get(k, 0.0) + v
+                sums.add({**regularizer.site_stats(), "tracked": 1})
             if on_step is not None:
                 on_step(state.step)
             if track or state.batch == steps_per_epoch:
-                host = read_sums()
+                host = sums.read()
                 if not math.isfinite(host["total"]):
                     bar.close()
                     state.final = {**state.final, "diverged_at_step": state.step}
-                    log.warning("diverged: non-finite training loss by step %d (epoch %d); recorded as "
-                                "diverged", state.step, epoch + 1)
-                    return schema.DIVERGED, state
+                    return _diverged("training loss", f"by step {state.step} (epoch {epoch + 1})"), state
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
                 so_far = task.train_metrics(host)
-                bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()},
-                                 f"{task.items}/s": f"{rate:.0f}"})
+                bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()}, f"{task.items}/s": f"{rate:.0f}"})
                 if sink is not None:
-                    sink.log_step({**so_far, "lr": optimizer.param_groups[0]["lr"],
-                                   f"{task.items}_per_s": rate}, step=state.step)
+                    sink.log_step({**so_far, schema.LR: optimizer.param_groups[0]["lr"],
+                                   schema.throughput_key(task.items): rate}, step=state.step)
             bar.update(1)
-            if settings.monitor_every and settings.monitor_sites and state.step % settings.monitor_every == 0:
-                monitor(epoch + state.batch / steps_per_epoch)
-            if stop is not None and stop.signum is not None or done():
+            if monitor is not None and monitor.due(state.step):
+                run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), state.step,
+                                                         epoch + state.batch / steps_per_epoch))
+            if stop.requested or state.step >= max_steps:
                 break
         bar.close()
         state.train_time_s += time.perf_counter() - t0
         state.wall_time_s += time.perf_counter() - t0
-        state.sums = read_sums()
+        state.sums = sums.read()
         if not math.isfinite(state.sums.get("total", 0.0)):
             state.final = {**state.final, "diverged_at_step": state.step}
-            log.warning("diverged: non-finite training loss by step %d (epoch %d); recorded as diverged",
-                        state.step, epoch + 1)
-            return schema.DIVERGED, state
-        if stop is not None and stop.signum is not None and state.batch < steps_per_epoch:
-            save()  # mid-epoch: the checkpoint continues at this very batch
-            log.warning("stopped by %s at step %d (epoch %d, batch %d): checkpoint written; the same "
-                        "command resumes", signal.Signals(stop.signum).name, state.step, epoch + 1,
-                        state.batch)
-            return schema.INTERRUPTED, state
+            return _diverged("training loss", f"by step {state.step} (epoch {epoch + 1})"), state
+        if stop.requested and state.batch < steps_per_epoch:
+            # mid-epoch: the checkpoint continues at this very batch
+            run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
+            return _stopped(stop, f"at step {state.step} (epoch {epoch + 1}, batch {state.batch})"), state
 
         # ---- end of epoch: evaluate, record, checkpoint --------------------
         t_eval = time.perf_counter()
-        row = {"epoch": epoch + 1, "step": state.step, "lr": optimizer.param_groups[0]["lr"]}
+        row = {schema.EPOCH: epoch + 1, schema.STEP: state.step, schema.LR: optimizer.param_groups[0]["lr"]}
         row.update(task.train_metrics(state.sums))
         if regularizer is not None:  # averages over tracked steps; penalty = sum of unscaled L_site
-            site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items() if "/" in k}
-            row["penalty"] = sum(v for k, v in site_avgs.items() if k.startswith("penalty/"))
+            site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items()
+                         if schema.is_diagnostic(k)}
+            row[schema.PENALTY] = sum(v for k, v in site_avgs.items() if k.startswith(schema.PENALTY_PREFIX))
             row.update(site_avgs)
         bar = tqdm(total=task.eval_batches(), desc=f"epoch {epoch + 1}/{settings.epochs} eval",
                    disable=not settings.progress, leave=False, dynamic_ncols=True)
         row.update(task.evaluate(model, on_batch=lambda: bar.update(1)))
         bar.close()
-        row[f"{task.items}_per_s"] = state.sums["items"] / max(state.train_time_s, 1e-9)
-        row["epoch_time_s"] = state.train_time_s
+        row[schema.throughput_key(task.items)] = state.sums["items"] / max(state.train_time_s, 1e-9)
+        row[schema.EPOCH_TIME] = state.train_time_s
         state.wall_time_s += time.perf_counter() - t_eval
         schedule.end_epoch(row)
         state.epoch += 1
         state.batch = 0
         state.sums = {}
         state.train_time_s = 0.0
-        state.final = {k: v for k, v in row.items() if "/" not in k}
+        metrics = {k: v for k, v in row.items() if not schema.is_diagnostic(k)}
+        state.final = metrics
         metric = task.selection_metric
         if metric is not None and row.get(metric) is not None and (
                 state.best.get(metric) is None or row[metric] < state.best[metric]):
-            state.best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if "/" not in k and k != "epoch"}}
+            state.best = {schema.EPOCH: epoch + 1, **{k: v for k, v in metrics.items() if k != schema.EPOCH}}
             run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
                                 BEST_CHECKPOINT)
-        # Diagnostics (keys with '/') may be infinite legitimately: a grad ratio where the
-        # task gradient is exactly zero (Fixup's zero-initialized branches).
-        bad = [k for k, v in row.items() if isinstance(v, float) and "/" not in k and not math.isfinite(v)]
-        if bad:
-            run.append("metrics.jsonl", [row])
-            log.warning("diverged: non-finite %s after epoch %d; recorded as diverged", ", ".join(bad),
-                        epoch + 1)
-            return schema.DIVERGED, state
         run.append("metrics.jsonl", [row])   # before the checkpoint: a resume truncates extras
-        save()
+        # Diagnostics may be infinite legitimately: a grad ratio where the task gradient is
+        # exactly zero (Fixup's zero-initialized branches).
+        if bad := [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]:
+            return _diverged(", ".join(bad), f"after epoch {epoch + 1}"), state
+        run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
         if sink is not None:
             sink.log(row, step=state.step)
-        shown = {k: v for k, v in row.items() if "/" not in k and k not in ("epoch", "step")}
+        shown = {k: v for k, v in metrics.items() if k not in (schema.EPOCH, schema.STEP)}
         log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
-        if stop is not None and stop.signum is not None:
-            log.warning("stopped by %s after epoch %d (step %d): checkpoint written; the same command "
-                        "resumes", signal.Signals(stop.signum).name, epoch + 1, state.step)
-            return schema.INTERRUPTED, state
+        if stop.requested:
+            return _stopped(stop, f"after epoch {epoch + 1} (step {state.step})"), state
     return schema.FINISHED, state

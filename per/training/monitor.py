@@ -5,6 +5,7 @@ use the probe batch's statistics, and nothing of the training state changes."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -77,3 +78,23 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
                      "mean": stats[0], "var": stats[1], "q25": stats[2], "q50": stats[3],
                      "q75": stats[4], "sw1": float(sw1)})
     return rows
+
+
+@dataclass
+class Monitor:
+    """Activation snapshots (`activation_stats`) of `sites` at step 0 and every `every`
+    optimizer steps; the loop appends the rows to `activations.jsonl`."""
+    sites: list[str]
+    every: int
+    num_units: int = 4
+    layout: str = "channels"     # the run's point layout (the regularizer's, if any)
+    num_slices: int = 256
+    seed: int = 0                # seeds the monitor's own directions (not the training RNG)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def snapshot(self, model: nn.Module, forward: Callable[[], object], step: int, epoch: float) -> list[dict]:
+        """One row per site after `forward()` (the probe batch through `model`)."""
+        return activation_stats(model, forward, self.sites, num_units=self.num_units, layout=self.layout,
+                                num_slices=self.num_slices, step=step, epoch=epoch, seed=self.seed)

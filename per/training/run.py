@@ -7,22 +7,26 @@ skip, stop signal and divergence.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
+import torch.nn as nn
 
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
 from per.training.checks import ConfigMismatchError, config_differences, validate
 from per.training.loggers import WandbSink, wandb_group, wandb_name
-from per.training.loop import (Experiment, LoopSettings, StopSignal, TrainState, fit, format_metrics,
-                               restore)
-from per.training.monitor import default_monitor_sites
-from per.training.optim import create_optimizer, create_schedule, param_groups
+from per.training.loop import (ACTIVATIONS, Experiment, LoopSettings, StopSignal, Task, TrainState, fit,
+                               format_metrics, restore)
+from per.training.monitor import Monitor, default_monitor_sites
+from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optimizer, create_schedule,
+                                param_groups)
 from per.training.records import RunDir
 
 REGULARIZED = ("l1", "l2", "per", "vcl")
@@ -55,6 +59,45 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
         return None
     options = {k: method[k] for k in REGULARIZER_OPTIONS if k in method}   # PER-only keys in per.yaml
     return Regularizer(model, method["name"], method["lam"], **options)
+
+
+@dataclass
+class Setup:
+    """What a run trains, built from its config before any checkpoint is loaded."""
+    model: nn.Module
+    task: Task
+    regularizer: Regularizer | None
+    optimizer: torch.optim.Optimizer
+    schedule: MultiStepSchedule | PlateauSchedule
+    autocast: Callable[[], ContextManager]   # the forward passes' precision, decided once
+
+
+def build_setup(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment],
+                device: torch.device) -> Setup:
+    """The task builder's model and task on `device`, the regularizer (VCL's betas created by
+    one probe forward), the optimizer over both, and the lr schedule."""
+    optim = cfg["optim"]
+    autocast = functools.partial(runtime.autocast_context, device, cfg["trainer"]["precision"])
+    exp = build(cfg, device, autocast)
+    model, task = exp.model, exp.task
+    regularizer = build_regularizer(model, cfg["method"])
+    if regularizer is not None:
+        regularizer.materialize(lambda: task.probe_forward(model))
+    groups = param_groups(model, list(regularizer.parameters()) if regularizer else None,
+                          weight_decay=optim["weight_decay"], bias_lr_mult=optim["bias_lr_mult"],
+                          bias_weight_decay=optim["bias_weight_decay"])
+    optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"])
+    schedule = create_schedule(optim["schedule"], **optim["schedule_args"])
+    return Setup(model, task, regularizer, optimizer, schedule, autocast)
+
+
+def create_monitor(cfg: dict, model: nn.Module) -> Monitor | None:
+    """The run's activation monitor (`trainer.monitor`), or None when `every` is 0."""
+    mon = cfg["trainer"]["monitor"]
+    if not mon["every"]:
+        return None
+    return Monitor(mon["sites"] or default_monitor_sites(model), mon["every"], num_units=mon["units"],
+                   layout=cfg["method"].get("layout", "channels"), num_slices=mon["slices"], seed=cfg["seed"])
 
 
 def run_length(cfg: dict, batches_per_epoch: int) -> tuple[int, int | None, int]:
@@ -154,69 +197,53 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": None}]
     sink = None
     dev_name = "unknown"
-    stop = StopSignal().__enter__()   # a signal during set-up stops the run after its first step
-    try:
-        runtime.seed_everything(cfg["seed"])
-        device = runtime.resolve_device(trainer["device"])
-        runtime.configure_backends(device, trainer["deterministic"])
-        dev_name = runtime.device_name(device)
-        autocast = lambda: runtime.autocast_context(device, trainer["precision"])  # noqa: E731
-        exp = build(cfg, device, autocast)
-        model, task = exp.model, exp.task
-        regularizer = build_regularizer(model, cfg["method"])
-        if regularizer is not None:
-            regularizer.materialize(lambda: task.probe_forward(model))
-        groups = param_groups(model, list(regularizer.parameters()) if regularizer else None,
-                              weight_decay=optim["weight_decay"], bias_lr_mult=optim["bias_lr_mult"],
-                              bias_weight_decay=optim["bias_weight_decay"])
-        optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"],
-                                     nesterov=optim["nesterov"])
-        schedule = create_schedule(optim["schedule"], **optim["schedule_args"])
-        epochs, max_steps, planned = run_length(cfg, task.batches_per_epoch())
-        mon = trainer["monitor"]
-        settings = LoopSettings(
-            epochs=epochs, max_steps=max_steps, precision=trainer["precision"],
-            clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
-            log_every=trainer["log_every"], monitor_every=mon["every"],
-            monitor_sites=(mon["sites"] or default_monitor_sites(model)) if mon["every"] else [],
-            monitor_units=mon["units"], monitor_layout=cfg["method"].get("layout", "channels"),
-            monitor_slices=mon["slices"], seed=cfg["seed"],
-            progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
-        log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
-                 run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
-                 "s" if epochs > 1 else "", task.batches_per_epoch(),
-                 f", max_steps {max_steps}" if max_steps else "")
+    with StopSignal() as stop:   # a signal during set-up stops the run after its first step
+        try:
+            runtime.seed_everything(cfg["seed"])
+            device = runtime.resolve_device(trainer["device"])
+            runtime.configure_backends(device, trainer["deterministic"])
+            dev_name = runtime.device_name(device)
+            setup = build_setup(cfg, build, device)
+            model, task = setup.model, setup.task
+            epochs, max_steps, planned = run_length(cfg, task.batches_per_epoch())
+            settings = LoopSettings(
+                epochs=epochs, max_steps=max_steps, clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
+                log_every=trainer["log_every"],
+                progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
+            log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
+                     run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
+                     "s" if epochs > 1 else "", task.batches_per_epoch(),
+                     f", max_steps {max_steps}" if max_steps else "")
 
-        loaded = run.load_checkpoint(map_location=device) if cfg["resume"] == "auto" else None
-        if loaded is not None:
-            ckpt, ckpt_name = loaded
-            state = restore(ckpt, model, optimizer, schedule, regularizer, task)
-            run.truncate("metrics.jsonl", "epoch", state.epoch)
-            run.truncate("activations.jsonl", "step", state.step)
-            attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
-                                           "batch": state.batch, "step": state.step}
-            attempts = _earlier_attempts(previous) + attempts
-            log.info("resuming %s from %s at epoch %d, batch %d (step %d of %d)", run.path, ckpt_name,
-                     state.epoch, state.batch, state.step, planned)
-        else:
-            run.clear()
-        run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
-        train_model = torch.compile(model) if trainer["compile"] else model
-        lg = cfg["logger"]
-        sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
-                         run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
-                         tags=list(cell.values()), config=cfg)
-        status, state = fit(train_model, task, optimizer, schedule, run, settings,
-                            regularizer=regularizer, sink=sink, state=state,
-                            checkpoint_extra={"config": cfg}, stop=stop)
-    except BaseException as e:
-        run.write_summary(_summary(schema.FAILED, cfg, state, dev_name, attempts))
-        log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
-        if sink is not None:
-            sink.finish(exit_code=1)
-        raise
-    finally:
-        stop.__exit__()
+            loaded = run.load_checkpoint(map_location=device) if cfg["resume"] == "auto" else None
+            if loaded is not None:
+                ckpt, ckpt_name = loaded
+                state = restore(ckpt, model, setup.optimizer, setup.schedule, setup.regularizer, task)
+                run.truncate("metrics.jsonl", "epoch", state.epoch)
+                run.truncate(ACTIVATIONS, "step", state.step)
+                attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
+                                               "batch": state.batch, "step": state.step}
+                attempts = _earlier_attempts(previous) + attempts
+                log.info("resuming %s from %s at epoch %d, batch %d (step %d of %d)", run.path, ckpt_name,
+                         state.epoch, state.batch, state.step, planned)
+            else:
+                run.clear()
+            run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
+            train_model = torch.compile(model) if trainer["compile"] else model
+            lg = cfg["logger"]
+            sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
+                             run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
+                             tags=list(cell.values()), config=cfg)
+            status, state = fit(train_model, task, setup.optimizer, setup.schedule, run, settings,
+                                autocast=setup.autocast, regularizer=setup.regularizer, sink=sink,
+                                monitor=create_monitor(cfg, model), state=state,
+                                checkpoint_extra={"config": cfg}, stop=stop)
+        except BaseException as e:
+            run.write_summary(_summary(schema.FAILED, cfg, state, dev_name, attempts))
+            log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
+            if sink is not None:
+                sink.finish(exit_code=1)
+            raise
     summary = _summary(status, cfg, state, dev_name, attempts)
     run.write_summary(summary)
     sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)

@@ -1,0 +1,91 @@
+"""Timing a preset's real training step (`TrainStep`, built by `run.build_setup` through the
+task builders) on generated data: the step-time tables (`scripts/step_times.py`) and the
+speed benchmark (`scripts/bench.py`)."""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from per.data.cifar import write_fake_cifar
+from per.data.corpus import EXPECTED_COUNTS, write_fake_corpus
+from per.training.loop import Experiment, Task, TrainStep
+from per.training.run import build_setup
+
+
+def on_generated_data(cfg: dict, root: Path, batches: int) -> dict:
+    """`cfg` reading generated data written under `root` (once per dataset and size): exactly
+    `batches` training batches of images, or a corpus over the real vocabulary size (the
+    generated text reaches about 90% of its words) and more than enough windows."""
+    cfg = copy.deepcopy(cfg)
+    data = cfg["data"]
+    if cfg["task"] == "cifar":
+        n = data["batch_size"] * batches
+        folder = root / f"{data['name']}-{n}"
+        if not folder.exists():
+            write_fake_cifar(folder, data["name"], n_train=n, n_test=16)
+        data["val_size"] = 0
+    else:
+        vocab = EXPECTED_COUNTS[data["name"]][0]
+        folder = root / f"{data['name']}-{vocab}"
+        if not folder.exists():
+            write_fake_corpus(folder, data["name"], n_train_lines=vocab, vocab_size=vocab)
+    data.update(root=str(folder), download=False, verify_checksums=False)
+    return cfg
+
+
+def preset_step(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment],
+                device: torch.device) -> TrainStep:
+    """The training step of `cfg` (model, task, regularizer, optimizer, clipping, precision)."""
+    s = build_setup(cfg, build, device)
+    return TrainStep(s.model, s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
+                     cfg["optim"]["clip_mode"])
+
+
+def endless_batches(task: Task) -> Iterator[Any]:
+    """The task's training batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from task.train_batches(epoch, 0)
+        epoch += 1
+
+
+def timed(fn: Callable[[], Any], cuda: bool) -> tuple[float, Any]:
+    """(seconds, result) of `fn()`, synchronized on CUDA."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration, one step of each in turn (so load drifts on a
+    shared machine hit all alike), after `warmup` untimed rounds."""
+    batches = {k: endless_batches(s.task) for k, s in steps.items()}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for k, step in steps.items():
+            batch = next(batches[k])
+            s, _ = timed(lambda: step(batch), next(step.model.parameters()).is_cuda)
+            if i >= warmup:
+                times[k].append(s)
+    return times
+
+
+def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median seconds per step, items per second) of `repeats` steps after `warmup`."""
+    cuda = next(step.model.parameters()).is_cuda
+    times, items = [], 0
+    for i, batch in zip(range(warmup + repeats), endless_batches(step.task)):
+        s, (_, _, sums) = timed(lambda: step(batch), cuda)
+        if i >= warmup:
+            times.append(s)
+            items += int(sums["items"])
+    return statistics.median(times), items / sum(times)
