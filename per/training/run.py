@@ -114,17 +114,9 @@ def run_length(cfg: dict, batches_per_epoch: int) -> tuple[int, int | None, int]
     return epochs, max_steps, min(planned, max_steps) if max_steps else planned
 
 
-def cell_of(cfg: dict) -> dict:
-    """The run's table cell (`summary.json` `cell`), from its config alone."""
-    m = cfg["model"]
-    return schema.make_cell(cfg["data"]["name"], m["name"], cfg["method"]["name"],
-                            norm=m.get("norm", "none"), activation=m.get("activation"),
-                            table=cfg.get("table"))
-
-
 def _summary(status: str, cfg: dict, state: TrainState, device: str, attempts: list[dict]) -> dict:
     method = cfg["method"]
-    return {"status": status, "task": cfg["task"], "cell": cell_of(cfg),
+    return {"status": status, "task": cfg["task"], "cell": schema.cell_of(cfg),
             "lam": float(method.get("lam", 0.0)) if method["name"] in REGULARIZED else 0.0,
             "seed": cfg["seed"], "epochs_completed": state.epoch, "steps": state.step,
             "wall_time_s": round(state.wall_time_s, 3), "device": device,
@@ -162,7 +154,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     """
     console_logging()
     validate(cfg)
-    cell = cell_of(cfg)
+    cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
     if cfg["resume"] == "auto" and (stored := run.read_config()) is not None:
         if diffs := config_differences(stored, cfg, defaults):
