@@ -9,10 +9,10 @@ LAUNCHER ?= local
 DRY_RUN ?=
 EXPERIMENT ?=
 LAMS ?=
-RUNS ?= results/runs
+RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml)
 OVERRIDES ?=
 REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
-        --launcher $(LAUNCHER) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) \
+        --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
 .PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times presets
@@ -52,11 +52,11 @@ ablation: ## ResNet-56/CIFAR-10 PER: layout (channels, flatten) x reduction (sum
 strength: ## per-site gradient ratios of every family x lambda grid x layout x reduction -> results/strength/
 	$(PY) scripts/strength.py
 
-tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV)
-	$(PY) scripts/aggregate.py --runs $(RUNS) --out results/tables
+tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); folders from configs/paths
+	$(PY) scripts/aggregate.py $(if $(RUNS),--runs $(RUNS))
 
-figures: ## figures from results/runs into results/figures (PNG, PDF)
-	$(PY) scripts/figures.py --runs $(RUNS) --out results/figures
+figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths
+	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS))
 
 step-times: ## measure s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN estimates)
 	$(PY) scripts/step_times.py $(ARGS)

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.common import compose_plain
 from per.analysis.collect import collect_runs
 from per.analysis.tables import write_tables
 from per.analysis.wandb_source import collect_wandb
 
 
 def main(argv: list[str] | None = None) -> int:
+    paths = compose_plain("train_cifar", [])["paths"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
-    ap.add_argument("--out", default="results/tables", help="folder for the tables")
+    ap.add_argument("--runs", default=paths["runs_dir"], help="root of the run directories (paths.runs_dir)")
+    ap.add_argument("--out", default=paths["tables_dir"], help="folder for the tables (paths.tables_dir)")
     ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
     ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
     ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.common import compose_plain
 from per.analysis import figures
 from per.analysis.collect import collect_runs, load_activations, load_run_metrics
 from per.analysis.tables import (GROUP_KEYS, method_sort_key, report_runs, row_labels,
@@ -76,9 +77,10 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    paths = compose_plain("train_cifar", [])["paths"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="results/runs", help="root of the run directories")
-    ap.add_argument("--out", default="results/figures", help="folder for the figures")
+    ap.add_argument("--runs", default=paths["runs_dir"], help="root of the run directories (paths.runs_dir)")
+    ap.add_argument("--out", default=paths["figures_dir"], help="folder for the figures (paths.figures_dir)")
     args = ap.parse_args(argv)
     out = Path(args.out)
 

@@ -23,11 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import ENTRY, compose_preset, preset_names, preset_task
+from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
 from per import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_TIMES_DIR = ROOT / "results" / "step_times"   # <device slug>.json, written by scripts/step_times.py
+PATHS = compose_plain("train_cifar", [])["paths"]
+STEP_TIMES_DIR = ROOT / PATHS["step_times_dir"]   # <device slug>.json, written by scripts/step_times.py
 TABLE_PRESET = re.compile(r"t\d+_")                 # t1_..., t2_..., t3_...: the paper's table cells
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
     ap.add_argument("--runs-per-gpu", type=int, default=1)
     ap.add_argument("--launcher", choices=["local", "joblib", "slurm"], default="local")
-    ap.add_argument("--runs", default="results/runs",
+    ap.add_argument("--runs", default=PATHS["runs_dir"],
                     help="root of the run directories; tables and figures go beside it")
     ap.add_argument("--val-size", type=int, default=5000, help="images held out for lambda selection")
     ap.add_argument("--override", action="append", default=[],

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import BUILD, compose_preset, preset_names
+from experiments.common import BUILD, compose_plain, compose_preset, preset_names
 from per.sweep import ABLATION_SLICES, step_time_key
 from per.training import runtime
 from per.training.speed import on_generated_data, preset_step, seconds_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_TIMES_DIR = ROOT / "results" / "step_times"
+STEP_TIMES_DIR = ROOT / compose_plain("train_cifar", [])["paths"]["step_times_dir"]
 
 
 def main() -> int:

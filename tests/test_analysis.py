@@ -226,7 +226,7 @@ def test_load_run_metrics(collected):
 # --- paper ------------------------------------------------------------------------
 
 def test_paper_csv_is_the_shared_copy(paper):
-    repo_csv = paper_mod.find_repo_root() / paper_mod.PAPER_CSV
+    repo_csv = paper_mod.paper_csv_path()
     if SHARED_PAPER_CSV.exists():
         assert repo_csv.read_bytes() == SHARED_PAPER_CSV.read_bytes()
     assert len(paper) == 110

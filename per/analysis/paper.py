@@ -1,32 +1,39 @@
 """The paper's published numbers (Tables 1-3), from the project's one copy of them:
-`results/paper/paper_tables.csv`, one row per (cell, split)."""
+`paths.paper_csv` (configs/paths/default.yaml), one row per (cell, split)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
-PAPER_CSV = Path("results") / "paper" / "paper_tables.csv"
+PATHS_CONFIG = Path("configs") / "paths" / "default.yaml"
 
 
 def find_repo_root(start: Path | None = None) -> Path:
     """The first folder at or above `start` (default: this module, then the working
-    directory) that holds `results/paper/paper_tables.csv`."""
+    directory) that holds `configs/paths/default.yaml`."""
     starts = [start] if start is not None else [Path(__file__), Path.cwd()]
     for origin in starts:
         for folder in [origin.resolve(), *origin.resolve().parents]:
-            if (folder / PAPER_CSV).is_file():
+            if (folder / PATHS_CONFIG).is_file():
                 return folder
     raise FileNotFoundError(
-        f"no {PAPER_CSV} above {', '.join(str(s) for s in starts)}; "
+        f"no {PATHS_CONFIG} above {', '.join(str(s) for s in starts)}; "
         "run from the repository or pass the CSV's path explicitly")
+
+
+def paper_csv_path(root: Path | None = None) -> Path:
+    """`paths.paper_csv` of the repository at `root` (default: `find_repo_root()`)."""
+    root = find_repo_root() if root is None else root
+    return root / OmegaConf.create({"paths": OmegaConf.load(root / PATHS_CONFIG)}).paths.paper_csv
 
 
 def load_paper_tables(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's numbers: columns table, dataset, model, activation, method,
     split ("valid" / "test"), metric ("error_pct" / "perplexity"), value."""
-    return pd.read_csv(path if path is not None else find_repo_root() / PAPER_CSV)
+    return pd.read_csv(path if path is not None else paper_csv_path())
 
 
 def paper_value(paper: pd.DataFrame, dataset: str, model: str, activation: str,
