@@ -1,17 +1,23 @@
-"""The results pipeline as a user drives it: DRY_RUN plans, a real sweep through Hydra
-multirun (joblib launcher) with lambda selection, skipping of finished runs, the demo."""
+"""The results pipeline as a user drives it: DRY_RUN plans, the ablation's plan, planned
+steps against the built tasks, a real sweep through Hydra multirun (joblib launcher) with
+lambda selection, skipping of finished runs, the demo."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from experiments.common import compose_preset, preset_names
 from per import sweep
 from per.data.cifar import write_fake_cifar
+from per.data.corpus import Corpus, write_fake_corpus
+from per.training.image_task import build_image_experiment
+from per.training.lm_task import build_lm_experiment
 from runner_utils import ROOT, compose_config
 
 REPRO = [sys.executable, str(ROOT / "scripts/reproduce.py")]
@@ -102,3 +108,22 @@ def test_ablation_plans_each_layout_x_reduction_preset_then_each_slice_count(tmp
         assert final.preset.cfg["data"]["val_size"] == 0 and final.seeds == [0, 1] and final.lams == []
     assert [final.preset.cfg["method"]["num_slices"] for _, final in phases[len(presets):]] == slices
     assert len({select.preset.cell_dir for select, _ in phases}) == len(phases)
+
+
+def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
+    """The planner counts batches without reading data; the same count as the task the
+    runner builds, on generated data of known size."""
+    write_fake_cifar(tmp_path, "cifar10", n_train=330, n_test=16)
+    cfg = compose_preset("t1_cifar10_resnet56_per", (f"data.root={tmp_path}", "data.verify_checksums=false",
+                                                     "data.val_size=64", "data.batch_size=32"))
+    monkeypatch.setattr(sweep, "TRAIN_SIZE", 330)
+    task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
+    assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch() == (330 - 64) // 32
+
+    write_fake_corpus(tmp_path, "ptb", n_train_lines=300)
+    cfg = compose_preset("t3_ptb_lstm_per", (f"data.root={tmp_path}", "data.verify_checksums=false",
+                                             "model.hidden_size=8"))
+    task = build_lm_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
+    train_tokens = Corpus(tmp_path, "ptb", verify_checksums=False).train.numel()
+    monkeypatch.setattr(sweep, "EXPECTED_COUNTS", {"ptb": (0, train_tokens, 0, 0)})
+    assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch()
