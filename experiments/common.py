@@ -57,9 +57,10 @@ def preset_task(name: str) -> str:
     return next(task for task, names in DATASETS.items() if dataset in names)
 
 
-def compose_preset(name: str, overrides: tuple[str, ...] = ()) -> dict:
-    """Preset `name` resolved as its runs see it (with `run_dir`), under its task's entry config."""
-    return compose_plain(ENTRY[preset_task(name)], [f"experiment={name}", *overrides])
+def compose_preset(name: str, overrides: tuple[str, ...] = (), run_dir: str | Path | None = None) -> dict:
+    """Preset `name` resolved as its runs see it, under its task's entry config (`run_dir`
+    as in `compose_plain`)."""
+    return compose_plain(ENTRY[preset_task(name)], [f"experiment={name}", *overrides], run_dir)
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -29,14 +29,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.common import compose_plain
+from experiments.common import BUILD, compose_plain, compose_preset, preset_task
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import write_fake_corpus
 from per.functional import LAYOUTS, REDUCTIONS
 from per.strength import measure_strength
 from per.training import runtime
-from per.training.image_task import build_image_experiment
-from per.training.lm_task import build_lm_experiment
 from per.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +50,7 @@ class Family:
 
     @property
     def task(self) -> str:
-        return "lm" if self.base.startswith("t3_") else "cifar"
+        return preset_task(self.base)
 
 
 FAMILIES = [
@@ -64,7 +62,6 @@ FAMILIES = [
     Family("LSTM", "t3_ptb_lstm_vanilla", {k: f"t3_ptb_lstm_{k}" for k in ("per", "l1", "l2")}),
     Family("VD-LSTM", "t3_ptb_vd_lstm_vanilla", {k: f"t3_ptb_vd_lstm_{k}" for k in ("per", "l1", "l2")}),
 ]
-ENTRY = {"cifar": ("train_cifar", build_image_experiment), "lm": ("train_lm", build_lm_experiment)}
 
 
 def _data_root(task: str, root: Path, work: Path) -> tuple[Path, str]:
@@ -83,11 +80,9 @@ def _data_root(task: str, root: Path, work: Path) -> tuple[Path, str]:
 
 def _config(fam: Family, preset: str, root: Path, run_dir: Path, steps: int,
             overrides: list[str]) -> dict:
-    config_name, _ = ENTRY[fam.task]
-    return compose_plain(config_name, [
-        f"experiment={preset}", f"data.root={root}", "data.verify_checksums=false",
-        "trainer.device=cpu", "trainer.progress=false", "trainer.monitor.every=0",
-        "logger.mode=disabled", f"trainer.max_steps={steps}", *overrides], run_dir=run_dir)
+    return compose_preset(preset, (
+        f"data.root={root}", "data.verify_checksums=false", "trainer.device=cpu", "trainer.progress=false",
+        "trainer.monitor.every=0", "logger.mode=disabled", f"trainer.max_steps={steps}", *overrides), run_dir)
 
 
 def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict | None,
@@ -130,7 +125,7 @@ def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict
 def measure_family(fam: Family, steps: int, root: Path, work: Path,
                    overrides: list[str]) -> list[dict]:
     """Rows at initialization and after `steps` unregularized steps of `fam.base`."""
-    config_name, build = ENTRY[fam.task]
+    build = BUILD[fam.task]
     data_root, data = _data_root(fam.task, root, work)
     run_dir = work / "runs" / fam.base
     cfg = _config(fam, fam.base, data_root, run_dir, steps, overrides)
@@ -196,7 +191,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "strength"))
     ap.add_argument("--work", default=None, help="training runs and generated data "
                     "(default: <out>/work, not committed)")
-    for task in ENTRY:
+    for task in BUILD:
         ap.add_argument(f"--override-{task}", action="append", default=[], metavar="KEY=VALUE",
                         help=f"Hydra override for every {task} configuration (repeatable)")
     args = ap.parse_args()
