@@ -202,25 +202,28 @@ def main() -> int:
     work = Path(args.work) if args.work else out / "work"
     root = Path(args.data_root or compose_plain("train_lm", [])["paths"]["data_root"]).resolve()
     csv = out / "strength.csv"
-    old = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
-    rows = []
+    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
     by_name = {f.name: f for f in FAMILIES}
     for fam in (by_name[name] for name in args.families):   # in the order given
         print(f"[strength] {fam.name} ({fam.base})", flush=True)
         overrides = getattr(args, f"override_{fam.task}")
-        rows += measure_family(fam, args.steps, root, work.resolve(), overrides)
-    df = pd.concat([old[~old.family.isin(args.families)], pd.DataFrame(rows)], ignore_index=True)
+        rows = pd.DataFrame(measure_family(fam, args.steps, root, work.resolve(), overrides))
+        df = pd.concat([df[df.family != fam.name], rows], ignore_index=True)
+        write(df, out)       # after each family, so a killed job keeps what it measured
+    print(markdown(df))
+    return 0
+
+
+def write(df: pd.DataFrame, out: Path) -> None:
+    """strength.csv, strength.md and (with Fixup ResNet-56 rows) ablation_grids.json."""
     df["middle"] = df.middle.astype(bool)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(csv, index=False)
+    df.to_csv(out / "strength.csv", index=False)
     (out / "strength.md").write_text(markdown(df))
-    grids = ablation_grids(df)
-    if grids:
+    if grids := ablation_grids(df):
         (out / "ablation_grids.json").write_text(json.dumps(grids, indent=1) + "\n")
-    print(markdown(df))
-    print(f"[strength] wrote {csv}, {out / 'strength.md'}"
-          + (f", {out / 'ablation_grids.json'}" if grids else ""))
-    return 0
+    print(f"[strength] wrote {out}/strength.{{csv,md}}" + (", ablation_grids.json" if grids else ""),
+          flush=True)
 
 
 if __name__ == "__main__":
