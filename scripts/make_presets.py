@@ -4,14 +4,17 @@
 The protocol facts live in configs/optim/*.yaml and the group defaults in the other
 groups; a preset says which groups its cell uses and only the values that differ from
 those groups' files (its lambda grid, a norm, an activation). Its name is the cell's
-(`per.schema.cell_of`), written once as `preset`; the run folder follows from it. Run
-it after editing; tests check the committed presets equal its output.
+(`per.schema.cell_of`), written once as `preset`; the run folder follows from it. The
+ablation's grids for the other layouts and reductions come from measured gradient
+ratios (results/strength/ablation_grids.json, written by `make strength`). Run it
+after editing; tests check the committed presets equal its output.
 
     python scripts/make_presets.py [--check]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,14 +22,15 @@ from omegaconf import OmegaConf
 
 from per import schema
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 OUT = CONFIGS / "experiment"
+ABLATION_GRIDS = ROOT / "results" / "strength" / "ablation_grids.json"
 
 PER_GRID = [3e-4, 1e-4, 3e-5, 1e-5]
 PER_GRID_C100_RELU = [3e-6, 1e-6, 3e-7, 1e-7]     # ReLU/LeakyReLU on CIFAR-100 (Table 2)
 LM_GRID = [3e-4, 1e-4, 3e-5]
 LM_PTB_L1L2_EXTRA = [1e-5, 3e-6, 1e-6, 3e-7, 1e-7]
-FLATTEN_GRID = [1e-5, 3e-6, 1e-6, 3e-7]            # flatten layout: ~sqrt(H*W) larger gradients
 ABLATION_SLICES = [16, 64, 256, 1024]
 MONITOR_EVERY = 100    # Table 2 runs: steps between activation snapshots (200 steps = 1 epoch)
 
@@ -141,17 +145,31 @@ def presets() -> dict[str, str]:
                     body["method"] = {"lam": LM_GRID[1], "lam_grid": LM_GRID + extra}
                 out.append(_preset(f"Table 3 | {ds} | {model} | {method}",
                                    {"data": ds, "model": model, "method": method, "optim": "lm"}, body))
-    # Ablation (ResNet-56, CIFAR-10, PER): layout and number of slices.
+    # Ablation (ResNet-56, CIFAR-10, PER): layout x reduction (channels + sum is the
+    # Table 1 PER cell itself), then the number of slices.
     resnet56_per = {"data": "cifar10", "model": "resnet56", "method": "per", "optim": "fixup"}
-    out.append(_preset("Ablation | cifar10 | ResNet-56 + PER, flatten layout", resnet56_per,
-                       {"method": {"layout": "flatten", **_lams(FLATTEN_GRID)}},
-                       name="ablation_resnet56_flatten"))
+    for combo, grid in _ablation_grids().items():
+        layout, reduction = combo.split("_")
+        out.append(_preset(f"Ablation | cifar10 | ResNet-56 + PER, {layout} layout, {reduction} "
+                           f"reduction; grid = paper grid x measured ratio ({ABLATION_GRIDS.name})",
+                           resnet56_per,
+                           {"method": {"layout": layout, "reduction": reduction, **_lams(grid)}},
+                           name=f"ablation_resnet56_{combo}"))
     out.append(_preset("Ablation | cifar10 | ResNet-56 + PER, channels layout, slices in "
                        + str(ABLATION_SLICES), resnet56_per,
                        {"run_name": "ablation_resnet56_s${method.num_slices}",
                         "method": {**_lams(PER_GRID), "slices_grid": ABLATION_SLICES}},
                        name="ablation_resnet56_slices"))
     return dict(out)
+
+
+def _ablation_grids() -> dict[str, list[float]]:
+    """`<layout>_<reduction>` -> lambda grid, as measured by scripts/strength.py, for every
+    combination but the paper's own (channels, sum)."""
+    if not ABLATION_GRIDS.exists():
+        raise FileNotFoundError(f"{ABLATION_GRIDS} is missing: run `make strength` first")
+    grids = json.loads(ABLATION_GRIDS.read_text())["grids"]
+    return {combo: g["lam_grid"] for combo, g in sorted(grids.items()) if combo != "channels_sum"}
 
 
 def main() -> int:

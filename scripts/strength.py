@@ -158,7 +158,7 @@ def markdown(df: pd.DataFrame) -> str:
 def _round_1_3(x: float) -> float:
     """Nearest value of the form {1, 3} x 10^k on a log scale."""
     k = math.floor(math.log10(x))
-    cands = [m * 10.0 ** e for e in (k - 1, k, k + 1) for m in (1, 3)]
+    cands = [float(f"{m}e{e}") for e in (k - 1, k, k + 1) for m in (1, 3)]   # exact decimals
     return min(cands, key=lambda c: abs(math.log(c / x)))
 
 
@@ -210,6 +210,8 @@ def main() -> int:
         rows = pd.DataFrame(measure_family(fam, args.steps, root, work.resolve(), overrides))
         df = pd.concat([df[df.family != fam.name], rows], ignore_index=True)
         write(df, out)       # after each family, so a killed job keeps what it measured
+    if not args.families:    # `--families` alone re-renders the records from the CSV
+        write(df, out)
     print(markdown(df))
     return 0
 
