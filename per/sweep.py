@@ -20,7 +20,7 @@ from typing import Callable
 from per.analysis.collect import collect_runs
 from per.analysis.tables import select_lambda
 from per.data.cifar import TRAIN_SIZE, num_batches
-from per.data.corpus import EXPECTED_COUNTS
+from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
 from per.training.run import run_length
 
@@ -37,8 +37,7 @@ def batches_per_epoch(cfg: dict) -> int:
     data = cfg["data"]
     if cfg["task"] == "cifar":
         return num_batches(TRAIN_SIZE - data["val_size"], data["batch_size"], drop_last=True)
-    rows = EXPECTED_COUNTS[data["name"]][1] // data["batch_size"]      # per.data.corpus.batchify
-    return math.ceil((rows - 1) / data["bptt"])                          # LMTask.batches_per_epoch
+    return num_windows(EXPECTED_COUNTS[data["name"]][1], data["batch_size"], data["bptt"])
 
 
 def steps_per_run(cfg: dict) -> int:

@@ -12,6 +12,8 @@ SHA-256 checksums are those of the uncompressed contents.
 """
 from __future__ import annotations
 
+import math
+
 import gzip
 import hashlib
 import itertools
@@ -225,6 +227,11 @@ def batchify(data: torch.Tensor, batch_size: int,
     n_rows = data.size(0) // batch_size
     data = data.narrow(0, 0, n_rows * batch_size)
     return data.view(batch_size, -1).t().contiguous().to(device)
+
+
+def num_windows(tokens: int, batch_size: int, bptt: int) -> int:
+    """BPTT windows per epoch over a stream of `tokens` batchified into `batch_size` columns."""
+    return math.ceil((tokens // batch_size - 1) / bptt)
 
 
 def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from per import models, schema
-from per.data.corpus import Corpus, batchify, get_batch
+from per.data.corpus import Corpus, batchify, get_batch, num_windows
 from per.models.lstm import detach_hidden
 from per.training.evaluation import eval_mode
 from per.training.loop import Experiment
@@ -60,7 +60,7 @@ class LMTask:
         self.hidden = None            # carried across the windows of an epoch
 
     def batches_per_epoch(self) -> int:
-        return math.ceil((self.train.size(0) - 1) / self.bptt)
+        return num_windows(self.train.numel(), self.train.size(1), self.bptt)
 
     def train_batches(self, epoch: int, start: int) -> Iterator:
         if start == 0 or self.hidden is None:
