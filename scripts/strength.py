@@ -19,9 +19,8 @@ reads it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import pandas as pd
 import torch
 
 from experiments.common import BUILD, compose_plain, compose_preset, preset_task
+from per.analysis.strength import ablation_grids, markdown, summary
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import write_fake_corpus
 from per.functional import LAYOUTS, REDUCTIONS
@@ -38,8 +38,6 @@ from per.training import runtime
 from per.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
 
 
 @dataclass(frozen=True)
@@ -137,50 +135,6 @@ def measure_family(fam: Family, steps: int, root: Path, work: Path,
     return rows
 
 
-def _fmt(x: float) -> str:
-    return "nan" if x != x else f"{x:.1e}"
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """The table a reader needs: each family at its preset's default lambda (the middle of
-    the paper's grids, 1e-4), with a flag when the median site ratio leaves `BAND`."""
-    lines = ["| family | kind | layout | reduction | lambda | when | data | site grad_ratio: "
-             "median [min, max] | param-grad share | in 1e-3..1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for _, r in df[df.middle].iterrows():
-        ok = BAND[0] <= r.ratio_median <= BAND[1]
-        lines.append(f"| {r.family} | {r.kind} | {r.layout} | {r.reduction} | {r.lam:g} | "
-                     f"{r.when} | {r.data} | {_fmt(r.ratio_median)} [{_fmt(r.ratio_min)}, "
-                     f"{_fmt(r.ratio_max)}] | {_fmt(r.param_share)} | {'yes' if ok else '**no**'} |")
-    return "\n".join(lines) + "\n"
-
-
-def _round_1_3(x: float) -> float:
-    """Nearest value of the form {1, 3} x 10^k on a log scale."""
-    k = math.floor(math.log10(x))
-    cands = [float(f"{m}e{e}") for e in (k - 1, k, k + 1) for m in (1, 3)]   # exact decimals
-    return min(cands, key=lambda c: abs(math.log(c / x)))
-
-
-def ablation_grids(df: pd.DataFrame) -> dict:
-    """Grids for Fixup ResNet-56 + PER under each (layout, reduction): the paper's grid
-    (channels, sum) scaled so the median site ratio matches it, after training."""
-    fam = df[(df.family == "Fixup ResNet-56") & (df.kind == "per") & (df.when != "init")]
-    if fam.empty:
-        return {}
-    mid = fam[fam.middle].set_index(["layout", "reduction"]).ratio_median
-    ref = mid["channels", "sum"]
-    paper = sorted(fam[(fam.layout == "channels") & (fam.reduction == "sum")].lam.unique(),
-                   reverse=True)
-    out = {"source": "scripts/strength.py: median site grad_ratio of Fixup ResNet-56 + PER at "
-                     f"{fam.when.iloc[0]}, {fam.data.iloc[0]} data", "grids": {}}
-    for (layout, reduction), ratio in mid.items():
-        scale = ref / ratio
-        out["grids"][f"{layout}_{reduction}"] = {
-            "scale": float(scale), "lam_grid": [_round_1_3(lam * scale) for lam in paper]}
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="unregularized training steps before the "
@@ -221,7 +175,10 @@ def write(df: pd.DataFrame, out: Path) -> None:
     df["middle"] = df.middle.astype(bool)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "strength.csv", index=False)
-    (out / "strength.md").write_text(markdown(df))
+    (out / "strength.md").write_text(
+        "At each preset's middle lambda, reduction=sum, channels layout:\n\n" + summary(df)
+        + "\nEvery layout and reduction at the middle lambda (every lambda: strength.csv):\n\n"
+        + markdown(df))
     if grids := ablation_grids(df):
         (out / "ablation_grids.json").write_text(json.dumps(grids, indent=1) + "\n")
     print(f"[strength] wrote {out}/strength.{{csv,md}}" + (", ablation_grids.json" if grids else ""),

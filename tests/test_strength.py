@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import per
+from per.analysis.strength import round_1_3
 from per.strength import measure_strength
 
 
@@ -67,3 +68,9 @@ def test_ratios_match_a_training_step_and_leave_the_model_unchanged(kind):
 def test_rejects_kinds_without_closed_form():
     with pytest.raises(ValueError, match="per, l1, l2"):
         measure_strength(nn.Sequential(per.Site("pre")), lambda: torch.zeros(()), "vcl", 0.1)
+
+
+@pytest.mark.parametrize("x, want", [(3.3e-4, 3e-4), (1.6e-4, 1e-4), (1.8e-4, 3e-4), (0.01, 0.01),
+                                     (5.4e-7, 3e-7), (5.5e-7, 1e-6), (30.1, 30.0)])
+def test_round_1_3_is_nearest_on_a_log_scale(x, want):
+    assert round_1_3(x) == want      # exact decimals: grids written to presets stay readable

@@ -1,0 +1,75 @@
+"""Reports of `make strength` (scripts/strength.py): the Markdown table a reader needs and
+the ablation's lambda grids derived from the measured ratios.
+
+Input: the DataFrame of `strength.csv`, one row per (family, kind, layout, reduction,
+lambda, when) with `ratio_median`, `ratio_min`, `ratio_max` (site grad_ratio) and
+`param_share`, and `middle` marking each preset's default lambda.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x != x else f"{x:.1e}"
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """The table a reader needs: each family at its preset's default lambda (the middle of
+    the paper's grids, 1e-4), with a flag when the median site ratio leaves `BAND`."""
+    lines = ["| family | kind | layout | reduction | lambda | when | data | site grad_ratio: "
+             "median [min, max] | param-grad share | in 1e-3..1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for _, r in df[df.middle].iterrows():
+        ok = BAND[0] <= r.ratio_median <= BAND[1]
+        lines.append(f"| {r.family} | {r.kind} | {r.layout} | {r.reduction} | {r.lam:g} | "
+                     f"{r.when} | {r.data} | {_fmt(r.ratio_median)} [{_fmt(r.ratio_min)}, "
+                     f"{_fmt(r.ratio_max)}] | {_fmt(r.param_share)} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def round_1_3(x: float) -> float:
+    """Nearest value of the form {1, 3} x 10^k on a log scale."""
+    k = math.floor(math.log10(x))
+    cands = [float(f"{m}e{e}") for e in (k - 1, k, k + 1) for m in (1, 3)]   # exact decimals
+    return min(cands, key=lambda c: abs(math.log(c / x)))
+
+
+def ablation_grids(df: pd.DataFrame) -> dict:
+    """Grids for Fixup ResNet-56 + PER under each (layout, reduction): the paper's grid
+    (channels, sum) scaled so the median site ratio matches it, after training."""
+    fam = df[(df.family == "Fixup ResNet-56") & (df.kind == "per") & (df.when != "init")]
+    if fam.empty:
+        return {}
+    mid = fam[fam.middle].set_index(["layout", "reduction"]).ratio_median
+    ref = mid["channels", "sum"]
+    paper = sorted(fam[(fam.layout == "channels") & (fam.reduction == "sum")].lam.unique(),
+                   reverse=True)
+    out = {"source": "scripts/strength.py: median site grad_ratio of Fixup ResNet-56 + PER at "
+                     f"{fam.when.iloc[0]}, {fam.data.iloc[0]} data", "grids": {}}
+    for (layout, reduction), ratio in mid.items():
+        scale = ref / ratio
+        out["grids"][f"{layout}_{reduction}"] = {
+            "scale": float(scale), "lam_grid": [round_1_3(lam * scale) for lam in paper]}
+    return out
+
+
+def summary(df: pd.DataFrame) -> str:
+    """The README's table: each family and kind at its middle lambda under the defaults
+    (`reduction=sum`, `channels` layout), at initialization and after training."""
+    d = df[(df.reduction == "sum") & df.middle & df.layout.isin(["channels", "-"])]
+    lines = ["| family (steps trained) | kind | site grad_ratio at init: median | after training: "
+             "median [min, max] | param-grad share after training | median in 1e-3..1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (family, kind), g in d.groupby(["family", "kind"], sort=False):
+        init, trained = g[g["when"] == "init"].iloc[0], g[g["when"] != "init"].iloc[0]
+        ok = BAND[0] <= trained.ratio_median <= BAND[1]
+        lines.append(f"| {family} ({trained['when']}) | {kind} | {_fmt(init.ratio_median)} | "
+                     f"{_fmt(trained.ratio_median)} [{_fmt(trained.ratio_min)}, "
+                     f"{_fmt(trained.ratio_max)}] | {_fmt(trained.param_share)} | "
+                     f"{'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
