@@ -19,6 +19,7 @@ def test_strength_script_on_generated_data(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/strength.py"), "--steps", "2",
            "--families", "LSTM", "Fixup ResNet-56", "--data-root", str(tmp_path / "absent"),
            "--out", str(out),
+           "--override-cifar", "model=resnet20",      # the family's code path at a third of the cost
            "--override-cifar", "data.batch_size=4", "--override-cifar", "method.lam_grid=[1e-3,1e-4]",
            "--override-cifar", "data.eval_batch_size=64",
            "--override-lm", "data.batch_size=3", "--override-lm", "model.hidden_size=8",
