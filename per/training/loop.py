@@ -127,6 +127,9 @@ class TrainStep:
     clip_norm: float = 0.0
     clip_mode: str = "none"
 
+    def __post_init__(self) -> None:
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]   # once, not per step
+
     def __call__(self, batch: Any, track: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(task loss, total loss, the task's sums) of one batch; `track` has the regularizer
         record per-site statistics (`site_stats()`) in this step's backward."""
@@ -140,8 +143,7 @@ class TrainStep:
             total = loss + self.regularizer.penalty() if self.regularizer is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        clip_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_norm,
-                       self.clip_mode)
+        clip_gradients(self._params, self.clip_norm, self.clip_mode)
         self.optimizer.step()
         return loss, total, sums
 
