@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SEEDS ?= 3
 GPUS ?= 0
-RUNS_PER_GPU ?= 1
+RUNS_PER_GPU ?= auto            # auto: the best runs/hour of `make step-times CONCURRENCY=1,2,4,8`, else 1
+CONCURRENCY ?=
 LAUNCHER ?= local
 DRY_RUN ?=
 EXPERIMENT ?=
@@ -58,8 +59,8 @@ tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); fo
 figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths
 	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS))
 
-step-times: ## measure s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN estimates)
-	$(PY) scripts/step_times.py $(ARGS)
+step-times: ## s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
+	$(PY) scripts/step_times.py $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(ARGS)
 
 presets: ## regenerate configs/experiment/ from scripts/make_presets.py
 	$(PY) scripts/make_presets.py

@@ -145,20 +145,46 @@ def chosen_lambda(phase: Phase) -> float:
     return float(lam)
 
 
+def device_table(directory: Path) -> dict | None:
+    """The step-time table of this machine's device in `directory`, or None."""
+    path = directory / f"{runtime.device_info(runtime.resolve_device('auto'))['slug']}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def step_time_table(directory: Path) -> tuple[dict | None, str]:
     """(table, label): the step-time table in `directory` of this machine's device, else one
     measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
     tables = {p.stem: p for p in sorted(directory.glob("*.json"))}
     if not tables:
         return None, f"no tables in {directory}; run `make step-times` on the device"
-    here = runtime.device_info(runtime.resolve_device("auto"))
-    if here["slug"] in tables:
-        t = json.loads(tables[here["slug"]].read_text())
+    t = device_table(directory)
+    if t is not None:
         return t, f"this machine's {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
+    here = runtime.device_info(runtime.resolve_device("auto"))
     stem = sorted(tables, key=lambda k: (not k.startswith("cuda"), k))[0]
     t = json.loads(tables[stem].read_text())
     return t, (f"NOT this machine ({here['name']}): measured on {t['device']} "
                f"(torch {t.get('torch', '?')}, {t.get('recorded', '?')})")
+
+
+# A larger count must beat the smaller ones' runs per hour by this factor to be chosen:
+# more runs at once cost memory and make each run slower, so near-ties go to fewer.
+RUNS_PER_DEVICE_MARGIN = 1.05
+
+
+def best_runs_per_device(table: dict | None, task: str) -> tuple[int, str]:
+    """(k, why): the number of runs at once with the most runs per hour for `task`
+    ("cifar" or "lm") in a step-time table's `runs_per_hour` (`scripts/step_times.py
+    --concurrency`), the smallest one within `RUNS_PER_DEVICE_MARGIN` of the best; (1, why)
+    when the table has no such measurement."""
+    rates = {int(k): v for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task
+             for k, v in r.items() if k != "task"}
+    if not rates:
+        return 1, f"no runs-per-hour measurement for {task}; run `scripts/step_times.py --concurrency 1,2,4,8`"
+    top = max(rates.values())
+    k = min(k for k, v in rates.items() if v * RUNS_PER_DEVICE_MARGIN >= top)
+    shown = ", ".join(f"{n}: {v:.3g}" for n, v in sorted(rates.items()))
+    return k, f"measured runs/hour by runs at once on {table['device']}: {shown}"
 
 
 def _estimate(times: dict[str, float], key: str) -> float | None:

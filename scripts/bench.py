@@ -8,6 +8,9 @@ still reports what it has.
 3. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
 4. Training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
+5. Runs per hour with k runs at once on the device (one process each) / one run, for a
+   ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
+   `RUNS_PER_GPU=auto`).
 
 Steps are the presets' real steps (`per.training.loop.TrainStep` built through the task
 builders: regularizer, task step, clipping, optimizer) on generated data; configurations
@@ -34,19 +37,21 @@ from experiments.common import BUILD, compose_preset
 from per import functional, models
 from per.training import runtime
 from per.training.loop import TrainStep
-from per.training.speed import endless_batches, interleaved_times, on_generated_data, preset_step, timed
+from per.sweep import steps_per_run
+from per.training.speed import (
+    concurrent_steps_per_s, endless_batches, interleaved_times, on_generated_data, preset_step, timed)
 
 # Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
 # steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
 # the per_grad sites.
 SIZES = {
     "cuda": dict(models=("resnet56", "resnet110"), batch=128, image=(), lm=(), repeats=20, warmup=5,
-                 loader_steps=40, sites=128),
+                 loader_steps=40, sites=128, at_once=(1, 2, 4, 8), run_steps=50),
     "cpu": dict(models=("resnet20", "resnet56"), batch=32, image=(), lm=(), repeats=5, warmup=1,
-                loader_steps=6, sites=32),
+                loader_steps=6, sites=32, at_once=(1, 2), run_steps=5),
     "tiny": dict(models=("resnet20",), batch=2, image=("++method.num_slices=16",),
                  lm=("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"),
-                 repeats=2, warmup=1, loader_steps=2, sites=2),
+                 repeats=2, warmup=1, loader_steps=2, sites=2, at_once=(1, 2), run_steps=2),
 }
 STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
@@ -187,6 +192,23 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
     report(**result)
 
 
+def bench_runs_at_once(report: Reporter, size: dict, args) -> None:
+    """Runs per hour of k concurrent runs (one process each, `args.threads` threads) of the
+    PER ResNet preset (the benchmark's first model and batch) and the PER LM preset."""
+    image = (f"model={size['models'][0]}", f"data.batch_size={size['batch']}", *size["image"])
+    for name, over in (("t1_cifar10_resnet56_per", image), ("t3_ptb_lstm_per", size["lm"])):
+        cfg = compose_preset(name, (f"trainer.precision={args.precision}",
+                                    f"trainer.channels_last={str(args.channels_last).lower()}", *over))
+        generated = on_generated_data(cfg, args.data_root, size["run_steps"] + size["warmup"])
+        rates = {k: 3600 / steps_per_run(cfg) * concurrent_steps_per_s(
+                     generated, BUILD[cfg["task"]], args.device, k, size["run_steps"], size["warmup"], args.threads)
+                 for k in size["at_once"]}
+        for k in size["at_once"][1:]:
+            report(bench=f"runs_per_hour/{name}/{over[0] if over else 'preset'}", candidate=f"{k} at once",
+                   baseline="1 at once", ratio=round(rates[k] / rates[1], 3),
+                   runs_per_hour={str(n): round(r, 4) for n, r in rates.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: seconds, no meaningful times")
@@ -196,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
-    ap.add_argument("--only", default="", help="comma-separated subset: step,lm,per_grad,loader")
+    ap.add_argument("--only", default="", help="comma-separated subset: step,lm,per_grad,loader,runs")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.device = runtime.resolve_device(args.device)
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[mode]
     report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,
                                  "precision": args.precision, "torch": torch.__version__})
-    only = set(args.only.split(",")) if args.only else {"step", "lm", "per_grad", "loader"}
+    only = set(args.only.split(",")) if args.only else {"step", "lm", "per_grad", "loader", "runs"}
     with tempfile.TemporaryDirectory() as data_root:
         args.data_root = Path(data_root)
         if "step" in only:
@@ -223,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_per_grad(report, size, args)
         if "loader" in only:
             bench_loader(report, size, args)
+        if "runs" in only:
+            bench_runs_at_once(report, size, args)
     return 0
 
 

@@ -44,11 +44,27 @@ def command(phase: sweep.Phase, args) -> list[str]:
            *phase.hydra_args()]
     gpus = args.gpus.split(",")
     if args.launcher == "joblib":
-        cmd += ["launcher=joblib", f"hydra.launcher.n_jobs={len(gpus) * args.runs_per_gpu}",
+        cmd += ["launcher=joblib", f"hydra.launcher.n_jobs={len(gpus) * runs_per_gpu(args, phase.preset.task)}",
                 "trainer.gpus=[" + ",".join(gpus) + "]"]
     elif args.launcher == "slurm":
         cmd.append("launcher=slurm")
     return cmd
+
+
+def runs_per_gpu(args, task: str) -> int:
+    """`--runs-per-gpu`, or for "auto" the best measured count for `task` on this machine's
+    device (`per.sweep.best_runs_per_device`; 1 without a measurement)."""
+    if args.runs_per_gpu != "auto":
+        return int(args.runs_per_gpu)
+    k, why = sweep.best_runs_per_device(sweep.device_table(STEP_TIMES_DIR), task)
+    print(f"[reproduce] runs per GPU for {task}: {k} ({why})", flush=True)
+    return k
+
+
+def _runs_per_gpu_arg(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
+    return value
 
 
 def execute(phases: list, args) -> None:
@@ -75,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the reported runs")
     ap.add_argument("--select-seeds", type=int, default=1, help="seeds per lambda on the 45k/5k split")
     ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
-    ap.add_argument("--runs-per-gpu", type=int, default=1)
+    ap.add_argument("--runs-per-gpu", type=_runs_per_gpu_arg, default="auto",
+                    help="runs at once per GPU (joblib launcher); auto: the best count measured "
+                         "on this device by `scripts/step_times.py --concurrency`, else 1")
     ap.add_argument("--launcher", choices=["local", "joblib", "slurm"], default="local")
     ap.add_argument("--runs", default=PATHS["runs_dir"],
                     help="root of the run directories; tables and figures go beside it")

@@ -3,7 +3,12 @@ machine's device (generated data through the real task builders; the presets' ba
 models, regularizers and optimizers) and write `results/step_times/<device>.json`, which
 `make reproduce-* DRY_RUN=1` uses to estimate device time. Also prints images/s or tokens/s.
 
+`--concurrency 1,2,4,8` also measures runs per hour with that many runs at once on the
+device (one process each, `CONCURRENCY_PRESETS`: a ResNet-56 and an LM preset) and records
+the best count per task, which `make reproduce-* RUNS_PER_GPU=auto` (the default) uses.
+
     python scripts/step_times.py [--match resnet56] [--steps 5] [--precision bf16]
+    python scripts/step_times.py --match '^$' --concurrency 1,2,4,8    # only runs per hour
 """
 from __future__ import annotations
 
@@ -18,12 +23,29 @@ from pathlib import Path
 import torch
 
 from experiments.common import BUILD, compose_plain, compose_preset, preset_names
-from per.sweep import ABLATION_SLICES, step_time_key
+from per.sweep import ABLATION_SLICES, best_runs_per_device, step_time_key, steps_per_run
 from per.training import runtime
-from per.training.speed import on_generated_data, preset_step, seconds_per_step
+from per.training.speed import concurrent_steps_per_s, on_generated_data, preset_step, seconds_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMES_DIR = ROOT / compose_plain("train_cifar", [])["paths"]["step_times_dir"]
+CONCURRENCY_PRESETS = ("t1_cifar10_resnet56_per", "t3_ptb_lstm_per")
+
+
+def measure_concurrency(record: dict, counts: list[int], args, device, data_root: Path, out: Path) -> None:
+    """`record["runs_per_hour"][preset][k]` for k runs at once, and the best k per task."""
+    for name in CONCURRENCY_PRESETS:
+        cfg = compose_preset(name, (f"trainer.precision={args.precision}",))
+        generated = on_generated_data(cfg, data_root, args.steps + args.warmup)
+        rates = record.setdefault("runs_per_hour", {}).setdefault(name, {"task": cfg["task"]})
+        for k in counts:
+            steps_per_s = concurrent_steps_per_s(generated, BUILD[cfg["task"]], device, k, args.steps,
+                                                 args.warmup, threads=args.threads or 1)
+            rates[str(k)] = 3600 * steps_per_s / steps_per_run(cfg)
+            print(f"  {name:<34} {k} at once: {rates[str(k)]:8.3f} runs/hour", flush=True)
+            record["best_runs_per_device"] = {
+                r["task"]: best_runs_per_device(record, r["task"])[0] for r in record["runs_per_hour"].values()}
+            out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main() -> int:
@@ -35,6 +57,8 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32", choices=runtime.PRECISIONS)
     ap.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="default: results/step_times/<device>.json")
+    ap.add_argument("--concurrency", default="",
+                    help="comma-separated numbers of runs at once, e.g. 1,2,4,8: runs per hour")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +90,10 @@ def main() -> int:
             print(f"  {key:<55} {s * 1000:9.1f} ms/step {rate:10.0f} {unit}", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1) + "\n")   # after each preset: a cut run keeps its rows
+        if args.concurrency:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            measure_concurrency(record, [int(k) for k in args.concurrency.split(",")], args, device,
+                                Path(data_root), out)
     print(f"wrote {out}")
     return 0
 

@@ -2,6 +2,7 @@
 estimates pick the right step-time table, and untracked steps skip the penalty value."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +13,10 @@ import torch
 import torch.nn as nn
 
 import per
-from experiments.common import compose_preset
+from experiments.common import BUILD, compose_preset
 from per import sweep
 from per.training import runtime
+from per.training.speed import concurrent_steps_per_s, on_generated_data
 from runner_utils import ROOT
 
 
@@ -30,7 +32,7 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
     assert {("step", "per channels"), ("step", "per flatten"), ("step", "l2"), ("step", "per"),
             ("per_grad", "blocked 512 rows"), ("per_grad", "erf only"),
-            ("trainer", "dataloader+torchvision")} <= got
+            ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
@@ -80,3 +82,56 @@ def test_untracked_backward_steps_skip_the_penalty_value(monkeypatch):
         reg.begin_step(track=track)
         model(torch.randn(5, 4)).sum().backward()
         assert len(calls) == int(track) and bool(reg.site_stats()) == track
+
+
+def test_best_runs_per_device_takes_the_smallest_count_near_the_best():
+    table = {"device": "Card", "runs_per_hour": {
+        "t1_cifar10_resnet56_per": {"task": "cifar", "1": 10.0, "2": 17.0, "4": 20.0, "8": 20.5},
+        "t3_ptb_lstm_per": {"task": "lm", "1": 3.0, "2": 2.0}}}
+    assert sweep.best_runs_per_device(table, "cifar")[0] == 4      # 8 is within 5% of 4
+    k, why = sweep.best_runs_per_device(table, "lm")
+    assert k == 1 and "Card" in why and "2: 2" in why
+    assert sweep.best_runs_per_device({"device": "Card", "s_per_step": {}}, "cifar")[0] == 1
+    assert sweep.best_runs_per_device(None, "lm") == (1, sweep.best_runs_per_device(None, "lm")[1])
+
+
+def _reproduce_module():
+    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts/reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, capsys):
+    reproduce = _reproduce_module()
+    monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
+    phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
+    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="joblib")
+    assert "hydra.launcher.n_jobs=2" in reproduce.command(phase, args)     # no table: 1 per GPU
+    assert "no runs-per-hour measurement" in capsys.readouterr().out
+    here = runtime.device_info(runtime.resolve_device("auto"))
+    (tmp_path / f"{here['slug']}.json").write_text(json.dumps({
+        "device": "This box", "s_per_step": {},
+        "runs_per_hour": {"x": {"task": "cifar", "1": 1.0, "2": 1.9, "4": 3.0}}}))
+    assert "hydra.launcher.n_jobs=8" in reproduce.command(phase, args)
+    assert "runs per GPU for cifar: 4" in capsys.readouterr().out
+    args.runs_per_gpu = "3"
+    assert "hydra.launcher.n_jobs=6" in reproduce.command(phase, args)
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--task", "cifar", "--dry-run", "--runs-per-gpu", bad])
+    assert "expected 'auto' or a positive integer" in capsys.readouterr().err
+
+
+def _tiny_lm(tmp_path) -> dict:
+    cfg = compose_preset("t3_ptb_lstm_vanilla", ("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"))
+    return on_generated_data(cfg, tmp_path, 4)
+
+
+@pytest.mark.slow   # starts 3 processes that import torch: ~10 s
+def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path):
+    cfg = _tiny_lm(tmp_path)
+    assert concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 2, steps=3, warmup=1) > 0
+    cfg["model"]["hidden_size"] = -1            # every run fails to build: an error, not a hang
+    with pytest.raises(RuntimeError, match="1 of 1 concurrent runs failed"):
+        concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 1, steps=1, warmup=0)

@@ -4,6 +4,7 @@ speed benchmark (`scripts/bench.py`)."""
 from __future__ import annotations
 
 import copy
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -89,3 +90,53 @@ def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float,
             times.append(s)
             items += int(sums["items"])
     return statistics.median(times), items / sum(times)
+
+
+def _concurrent_worker(cfg: dict, build: Callable, device: str, threads: int, steps: int,
+                       warmup: int, barrier: Any, results: Any) -> None:
+    """One of the concurrent runs: build the step, warm up, wait for the others, then put
+    the wall-clock seconds of `steps` steps into `results`."""
+    try:
+        torch.set_num_threads(threads)
+        step = preset_step(cfg, build, torch.device(device))
+        batches = endless_batches(step.task)
+        cuda = device.startswith("cuda")
+        for _ in range(warmup):
+            step(next(batches))
+        barrier.wait()
+        s, _ = timed(lambda: [step(next(batches)) for _ in range(steps)], cuda)
+        results.put(s)
+    except BaseException as e:      # a failed run must not leave the others waiting
+        barrier.abort()
+        results.put(repr(e))
+        raise
+
+
+def concurrent_steps_per_s(cfg: dict, build: Callable, device: torch.device, runs: int, steps: int,
+                           warmup: int, threads: int = 1) -> float:
+    """Optimizer steps per second of all `runs` copies of `cfg`'s training step together,
+    each in its own process on `device` (`threads` CPU threads each), started at once after
+    every process has warmed up: `runs * steps / slowest run's seconds`. Multiply by
+    3600 / `per.sweep.steps_per_run(cfg)` for runs per hour."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(runs), ctx.Queue()
+    procs = [ctx.Process(target=_concurrent_worker, daemon=True,
+                         args=(cfg, build, str(device), threads, steps, warmup, barrier, results))
+             for _ in range(runs)]
+    for p in procs:
+        p.start()
+    got: list[float | str] = []
+    while len(got) < runs:
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs) and results.empty():
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"concurrent runs exited without a result (exit codes {codes})")
+    for p in procs:
+        p.join()
+    failed = [g for g in got if isinstance(g, str)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {runs} concurrent runs failed: {failed[0]}")
+    return runs * steps / max(got)
