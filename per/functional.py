@@ -226,17 +226,25 @@ def to_points(h: torch.Tensor, layout: str = "channels") -> torch.Tensor:
       layout "flatten" -> `(B, C*H*W)`: each example is a point.
     - `(T, B, d)` (always a sequence) -> `(T*B, d)`: each example and time step is a point.
     """
-    check_layout(layout)
+    d = point_dim(h.shape, layout)     # checks the layout and the rank
     if h.dim() == 2:
         return h
-    if h.dim() == 3:
-        return h.reshape(-1, h.shape[2])
-    if h.dim() == 4:
-        if layout == "channels":
-            return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-        return h.reshape(h.shape[0], -1)
+    if h.dim() == 4 and layout == "channels":
+        return h.permute(0, 2, 3, 1).reshape(-1, d)
+    return h.reshape(-1, d)
+
+
+def point_dim(shape: torch.Size, layout: str = "channels") -> int:
+    """`d` of `to_points(h, layout)` for activations of `shape`, without building the points."""
+    check_layout(layout)
+    if len(shape) == 4 and layout == "flatten":
+        return shape[1] * shape[2] * shape[3]
+    if len(shape) in (2, 4):
+        return shape[1]
+    if len(shape) == 3:
+        return shape[2]
     raise ValueError(f"activations must have rank 2 (B, d), 3 (T, B, d) or 4 (B, C, H, W), "
-                     f"got shape {tuple(h.shape)}")
+                     f"got shape {tuple(shape)}")
 
 
 def from_points(x: torch.Tensor, shape: torch.Size, layout: str = "channels") -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from per.functional import (
     check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad,
-    per_loss, sample_directions, to_points)
+    per_loss, point_dim, sample_directions, to_points)
 from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
 from per.sites import Site, list_sites
 
@@ -216,12 +216,14 @@ class Regularizer(nn.Module):
         self._device = h.device
         if self.kind == "vcl":
             return self._apply_vcl(name, h)
-        x = to_points(h, self.layout)
-        directions = self._directions(x.shape[1], h) if self.kind == "per" else None
+        # The backward path needs only `d` here; the points are built in its backward.
+        d = point_dim(h.shape, self.layout)
+        directions = self._directions(d, h) if self.kind == "per" else None
         if self.path == "backward":
             stats = self._stats if self._track else None
             return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout,
                                          self.reduction, stats, name)
+        x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
         self._terms.append(self.lam * value)
         if not self._track:

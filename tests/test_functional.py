@@ -240,3 +240,16 @@ def test_per_grad_accepts_non_contiguous_points():
     torch.testing.assert_close(per.per_grad(x, theta), per.per_grad(x.contiguous(), theta))
     torch.testing.assert_close(per.per_grad(x.T.contiguous().T, theta).double(),
                                _unblocked_per_grad(x, theta, "sum"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 2, 6), (2, 3, 4, 5)])
+@pytest.mark.parametrize("layout", per.LAYOUTS)
+def test_point_dim_is_the_width_of_the_points(shape, layout):
+    assert per.functional.point_dim(torch.Size(shape), layout) == per.to_points(torch.zeros(shape), layout).shape[1]
+
+
+def test_point_dim_rejects_bad_ranks_and_layouts():
+    with pytest.raises(ValueError, match="rank 2"):
+        per.functional.point_dim(torch.Size([2, 3, 4, 5, 6]))
+    with pytest.raises(ValueError, match="valid: channels, flatten"):
+        per.functional.point_dim(torch.Size([2, 3]), "rows")
