@@ -16,7 +16,7 @@ REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gp
         --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
-.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times presets
+.PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times gpu-check presets
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ figures: ## figures from results/runs into results/figures (PNG, PDF); folders f
 
 step-times: ## s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
 	$(PY) scripts/step_times.py $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(ARGS)
+
+gpu-check: ## on a GPU box: CUDA tests, full bench, step times and runs/hour -> results/gpu_check/ (scripts/gpu_check.sh)
+	PY=$(PY) bash scripts/gpu_check.sh results/gpu_check
 
 presets: ## regenerate configs/experiment/ from scripts/make_presets.py
 	$(PY) scripts/make_presets.py

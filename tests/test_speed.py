@@ -136,3 +136,18 @@ def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path):
     cfg["model"]["hidden_size"] = -1            # every run fails to build: an error, not a hang
     with pytest.raises(RuntimeError, match="1 of 1 concurrent runs failed"):
         concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 1, steps=1, warmup=0)
+
+
+@pytest.mark.slow   # a pytest collection, the tiny bench and one LM step time: about a minute
+def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "BENCH_ARGS": "--tiny --device cpu",
+           "STEP_ARGS": "--match ^t3_ptb_lstm_vanilla$ --steps 1 --warmup 0", "CONCURRENCY": ""}
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch" in (out / "versions.txt").read_text()
+    assert "skipped" in (out / "pytest_gpu.txt").read_text() or not torch.cuda.is_available()
+    assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
+        "step", "per_grad", "trainer"}
+    assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the README's Speed section in one go, each step writing under OUT
+# as it goes (a run cut short keeps what it has):
+#   1. the CUDA tests (`pytest -m gpu`: the Triton kernel and a training step against the
+#      plain path, bf16 against fp32),
+#   2. `scripts/bench.py` at this device's full size (its runs-per-hour part is step 3's),
+#   3. `scripts/step_times.py`: seconds per step of every preset configuration and runs per
+#      hour at CONCURRENCY runs at once, which `RUNS_PER_GPU=auto` reads.
+# Usage: scripts/gpu_check.sh [OUT]   (default results/gpu_check; `make gpu-check`)
+# Environment: PY (python), CONCURRENCY (1,2,4,8; empty skips it), BENCH_ARGS, STEP_ARGS,
+# and the time limits TEST_S, BENCH_S, STEP_S in seconds. Copy OUT/step_times.json into
+# results/step_times/ to ship the table.
+set -uo pipefail
+OUT=${1:-results/gpu_check}
+PY=${PY:-python}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+CONCURRENCY=${CONCURRENCY-1,2,4,8}
+concurrency=()
+[[ -n $CONCURRENCY ]] && concurrency=(--concurrency "$CONCURRENCY")
+{ nvidia-smi || echo "nvidia-smi: not available"; } > "$OUT/nvidia-smi.txt" 2>&1
+"$PY" -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')" > "$OUT/versions.txt" 2>&1
+status=0
+timeout "${TEST_S:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1
+timeout "${BENCH_S:-480}" "$PY" scripts/bench.py --only step,lm,per_grad,loader --out "$OUT/bench.jsonl" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
+timeout "${STEP_S:-600}" "$PY" scripts/step_times.py --out "$OUT/step_times.json" "${concurrency[@]}" \
+    ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1
+echo "[gpu-check] results in $OUT (exit $status)"
+exit $status
