@@ -46,7 +46,10 @@ def sample_directions(d: int, num_slices: int, *, generator: torch.Generator | N
         raise ValueError(f"dimension d must be >= 1, got {d}")
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-    v = torch.randn(num_slices, d, generator=generator, device=device, dtype=dtype)
+    # torch.randn's generator overload takes only concrete sizes: under torch.compile with
+    # dynamic shapes `d` is symbolic, so the overload without a generator serves that case.
+    rng = {} if generator is None else {"generator": generator}
+    v = torch.randn(num_slices, d, device=device, dtype=dtype, **rng)
     return v.div_(torch.linalg.vector_norm(v, dim=1, keepdim=True)).T
 
 

@@ -4,11 +4,13 @@ line, printed (and appended to `--out`) as soon as it is measured, so a run cut 
 still reports what it has.
 
 1. Training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
-2. LM step, PER / vanilla (2x650 LSTM, PTB sizes).
-3. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
-4. Training throughput, the project's device-resident loader + step / a plain DataLoader +
+2. Training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on a GPU) /
+   eager, BN vanilla and Fixup PER.
+3. LM step, PER / vanilla (2x650 LSTM, PTB sizes).
+4. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
+5. Training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
-5. Runs per hour with k runs at once on the device (one process each) / one run, for a
+6. Runs per hour with k runs at once on the device (one process each) / one run, for a
    ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
    `RUNS_PER_GPU=auto`).
 
@@ -129,6 +131,22 @@ def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
                               times[label], times["vanilla"]))
 
 
+def bench_compiled_steps(report: Reporter, size: dict, args) -> None:
+    """`trainer.compile` (reduce-overhead: CUDA graphs on a GPU; the default mode on a CPU) /
+    eager, for the BN vanilla and the Fixup PER step of the first model."""
+    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    model, batch = size["models"][0], size["batch"]
+    over = (f"model={model}", f"data.batch_size={batch}", *size["image"])
+    n = size["warmup"] + 2 + size["repeats"]      # two more warm-up steps: compiling (train, then track)
+    for label, name, extra in (("bn vanilla", "t1_cifar10_resnet56_bn", ()),
+                               ("per channels", *STEP_CONFIGS["per channels"])):
+        steps = {"eager": build(name, (*over, *extra), n, args),
+                 f"compile {mode}": build(name, (*over, *extra, f"trainer.compile={mode}"), n, args)}
+        times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
+        report(**ratio_result(f"compiled/{model}/batch{batch}/{label}", f"compile {mode}", "eager",
+                              times[f"compile {mode}"], times["eager"]))
+
+
 def bench_lm_steps(report: Reporter, size: dict, args) -> None:
     steps = {label: build(name, size["lm"], size["warmup"] + size["repeats"], args)
              for label, name in (("vanilla", "t3_ptb_lstm_vanilla"), ("per", "t3_ptb_lstm_per"))}
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
-    ap.add_argument("--only", default="", help="comma-separated subset: step,lm,per_grad,loader,runs")
+    ap.add_argument("--only", default="", help="comma-separated subset: step,compiled,lm,per_grad,loader,runs")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.device = runtime.resolve_device(args.device)
@@ -259,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[mode]
     report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,
                                  "precision": args.precision, "torch": torch.__version__})
-    only = set(args.only.split(",")) if args.only else {"step", "lm", "per_grad", "loader", "runs"}
+    only = set(args.only.split(",")) if args.only else {"step", "compiled", "lm", "per_grad", "loader", "runs"}
     with tempfile.TemporaryDirectory() as data_root:
         args.data_root = Path(data_root)
         if "step" in only:
             for model in size["models"]:
                 bench_image_steps(report, model, size, args)
+        if "compiled" in only:
+            bench_compiled_steps(report, size, args)
         if "lm" in only:
             bench_lm_steps(report, size, args)
         if "per_grad" in only:

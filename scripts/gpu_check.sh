@@ -23,7 +23,7 @@ concurrency=()
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')" > "$OUT/versions.txt" 2>&1
 status=0
 timeout "${TEST_S:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1
-timeout "${BENCH_S:-480}" "$PY" scripts/bench.py --only step,lm,per_grad,loader --out "$OUT/bench.jsonl" \
+timeout "${BENCH_S:-480}" "$PY" scripts/bench.py --only step,compiled,lm,per_grad,loader --out "$OUT/bench.jsonl" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
 timeout "${STEP_S:-600}" "$PY" scripts/step_times.py --out "$OUT/step_times.json" "${concurrency[@]}" \
     ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from per.training import runtime
 from per.training.checks import ConfigValueError, config_differences, validate
 from runner_utils import ROOT, compose_config
 
@@ -25,6 +27,21 @@ def test_validation_lists_every_bad_value():
     assert lines == ["  method.lam=-1: expected a finite number >= 0", "  data.bptt=0: expected an integer >= 1",
                      "  trainer.device='tpu': expected one of auto, cpu, cuda",
                      "  trainer.progress='maybe': expected null or true or false"]
+
+
+@pytest.mark.parametrize("value", [False, True, "default", "reduce-overhead", "max-autotune"])
+def test_trainer_compile_takes_a_bool_or_a_torch_compile_mode(value):
+    validate(compose_config("train_cifar", [f"trainer.compile={str(value).lower()}"], "unused"))
+
+
+def test_a_bad_trainer_compile_names_the_choices():
+    with pytest.raises(ConfigValueError, match="trainer.compile='fast': expected true, false or one of "
+                                               "default, reduce-overhead, max-autotune"):
+        validate(compose_config("train_cifar", ["trainer.compile=fast"], "unused"))
+    with pytest.raises(ValueError, match="valid: false, true, default"):
+        runtime.compile_model(torch.nn.Linear(1, 1), "fast")
+    model = torch.nn.Linear(1, 1)
+    assert runtime.compile_model(model, False) is model
 
 
 def test_differences_ignore_volatile_keys_and_new_keys_at_their_default():

@@ -31,7 +31,7 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     assert rows == [json.loads(line) for line in proc.stdout.splitlines()]
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
     assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
-            ("step", "l2"), ("step", "per"),
+            ("step", "l2"), ("step", "per"), ("compiled", "compile default"),
             ("per_grad", "blocked 512 rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
@@ -149,5 +149,5 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert "torch" in (out / "versions.txt").read_text()
     assert "skipped" in (out / "pytest_gpu.txt").read_text() or not torch.cuda.is_available()
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
-        "step", "per_grad", "trainer"}
+        "step", "compiled", "per_grad", "trainer"}
     assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]

@@ -15,7 +15,7 @@ from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, Regularizer
 from per.training.loggers import LOGGER_MODES
 from per.training.optim import CLIP_MODES, SCHEDULES
-from per.training.runtime import DEVICES, PRECISIONS
+from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
 RESUME_MODES = ("auto", "never")
 DATASETS = {"cifar": ("cifar10", "cifar100"), "lm": ("ptb", "wikitext2")}
@@ -133,7 +133,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.limit_eval_batches": _optional(_int_at_least(1)),
     "trainer.device": _one_of(DEVICES),
     "trainer.precision": _one_of(PRECISIONS),
-    "trainer.compile": _BOOL,
+    "trainer.compile": ((lambda v: isinstance(v, bool) or v in COMPILE_MODES),
+                        f"true, false or one of {', '.join(COMPILE_MODES)}"),
     "trainer.channels_last": _BOOL,
     "trainer.deterministic": _BOOL,
     "trainer.log_every": _int_at_least(1),

@@ -221,7 +221,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             else:
                 run.clear()
             run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
-            train_model = torch.compile(model) if trainer["compile"] else model
+            train_model = runtime.compile_model(model, trainer["compile"])
             lg = cfg["logger"]
             sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
                              run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),

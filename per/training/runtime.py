@@ -14,6 +14,20 @@ import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")   # trainer.compile, besides false/true
+
+
+def compile_model(model: torch.nn.Module, setting: bool | str) -> torch.nn.Module:
+    """`trainer.compile`: false -> `model` itself; true or "default" -> `torch.compile(model)`;
+    "reduce-overhead" (CUDA graphs on a GPU) or "max-autotune" -> that `torch.compile` mode.
+
+    Compiled models draw random numbers (PER's directions) from Inductor's generator: the same
+    distribution, seeded from torch's, but not the numbers an eager run draws."""
+    if setting is False:
+        return model
+    if setting is not True and setting not in COMPILE_MODES:
+        raise ValueError(f"unknown trainer.compile {setting!r}; valid: false, true, {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=None if setting in (True, "default") else setting)
 
 
 def seed_everything(seed: int) -> None:

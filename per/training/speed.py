@@ -15,6 +15,7 @@ import torch
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import EXPECTED_COUNTS, write_fake_corpus
 from per.training.loop import Experiment, Task, TrainStep
+from per.training import runtime
 from per.training.run import build_setup
 
 
@@ -41,9 +42,10 @@ def on_generated_data(cfg: dict, root: Path, batches: int) -> dict:
 
 def preset_step(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment],
                 device: torch.device) -> TrainStep:
-    """The training step of `cfg` (model, task, regularizer, optimizer, clipping, precision)."""
+    """The training step of `cfg` (model, task, regularizer, optimizer, clipping, precision,
+    `trainer.compile`), as `fit` takes it."""
     s = build_setup(cfg, build, device)
-    return TrainStep(s.model, s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
+    return TrainStep(runtime.compile_model(s.model, cfg["trainer"]["compile"]), s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
                      cfg["optim"]["clip_mode"])
 
 
