@@ -5,11 +5,12 @@
 #      plain path, bf16 against fp32),
 #   2. `scripts/bench.py` at this device's full size (its runs-per-hour part is step 3's),
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration and runs per
-#      hour at CONCURRENCY runs at once, which `RUNS_PER_GPU=auto` reads.
+#      hour at CONCURRENCY runs at once, into this device's table in results/step_times/
+#      (which `DRY_RUN=1` and `RUNS_PER_GPU=auto` read; STEP_OUT writes it elsewhere), then
+#      copied into OUT.
 # Usage: scripts/gpu_check.sh [OUT]   (default results/gpu_check; `make gpu-check`)
-# Environment: PY (python), CONCURRENCY (1,2,4,8; empty skips it), BENCH_ARGS, STEP_ARGS,
-# and the time limits TEST_S, BENCH_S, STEP_S in seconds. Copy OUT/step_times.json into
-# results/step_times/ to ship the table.
+# Environment: PY (python), CONCURRENCY (1,2,4,8; empty skips it), STEP_OUT, BENCH_ARGS,
+# STEP_ARGS, and the time limits TEST_S, BENCH_S, STEP_S in seconds.
 set -uo pipefail
 OUT=${1:-results/gpu_check}
 PY=${PY:-python}
@@ -25,7 +26,9 @@ status=0
 timeout "${TEST_S:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1
 timeout "${BENCH_S:-480}" "$PY" scripts/bench.py --only step,compiled,lm,per_grad,loader --out "$OUT/bench.jsonl" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
-timeout "${STEP_S:-600}" "$PY" scripts/step_times.py --out "$OUT/step_times.json" "${concurrency[@]}" \
+timeout "${STEP_S:-600}" "$PY" scripts/step_times.py ${STEP_OUT:+--out "$STEP_OUT"} "${concurrency[@]}" \
     ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1
+table=$(sed -n 's/^device: .*, table: //p' "$OUT/step_times.log")
+[[ -n $table && -f $table ]] && cp "$table" "$OUT/step_times.json"   # rows are written as measured
 echo "[gpu-check] results in $OUT (exit $status)"
 exit $status

@@ -75,7 +75,7 @@ def main() -> int:
     record.update(torch=torch.__version__, recorded=datetime.date.today().isoformat(),
                   steps=args.steps, warmup=args.warmup)
     seen = set()
-    print(f"device: {record['device']}, precision {args.precision}")
+    print(f"device: {record['device']}, precision {args.precision}, table: {out}", flush=True)
     with tempfile.TemporaryDirectory() as data_root:
         for name in names:
             cfg = compose_preset(name, (f"trainer.precision={args.precision}",))

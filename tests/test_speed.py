@@ -32,7 +32,7 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
     assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
             ("step", "l2"), ("step", "per"), ("compiled", "compile default"),
-            ("per_grad", "blocked 512 rows"), ("per_grad", "erf only"),
+            ("per_grad", f"blocked {per.functional.PER_GRAD_BLOCK_ROWS} rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
@@ -141,7 +141,8 @@ def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path):
 @pytest.mark.slow   # a pytest collection, the tiny bench and one LM step time: about a minute
 def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "BENCH_ARGS": "--tiny --device cpu",
-           "STEP_ARGS": "--match ^t3_ptb_lstm_vanilla$ --steps 1 --warmup 0", "CONCURRENCY": ""}
+           "STEP_ARGS": "--match ^t3_ptb_lstm_vanilla$ --steps 1 --warmup 0", "CONCURRENCY": "",
+           "STEP_OUT": str(tmp_path / "table.json")}
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -151,3 +152,4 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
         "step", "compiled", "per_grad", "trainer"}
     assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]
+    assert (out / "step_times.json").read_text() == (tmp_path / "table.json").read_text()
