@@ -6,7 +6,8 @@ still reports what it has.
 1. Training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
 2. Training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on a GPU) /
    eager, BN vanilla and Fixup PER.
-3. LM step, PER / vanilla (2x650 LSTM, PTB sizes).
+3. LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
+   the PyTorch word-language-model example's training step at the same sizes.
 4. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
 5. Training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
@@ -34,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from experiments.common import BUILD, compose_preset
@@ -148,12 +150,68 @@ def bench_compiled_steps(report: Reporter, size: dict, args) -> None:
 
 
 def bench_lm_steps(report: Reporter, size: dict, args) -> None:
-    steps = {label: build(name, size["lm"], size["warmup"] + size["repeats"], args)
-             for label, name in (("vanilla", "t3_ptb_lstm_vanilla"), ("per", "t3_ptb_lstm_per"))}
+    """LM PER and recurrent-BN steps / vanilla."""
+    labels = {"vanilla": "t3_ptb_lstm_vanilla", "per": "t3_ptb_lstm_per", "rbn": "t3_ptb_lstm_rbn"}
+    steps = {label: build(name, size["lm"], size["warmup"] + size["repeats"], args) for label, name in labels.items()}
     times = interleaved_times(steps, size["repeats"], size["warmup"])
     cfg = compose_preset("t3_ptb_lstm_per", size["lm"])
-    report(**ratio_result(f"step/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
-                          f"x{cfg['data']['bptt']}", "per", "vanilla", times["per"], times["vanilla"]))
+    for label in ("per", "rbn"):
+        report(**ratio_result(f"step/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
+                              f"x{cfg['data']['bptt']}", label, "vanilla", times[label], times["vanilla"]))
+
+
+class ExampleLM(nn.Module):
+    """The PyTorch word-language-model example's LSTM model (examples/word_language_model):
+    embedding, dropout, `nn.LSTM`, dropout, linear decoder; `(T, B)` tokens -> `(T, B, V)`."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, layers, dropout=dropout)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        out, state = self.rnn(self.drop(self.encoder(x)), state)
+        return self.decoder(self.drop(out)), state
+
+
+def bench_lm_reference(report: Reporter, size: dict, args) -> None:
+    """tokens/s: the vanilla LM preset's step / the word-language-model example's training
+    step at the same sizes (its loop: detach the state, forward, cross-entropy, backward,
+    clip the global norm, `p -= lr * grad`), on random tokens."""
+    name = "t3_ptb_lstm_vanilla"
+    cfg = compose_preset(name, size["lm"])
+    m, bptt, batch = cfg["model"], cfg["data"]["bptt"], cfg["data"]["batch_size"]
+    n = size["warmup"] + size["repeats"] + 1
+    ours = build(name, size["lm"], n, args)
+    vocab = ours.model.encoder.num_embeddings          # the generated corpus's vocabulary
+    example = ExampleLM(vocab, m["hidden_size"], m["num_layers"], m["dropout"]).to(args.device)
+    tokens = torch.randint(vocab, (bptt * n + 1, batch), device=args.device)
+    zeros = torch.zeros(m["num_layers"], batch, m["hidden_size"], device=args.device)
+    state = [(zeros, zeros)]
+    lr, clip = cfg["optim"]["lr"], cfg["optim"]["clip_norm"]
+    i = iter(range(n))
+
+    def example_step() -> None:
+        k = next(i) * bptt
+        x, y = tokens[k:k + bptt], tokens[k + 1:k + 1 + bptt]
+        example.zero_grad()
+        out, new = example(x, tuple(h.detach() for h in state[0]))
+        state[0] = new
+        F.cross_entropy(out.view(-1, vocab), y.reshape(-1)).backward()
+        torch.nn.utils.clip_grad_norm_(example.parameters(), clip)
+        with torch.no_grad():
+            for p in example.parameters():
+                p.add_(p.grad, alpha=-lr)
+
+    batches = endless_batches(ours.task)
+    times = _median_time({"ours": lambda: ours(next(batches)), "example": example_step},
+                         size["warmup"] + size["repeats"] - 1, args.device.type == "cuda")
+    result = ratio_result(f"trainer/lstm{m['hidden_size']}/batch{batch}x{bptt}", "word-language-model example",
+                          "ours", times["example"], times["ours"])
+    result["tokens_per_s"] = {k: round(batch * bptt / statistics.median(v)) for k, v in times.items()}
+    report(**result)
 
 
 def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool) -> dict[str, list[float]]:
@@ -287,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_compiled_steps(report, size, args)
         if "lm" in only:
             bench_lm_steps(report, size, args)
+            bench_lm_reference(report, size, args)
         if "per_grad" in only:
             bench_per_grad(report, size, args)
         if "loader" in only:
