@@ -32,7 +32,7 @@ test: ## quick suite (unit tests, fast end-to-end runs): a few minutes on 2 CPU 
 test-all: ## everything CI runs: quick suite + slow tiers (end-to-end, resume, real-data smoke tests)
 	$(PY) -m pytest -q -m "not gpu" --durations=15
 
-bench: ## speed ratios on this machine's device (PER/L2/LM vs vanilla, per_grad, loader), JSON lines; ARGS=--tiny
+bench: ## speed ratios on this device (PER/L2/LM/RBN vs vanilla, compiled, per_grad, trainers, runs at once), JSON lines; ARGS=--tiny
 	$(PY) scripts/bench.py $(ARGS)
 
 demo: ## CPU, offline: generated CIFAR-layout data, short runs, table and figures in results/demo/

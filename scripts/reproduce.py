@@ -18,6 +18,7 @@ The planner is `per.sweep`; presets are composed by `experiments.common`.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import subprocess
 import sys
@@ -53,9 +54,14 @@ def command(phase: sweep.Phase, args) -> list[str]:
 
 def runs_per_gpu(args, task: str) -> int:
     """`--runs-per-gpu`, or for "auto" the best measured count for `task` on this machine's
-    device (`per.sweep.best_runs_per_device`; 1 without a measurement)."""
+    device (`per.sweep.best_runs_per_device`; 1 without a measurement), said once per task."""
     if args.runs_per_gpu != "auto":
         return int(args.runs_per_gpu)
+    return _auto_runs_per_gpu(task)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_runs_per_gpu(task: str) -> int:
     k, why = sweep.best_runs_per_device(sweep.device_table(STEP_TIMES_DIR), task)
     print(f"[reproduce] runs per GPU for {task}: {k} ({why})", flush=True)
     return k

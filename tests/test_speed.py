@@ -115,8 +115,10 @@ def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, 
     (tmp_path / f"{here['slug']}.json").write_text(json.dumps({
         "device": "This box", "s_per_step": {},
         "runs_per_hour": {"x": {"task": "cifar", "1": 1.0, "2": 1.9, "4": 3.0}}}))
+    reproduce._auto_runs_per_gpu.cache_clear()     # read once per task and process
     assert "hydra.launcher.n_jobs=8" in reproduce.command(phase, args)
-    assert "runs per GPU for cifar: 4" in capsys.readouterr().out
+    assert "hydra.launcher.n_jobs=8" in reproduce.command(phase, args)
+    assert capsys.readouterr().out.count("runs per GPU for cifar: 4") == 1
     args.runs_per_gpu = "3"
     assert "hydra.launcher.n_jobs=6" in reproduce.command(phase, args)
     for bad in ("0", "two"):
