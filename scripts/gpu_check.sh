@@ -11,6 +11,12 @@
 # Usage: scripts/gpu_check.sh [OUT]   (default results/gpu_check; `make gpu-check`)
 # Environment: PY (python), CONCURRENCY (1,2,4,8; empty skips it), STEP_OUT, BENCH_ARGS,
 # STEP_ARGS, and the time limits TEST_S, BENCH_S, STEP_S in seconds.
+# A box with torch but no internet and no Hydra needs only three pure-Python wheels (W&B
+# is imported only when logging is on). Make them where pip works:
+#   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+# then, on the box, from the repository root:
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_check.sh "$OUT"
 set -uo pipefail
 OUT=${1:-results/gpu_check}
 PY=${PY:-python}
