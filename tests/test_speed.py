@@ -156,3 +156,8 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
         "step", "compiled", "per_grad", "trainer"}
     assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]
     assert (out / "step_times.json").read_text() == (tmp_path / "table.json").read_text()
+    only = tmp_path / "steps_only"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(only)], cwd=ROOT,
+                          env={**env, "PARTS": "steps"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in only.iterdir()} == {"nvidia-smi.txt", "versions.txt", "step_times.log", "step_times.json"}
