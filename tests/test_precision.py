@@ -87,6 +87,10 @@ def test_compiled_run_follows_eager_run(data_root, tmp_path, task):
     with torch._inductor.config.patch(fallback_random=True):
         compiled = _train_losses(task, data_root, tmp_path / "compiled", COMPILE_LAM[task], "trainer.compile=default")
     assert compiled == pytest.approx(eager, rel=COMPILE_RTOL)
+    # PER's per-site diagnostics survive compilation (the sites' backward records them).
+    diagnostics = [{k: v for k, v in row.items() if schema.is_diagnostic(k)}
+                   for run in ("eager", "compiled") for row in metrics(tmp_path / run)[-1:]]
+    assert diagnostics[0] and diagnostics[1] == pytest.approx(diagnostics[0], rel=1e-3)
 
 
 @pytest.mark.gpu
