@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SEEDS ?= 3
 GPUS ?= 0
-RUNS_PER_GPU ?= auto            # auto: the best runs/hour of `make step-times CONCURRENCY=1,2,4,8`, else 1
+# auto: the count with the most runs/hour in `make step-times CONCURRENCY=1,2,4,8`'s table, else 1
+RUNS_PER_GPU ?= auto
 CONCURRENCY ?=
 LAUNCHER ?= local
 DRY_RUN ?=

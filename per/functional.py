@@ -155,7 +155,7 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     theta = directions.to(compute_dtype(x))
     if _use_fused_kernel(x):
         from per._triton import per_grad_fused
-        return per_grad_fused(x, theta, scale)
+        return per_grad_fused(x, theta.contiguous(), scale)   # row-major tiles load coalesced
     # Blocks pay on CPU caches; elsewhere one product per operand is faster.
     block_rows = PER_GRAD_BLOCK_ROWS if x.device.type == "cpu" else max(n, 1)
     return _per_grad_blocked(x, theta, scale, block_rows)

@@ -178,7 +178,7 @@ def best_runs_per_device(table: dict | None, task: str) -> tuple[int, str]:
     --concurrency`), the smallest one within `RUNS_PER_DEVICE_MARGIN` of the best; (1, why)
     when the table has no such measurement."""
     rates = {int(k): v for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task
-             for k, v in r.items() if k != "task"}
+             for k, v in r.items() if k.isdigit()}
     if not rates:
         return 1, f"no runs-per-hour measurement for {task}; run `scripts/step_times.py --concurrency 1,2,4,8`"
     top = max(rates.values())

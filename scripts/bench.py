@@ -238,6 +238,8 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
         times = _median_time(fns, max(size["repeats"], 5), cuda)
         path = "fused triton" if functional._use_fused_kernel(x) else (
             f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
+        if not cuda and os.environ.get("PER_CPU_COMPILE") == "1":   # both sides take the compiled erf
+            path += ", PER_CPU_COMPILE=1"
         for label in ("per_grad", "erf only"):
             report(**ratio_result(f"per_grad/N{n}/d{d}/s256", path if label == "per_grad" else label,
                                   "unblocked", times[label], times["unblocked"]))

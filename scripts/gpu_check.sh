@@ -32,11 +32,15 @@ concurrency=()
 "$PY" -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')" > "$OUT/versions.txt" 2>&1
 PARTS=",${PARTS:-tests,bench,steps},"
+for part in ${PARTS//,/ }; do
+    [[ $part == tests || $part == bench || $part == steps ]] || {
+        echo "[gpu-check] unknown part '$part' in PARTS; valid: tests, bench, steps" >&2; exit 2; }
+done
 status=0
 [[ $PARTS == *,tests,* ]] && { timeout "${TEST_S:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
 [[ $PARTS == *,bench,* ]] && { timeout "${BENCH_S:-480}" "$PY" scripts/bench.py --only step,compiled,lm,per_grad,loader --out "$OUT/bench.jsonl" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1; }
-[[ $PARTS == *,steps,* ]] && { timeout "${STEP_S:-600}" "$PY" scripts/step_times.py ${STEP_OUT:+--out "$STEP_OUT"} "${concurrency[@]}" \
+[[ $PARTS == *,steps,* ]] && { timeout "${STEP_S:-600}" "$PY" scripts/step_times.py ${STEP_OUT:+--out "$STEP_OUT"} ${concurrency[@]+"${concurrency[@]}"} \
     ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1
     table=$(sed -n 's/^device: .*, table: //p' "$OUT/step_times.log")
     [[ -n $table && -f $table ]] && cp "$table" "$OUT/step_times.json"; }  # rows are written as measured

@@ -33,19 +33,21 @@ CONCURRENCY_PRESETS = ("t1_cifar10_resnet56_per", "t3_ptb_lstm_per")
 
 
 def measure_concurrency(record: dict, counts: list[int], args, device, data_root: Path, out: Path) -> None:
-    """`record["runs_per_hour"][preset][k]` for k runs at once, and the best k per task."""
+    """`record["runs_per_hour"][preset][k]`: runs per hour with k runs at once (`RUNS_PER_GPU=auto`
+    picks from these, `per.sweep.best_runs_per_device`)."""
     for name in CONCURRENCY_PRESETS:
         cfg = compose_preset(name, (f"trainer.precision={args.precision}",))
         generated = on_generated_data(cfg, data_root, args.steps + args.warmup)
-        rates = record.setdefault("runs_per_hour", {}).setdefault(name, {"task": cfg["task"]})
+        # A fresh entry: counts measured earlier (other steps, other versions) are dropped.
+        rates = record.setdefault("runs_per_hour", {})[name] = {"task": cfg["task"], "steps": args.steps,
+                                                               "warmup": args.warmup}
         for k in counts:
             steps_per_s = concurrent_steps_per_s(generated, BUILD[cfg["task"]], device, k, args.steps,
                                                  args.warmup, threads=args.threads or 1)
             rates[str(k)] = 3600 * steps_per_s / steps_per_run(cfg)
             print(f"  {name:<34} {k} at once: {rates[str(k)]:8.3f} runs/hour", flush=True)
-            record["best_runs_per_device"] = {
-                r["task"]: best_runs_per_device(record, r["task"])[0] for r in record["runs_per_hour"].values()}
             out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"  best for {cfg['task']}: {best_runs_per_device(record, cfg['task'])[0]} at once")
 
 
 def main() -> int:
@@ -72,8 +74,9 @@ def main() -> int:
     if record.get("device") != info["name"] or record.get("precision") != args.precision:
         record = {"device": info["name"], "device_type": device.type, "precision": args.precision,
                   "s_per_step": {}}
-    record.update(torch=torch.__version__, recorded=datetime.date.today().isoformat(),
-                  steps=args.steps, warmup=args.warmup)
+    record.update(torch=torch.__version__, recorded=datetime.date.today().isoformat())
+    if names:   # the steps of the s_per_step rows (runs per hour record their own)
+        record.update(steps=args.steps, warmup=args.warmup)
     seen = set()
     print(f"device: {record['device']}, precision {args.precision}, table: {out}", flush=True)
     with tempfile.TemporaryDirectory() as data_root:

@@ -12,6 +12,9 @@ import per.functional as F
 
 @pytest.mark.slow   # the first call compiles (about 15 s)
 def test_compiled_erf_gives_the_eager_gradients(monkeypatch):
+    calls = []
+    compiled = F._compiled_erf or torch.compile(F._erf_copy, dynamic=True)
+    monkeypatch.setattr(F, "_compiled_erf", lambda e: calls.append(e.shape) or compiled(e))
     gen = torch.Generator().manual_seed(0)
     cases = [(torch.randn(1100, 16, generator=gen), per.sample_directions(16, 256, generator=gen)),
              (torch.randn(70, 33, generator=gen), per.sample_directions(33, 40, generator=gen))]
@@ -19,14 +22,17 @@ def test_compiled_erf_gives_the_eager_gradients(monkeypatch):
         for x, theta in cases:
             monkeypatch.delenv("PER_CPU_COMPILE", raising=False)
             eager = F.per_grad(x, theta, reduction=reduction)
+            assert not calls
             monkeypatch.setenv("PER_CPU_COMPILE", "1")
             got = F.per_grad(x, theta, reduction=reduction)
+            blocks = -(-x.shape[0] // F.PER_GRAD_BLOCK_ROWS)
+            assert len(calls) == blocks     # every block's erf went through the compiled function
+            calls.clear()
             scale = 1 / (x.shape[0] if reduction == "mean" else 1)
             torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6 * scale)
-            assert not torch.equal(got, eager) or x.shape[0] < F.PER_GRAD_BLOCK_ROWS
-    assert F._compiled_erf is not None
     x64, theta64 = cases[0][0].double(), cases[0][1].double()    # float64 keeps eager erf
     compiled64 = F.per_grad(x64, theta64)
+    assert not calls
     monkeypatch.delenv("PER_CPU_COMPILE")
     assert torch.equal(compiled64, F.per_grad(x64, theta64))
     monkeypatch.setenv("PER_CPU_COMPILE", "1")

@@ -87,9 +87,14 @@ def test_compiled_run_follows_eager_run(data_root, tmp_path, task):
     with torch._inductor.config.patch(fallback_random=True):
         compiled = _train_losses(task, data_root, tmp_path / "compiled", COMPILE_LAM[task], "trainer.compile=default")
     assert compiled == pytest.approx(eager, rel=COMPILE_RTOL)
-    # PER's per-site diagnostics survive compilation (the sites' backward records them).
-    diagnostics = [{k: v for k, v in row.items() if schema.is_diagnostic(k)}
-                   for run in ("eager", "compiled") for row in metrics(tmp_path / run)[-1:]]
+    _assert_same_diagnostics(tmp_path / "eager", tmp_path / "compiled")
+
+
+def _assert_same_diagnostics(eager_dir, other_dir) -> None:
+    """PER's per-site diagnostics (penalty, grad_ratio) of the last epoch survive compilation
+    (the sites' backward records them)."""
+    diagnostics = [{k: v for k, v in metrics(d)[-1].items() if schema.is_diagnostic(k)}
+                   for d in (eager_dir, other_dir)]
     assert diagnostics[0] and diagnostics[1] == pytest.approx(diagnostics[0], rel=1e-3)
 
 
@@ -106,3 +111,4 @@ def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task, mon
         graphed = _train_losses(task, data_root, tmp_path / "graphed", COMPILE_LAM[task], "trainer.device=cuda",
                                 "trainer.compile=reduce-overhead")
     assert graphed == pytest.approx(eager, rel=COMPILE_RTOL)
+    _assert_same_diagnostics(tmp_path / "eager", tmp_path / "graphed")

@@ -89,12 +89,12 @@ def test_untracked_backward_steps_skip_the_penalty_value(monkeypatch):
 def test_best_runs_per_device_takes_the_smallest_count_near_the_best():
     table = {"device": "Card", "runs_per_hour": {
         "t1_cifar10_resnet56_per": {"task": "cifar", "1": 10.0, "2": 17.0, "4": 20.0, "8": 20.5},
-        "t3_ptb_lstm_per": {"task": "lm", "1": 3.0, "2": 2.0}}}
+        "t3_ptb_lstm_per": {"task": "lm", "steps": 5, "warmup": 2, "1": 3.0, "2": 2.0}}}
     assert sweep.best_runs_per_device(table, "cifar")[0] == 4      # 8 is within 5% of 4
     k, why = sweep.best_runs_per_device(table, "lm")
     assert k == 1 and "Card" in why and "2: 2" in why
     assert sweep.best_runs_per_device({"device": "Card", "s_per_step": {}}, "cifar")[0] == 1
-    assert sweep.best_runs_per_device(None, "lm") == (1, sweep.best_runs_per_device(None, "lm")[1])
+    assert sweep.best_runs_per_device(None, "lm")[0] == 1
 
 
 def _reproduce_module():
@@ -132,13 +132,27 @@ def _tiny_lm(tmp_path) -> dict:
     return on_generated_data(cfg, tmp_path, 4)
 
 
-@pytest.mark.slow   # starts 3 processes that import torch: ~10 s
-def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path):
+def _build_or_die(cfg: dict, device, autocast):
+    """A task builder whose first caller (of all processes) dies at once, without a word."""
+    try:
+        with open(os.environ["PER_TEST_DIE_MARKER"], "x"):
+            pass
+    except FileExistsError:
+        return BUILD["lm"](cfg, device, autocast)
+    os._exit(9)
+
+
+@pytest.mark.slow   # starts 5 processes that import torch: ~20 s
+def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path, monkeypatch):
     cfg = _tiny_lm(tmp_path)
     assert concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 2, steps=3, warmup=1) > 0
-    cfg["model"]["hidden_size"] = -1            # every run fails to build: an error, not a hang
-    with pytest.raises(RuntimeError, match="1 of 1 concurrent runs failed"):
-        concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 1, steps=1, warmup=0)
+    # One run dies without a word while the other waits for it: an error, not a hang.
+    monkeypatch.setenv("PER_TEST_DIE_MARKER", str(tmp_path / "died"))
+    with pytest.raises(RuntimeError, match=r"of 2 concurrent runs failed: exit codes .*9"):
+        concurrent_steps_per_s(cfg, _build_or_die, torch.device("cpu"), 2, steps=1, warmup=0)
+    cfg["model"]["hidden_size"] = -1            # a run fails to build: its error, not the barrier's
+    with pytest.raises(RuntimeError, match="2 of 2 concurrent runs failed: (?!BrokenBarrier)"):
+        concurrent_steps_per_s(cfg, BUILD["lm"], torch.device("cpu"), 2, steps=1, warmup=0)
 
 
 @pytest.mark.slow   # a pytest collection, the tiny bench and one LM step time: about a minute
@@ -151,7 +165,7 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torch" in (out / "versions.txt").read_text()
-    assert "skipped" in (out / "pytest_gpu.txt").read_text() or not torch.cuda.is_available()
+    assert "skipped" in (out / "pytest_gpu.txt").read_text() or torch.cuda.is_available()
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
         "step", "compiled", "per_grad", "trainer"}
     assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]
@@ -161,3 +175,6 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
                           env={**env, "PARTS": "steps"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in only.iterdir()} == {"nvidia-smi.txt", "versions.txt", "step_times.log", "step_times.json"}
+    bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad")], cwd=ROOT,
+                         env={**env, "PARTS": "tests,step"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps" in bad.stderr

@@ -45,7 +45,8 @@ def preset_step(cfg: dict, build: Callable[[dict, torch.device, Callable], Exper
     """The training step of `cfg` (model, task, regularizer, optimizer, clipping, precision,
     `trainer.compile`), as `fit` takes it."""
     s = build_setup(cfg, build, device)
-    return TrainStep(runtime.compile_model(s.model, cfg["trainer"]["compile"]), s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
+    model = runtime.compile_model(s.model, cfg["trainer"]["compile"])
+    return TrainStep(model, s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
                      cfg["optim"]["clip_mode"])
 
 
@@ -129,16 +130,22 @@ def concurrent_steps_per_s(cfg: dict, build: Callable, device: torch.device, run
     for p in procs:
         p.start()
     got: list[float | str] = []
-    while len(got) < runs:
-        try:
-            got.append(results.get(timeout=5))
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs) and results.empty():
-                codes = [p.exitcode for p in procs]
-                raise RuntimeError(f"concurrent runs exited without a result (exit codes {codes})")
-    for p in procs:
-        p.join()
-    failed = [g for g in got if isinstance(g, str)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {runs} concurrent runs failed: {failed[0]}")
+    try:
+        while len(got) < runs:
+            try:
+                got.append(results.get(timeout=5))
+            except queue.Empty:     # a run that has died (failed, killed, crashed) ends them all
+                if any(p.exitcode not in (None, 0) for p in procs) or not any(p.is_alive() for p in procs):
+                    barrier.abort()
+                    break
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    # The first cause, not the others' broken barrier.
+    failed = sorted((g for g in got if isinstance(g, str)), key=lambda g: g.startswith("BrokenBarrierError"))
+    if failed or len(got) < runs:
+        cause = failed[0] if failed else f"exit codes {[p.exitcode for p in procs]}"
+        raise RuntimeError(f"{runs - len(got) + len(failed)} of {runs} concurrent runs failed: {cause}")
     return runs * steps / max(got)
