@@ -4,8 +4,8 @@ models, regularizers and optimizers) and write `results/step_times/<device>.json
 `make reproduce-* DRY_RUN=1` uses to estimate device time. Also prints images/s or tokens/s.
 
 `--concurrency 1,2,4,8` also measures runs per hour with that many runs at once on the
-device (one process each, `CONCURRENCY_PRESETS`: a ResNet-56 and an LM preset) and records
-the best count per task, which `make reproduce-* RUNS_PER_GPU=auto` (the default) uses.
+device (one process each, `CONCURRENCY_PRESETS`: a ResNet-56 and an LM preset) into the
+table, from which `make reproduce-* RUNS_PER_GPU=auto` (the default) picks the count per task.
 
     python scripts/step_times.py [--match resnet56] [--steps 5] [--precision bf16]
     python scripts/step_times.py --match '^$' --concurrency 1,2,4,8    # only runs per hour
