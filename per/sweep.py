@@ -19,7 +19,7 @@ from typing import Callable
 
 from per.analysis.collect import collect_runs
 from per.analysis.tables import select_lambda
-from per.data.cifar import TRAIN_SIZE, num_batches
+from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
 from per.training.run import run_length
@@ -38,6 +38,22 @@ def batches_per_epoch(cfg: dict) -> int:
     if cfg["task"] == "cifar":
         return num_batches(TRAIN_SIZE - data["val_size"], data["batch_size"], drop_last=True)
     return num_windows(EXPECTED_COUNTS[data["name"]][1], data["batch_size"], data["bptt"])
+
+
+def eval_batches_per_epoch(cfg: dict) -> int:
+    """Evaluation batches at the end of each epoch on the full dataset (no files read): the
+    held-out training images (if any) and the test images at `data.eval_batch_size`, or the
+    BPTT windows of the validation and test streams batchified into that many columns."""
+    data = cfg["data"]
+    if cfg["task"] == "cifar":
+        return sum(num_batches(n, data["eval_batch_size"], drop_last=False) for n in (data["val_size"], TEST_SIZE))
+    _, _, val_tokens, test_tokens = EXPECTED_COUNTS[data["name"]]
+    return sum(num_windows(n, data["eval_batch_size"], data["bptt"]) for n in (val_tokens, test_tokens))
+
+
+def evals_per_run(cfg: dict) -> int:
+    """Evaluation batches one run of `cfg` takes: one evaluation per epoch."""
+    return run_length(cfg, batches_per_epoch(cfg))[0] * eval_batches_per_epoch(cfg)
 
 
 def steps_per_run(cfg: dict) -> int:
@@ -212,24 +228,40 @@ def step_time(times: dict[str, float], key: str) -> tuple[float | None, bool]:
     return s, s is not None
 
 
+def phase_seconds(ph: Phase, table: dict) -> tuple[float | None, bool, bool]:
+    """(device seconds, estimated, evaluation counted) of a phase from a step-time table:
+    its optimizer steps times `s_per_step`, plus its evaluation batches times
+    `s_per_eval_batch` where the table has them. None when the step time is unknown."""
+    cfg = ph.preset.cfg
+    key = step_time_key(cfg)
+    s, approx = step_time(table.get("s_per_step", {}), key)
+    if s is None:
+        return None, False, False
+    e, e_approx = step_time(table.get("s_per_eval_batch", {}), key)
+    total = ph.n_runs * steps_per_run(cfg) * s + (ph.n_runs * evals_per_run(cfg) * e if e is not None else 0.0)
+    return total, approx or e_approx, e is not None
+
+
 def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_dir: Path) -> None:
-    """Runs and optimizer steps per phase, per table and in total, with device-hours from the
-    step-time table of this machine's device (or another one, labelled)."""
+    """Runs and optimizer steps per phase, per table and in total, with device-hours (training
+    steps and evaluation) from the step-time table of this machine's device (or another one,
+    labelled)."""
     table, label = step_time_table(step_times_dir)
-    times = table["s_per_step"] if table else {}
     rows, tot_runs, tot_steps, tot_s = [], 0, 0, 0.0
-    unknown, substituted = set(), set()
+    unknown, substituted, no_eval = set(), set(), set()
     for ph in (ph for pair in phases for ph in pair if ph is not None):
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
         key = step_time_key(ph.preset.cfg)
-        s, approx = step_time(times, key)
+        s, approx, with_eval = phase_seconds(ph, table or {})
         if s is None:
             unknown.add(key)
         else:
-            tot_s += steps * s
+            tot_s += s
             if approx:
                 substituted.add(key)
-        hours = "?" if s is None else f"{'~' if approx else ''}{steps * s / 3600:,.1f}"
+            if not with_eval:
+                no_eval.add(key)
+        hours = "?" if s is None else f"{'~' if approx else ''}{s / 3600:,.1f}"
         tot_runs += ph.n_runs
         tot_steps += steps
         rows.append((ph.preset.name, "select" if ph.selection else "final", ph.n_runs, steps, hours))
@@ -249,4 +281,6 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
                  if substituted else "")
-              + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else ""))
+              + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else "")
+              + (f"; evaluation not measured for {len(no_eval)} configurations (training steps only)"
+                 if no_eval else ""))

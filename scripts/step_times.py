@@ -1,7 +1,8 @@
 """Measure seconds per training step of the distinct preset configurations on this
 machine's device (generated data through the real task builders; the presets' batch sizes,
 models, regularizers and optimizers) and write `results/step_times/<device>.json`, which
-`make reproduce-* DRY_RUN=1` uses to estimate device time. Also prints images/s or tokens/s.
+`make reproduce-* DRY_RUN=1` uses to estimate device time, and seconds per evaluation batch
+(`s_per_eval_batch`), which it adds for each epoch's evaluation. Also prints images/s or tokens/s.
 
 `--concurrency 1,2,4,8` also measures runs per hour with that many runs at once on the
 device (one process each, `CONCURRENCY_PRESETS`: a ResNet-56 and an LM preset) into the
@@ -25,11 +26,13 @@ import torch
 from experiments.common import BUILD, compose_plain, compose_preset, preset_names
 from per.sweep import ABLATION_SLICES, best_runs_per_device, step_time_key, steps_per_run
 from per.training import runtime
-from per.training.speed import concurrent_steps_per_s, on_generated_data, preset_step, seconds_per_step
+from per.training.speed import (
+    concurrent_steps_per_s, on_generated_data, preset_step, seconds_per_eval_batch, seconds_per_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMES_DIR = ROOT / compose_plain("train_cifar", [])["paths"]["step_times_dir"]
 CONCURRENCY_PRESETS = ("t1_cifar10_resnet56_per", "t3_ptb_lstm_per")
+EVAL_BATCHES = 2   # evaluation batches per split timed per configuration
 
 
 def measure_concurrency(record: dict, counts: list[int], args, device, data_root: Path, out: Path) -> None:
@@ -81,16 +84,21 @@ def main() -> int:
     print(f"device: {record['device']}, precision {args.precision}, table: {out}", flush=True)
     with tempfile.TemporaryDirectory() as data_root:
         for name in names:
-            cfg = compose_preset(name, (f"trainer.precision={args.precision}",))
+            # Evaluation is timed on EVAL_BATCHES full batches per split.
+            cfg = compose_preset(name, (f"trainer.precision={args.precision}",
+                                        f"trainer.limit_eval_batches={EVAL_BATCHES}"))
             key = step_time_key(cfg)
             if key in seen:
                 continue
             seen.add(key)
             cfg = on_generated_data(cfg, Path(data_root), args.steps + args.warmup)
-            s, rate = seconds_per_step(preset_step(cfg, BUILD[cfg["task"]], device), args.steps, args.warmup)
+            step = preset_step(cfg, BUILD[cfg["task"]], device)
+            s, rate = seconds_per_step(step, args.steps, args.warmup)
             record["s_per_step"][key] = s
+            record.setdefault("s_per_eval_batch", {})[key] = e = seconds_per_eval_batch(step)
             unit = "images/s" if cfg["task"] == "cifar" else "tokens/s"
-            print(f"  {key:<55} {s * 1000:9.1f} ms/step {rate:10.0f} {unit}", flush=True)
+            print(f"  {key:<55} {s * 1000:9.1f} ms/step {rate:10.0f} {unit} {e * 1000:9.1f} ms/eval batch",
+                  flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1) + "\n")   # after each preset: a cut run keeps its rows
         if args.concurrency:

@@ -117,13 +117,18 @@ def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
     cfg = compose_preset("t1_cifar10_resnet56_per", (f"data.root={tmp_path}", "data.verify_checksums=false",
                                                      "data.val_size=64", "data.batch_size=32"))
     monkeypatch.setattr(sweep, "TRAIN_SIZE", 330)
+    monkeypatch.setattr(sweep, "TEST_SIZE", 16)
+    cfg["data"]["eval_batch_size"] = 10
     task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
     assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch() == (330 - 64) // 32
+    assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() == 7 + 2      # 64 held out, 16 test
 
     write_fake_corpus(tmp_path, "ptb", n_train_lines=300)
     cfg = compose_preset("t3_ptb_lstm_per", (f"data.root={tmp_path}", "data.verify_checksums=false",
                                              "model.hidden_size=8"))
     task = build_lm_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
-    train_tokens = Corpus(tmp_path, "ptb", verify_checksums=False).train.numel()
-    monkeypatch.setattr(sweep, "EXPECTED_COUNTS", {"ptb": (0, train_tokens, 0, 0)})
+    corpus = Corpus(tmp_path, "ptb", verify_checksums=False)
+    monkeypatch.setattr(sweep, "EXPECTED_COUNTS", {"ptb": (0, corpus.train.numel(), corpus.val.numel(),
+                                                           corpus.test.numel())})
     assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch()
+    assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() > 0

@@ -40,9 +40,10 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
 
 
-def _table(path, device: str, times: dict[str, float]) -> None:
-    path.write_text(json.dumps({"device": device, "device_type": "cpu", "precision": "fp32",
-                                "torch": "x", "recorded": "2020-01-01", "s_per_step": times}))
+def _table(path, device: str, times: dict[str, float], evals: dict[str, float] | None = None) -> None:
+    path.write_text(json.dumps({"device": device, "device_type": "cpu", "precision": "fp32", "torch": "x",
+                                "recorded": "2020-01-01", "s_per_step": times,
+                                **({"s_per_eval_batch": evals} if evals else {})}))
 
 
 def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_path, monkeypatch, capsys):
@@ -63,7 +64,17 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     assert select56 == select110 == 200 * (45_000 // 128)
     assert f"{4 * select56 / 3600:,.1f}" in out
     assert f"~{2 * 4 * select110 / 3600:,.1f}" in out
-    assert " ?" not in out
+    assert " ?" not in out and "evaluation not measured for 2 configurations" in out
+    # With evaluation times: each epoch adds its evaluation batches (5k held out + 10k test
+    # images at 1000 a batch: 15 per epoch, 200 epochs).
+    _table(tmp_path / f"{here['slug']}.json", "This box", {"cifar10|resnet56|none|per|channels|256": 1.0},
+           {"cifar10|resnet56|none|per|channels|256": 10.0})
+    sweep.print_plan(phases, "t", tmp_path)
+    out = capsys.readouterr().out
+    assert sweep.evals_per_run(phases[0][0].preset.cfg) == 200 * 15
+    assert f"{4 * (select56 + 10 * 200 * 15) / 3600:,.1f}" in out
+    assert f"~{2 * 4 * (select110 + 10 * 200 * 15) / 3600:,.1f}" in out
+    assert "evaluation not measured" not in out
 
 
 @pytest.mark.slow
@@ -168,7 +179,8 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert "skipped" in (out / "pytest_gpu.txt").read_text() or torch.cuda.is_available()
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
         "step", "compiled", "per_grad", "trainer"}
-    assert list(json.loads((out / "step_times.json").read_text())["s_per_step"]) == ["ptb|lstm||vanilla||"]
+    table = json.loads((out / "step_times.json").read_text())
+    assert list(table["s_per_step"]) == list(table["s_per_eval_batch"]) == ["ptb|lstm||vanilla||"]
     assert (out / "step_times.json").read_text() == (tmp_path / "table.json").read_text()
     only = tmp_path / "steps_only"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(only)], cwd=ROOT,

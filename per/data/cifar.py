@@ -33,6 +33,7 @@ CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 
 CIFAR_STD = {"cifar10": (0.2023, 0.1994, 0.2010), "cifar100": (0.2673, 0.2564, 0.2762)}
 
 TRAIN_SIZE = 50_000   # training images of CIFAR-10 and of CIFAR-100, before any validation split
+TEST_SIZE = 10_000    # test images of each
 NORMALIZATIONS = ("channel", "pixel_mean", "pixel_standardize")   # data.normalize
 PAD_SPACES = ("raw", "normalized")
 

@@ -21,15 +21,16 @@ from per.training.run import build_setup
 
 def on_generated_data(cfg: dict, root: Path, batches: int) -> dict:
     """`cfg` reading generated data written under `root` (once per dataset and size): exactly
-    `batches` training batches of images, or a corpus over the real vocabulary size (the
-    generated text reaches about 90% of its words) and more than enough windows."""
+    `batches` training batches of images and two full evaluation batches, or a corpus over
+    the real vocabulary size (the generated text reaches about 90% of its words) and more
+    than enough windows."""
     cfg = copy.deepcopy(cfg)
     data = cfg["data"]
     if cfg["task"] == "cifar":
-        n = data["batch_size"] * batches
-        folder = root / f"{data['name']}-{n}"
+        n, n_test = data["batch_size"] * batches, 2 * data["eval_batch_size"]
+        folder = root / f"{data['name']}-{n}-{n_test}"
         if not folder.exists():
-            write_fake_cifar(folder, data["name"], n_train=n, n_test=16)
+            write_fake_cifar(folder, data["name"], n_train=n, n_test=n_test)
         data["val_size"] = 0
     else:
         vocab = EXPECTED_COUNTS[data["name"]][0]
@@ -93,6 +94,15 @@ def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float,
             times.append(s)
             items += int(sums["items"])
     return statistics.median(times), items / sum(times)
+
+
+def seconds_per_eval_batch(step: TrainStep) -> float:
+    """Seconds per evaluation batch of the step's task and model (all its evaluation splits,
+    as `fit` runs them at the end of an epoch), after one untimed evaluation."""
+    cuda = next(step.model.parameters()).is_cuda
+    step.task.evaluate(step.model)
+    s, _ = timed(lambda: step.task.evaluate(step.model), cuda)
+    return s / step.task.eval_batches()
 
 
 def _concurrent_worker(cfg: dict, build: Callable, device: str, threads: int, steps: int,
