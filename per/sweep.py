@@ -261,22 +261,24 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
                 substituted.add(key)
             if not with_eval:
                 no_eval.add(key)
-        hours = "?" if s is None else f"{'~' if approx else ''}{s / 3600:,.1f}"
+        mark = "~" if approx else ""
+        hours = "?" if s is None else f"{mark}{s / 3600:,.1f}"
+        per_run = "?" if s is None or not ph.n_runs else f"{mark}{s / ph.n_runs / 3600:,.2f}"
         tot_runs += ph.n_runs
         tot_steps += steps
-        rows.append((ph.preset.name, "select" if ph.selection else "final", ph.n_runs, steps, hours))
+        rows.append((ph.preset.name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run))
     print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
     by_table: dict[str, list[int]] = {}
-    for name, _, n, steps, _ in rows:
+    for name, _, n, steps, *_ in rows:
         t = by_table.setdefault(name.split("_")[0].upper(), [0, 0])
         t[0] += n
         t[1] += steps
     for t, (n, steps) in sorted(by_table.items()):
         print(f"   {t}: {n} runs, {steps:,} steps")
     print(f"   step times: {label}")
-    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13}")
-    for name, phase, n, steps, hours in rows:
-        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13}")
+    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13} {'per run':>8}")
+    for name, phase, n, steps, hours, per_run in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13} {per_run:>8}")
     if table is not None:
         print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
