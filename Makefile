@@ -60,7 +60,7 @@ tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); fo
 figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths
 	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS))
 
-step-times: ## s/step of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
+step-times: ## s/step and s/eval batch of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
 	$(PY) scripts/step_times.py $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(ARGS)
 
 gpu-check: ## on a GPU box: CUDA tests, full bench, step times and runs/hour -> results/gpu_check/ (scripts/gpu_check.sh)
