@@ -42,9 +42,8 @@ from experiments.common import BUILD, compose_preset
 from per import functional, models
 from per.training import runtime
 from per.training.loop import TrainStep
-from per.sweep import steps_per_run
 from per.training.speed import (
-    concurrent_steps_per_s, endless_batches, interleaved_times, on_generated_data, preset_step, timed)
+    endless_batches, interleaved_times, on_generated_data, preset_step, runs_per_hour, timed)
 
 # Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
 # steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
@@ -304,8 +303,8 @@ def bench_runs_at_once(report: Reporter, size: dict, args) -> None:
         cfg = compose_preset(name, (f"trainer.precision={args.precision}",
                                     f"trainer.channels_last={str(args.channels_last).lower()}", *over))
         generated = on_generated_data(cfg, args.data_root, size["run_steps"] + size["warmup"])
-        rates = {k: 3600 / steps_per_run(cfg) * concurrent_steps_per_s(
-                     generated, BUILD[cfg["task"]], args.device, k, size["run_steps"], size["warmup"], args.threads)
+        rates = {k: runs_per_hour(cfg, generated, BUILD[cfg["task"]], args.device, k, size["run_steps"],
+                                  size["warmup"], args.threads)
                  for k in size["at_once"]}
         for k in size["at_once"][1:]:
             report(bench=f"runs_per_hour/{name}/{over[0] if over else 'preset'}", candidate=f"{k} at once",

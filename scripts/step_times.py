@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from experiments.common import BUILD, compose_plain, compose_preset, preset_names
-from per.sweep import ABLATION_SLICES, best_runs_per_device, step_time_key, steps_per_run
+from per.sweep import ABLATION_SLICES, best_runs_per_device, step_time_key
 from per.training import runtime
 from per.training.speed import (
-    concurrent_steps_per_s, on_generated_data, preset_step, seconds_per_eval_batch, seconds_per_step)
+    on_generated_data, preset_step, runs_per_hour, seconds_per_eval_batch, seconds_per_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMES_DIR = ROOT / compose_plain("train_cifar", [])["paths"]["step_times_dir"]
@@ -45,9 +45,8 @@ def measure_concurrency(record: dict, counts: list[int], args, device, data_root
         rates = record.setdefault("runs_per_hour", {})[name] = {"task": cfg["task"], "steps": args.steps,
                                                                "warmup": args.warmup}
         for k in counts:
-            steps_per_s = concurrent_steps_per_s(generated, BUILD[cfg["task"]], device, k, args.steps,
-                                                 args.warmup, threads=args.threads or 1)
-            rates[str(k)] = 3600 * steps_per_s / steps_per_run(cfg)
+            rates[str(k)] = runs_per_hour(cfg, generated, BUILD[cfg["task"]], device, k, args.steps, args.warmup,
+                                          threads=args.threads or 1)
             print(f"  {name:<34} {k} at once: {rates[str(k)]:8.3f} runs/hour", flush=True)
             out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"  best for {cfg['task']}: {best_runs_per_device(record, cfg['task'])[0]} at once")

@@ -14,6 +14,7 @@ import torch
 
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import EXPECTED_COUNTS, write_fake_corpus
+from per.sweep import steps_per_run
 from per.training.loop import Experiment, Task, TrainStep
 from per.training import runtime
 from per.training.run import build_setup
@@ -59,6 +60,10 @@ def endless_batches(task: Task) -> Iterator[Any]:
         epoch += 1
 
 
+def _on_cuda(step: TrainStep) -> bool:
+    return next(step.model.parameters()).is_cuda
+
+
 def timed(fn: Callable[[], Any], cuda: bool) -> tuple[float, Any]:
     """(seconds, result) of `fn()`, synchronized on CUDA."""
     if cuda:
@@ -78,7 +83,7 @@ def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) ->
     for i in range(warmup + repeats):
         for k, step in steps.items():
             batch = next(batches[k])
-            s, _ = timed(lambda: step(batch), next(step.model.parameters()).is_cuda)
+            s, _ = timed(lambda: step(batch), _on_cuda(step))
             if i >= warmup:
                 times[k].append(s)
     return times
@@ -86,7 +91,7 @@ def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) ->
 
 def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float, float]:
     """(median seconds per step, items per second) of `repeats` steps after `warmup`."""
-    cuda = next(step.model.parameters()).is_cuda
+    cuda = _on_cuda(step)
     times, items = [], 0
     for i, batch in zip(range(warmup + repeats), endless_batches(step.task)):
         s, (_, _, sums) = timed(lambda: step(batch), cuda)
@@ -99,7 +104,7 @@ def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float,
 def seconds_per_eval_batch(step: TrainStep) -> float:
     """Seconds per evaluation batch of the step's task and model (all its evaluation splits,
     as `fit` runs them at the end of an epoch), after one untimed evaluation."""
-    cuda = next(step.model.parameters()).is_cuda
+    cuda = _on_cuda(step)
     step.task.evaluate(step.model)
     s, _ = timed(lambda: step.task.evaluate(step.model), cuda)
     return s / step.task.eval_batches()
@@ -159,3 +164,10 @@ def concurrent_steps_per_s(cfg: dict, build: Callable, device: torch.device, run
         cause = failed[0] if failed else f"exit codes {[p.exitcode for p in procs]}"
         raise RuntimeError(f"{runs - len(got) + len(failed)} of {runs} concurrent runs failed: {cause}")
     return runs * steps / max(got)
+
+
+def runs_per_hour(cfg: dict, generated: dict, build: Callable, device: torch.device, runs: int, steps: int,
+                  warmup: int, threads: int = 1) -> float:
+    """Runs of `cfg` (its full length, `per.sweep.steps_per_run`) finished per hour with `runs`
+    of them at once, from `concurrent_steps_per_s` on `generated` (`cfg` on generated data)."""
+    return 3600 * concurrent_steps_per_s(generated, build, device, runs, steps, warmup, threads) / steps_per_run(cfg)
