@@ -97,9 +97,9 @@ def build(name: str, overrides: tuple[str, ...], batches: int, args) -> TrainSte
     return preset_step(on_generated_data(cfg, args.data_root, batches), BUILD[cfg["task"]], args.device)
 
 
-class CompiledErf:
-    """A training step taken with `PER_CPU_COMPILE=1` (`per.functional._erf_`), the
-    environment restored after each step."""
+class CpuCompiled:
+    """A training step taken with `PER_CPU_COMPILE=1`
+    (`per.functional._per_grad_cpu_compiled`), the environment restored after each step."""
 
     def __init__(self, step: TrainStep) -> None:
         self.step, self.task, self.model = step, step.task, step.model
@@ -123,7 +123,7 @@ def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
     labels = ["per channels", "per flatten", "l2"]
     if args.device.type == "cpu":
         name, extra = STEP_CONFIGS["per channels"]
-        steps["per channels, PER_CPU_COMPILE=1"] = CompiledErf(
+        steps["per channels, PER_CPU_COMPILE=1"] = CpuCompiled(
             build(name, (*over, *extra), size["warmup"] + size["repeats"], args))
         labels.insert(1, "per channels, PER_CPU_COMPILE=1")
     times = interleaved_times(steps, size["repeats"], size["warmup"])
@@ -237,7 +237,7 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
         times = _median_time(fns, max(size["repeats"], 5), cuda)
         path = "fused triton" if functional._use_fused_kernel(x) else (
             f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
-        if not cuda and os.environ.get("PER_CPU_COMPILE") == "1":   # both sides take the compiled erf
+        if not cuda and os.environ.get("PER_CPU_COMPILE") == "1":   # per_grad compiled, the baseline eager
             path += ", PER_CPU_COMPILE=1"
         for label in ("per_grad", "erf only"):
             report(**ratio_result(f"per_grad/N{n}/d{d}/s256", path if label == "per_grad" else label,

@@ -1,4 +1,4 @@
-"""`PER_CPU_COMPILE=1`: the CPU blocks' erf through torch.compile gives the eager path's
+"""`PER_CPU_COMPILE=1`: the CPU blocked path through torch.compile gives the eager path's
 gradients (both reductions, through the Regularizer too), and a failing backend is named."""
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import per.functional as F
 
 
 @pytest.mark.slow   # the first call compiles (about 15 s)
-def test_compiled_erf_gives_the_eager_gradients(monkeypatch):
+def test_compiled_blocks_give_the_eager_gradients(monkeypatch):
     calls = []
-    compiled = F._compiled_erf or torch.compile(F._erf_copy, dynamic=True)
-    monkeypatch.setattr(F, "_compiled_erf", lambda e: calls.append(e.shape) or compiled(e))
+    compiled = F._compiled_blocked or torch.compile(F._per_grad_blocked, dynamic=False)
+    monkeypatch.setattr(F, "_compiled_blocked",
+                        lambda x, *args: calls.append(x.shape) or compiled(x, *args))
     gen = torch.Generator().manual_seed(0)
-    cases = [(torch.randn(1100, 16, generator=gen), per.sample_directions(16, 256, generator=gen)),
-             (torch.randn(70, 33, generator=gen), per.sample_directions(33, 40, generator=gen))]
+    cases = [(torch.randn(2100, 16, generator=gen), per.sample_directions(16, 256, generator=gen)),
+             (torch.randn(70, 33, generator=gen), per.sample_directions(33, 40, generator=gen)),
+             (torch.randn(6, 90, generator=gen), per.sample_directions(90, 32, generator=gen))]  # d > N
     for reduction in per.REDUCTIONS:
         for x, theta in cases:
             monkeypatch.delenv("PER_CPU_COMPILE", raising=False)
@@ -25,12 +27,11 @@ def test_compiled_erf_gives_the_eager_gradients(monkeypatch):
             assert not calls
             monkeypatch.setenv("PER_CPU_COMPILE", "1")
             got = F.per_grad(x, theta, reduction=reduction)
-            blocks = -(-x.shape[0] // F.PER_GRAD_BLOCK_ROWS)
-            assert len(calls) == blocks     # every block's erf went through the compiled function
+            assert calls == [x.shape]     # the whole cloud went through the compiled function
             calls.clear()
             scale = 1 / (x.shape[0] if reduction == "mean" else 1)
             torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6 * scale)
-    x64, theta64 = cases[0][0].double(), cases[0][1].double()    # float64 keeps eager erf
+    x64, theta64 = cases[0][0].double(), cases[0][1].double()    # float64 stays eager
     compiled64 = F.per_grad(x64, theta64)
     assert not calls
     monkeypatch.delenv("PER_CPU_COMPILE")
@@ -48,12 +49,13 @@ def test_compiled_erf_gives_the_eager_gradients(monkeypatch):
         return [p.grad for p in model.parameters()]
     for a, b in zip(grads("backward"), grads("autograd")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert calls    # the backward path took the compiled function
 
 
 def test_a_failing_compile_backend_is_named(monkeypatch):
-    def broken(e):
+    def broken(*args):
         raise OSError("no C++ compiler")
-    monkeypatch.setattr(F, "_compiled_erf", broken)
+    monkeypatch.setattr(F, "_compiled_blocked", broken)
     monkeypatch.setenv("PER_CPU_COMPILE", "1")
     with pytest.raises(RuntimeError, match="PER_CPU_COMPILE=1 needs torch.compile.*no C.. compiler"):
         F.per_grad(torch.randn(8, 4), per.sample_directions(4, 16))
