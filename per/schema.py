@@ -86,7 +86,11 @@ SETTING_KEYS = CELL_KEYS[:-1]
 # Method options that make ablation variants of a cell, and the methods they apply to
 # (for other methods the option is None, so a default left in the config does not
 # split their cells).
-METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "num_slices": ("per",)}
+METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "reduction": ("l1", "l2", "per"),
+                  "num_slices": ("per",)}
+# The reduction of runs recorded before `method.reduction` existed (commit c36b08c): the
+# 1/N mean of eq. 5/6 was the only one then.
+REDUCTION_BEFORE_OPTION = "mean"
 # A cell plus its variant: what runs are grouped by to choose lambda and to report.
 VARIANT_KEYS = (*CELL_KEYS, *METHOD_OPTIONS)
 
@@ -146,7 +150,8 @@ def method_options(cfg: dict) -> dict:
     """The run's `METHOD_OPTIONS` values from its config; None where the option does
     not apply to the run's method."""
     method = cfg["method"]
-    return {opt: method.get(opt) if method["name"] in methods else None
+    recorded = {"reduction": REDUCTION_BEFORE_OPTION, **method}
+    return {opt: recorded.get(opt) if method["name"] in methods else None
             for opt, methods in METHOD_OPTIONS.items()}
 
 

@@ -26,7 +26,8 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
              activation: str | None = None,
              lam: float = 0.0, seed: int = 0, val_size: int = 0, status: str = "finished",
              final: dict | None = None, best: dict | None = None, layout: str = "channels",
-             num_slices: int = 256, epochs: int = 2, preset: str | None = None,
+             num_slices: int = 256, reduction: str = "sum", epochs: int = 2,
+             preset: str | None = None,
              protocol_epochs: int | None = None, max_steps: int | None = None,
              earlier_test: float | None = None) -> Path:
     """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl.
@@ -40,7 +41,8 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
     data = {"name": dataset, "val_size": val_size} if task == "cifar" else {"name": dataset}
     config = {"task": task, "seed": seed, "preset": preset, "data": data,
               "model": {"name": model, "norm": norm, "activation": cell["activation"]},
-              "method": {"name": method, "lam": lam, "layout": layout, "num_slices": num_slices},
+              "method": {"name": method, "lam": lam, "layout": layout, "reduction": reduction,
+                         "num_slices": num_slices},
               "trainer": {"epochs": epochs, "max_steps": max_steps},
               "optim": {"epochs": protocol_epochs or epochs, "total_steps": None}}
     final = final or {}
@@ -267,6 +269,22 @@ def test_select_lambda_uses_validation_only(collected):
                                       tables.select_lambda(df, task))
 
 
+def test_reduction_ablation_runs_stay_out_of_the_table_cell(tmp_path, paper):
+    """The ablation's `reduction: mean` runs share the T1 cell's keys and folder but run
+    another objective on another grid: they form their own variant, never the cell's."""
+    for lam, reduction, val in ((1e-4, "sum", 7.0), (3e-5, "sum", 7.2), (3.0, "mean", 6.5)):
+        for val_size, final in ((5000, image(val, 9.0)), (0, image(None, val))):
+            make_run(tmp_path, method="per", lam=lam, reduction=reduction, val_size=val_size,
+                     final=final, preset=f"per_{reduction}")
+    df, _ = collect.collect_runs(tmp_path)
+    chosen = tables.select_lambda(df, "cifar")
+    assert len(chosen) == 2
+    assert row(chosen, reduction="sum").lam == 1e-4 and row(chosen, reduction="sum").n_lams == 2
+    assert row(chosen, reduction="mean").lam == 3.0
+    t1 = tables.format_table(tables.cell_results(df, "cifar", paper), "T1")
+    assert set(t1.index) == {"per [channels, sum, s=256]", "per [channels, mean, s=256]"}
+
+
 def test_lambda_scores(collected):
     df, _ = collected
     scores = tables.lambda_scores(df, "cifar")
@@ -395,15 +413,15 @@ def test_format_table_layouts(collected, paper):
     df, _ = collected
     results = tables.all_results(df, paper)
     t1 = tables.format_table(results, "T1", paper)
-    assert list(t1.index) == ["vanilla", "bn", "l1", "l2", "per [channels, s=256]",
-                              "per [flatten, s=256]"]
+    assert list(t1.index) == ["vanilla", "bn", "l1", "l2", "per [channels, sum, s=256]",
+                              "per [flatten, sum, s=256]"]
     error, best = "test error (%)", "best test epoch (as the references report; optimistic)"
     assert list(t1.columns) == [("cifar10", "resnet56", error), ("cifar10", "resnet56", best),
                                 ("cifar10", "resnet110", error), ("cifar10", "resnet110", best)]
-    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56", error)] == (
+    assert t1.loc["per [channels, sum, s=256]", ("cifar10", "resnet56", error)] == (
         "6.70 ± 0.10 (n=3) λ=1e-04 · 1/5 diverged · 1/5 interrupted · paper 6.72 (-0.02)"
         " · vs vanilla -0.50 [-0.92, -0.08]")
-    assert t1.loc["per [channels, s=256]", ("cifar10", "resnet56", best)] == "6.57 (-0.15 vs paper)"
+    assert t1.loc["per [channels, sum, s=256]", ("cifar10", "resnet56", best)] == "6.57 (-0.15 vs paper)"
     assert t1.loc["vanilla", ("cifar10", "resnet56", error)] == (
         "7.20 ± 0.20 (n=3) · 1 partial left out · paper 7.21 (-0.01)")
     assert t1.loc["vanilla", ("cifar10", "resnet110", error)] == (
@@ -425,7 +443,7 @@ def test_table_numbers(collected, paper):
         "method", "dataset", "model", "lambda", "selection score (validation)",
         "test error (%) mean", "test error (%) std", "n", "paper test error (%)", "ours - paper",
         "best test epoch (as the references report; optimistic)", "best test epoch - paper"]
-    per = row(t1, method="per [channels, s=256]")
+    per = row(t1, method="per [channels, sum, s=256]")
     assert (per["lambda"], per["n"], per["diverged"], per["interrupted"]) == (1e-4, 3, 1, 1)
     assert per["test error (%) mean"] == pytest.approx(6.7)
     assert per["ours - paper"] == pytest.approx(-0.02)
@@ -445,7 +463,7 @@ def test_write_tables(collected, paper, tmp_path):
     md = (tmp_path / "tables" / "T1.md").read_text()
     assert ("| method | cifar10 resnet56 test error (%) | cifar10 resnet56 best test epoch "
             "(as the references report; optimistic) |") in md
-    assert "| per [channels, s=256] | 6.70 ± 0.10 (n=3) λ=1e-04" in md
+    assert "| per [channels, sum, s=256] | 6.70 ± 0.10 (n=3) λ=1e-04" in md
     assert "| ptb valid perplexity | ptb test perplexity |" in (tmp_path / "tables" / "T3.md").read_text()
     # CSV and LaTeX: one number per column.
     csv = pd.read_csv(tmp_path / "tables" / "T1.csv")
@@ -454,7 +472,7 @@ def test_write_tables(collected, paper, tmp_path):
     assert row(csv, method="vanilla", model="resnet56")["test error (%) mean"] == pytest.approx(7.2)
     tex = (tmp_path / "tables" / "T1.tex").read_text()
     assert r"\begin{tabular}" in tex and "±" not in tex and r"test error (\%) mean" in tex
-    assert "per [channels, s=256] & cifar10 & resnet56 & 1e-04 & 6.10 & 6.70 & 0.10 & 3 & 6.72 & -0.02" in tex
+    assert "per [channels, sum, s=256] & cifar10 & resnet56 & 1e-04 & 6.10 & 6.70 & 0.10 & 3 & 6.72 & -0.02" in tex
     results = pd.read_csv(tmp_path / "tables" / "results.csv")
     assert len(results) == 7 + 6
     selection = pd.read_csv(tmp_path / "tables" / "selection.csv")

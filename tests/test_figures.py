@@ -95,12 +95,15 @@ def test_plot_sw1(tmp_path):
 
 def run(method: str = "vanilla", lam: float = 0.0, seed: int = 0, val_size: int = 0,
         test: float = 7.0, val: float | None = None, layout: str | None = None,
-        num_slices: int | None = None, status: str = "finished") -> dict:
-    """One row of the run table (T1 CIFAR-10 ResNet-56)."""
+        num_slices: int | None = None, status: str = "finished",
+        reduction: str | None = None) -> dict:
+    """One row of the run table (T1 CIFAR-10 ResNet-56); a run with a layout has a
+    reduction (default sum)."""
     return {"run_dir": f"{method}-{layout}-{num_slices}-{lam}-{seed}-{val_size}", "status": status,
             "task": "cifar", "table": "T1", "dataset": "cifar10", "model": "resnet56",
             "activation": "relu", "method": method, "lam": lam, "seed": seed,
             "val_size": val_size, "layout": layout, "num_slices": num_slices,
+            "reduction": reduction or ("sum" if layout else None),
             "final_val_error": val, "final_test_error": test}
 
 
@@ -132,11 +135,11 @@ def test_plot_training_curves(tmp_path):
 
 def test_plot_ablation(tmp_path):
     rows = []
-    for layout in ("channels", "flatten"):
+    for layout, reduction in (("channels", "sum"), ("flatten", "sum"), ("channels", "mean")):
         for lam in (1e-5, 1e-4, 1e-3):
             for s in range(2):
                 rows.append(run("per", lam, s, 5000, val=6 + lam * 1e3 + s * 0.1, test=6.5,
-                                layout=layout, num_slices=256))
+                                layout=layout, num_slices=256, reduction=reduction))
     for slices in (16, 64, 1024):
         for s in range(2):
             rows.append(run("per", 1e-4, s, 5000, val=6 + 16 / slices, test=6.5,

@@ -54,11 +54,13 @@ def test_cell_of_a_plain_config() -> None:
 
 
 def test_method_options_apply_only_to_their_methods() -> None:
-    options = {"layout": "flatten", "num_slices": 64}
+    options = {"layout": "flatten", "reduction": "sum", "num_slices": 64}
     assert schema.method_options({"method": {"name": "per", **options}}) == options
-    assert schema.method_options({"method": {"name": "l2", **options}}) == {"layout": "flatten",
-                                                                             "num_slices": None}
-    assert schema.method_options({"method": {"name": "vanilla", **options}}) == {"layout": None,
-                                                                                  "num_slices": None}
+    assert schema.method_options({"method": {"name": "l2", **options}}) == {
+        "layout": "flatten", "reduction": "sum", "num_slices": None}
+    assert schema.method_options({"method": {"name": "vanilla", **options}}) == {
+        "layout": None, "reduction": None, "num_slices": None}
+    # Runs recorded before `method.reduction` existed used the 1/N mean.
+    assert schema.method_options({"method": {"name": "per", "layout": "channels"}})["reduction"] == "mean"
     assert schema.VARIANT_KEYS == (*schema.CELL_KEYS, *schema.METHOD_OPTIONS)
     assert schema.SETTING_KEYS == schema.CELL_KEYS[:-1]

@@ -248,17 +248,19 @@ def _most_varied(runs: pd.DataFrame, fixed: str, varied: str):
 def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                   dataset: str = "cifar10", model: str = "resnet56",
                   name: str = "ablation_per") -> list[Path]:
-    """PER's point layout and number of slices on one image cell, mean +- std over seeds.
+    """PER's point layout, reduction and number of slices on one image cell, mean +- std
+    over seeds.
 
-    Left: error against lambda, one line per layout, at the number of slices where
-    the most layouts were run. Right: error against the number of slices, one line
-    per lambda, at the layout where the most slice counts were run. One row per
-    metric: validation error of the selection runs, test error of the reported runs.
-    Returns [] (nothing written) when the runs vary neither option.
+    Left: error against lambda, one line per (layout, reduction), at the number of slices
+    where the most of those were run. Right: error against the number of slices, one
+    line per lambda, at the (layout, reduction) where the most slice counts were run.
+    One row per metric: validation error of the selection runs, test error of the
+    reported runs. Returns [] (nothing written) when the runs vary no option.
     """
     runs = df[(df.task == "cifar") & (df.dataset == dataset) & (df.model == model)
               & (df.method == "per") & (df.status == FINISHED)]
-    if runs.layout.nunique() < 2 and runs.num_slices.nunique() < 2:
+    runs = runs.assign(variant=runs.layout + ", " + runs.reduction)
+    if runs.variant.nunique() < 2 and runs.num_slices.nunique() < 2:
         return []
     sources = [(SELECTION_METRIC["cifar"], tables.selection_runs(runs, "cifar")),
                (REPORT_METRIC["cifar"], tables.report_runs(runs, "cifar"))]
@@ -269,26 +271,26 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
     axes = fig.subplots(len(sources), 2, squeeze=False)
     for (metric, r), (layout_ax, slices_ax) in zip(sources, axes):
         column = tables.metric_column("cifar", metric)
-        slices = _most_varied(r, "num_slices", "layout")
-        by_layout = (r[r.num_slices == slices].groupby(["layout", "lam"])[column]
-                     .agg(["mean", "std"]).reset_index())
-        for layout, d in by_layout.groupby("layout"):
+        slices = _most_varied(r, "num_slices", "variant")
+        by_variant = (r[r.num_slices == slices].groupby(["variant", "lam"])[column]
+                      .agg(["mean", "std"]).reset_index())
+        for variant, d in by_variant.groupby("variant"):
             layout_ax.errorbar(d.lam, d["mean"], yerr=d["std"].fillna(0), marker="o",
-                               capsize=3, label=layout)
-        layout = _most_varied(r, "layout", "num_slices")
-        by_slices = (r[r.layout == layout].groupby(["lam", "num_slices"])[column]
+                               capsize=3, label=variant)
+        variant = _most_varied(r, "variant", "num_slices")
+        by_slices = (r[r.variant == variant].groupby(["lam", "num_slices"])[column]
                      .agg(["mean", "std"]).reset_index())
         for lam, d in by_slices.groupby("lam"):
             slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
                                marker="o", capsize=3, label=f"λ={lam:.0e}")
         ticks = sorted(by_slices.num_slices.unique())
-        layout_ax.set(title=f"layout (s={slices})", xscale="log", xlabel="λ",
+        layout_ax.set(title=f"layout, reduction (s={slices})", xscale="log", xlabel="λ",
                       ylabel=tables.metric_label(metric))
         slices_ax.set_xscale("log", base=2)
         slices_ax.set_xticks(ticks, labels=[str(t) for t in ticks])
-        slices_ax.set(title=f"number of slices ({layout})", xlabel="slices",
+        slices_ax.set(title=f"number of slices ({variant})", xlabel="slices",
                       ylabel=tables.metric_label(metric))
-        for ax, varied in ((layout_ax, by_layout.layout), (slices_ax, by_slices.num_slices)):
+        for ax, varied in ((layout_ax, by_variant.variant), (slices_ax, by_slices.num_slices)):
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
             if varied.nunique() < 2:

@@ -237,7 +237,7 @@ def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None,
 
 
 def method_sort_key(label: str) -> tuple[int, str]:
-    """Sort key of a row label (`per`, `per [flatten, s=256]`): the paper's row order."""
+    """Sort key of a row label (`per`, `per [flatten, sum, s=256]`): the paper's row order."""
     method = label.split(" [")[0]
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), label)
 
@@ -249,14 +249,14 @@ def _rank(values: pd.Series, order: Sequence[str]) -> pd.Series:
 
 
 def _variant(row: pd.Series) -> str:
-    parts = [str(row.layout)] if pd.notna(row.layout) else []
+    parts = [str(row[opt]) for opt in ("layout", "reduction") if pd.notna(row[opt])]
     parts += [f"s={row.num_slices}"] if pd.notna(row.num_slices) else []
     return ", ".join(parts)
 
 
 def row_labels(frame: pd.DataFrame) -> pd.Series:
-    """Row label of each row: its method, plus `[layout, s=num_slices]` where the
-    frame holds several variants of that method (e.g. `per [flatten, s=256]`)."""
+    """Row label of each row: its method, plus `[layout, reduction, s=num_slices]` where
+    the frame holds several variants of that method (e.g. `per [flatten, mean, s=256]`)."""
     variant = frame.apply(_variant, axis=1) if len(frame) else pd.Series(dtype=str)
     several = variant.groupby(frame.method).transform("nunique") > 1
     return frame.method.where(~several, frame.method + " [" + variant + "]")
@@ -338,7 +338,7 @@ def format_table(results: pd.DataFrame, table_id: str,
     T3 (model, method) x (dataset, split). Columns are (*column keys, metric): each
     cell is a string (see `_cell_text`) under the metric with its unit; image tables
     add a `BEST_TEST_LABEL` column per cell. Rows of ablation variants are labelled
-    `per [flatten, s=256]`."""
+    `per [flatten, sum, s=256]`."""
     paper = load_paper_tables() if paper is None else paper
     t, rows, cols, col_keys = _table_rows(results, table_id, paper)
     label = _metric_label(t)
