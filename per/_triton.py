@@ -48,8 +48,9 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
 
     `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
     -> `(N, d)` in `x`'s dtype. Both products run on float32 values (TF32 on the GPU when
-    `torch.backends.cuda.matmul.allow_tf32` is set, which holds bf16/fp16 inputs exactly),
-    at least as precise as the plain path's projection in `x`'s dtype. With `d <= 256`
+    `torch.backends.cuda.matmul.allow_tf32` is set, as `trainer.precision=tf32|bf16` does;
+    TF32 holds bf16/fp16 inputs exactly), at least as precise as the plain path's
+    projection in `x`'s dtype. With `d <= 256`
     the products are cheap next to the `erf`; and triton 3.8's interpreter gets bf16
     `tl.dot` wrong, so a bf16 product could not be tested on CPU.
     """

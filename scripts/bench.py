@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = args.workers if args.workers is not None else (8 if cuda else 0)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    runtime.configure_backends(args.device, deterministic=False)
+    runtime.configure_backends(args.device, deterministic=False, precision=args.precision)
     mode = "tiny" if args.tiny else args.device.type
     size = SIZES[mode]
     report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,

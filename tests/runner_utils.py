@@ -1,7 +1,11 @@
 """Helpers for end-to-end tests: the real Hydra configs as plain dicts."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from experiments.common import compose_plain as compose_config  # noqa: F401
 from per.training.records import RunDir
@@ -20,6 +24,21 @@ def without_timing(row: dict) -> dict:
 def metrics(run_dir: Path) -> list[dict]:
     """The run's metrics.jsonl rows."""
     return RunDir(run_dir).read_jsonl("metrics.jsonl")
+
+
+@contextlib.contextmanager
+def restored_backend_flags(ieee: bool = False) -> Iterator[None]:
+    """Restores torch's TF32 and cuDNN-autotuning flags on exit (a run sets them from its
+    `trainer.precision`; torch's backend modules break monkeypatch's undo). `ieee`: turn
+    TF32 off inside."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+    try:
+        if ieee:
+            matmul.allow_tf32 = cudnn.allow_tf32 = False
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = before
 
 
 CPU_SMOKE = ["trainer.device=cpu", "logger.mode=disabled", "trainer.progress=false",

@@ -12,7 +12,7 @@ from per.data.corpus import write_fake_corpus
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.run import train
-from runner_utils import CPU_SMOKE, compose_config, metrics
+from runner_utils import CPU_SMOKE, compose_config, metrics, restored_backend_flags
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2% per operation); over
 # three epochs of a few steps the training losses stay within 1% of the fp32 run's
@@ -59,11 +59,11 @@ def test_bf16_run_follows_fp32_run(data_root, tmp_path, task):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("task", sorted(CASES))
-def test_bf16_run_follows_fp32_run_on_cuda(data_root, tmp_path, task, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # IEEE fp32 reference
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    fp32 = _train_losses(task, data_root, tmp_path / "fp32", "trainer.device=cuda")
-    bf16 = _train_losses(task, data_root, tmp_path / "bf16", "trainer.device=cuda", "trainer.precision=bf16")
+def test_bf16_run_follows_fp32_run_on_cuda(data_root, tmp_path, task):
+    with restored_backend_flags():   # the fp32 run turns TF32 off (IEEE reference), bf16 on
+        fp32 = _train_losses(task, data_root, tmp_path / "fp32", "trainer.device=cuda")
+        bf16 = _train_losses(task, data_root, tmp_path / "bf16", "trainer.device=cuda",
+                             "trainer.precision=bf16")
     assert fp32[-1] < fp32[0]
     assert bf16 == pytest.approx(fp32, rel=BF16_RTOL)
     assert bf16 != fp32
@@ -101,14 +101,28 @@ def _assert_same_diagnostics(eager_dir, other_dir) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("task", sorted(CASES))
-def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task, monkeypatch):
+def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task):
     import torch._inductor.config
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    eager = _train_losses(task, data_root, tmp_path / "eager", COMPILE_LAM[task], "trainer.device=cuda")
+    with restored_backend_flags():   # both fp32 runs: TF32 off
+        eager = _train_losses(task, data_root, tmp_path / "eager", COMPILE_LAM[task], "trainer.device=cuda")
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fallback_random=True):
+    with restored_backend_flags(), torch._inductor.config.patch(fallback_random=True):
         graphed = _train_losses(task, data_root, tmp_path / "graphed", COMPILE_LAM[task], "trainer.device=cuda",
                                 "trainer.compile=reduce-overhead")
     assert graphed == pytest.approx(eager, rel=COMPILE_RTOL)
     _assert_same_diagnostics(tmp_path / "eager", tmp_path / "graphed")
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", True)])
+def test_precision_sets_tf32_as_named(precision, tf32):
+    """fp32 is IEEE float32 on a GPU (TF32 off for matmuls and cuDNN, as the references
+    ran); tf32 and bf16 allow TF32. Setting the flags needs no GPU."""
+    from per.training import runtime
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    with restored_backend_flags():
+        matmul.allow_tf32 = cudnn.allow_tf32 = not tf32
+        cudnn.benchmark = False
+        runtime.configure_backends(torch.device("cuda"), deterministic=False, precision=precision)
+        assert matmul.allow_tf32 is tf32 and cudnn.allow_tf32 is tf32 and cudnn.benchmark
+    with pytest.raises(ValueError, match="valid: fp32, tf32, bf16"):
+        runtime.configure_backends(torch.device("cpu"), deterministic=False, precision="fp16")

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import per
 from per import models
+from runner_utils import restored_backend_flags
 
 # Runs in a subprocess with TRITON_INTERPRET=1; prints "ok" when every check passed.
 _INTERPRETED_CHECKS = textwrap.dedent("""
@@ -105,6 +106,6 @@ def test_fused_kernel_on_cuda_matches_plain_path_and_trains(dtype, reduction, mo
          + reg.penalty()).backward()
         return [p.grad for p in model.parameters()]
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # IEEE products
-    for a, b in zip(grads("backward"), grads("autograd"), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    with restored_backend_flags(ieee=True):   # IEEE products
+        for a, b in zip(grads("backward"), grads("autograd"), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

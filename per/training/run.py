@@ -193,7 +193,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
         try:
             runtime.seed_everything(cfg["seed"])
             device = runtime.resolve_device(trainer["device"])
-            runtime.configure_backends(device, trainer["deterministic"])
+            runtime.configure_backends(device, trainer["deterministic"], trainer["precision"])
             dev_name = runtime.device_name(device)
             setup = build_setup(cfg, build, device)
             model, task = setup.model, setup.task

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")   # trainer.precision; see configure_backends
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")   # trainer.compile, besides false/true
 
 
@@ -48,21 +48,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(device: torch.device, precision: str):
-    """A context manager for the forward pass: a no-op for fp32, bf16 autocast otherwise."""
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of `PRECISIONS`."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown trainer.precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+
+
+def autocast_context(device: torch.device, precision: str):
+    """A context manager for the forward pass: bf16 autocast for "bf16", else a no-op."""
+    check_precision(precision)
+    if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN autotuning on GPU unless determinism is asked for; TF32 matmuls allowed on GPU."""
+def configure_backends(device: torch.device, deterministic: bool, precision: str) -> None:
+    """On a GPU: cuDNN autotuning unless determinism is asked for, and TF32 tensor-core
+    products (matmuls, cuDNN convolutions, PER's fused kernel) for "tf32" and "bf16" only.
+    "fp32" is IEEE float32 throughout, as the references ran (pre-Ampere GPUs have no TF32);
+    PyTorch's own default would take cuDNN convolutions in TF32."""
+    check_precision(precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -45,7 +45,8 @@ def on_generated_data(cfg: dict, root: Path, batches: int) -> dict:
 def preset_step(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment],
                 device: torch.device) -> TrainStep:
     """The training step of `cfg` (model, task, regularizer, optimizer, clipping, precision,
-    `trainer.compile`), as `fit` takes it."""
+    `trainer.compile`), as `fit` takes it, with the backends set as the runner sets them."""
+    runtime.configure_backends(device, cfg["trainer"]["deterministic"], cfg["trainer"]["precision"])
     s = build_setup(cfg, build, device)
     model = runtime.compile_model(s.model, cfg["trainer"]["compile"])
     return TrainStep(model, s.task, s.optimizer, s.regularizer, s.autocast, cfg["optim"]["clip_norm"],
