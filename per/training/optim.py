@@ -23,7 +23,9 @@ def param_groups(model: nn.Module, extra: list[nn.Parameter] | None = None, *,
                  bias_patterns: tuple[str, ...] = ("bias", "scale")) -> list[dict]:
     """Split parameters into a default group and a bias/scale group (by name).
 
-    `extra` (e.g. VCL's per-unit betas) goes in its own group without weight decay.
+    `extra` (VCL's per-unit betas) goes in its own group at the full lr with the default
+    weight decay, as in the VCL reference, where the betas are model parameters named
+    `vcl_<i>` and so fall among its non-bias parameters.
     """
     default, biases = [], []
     for name, p in model.named_parameters():
@@ -35,7 +37,8 @@ def param_groups(model: nn.Module, extra: list[nn.Parameter] | None = None, *,
               {"params": biases, "weight_decay": weight_decay if bias_weight_decay else 0.0,
                "lr_mult": bias_lr_mult, "name": "bias"}]
     if extra:
-        groups.append({"params": list(extra), "weight_decay": 0.0, "lr_mult": 1.0, "name": "regularizer"})
+        groups.append({"params": list(extra), "weight_decay": weight_decay, "lr_mult": 1.0,
+                       "name": "regularizer"})
     return [g for g in groups if g["params"]]
 
 
