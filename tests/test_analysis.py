@@ -285,6 +285,32 @@ def test_reduction_ablation_runs_stay_out_of_the_table_cell(tmp_path, paper):
     assert set(t1.index) == {"per [channels, sum, s=256]", "per [channels, mean, s=256]"}
 
 
+def test_crashed_runs_are_failed_not_diverged(tmp_path, paper):
+    """A crash (out of memory, a missing file) says nothing about lambda: it neither ranks
+    the lambda last nor counts as diverged; a diverged run does both."""
+    for lam, seed, status, val in ((1e-4, 0, "finished", 6.0), (1e-4, 1, "failed", None),
+                                   (3e-5, 0, "finished", 6.5), (3e-4, 0, "finished", 5.0),
+                                   (3e-4, 1, "diverged", None)):
+        make_run(tmp_path, method="per", lam=lam, seed=seed, val_size=5000, status=status,
+                 final=image(val, None))
+    for seed, status in ((0, "finished"), (1, "failed")):
+        make_run(tmp_path, method="per", lam=1e-4, seed=seed, status=status, final=image(None, 6.8))
+    df, _ = collect.collect_runs(tmp_path)
+    chosen = row(tables.select_lambda(df, "cifar"), method="per")
+    assert (chosen.lam, chosen.n, chosen.n_diverged, chosen.n_failed) == (1e-4, 1, 0, 1)
+    result = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert (result.n, result.n_diverged, result.n_failed) == (1, 0, 1)
+    text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").iloc[0, 0]
+    assert "1/2 failed" in text and "diverged" not in text
+
+
+def test_a_lone_diverged_lambda_is_not_chosen(tmp_path):
+    """`--lams X` with X diverged in selection: no lambda, so no final phase at X."""
+    make_run(tmp_path, method="per", lam=1e30, val_size=5000, status="diverged", final=image(None, None))
+    chosen = row(tables.select_lambda(collect.collect_runs(tmp_path)[0], "cifar"), method="per")
+    assert math.isnan(chosen.lam) and chosen.n_diverged == 1
+
+
 def test_lambda_scores(collected):
     df, _ = collected
     scores = tables.lambda_scores(df, "cifar")

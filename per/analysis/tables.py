@@ -36,7 +36,6 @@ from per.schema import (CELL_KEYS, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTE
 
 # What runs are grouped by: a cell of the paper and its ablation variant.
 GROUP_KEYS = list(VARIANT_KEYS)
-FAILED_STATUSES = (DIVERGED, FAILED)
 # Splits each task reports, and the metric of each split. The `split` column of the
 # results holds the paper's label of the split (`PAPER_SPLIT`).
 SPLITS = {"cifar": (TEST,), "lm": (VAL, TEST)}
@@ -88,14 +87,16 @@ def report_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
 def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Validation score of every (cell, lambda) among the task's selection runs:
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
-    (finished runs with a score) and `n_diverged` (diverged or failed runs)."""
+    (finished runs with a score), `n_diverged` (runs whose loss diverged: evidence against
+    the lambda) and `n_failed` (runs that crashed: out of memory, a missing file; no
+    evidence about the lambda, and the same command resumes them)."""
     runs = selection_runs(df, task)
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
-        diverged=runs.status.isin(FAILED_STATUSES))
+        diverged=runs.status == DIVERGED, failed=runs.status == FAILED)
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
             .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
-                 n_diverged=("diverged", "sum"))
+                 n_diverged=("diverged", "sum"), n_failed=("failed", "sum"))
             .reset_index())
 
 
@@ -112,25 +113,35 @@ def lambda_reports(df: pd.DataFrame, task: str) -> pd.DataFrame:
 def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """The chosen lambda of every cell (and ablation variant) of `task`.
 
-    The lowest mean validation score wins, except that a lambda with a diverged or
-    failed selection run ranks after every lambda without one (ties: smaller lambda).
-    A cell whose runs all share one lambda (vanilla, bn, rbn: 0) takes it even
-    without selection runs; a cell with several lambdas and no selection scores gets
-    NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_lams.
+    The lowest mean validation score wins, except that a lambda with a diverged
+    selection run ranks after every lambda without one (ties: smaller lambda). A cell
+    whose runs all share one lambda (vanilla, bn, rbn: 0) and that has no selection
+    runs takes that lambda; a cell with selection runs but no finished score (all
+    diverged, failed or unfinished), or with several lambdas and no scores, gets NaN.
+    Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed, n_lams;
+    the counts are those of the chosen lambda, or of the whole cell where none is.
     """
     runs = df[df.task == task]
     cells = (runs.groupby(GROUP_KEYS, dropna=False).lam
              .agg(n_lams="nunique", only_lam="first").reset_index())
-    scores = lambda_scores(df, task).dropna(subset=["score"])
+    all_scores = lambda_scores(df, task)
+    scores = all_scores.dropna(subset=["score"])
     best = (scores.assign(unstable=scores.n_diverged > 0)
             .sort_values(["unstable", "score", "lam"])
             .drop_duplicates(GROUP_KEYS)
             .drop(columns="unstable"))
-    chosen = cells.merge(best, on=GROUP_KEYS, how="left")
-    chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
-    chosen[["n", "n_diverged"]] = chosen[["n", "n_diverged"]].fillna(0).astype(int)
-    return chosen.drop(columns="only_lam")[
-        [*GROUP_KEYS, "lam", "score", "score_std", "n", "n_diverged", "n_lams"]]
+    unscored = (all_scores.groupby(GROUP_KEYS, dropna=False)
+                .agg(has_selection=("lam", "size"), cell_diverged=("n_diverged", "sum"),
+                     cell_failed=("n_failed", "sum"))
+                .reset_index())
+    chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(unscored, on=GROUP_KEYS, how="left")
+    fallback = chosen.lam.isna() & (chosen.n_lams == 1) & chosen.has_selection.isna()
+    chosen["lam"] = chosen.lam.where(~fallback, chosen.only_lam)
+    chosen["n_diverged"] = chosen.n_diverged.fillna(chosen.cell_diverged)
+    chosen["n_failed"] = chosen.n_failed.fillna(chosen.cell_failed)
+    counts = ["n", "n_diverged", "n_failed"]
+    chosen[counts] = chosen[counts].fillna(0).astype(int)
+    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams"]]
 
 
 def baseline_method(method: str) -> str:
@@ -164,7 +175,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     """One row per (cell, variant, split) of `task`, at the chosen lambda.
 
     Columns: the group keys, split, lam, score (selection), mean, std (ddof=1), n
-    (finished reported runs), n_diverged (diverged or failed), n_interrupted,
+    (finished reported runs), n_diverged, n_failed (crashed), n_interrupted,
     n_partial_excluded (partial runs left out beside complete ones), partial (the
     row's runs are shorter than the protocol), paper, diff (mean - paper; NaN for a
     partial row unless `include_partial`), best_test (images: mean over the same runs
@@ -186,13 +197,15 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
               .dropna(subset=["value"]))
     summary = (values.groupby([*GROUP_KEYS, "split"], dropna=False).value
                .agg(mean="mean", std="std", n="count", values=list).reset_index())
-    counts = (runs.assign(n_diverged=runs.kept & runs.status.isin(FAILED_STATUSES),
+    counts = (runs.assign(n_diverged=runs.kept & (runs.status == DIVERGED),
+                          n_failed=runs.kept & (runs.status == FAILED),
                           n_interrupted=runs.kept & (runs.status == INTERRUPTED),
                           n_partial_excluded=~runs.kept,
                           partial=runs.kept & runs.partial,
                           best_test=runs.min_test_error.where(runs.kept & (runs.status == FINISHED)))
               .groupby(GROUP_KEYS, dropna=False)
-              .agg(n_diverged=("n_diverged", "sum"), n_interrupted=("n_interrupted", "sum"),
+              .agg(n_diverged=("n_diverged", "sum"), n_failed=("n_failed", "sum"),
+                   n_interrupted=("n_interrupted", "sum"),
                    n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
                    best_test=("best_test", "mean"))
               .reset_index())
@@ -201,7 +214,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
            .merge(counts, on=GROUP_KEYS, how="left")
            .merge(published, on=[*CELL_KEYS, "split"], how="left"))
-    numbers = ["n", "n_diverged", "n_interrupted", "n_partial_excluded"]
+    numbers = ["n", "n_diverged", "n_failed", "n_interrupted", "n_partial_excluded"]
     out[numbers] = out[numbers].fillna(0).astype(int)
     out["partial"] = out.partial.eq(True)
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
@@ -275,9 +288,11 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += " λ not selected"
     elif row.lam > 0:
         text += f" λ={row.lam:.0e}" + (" (not validated)" if pd.isna(row.score) else "")
-    total = row.n + row.n_diverged + row.n_interrupted
+    total = row.n + row.n_diverged + row.n_failed + row.n_interrupted
     if row.n_diverged:
         text += f" · {row.n_diverged}/{total} diverged"
+    if row.n_failed:
+        text += f" · {row.n_failed}/{total} failed (crashed; rerun resumes)"
     if row.n_interrupted:
         text += f" · {row.n_interrupted}/{total} interrupted"
     if row.partial:
@@ -373,7 +388,7 @@ def table_numbers(results: pd.DataFrame, table_id: str,
         "std": f"{label} std", "n": "n", "paper": f"paper {label}", "diff": "ours - paper",
         **best, "baseline": "baseline", "vs_baseline": "ours - baseline",
         "ci_low": "95% CI low", "ci_high": "95% CI high", "n_diverged": "diverged",
-        "n_interrupted": "interrupted", "partial": "partial",
+        "n_failed": "failed", "n_interrupted": "interrupted", "partial": "partial",
         "n_partial_excluded": "partial runs left out",
     }
     return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
