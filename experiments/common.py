@@ -2,6 +2,7 @@
 record, exit codes."""
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from pathlib import Path
@@ -51,7 +52,10 @@ def preset_names(pattern: str = "*") -> list[str]:
 def preset_task(name: str) -> str:
     """The task of preset `name`: the one whose builder loads the dataset the preset names."""
     if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
-        raise ValueError(f"unknown preset {name!r}; see configs/experiment/")
+        close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.8)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml "
+                         f"(`make help`, or `ls configs/experiment`)")
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         dataset = compose(ENTRY["cifar"], overrides=[f"experiment={name}"]).data.name
     return next(task for task, names in DATASETS.items() if dataset in names)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
 from per import sweep
+from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = compose_plain("train_cifar", [])["paths"]
@@ -34,10 +36,14 @@ TABLE_PRESET = re.compile(r"t\d+_")                 # t1_..., t2_..., t3_...: th
 
 
 def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
+    """Preset `name` with `overrides`, every value checked as a run would check it (so a
+    bad value stops a `DRY_RUN` plan too); an error exits naming it."""
     try:
-        return sweep.Preset(name, compose_preset(name, overrides))
+        cfg = compose_preset(name, overrides)
+        validate(cfg)
+        return sweep.Preset(name, cfg)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"{name}: {e}") from None
 
 
 def command(phase: sweep.Phase, args) -> list[str]:
@@ -50,6 +56,16 @@ def command(phase: sweep.Phase, args) -> list[str]:
     elif args.launcher == "slurm":
         cmd.append("launcher=slurm")
     return cmd
+
+
+def _lams_arg(text: str) -> list[float]:
+    try:
+        lams = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1e-4,3e-5; got {text!r}") from None
+    if not all(math.isfinite(lam) and lam >= 0 for lam in lams):
+        raise argparse.ArgumentTypeError(f"lambdas must be finite numbers >= 0; got {text!r}")
+    return lams
 
 
 def runs_per_gpu(args, task: str) -> int:
@@ -93,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--task", choices=["cifar", "lm"])
     what.add_argument("--sweep", metavar="PRESET", help="one preset's lambda sweep")
     what.add_argument("--ablation", action="store_true", help="ResNet-56 PER: layout x reduction, then slices")
-    ap.add_argument("--lams", help="comma-separated lambdas (default: the preset's lam_grid)")
+    ap.add_argument("--lams", type=_lams_arg,
+                    help="comma-separated lambdas (default: the preset's lam_grid)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the reported runs")
     ap.add_argument("--select-seeds", type=int, default=1, help="seeds per lambda on the 45k/5k split")
     ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.runs = str(Path(args.runs).resolve())
     seeds, select_seeds = list(range(args.seeds)), list(range(args.select_seeds))
-    lams = [float(x) for x in args.lams.split(",")] if args.lams else None
+    lams = args.lams
 
     over = (f"paths.runs_dir={args.runs}", *args.override)
     plan_args = (seeds, select_seeds, args.val_size)

@@ -1,6 +1,8 @@
 """Config checks: every preset passes `validate`; `config_differences` compares what decides the result."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -27,6 +29,23 @@ def test_validation_lists_every_bad_value():
     assert lines == ["  method.lam=-1: expected a finite number >= 0", "  data.bptt=0: expected an integer >= 1",
                      "  trainer.device='tpu': expected one of auto, cpu, cuda",
                      "  trainer.progress='maybe': expected null or true or false"]
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("train_cifar", ["data.normalize=pixel_mean_"],
+     "data.normalize='pixel_mean_': expected one of channel, pixel_mean, pixel_standardize"),
+    ("train_cifar", ["data=ptb"], "data.name='ptb': not for task 'cifar' (this runner); expected one of "
+                                  "cifar10, cifar100"),
+    ("train_cifar", ["method=rbn"], "method.name='rbn': not for task 'cifar'"),
+    ("train_lm", ["model=resnet20"], "model.name='resnet20': not for task 'lm' (this runner); expected one "
+                                     "of lstm, re_lstm, re_vd_lstm, vd_lstm"),
+    ("train_lm", ["method=vcl"], "method.name='vcl': not for task 'lm'"),
+])
+def test_values_of_another_task_are_refused_before_the_run(config, overrides, message):
+    """Caught by `validate`, i.e. before the run directory is written (the runner calls it
+    first), so the corrected command is not refused as a different run."""
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        validate(compose_config(config, overrides, "unused"))
 
 
 @pytest.mark.parametrize("value", [False, True, "default", "reduce-overhead", "max-autotune"])

@@ -48,6 +48,19 @@ def test_dry_run_counts_match_presets():
     assert _planned_runs(out.stdout) == expected
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "t1_cifar10_resnet56_perr"], "did you mean t1_cifar10_resnet56_per"),
+    (["--sweep", "t1_cifar10_resnet56_per", "--lams", "1e-4,abc"], "expected comma-separated numbers"),
+    (["--sweep", "t1_cifar10_resnet56_per", "--override", "trainer.precision=fp16"],
+     "trainer.precision='fp16': expected one of fp32, tf32, bf16"),
+])
+def test_a_bad_plan_stops_before_planning(args, message):
+    """Bad presets, lambdas and override values stop DRY_RUN too (not the first job)."""
+    out = subprocess.run([*REPRO, *args, "--dry-run"], capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr
+    assert "runs" not in out.stdout          # no plan printed
+
+
 @pytest.mark.slow
 def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_path):
     data, runs = tmp_path / "data", tmp_path / "runs"

@@ -1,7 +1,7 @@
 """Model registry: `create(name, **kwargs)` builds a model by its registry key.
 
 Configs name registry keys (never import paths). Each model module registers its
-variants with `@register("name")`.
+variants with `@register("name", task=...)`.
 """
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ from typing import Callable
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TASK: dict[str, str] = {}     # model -> the task it is built for (`schema.TASKS`)
 
 
-def register(name: str) -> Callable:
-    """Decorator: register a model factory under `name`."""
+def register(name: str, task: str) -> Callable:
+    """Decorator: register a model factory under `name`, for `task` ("cifar" or "lm")."""
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise KeyError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
+        _REGISTRY[name], _TASK[name] = fn, task
         return fn
     return wrap
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names, all or those of one task."""
+    return sorted(n for n in _REGISTRY if task is None or _TASK[n] == task)
 
 
 def create(name: str, **kwargs) -> nn.Module:

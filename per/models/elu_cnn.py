@@ -117,7 +117,7 @@ class EluCnn(nn.Sequential):
         return super().forward(x).flatten(1)
 
 
-@register("elu_cnn11")
+@register("elu_cnn11", task="cifar")
 def elu_cnn11(activation: str = "elu", norm: str = "none", num_classes: int = 10,
               leaky_slope: float = 0.01) -> EluCnn:
     return EluCnn(activation, norm, num_classes, leaky_slope)

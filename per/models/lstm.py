@@ -224,16 +224,16 @@ def detach_hidden(hidden: Hidden) -> Hidden:
 
 # Sizes and dropout come from the config (configs/model/*.yaml: 650 units, 2 layers,
 # VD dropout 0.5); the registered names differ in tying only.
-@register("lstm")
-@register("vd_lstm")
+@register("lstm", task="lm")
+@register("vd_lstm", task="lm")
 def untied_lstm(vocab_size: int, *, hidden_size: int, num_layers: int, dropout: float,
                 **options) -> LSTMLanguageModel:
     """LSTM and VD-LSTM: untied embeddings. `options`: dropout_type, rbn, rbn_max_length."""
     return LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, tied=False, **options)
 
 
-@register("re_lstm")
-@register("re_vd_lstm")
+@register("re_lstm", task="lm")
+@register("re_vd_lstm", task="lm")
 def tied_lstm(vocab_size: int, *, hidden_size: int, num_layers: int, dropout: float,
               **options) -> LSTMLanguageModel:
     """RE-LSTM and RE-VD-LSTM: tied input/output embeddings. `options` as `untied_lstm`."""

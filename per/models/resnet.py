@@ -167,16 +167,16 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@register("resnet20")
+@register("resnet20", task="cifar")
 def resnet20(norm: str = "bn", num_classes: int = 10) -> CifarResNet:
     return CifarResNet(20, norm, num_classes)
 
 
-@register("resnet56")
+@register("resnet56", task="cifar")
 def resnet56(norm: str = "bn", num_classes: int = 10) -> CifarResNet:
     return CifarResNet(56, norm, num_classes)
 
 
-@register("resnet110")
+@register("resnet110", task="cifar")
 def resnet110(norm: str = "bn", num_classes: int = 10) -> CifarResNet:
     return CifarResNet(110, norm, num_classes)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from per import models, schema
 from per.functional import LAYOUTS, REDUCTIONS
+from per.data.cifar import NORMALIZATIONS
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, Regularizer
 from per.training.loggers import LOGGER_MODES
@@ -20,6 +21,9 @@ from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 RESUME_MODES = ("auto", "never")
 DATASETS = {"cifar": ("cifar10", "cifar100"), "lm": ("ptb", "wikitext2")}
 ACTIVATIONS = ("relu", "leaky_relu", "elu")
+# Methods that exist for one task only: RBN is an LSTM cell; VCL acts on the
+# pre-activations of conv nets (the LSTMs have no such sites).
+METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
 
 # Keys that may change between a run and its resumption without changing its result:
 # where the data and runs live, how the run is launched and reports, sweep settings,
@@ -108,6 +112,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.num_layers": _int_at_least(1),
     "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "model.dropout_type": _one_of(DROPOUT_TYPES),
+    "data.normalize": _one_of(NORMALIZATIONS),
     "data.root": _STRING,
     "data.download": _BOOL,
     "data.verify_checksums": _BOOL,
@@ -160,9 +165,27 @@ def validate(cfg: dict) -> None:
         value = _get(cfg, key)
         if value is not _MISSING and not ok(value):
             bad.append(f"{key}={value!r}: expected {allowed}")
+    bad += _task_mismatches(cfg)
     if bad:
         raise ConfigValueError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  "
                                + "\n  ".join(bad))
+
+
+def _task_mismatches(cfg: dict) -> list[str]:
+    """Dataset, model and method that belong to another task than the run's (e.g. PTB or
+    an LSTM under the image runner, RBN on a ResNet): one line per mismatch."""
+    task = _get(cfg, "task")
+    if task not in schema.TASKS:
+        return []       # reported by the task check
+    allowed = {"data.name": DATASETS[task], "model.name": models.list_models(task),
+               "method.name": [m for m in schema.METHODS if METHOD_TASK.get(m, task) == task]}
+    bad = []
+    for key, choices in allowed.items():
+        value = _get(cfg, key)
+        if value is not _MISSING and value not in choices:
+            bad.append(f"{key}={value!r}: not for task {task!r} (this runner); expected one of "
+                       f"{', '.join(choices)}")
+    return bad
 
 
 def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
