@@ -140,6 +140,16 @@ def test_missing_dataset_gives_clear_error_and_failed_record(tmp_path):
     assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
 
 
+def test_a_batch_larger_than_the_data_is_named_and_the_fixed_command_runs(data_root, tmp_path):
+    """The error names the sizes; the failed attempt left no checkpoint, so the corrected
+    command starts the run over in the same directory instead of being refused."""
+    with pytest.raises(ValueError, match=r"less than one training batch \(data.batch_size=512"):
+        train(_cfg(data_root, tmp_path, "model=resnet20", "data.batch_size=512"), build_image_experiment)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    summary = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
+    assert summary["status"] == "finished" and summary["steps"] == 1
+
+
 def test_changed_config_in_same_run_dir_is_refused(data_root, tmp_path):
     train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
     with pytest.raises(ConfigMismatchError, match="another configuration"):

@@ -208,6 +208,15 @@ class RunDir:
                                   "resume=never starts the run over")
         return None
 
+    def holds_result_or_progress(self) -> bool:
+        """Whether resuming would keep something: a checkpoint, or a finished or diverged
+        summary. A run that failed before its first checkpoint (a bad value, a missing
+        file) holds neither: a new attempt starts it over, whatever its config."""
+        if any((self.path / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+            return True
+        summary = self.read_summary()
+        return summary is not None and summary.get("status") in (schema.FINISHED, schema.DIVERGED)
+
     def clear(self) -> None:
         """Remove the records of an earlier attempt (resume=never)."""
         for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT,

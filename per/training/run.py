@@ -114,6 +114,16 @@ def run_length(cfg: dict, batches_per_epoch: int) -> tuple[int, int | None, int]
     return epochs, max_steps, min(planned, max_steps) if max_steps else planned
 
 
+def _check_has_a_batch(cfg: dict, batches_per_epoch: int) -> None:
+    """Raise ValueError, naming the sizes, when the training split holds no full batch."""
+    if batches_per_epoch == 0:
+        data = cfg["data"]
+        sizes = ", ".join(f"data.{k}={data[k]}" for k in ("batch_size", "bptt", "val_size") if k in data)
+        raise ValueError(f"the training split holds less than one training batch ({sizes}); "
+                         "lower data.batch_size" + (" or data.val_size" if "val_size" in data else
+                                                    " or data.bptt"))
+
+
 def _summary(status: str, cfg: dict, state: TrainState, device: str, attempts: list[dict]) -> dict:
     method = cfg["method"]
     return {"status": status, "task": cfg["task"], "cell": schema.cell_of(cfg),
@@ -144,9 +154,10 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
 
     `cfg["run_dir"]` is the run directory. Before anything there changes, every
     config value is checked (ConfigValueError), a stored run's config is compared
-    with `cfg` on what decides the result (ConfigMismatchError names each differing
-    key; keys missing from the stored config are accepted at their value in
-    `defaults`, the config without command-line values) and the directory's lock is
+    with `cfg` on what decides the result, where the directory holds a checkpoint or a
+    result (ConfigMismatchError names each differing key; keys missing from the stored
+    config are accepted at their value in `defaults`, the config without command-line
+    values; a run that failed before its first checkpoint starts over) and the directory's lock is
     taken (RunLockedError names the holder). With `resume=auto` a finished or diverged
     run is then skipped and any other continues from its newest readable checkpoint.
     `records` (name -> text) are written into the run directory once the run starts
@@ -156,7 +167,8 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     validate(cfg)
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
-    if cfg["resume"] == "auto" and (stored := run.read_config()) is not None:
+    if (cfg["resume"] == "auto" and run.holds_result_or_progress()
+            and (stored := run.read_config()) is not None):
         if diffs := config_differences(stored, cfg, defaults):
             raise ConfigMismatchError(
                 f"{run.path} holds a run with another configuration ({len(diffs)} key"
@@ -197,6 +209,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             dev_name = runtime.device_name(device)
             setup = build_setup(cfg, build, device)
             model, task = setup.model, setup.task
+            _check_has_a_batch(cfg, task.batches_per_epoch())
             epochs, max_steps, planned = run_length(cfg, task.batches_per_epoch())
             settings = LoopSettings(
                 epochs=epochs, max_steps=max_steps, clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
