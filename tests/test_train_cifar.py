@@ -205,6 +205,19 @@ def test_console_lines_go_through_logging(data_root, tmp_path, caplog):
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path}"]
 
 
+def test_without_a_bar_progress_lines_are_logged(data_root, tmp_path, caplog, monkeypatch):
+    """Output to a file (no bar): the host reads log progress lines, here every read
+    (`PROGRESS_LINE_S` = 0; 60 s by default)."""
+    import per.training.loop as loop
+    monkeypatch.setattr(loop, "PROGRESS_LINE_S", 0.0)
+    caplog.set_level(logging.INFO, logger="per")
+    train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=1"), build_image_experiment)
+    lines = [r.getMessage() for r in caplog.records if " batch " in r.getMessage()]
+    # Reads before steps 1, 3, 5, 7 (log_every 2) and at the epoch's last batch.
+    assert [l.split(" |")[0] for l in lines] == [f"epoch 1/1 batch {b}/8 step {b}" for b in (1, 3, 5, 7, 8)]
+    assert all("train_loss=" in l and "images/s" in l and "epoch done in" in l for l in lines)
+
+
 def test_divergence_says_so(data_root, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="per")
     train(_cfg(data_root, tmp_path, "model=resnet20", "model.norm=bn", "optim.lr=1e12", "trainer.epochs=2"),

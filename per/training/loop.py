@@ -30,6 +30,9 @@ from per.training.records import BEST_CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = "activations.jsonl"   # the monitor's rows
+# Without a progress bar (output to a file), a progress line at the first host read
+# after this many seconds since the last line.
+PROGRESS_LINE_S = 60.0
 
 
 class Task(Protocol):
@@ -67,6 +70,8 @@ class LoopSettings:
     comes first; `clip_mode` and `clip_norm` are `per.training.optim.clip_gradients`'.
     Every `log_every` steps the loop reads its device accumulators once (progress bar,
     W&B step row, divergence check) and the regularizer records per-site statistics.
+    Without a bar (`progress` false), such a read logs a progress line at most every
+    `PROGRESS_LINE_S` seconds.
     """
     epochs: int
     max_steps: int | None = None
@@ -244,9 +249,10 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         epoch = state.epoch
         sums = EpochSums(state.sums)
         t0 = time.perf_counter()
-        bar = tqdm(total=min(steps_per_epoch, state.batch + max_steps - state.step), initial=state.batch,
-                   desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not settings.progress, leave=False,
-                   dynamic_ncols=True)
+        epoch_batches = min(steps_per_epoch, state.batch + max_steps - state.step)
+        bar = tqdm(total=epoch_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+                   disable=not settings.progress, leave=False, dynamic_ncols=True)
+        first_batch, last_line = state.batch, t0
         for batch in task.train_batches(epoch, state.batch):
             set_lr(optimizer, schedule.base_lr(epoch, state.step))
             track = state.step % settings.log_every == 0
@@ -268,6 +274,13 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
                 so_far = task.train_metrics(host)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()}, f"{task.items}/s": f"{rate:.0f}"})
+                now = time.perf_counter()
+                if not settings.progress and now - last_line >= PROGRESS_LINE_S:
+                    last_line = now
+                    left = (epoch_batches - state.batch) * (now - t0) / (state.batch - first_batch)
+                    log.info("epoch %d/%d batch %d/%d step %d | %s | %.0f %s/s | epoch done in %.1f min",
+                             epoch + 1, settings.epochs, state.batch, epoch_batches, state.step,
+                             format_metrics(so_far), rate, task.items, left / 60)
                 if sink is not None:
                     sink.log_step({**so_far, schema.LR: optimizer.param_groups[0]["lr"],
                                    schema.throughput_key(task.items): rate}, step=state.step)
