@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         df, problems = collect_wandb(args.wandb_project, args.wandb_entity)
         source = f"W&B project {args.wandb_project}"
     else:
-        df, problems = collect_runs(args.runs)
+        try:
+            df, problems = collect_runs(args.runs)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
         source = args.runs
     if args.task != "all":
         df = df[df.task == args.task]

@@ -168,7 +168,12 @@ def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     Returns the run table and a list of problems: unreadable or incomplete runs
     (skipped), duplicates of another run (skipped, see `drop_duplicate_runs`) and
     runs left `running` (kept, read as `interrupted`).
+
+    Raises:
+        FileNotFoundError: `root` is not a folder (a mistyped path reads as no runs).
     """
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"no runs folder {root} (check --runs / paths.runs_dir)")
     run_dirs = sorted(path.parent for path in Path(root).rglob("summary.json"))
     return run_table(((str(d), partial(_read_run_dir, d)) for d in run_dirs),
                      (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError))
