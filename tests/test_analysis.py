@@ -560,7 +560,8 @@ def test_aggregate_script(root, tmp_path, capsys):
     assert math.isnan(row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"])
     assert main(["--runs", str(root), "--out", str(tmp_path), "--include-partial"]) == 0
     assert "treated as complete" in capsys.readouterr().err
+    assert row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"] == pytest.approx(24.1)
+    (tmp_path / "nothing").mkdir()
+    assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0
     with pytest.raises(SystemExit, match="no runs folder .*nowhere"):     # a mistyped --runs
         main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
-    assert row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"] == pytest.approx(24.1)
-    assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0
