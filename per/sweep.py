@@ -149,6 +149,8 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
 
 def chosen_lambda(phase: Phase) -> float:
     """The lambda with the best validation score among the selection phase's finished runs."""
+    if not phase.preset.cell_dir.is_dir():
+        raise SystemExit(f"no selection runs under {phase.preset.cell_dir}")
     df, problems = collect_runs(phase.preset.cell_dir)
     for p in problems:
         print(f"[reproduce] skipped run: {p}", file=sys.stderr)
