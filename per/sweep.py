@@ -36,7 +36,7 @@ def batches_per_epoch(cfg: dict) -> int:
     the CIFAR training loader's count, or the BPTT windows of the batchified corpus."""
     data = cfg["data"]
     if cfg["task"] == "cifar":
-        return num_batches(TRAIN_SIZE - data["val_size"], data["batch_size"], drop_last=True)
+        return num_batches(TRAIN_SIZE - data["val_size"], data["batch_size"], data["drop_last"])
     return num_windows(EXPECTED_COUNTS[data["name"]][1], data["batch_size"], data["bptt"])
 
 

@@ -133,8 +133,12 @@ def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "TEST_SIZE", 16)
     cfg["data"]["eval_batch_size"] = 10
     task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
-    assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch() == (330 - 64) // 32
+    assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch() == 9   # Fixup keeps the last 10
     assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() == 7 + 2      # 64 held out, 16 test
+    cfg = compose_preset("t2_cifar10_elu_vcl", (f"data.root={tmp_path}", "data.verify_checksums=false",
+                                                "data.val_size=64", "data.batch_size=32"))
+    task = build_image_experiment(cfg, torch.device("cpu"), contextlib.nullcontext).task
+    assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch() == 8   # the VCL code drops them
 
     write_fake_corpus(tmp_path, "ptb", n_train_lines=300)
     cfg = compose_preset("t3_ptb_lstm_per", (f"data.root={tmp_path}", "data.verify_checksums=false",

@@ -150,6 +150,18 @@ def test_a_batch_larger_than_the_data_is_named_and_the_fixed_command_runs(data_r
     assert summary["status"] == "finished" and summary["steps"] == 1
 
 
+def test_the_last_partial_batch_trains_as_its_protocol_says(data_root, tmp_path):
+    """Fixup's protocol keeps the last partial batch (a DataLoader default: 391 batches of
+    50k at 128), the VCL protocol drops it (floor(N / batch))."""
+    fixup = train(_cfg(data_root, tmp_path / "fixup", "model=resnet20", "method=per", "data.batch_size=48",
+                       "trainer.epochs=1"),
+                  build_image_experiment)
+    assert fixup["steps"] == 6                       # 256 images: 5 x 48 + 16
+    vcl = train(_cfg(data_root, tmp_path / "vcl", "experiment=t2_cifar10_elu_vcl", "data.batch_size=48",
+                     "trainer.epochs=1"), build_image_experiment)
+    assert vcl["steps"] == 5
+
+
 def test_changed_config_in_same_run_dir_is_refused(data_root, tmp_path):
     train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
     with pytest.raises(ConfigMismatchError, match="another configuration"):

@@ -118,6 +118,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.verify_checksums": _BOOL,
     "data.val_size": _int_at_least(0),
     "data.batch_size": _int_at_least(1),
+    "data.drop_last": _BOOL,
     "data.eval_batch_size": _int_at_least(1),
     "data.mixup_alpha": _number_at_least(0),
     "data.probe_size": _int_at_least(1),

@@ -102,7 +102,7 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
     def loader(x, y, batch_size, train):
         return DeviceLoader(x, y, batch_size, device=device, train=train, mean=norm.mean,
                             std=norm.std, pad_space=norm.pad_space, seed=cfg["seed"],
-                            channels_last=channels_last)
+                            drop_last=train and data["drop_last"], channels_last=channels_last)
 
     evals = {}
     if data["val_size"] > 0:
