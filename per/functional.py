@@ -218,9 +218,9 @@ def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,
     Fixup ResNet-20 step at batch 32 (one thread): 89 ms against 146 ms eager; 2.4x
     faster `erf` per `512 x 256` block, max abs error 5e-7 against float64 (eager: 3e-8).
 
-    Compiled per point-cloud shape (`dynamic=False`: the block loop unrolls; a fixed
-    training batch has one shape per site size); past torch's recompile limit (8 shapes)
-    new shapes run eager. It needs a C++ compiler; the first call compiles for about 15 s.
+    Compiled per point-cloud shape (`dynamic=False`: the block loop unrolls; a ResNet run
+    has one per stage, twice with the epoch's last partial batch); past torch's recompile
+    limit (8 shapes) new shapes run eager. It needs a C++ compiler; the first call compiles for about 15 s.
     """
     global _compiled_blocked
     if _compiled_blocked is None:
