@@ -59,9 +59,10 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     out = capsys.readouterr().out
     assert "this machine's This box" in out and "NOT this machine" not in out
     # ResNet-56 CIFAR-10 measured; CIFAR-100 ResNet-110 estimated as twice it ("~"). 4 selection
-    # runs each: Fixup's 200 epochs of 128-image batches from 45k images (5k held out).
+    # runs each: Fixup's 200 epochs of 128-image batches from 45k images (5k held out), the
+    # last partial batch kept (352 batches).
     select56, select110 = (sweep.steps_per_run(select.preset.cfg) for select, _ in phases)
-    assert select56 == select110 == 200 * (45_000 // 128)
+    assert select56 == select110 == 200 * 352
     assert f"{4 * select56 / 3600:,.1f}" in out
     assert f"~{2 * 4 * select110 / 3600:,.1f}" in out
     assert " ?" not in out and "evaluation not measured for 2 configurations" in out

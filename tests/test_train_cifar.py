@@ -144,7 +144,8 @@ def test_a_batch_larger_than_the_data_is_named_and_the_fixed_command_runs(data_r
     """The error names the sizes; the failed attempt left no checkpoint, so the corrected
     command starts the run over in the same directory instead of being refused."""
     with pytest.raises(ValueError, match=r"less than one training batch \(data.batch_size=512"):
-        train(_cfg(data_root, tmp_path, "model=resnet20", "data.batch_size=512"), build_image_experiment)
+        train(_cfg(data_root, tmp_path, "model=resnet20", "data.batch_size=512", "data.drop_last=true"),
+              build_image_experiment)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     summary = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
     assert summary["status"] == "finished" and summary["steps"] == 1
