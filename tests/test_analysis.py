@@ -305,10 +305,15 @@ def test_crashed_runs_are_failed_not_diverged(tmp_path, paper):
 
 
 def test_a_lone_diverged_lambda_is_not_chosen(tmp_path):
-    """`--lams X` with X diverged in selection: no lambda, so no final phase at X."""
+    """`--lams X` with X diverged in selection: no lambda, so no final phase at X. A lone
+    lambda whose selection run crashed keeps it (the rerun resumes the crash)."""
     make_run(tmp_path, method="per", lam=1e30, val_size=5000, status="diverged", final=image(None, None))
-    chosen = row(tables.select_lambda(collect.collect_runs(tmp_path)[0], "cifar"), method="per")
-    assert math.isnan(chosen.lam) and chosen.n_diverged == 1
+    make_run(tmp_path, method="l2", lam=1e-4, val_size=5000, status="failed", final=image(None, None))
+    chosen = tables.select_lambda(collect.collect_runs(tmp_path)[0], "cifar")
+    per = row(chosen, method="per")
+    assert math.isnan(per.lam) and per.n_diverged == 1
+    l2 = row(chosen, method="l2")
+    assert (l2.lam, l2.n_failed, l2.n_diverged) == (1e-4, 1, 0)
 
 
 def test_lambda_scores(collected):

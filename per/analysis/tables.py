@@ -115,11 +115,11 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
     The lowest mean validation score wins, except that a lambda with a diverged
     selection run ranks after every lambda without one (ties: smaller lambda). A cell
-    whose runs all share one lambda (vanilla, bn, rbn: 0) and that has no selection
-    runs takes that lambda; a cell with selection runs but no finished score (all
-    diverged, failed or unfinished), or with several lambdas and no scores, gets NaN.
-    Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed, n_lams;
-    the counts are those of the chosen lambda, or of the whole cell where none is.
+    whose runs all share one lambda (vanilla, bn, rbn: 0; a one-lambda sweep) takes it
+    without a score, unless a selection run at it diverged; a cell with several lambdas
+    and no selection scores gets NaN. Columns: the group keys, lam, score, score_std,
+    n, n_diverged, n_failed, n_lams; the counts are those of the chosen lambda, or of
+    the whole cell's selection runs where none has a score.
     """
     runs = df[df.task == task]
     cells = (runs.groupby(GROUP_KEYS, dropna=False).lam
@@ -130,15 +130,14 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
             .sort_values(["unstable", "score", "lam"])
             .drop_duplicates(GROUP_KEYS)
             .drop(columns="unstable"))
-    unscored = (all_scores.groupby(GROUP_KEYS, dropna=False)
-                .agg(has_selection=("lam", "size"), cell_diverged=("n_diverged", "sum"),
-                     cell_failed=("n_failed", "sum"))
-                .reset_index())
-    chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(unscored, on=GROUP_KEYS, how="left")
-    fallback = chosen.lam.isna() & (chosen.n_lams == 1) & chosen.has_selection.isna()
-    chosen["lam"] = chosen.lam.where(~fallback, chosen.only_lam)
+    cell_totals = (all_scores.groupby(GROUP_KEYS, dropna=False)
+                   .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"))
+                   .reset_index())
+    chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
     chosen["n_diverged"] = chosen.n_diverged.fillna(chosen.cell_diverged)
     chosen["n_failed"] = chosen.n_failed.fillna(chosen.cell_failed)
+    fallback = chosen.lam.isna() & (chosen.n_lams == 1) & ~(chosen.n_diverged > 0)
+    chosen["lam"] = chosen.lam.where(~fallback, chosen.only_lam)
     counts = ["n", "n_diverged", "n_failed"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
     return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams"]]
