@@ -66,9 +66,9 @@ def test_a_bad_trainer_compile_names_the_choices():
 def test_differences_ignore_volatile_keys_and_new_keys_at_their_default():
     stored = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [1e-4]}, "trainer": {"device": "cpu"},
               "data": {"root": "a"}}
-    new = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [3e-4], "reduction": "sum"},
+    new = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [3e-4], "path": "backward"},
            "trainer": {"device": "cuda", "limit_eval_batches": 2}, "data": {"root": "b"}}
-    defaults = {"method": {"reduction": "sum"}, "trainer": {"limit_eval_batches": None}}
+    defaults = {"method": {"path": "backward"}, "trainer": {"limit_eval_batches": None}}
     assert config_differences(stored, new, defaults) == ["trainer.limit_eval_batches: <absent> -> 2"]
     assert config_differences(stored, {**new, "seed": 1}, defaults)[0] == "seed: 0 -> 1"
     assert config_differences({**stored, "old_key": 1}, new, defaults)[0] == "old_key: 1 -> <absent>"

@@ -98,12 +98,27 @@ OLD_RUNS = {"t3_ptb_vd_lstm_l1": ("train_lm", ["experiment=t3_ptb_vd_lstm_l1"]),
             "cifar10-resnet56-none-relu-l1": ("train_cifar", ["method=l1"])}
 
 
+# Fixup runs written before `optim.drop_last` dropped the last partial batch; the Fixup
+# protocol now keeps it, so they are other runs (the VCL protocol still drops it).
+DROP_LAST_CHANGED = ["data.drop_last: <absent: the run had True> -> False",
+                     "optim.drop_last: <absent: the run had True> -> False"]
+
+
 @pytest.mark.parametrize("old", sorted(OLD_RUNS))
 def test_runs_stored_before_the_config_changes_are_the_same_runs(old):
     config_name, overrides = OLD_RUNS[old]
     stored = yaml.safe_load((ROOT / f"tests/old_configs/{old}.yaml").read_text())
     now = compose_config(config_name, overrides)
     assert now["run_dir"] == stored["run_dir"]
+    fixup = now["optim"].get("drop_last") is False
+    assert config_differences(stored, now, defaults=now) == (DROP_LAST_CHANGED if fixup else [])
+    for key in ("data", "optim"):
+        now[key].pop("drop_last", None)
+    if "reduction" in stored["method"]:   # before `method.reduction`, runs took the 1/N mean
+        del stored["method"]["reduction"]
+        assert config_differences(stored, now, defaults=now) == [
+            "method.reduction: <absent: the run had 'mean'> -> 'sum'"]
+        stored["method"]["reduction"] = "sum"
     assert config_differences(stored, now, defaults=now) == []
     if stored["method"]["name"] in ("l1", "l2", "vcl"):   # a removed key counts at another value
         stored["method"]["num_slices"] = 64

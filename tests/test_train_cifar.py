@@ -284,15 +284,20 @@ def test_sweep_settings_and_new_keys_at_their_default_do_not_refuse(data_root, t
     overrides = ["model=resnet20", "method=per", "trainer.max_steps=1"]
     first = train(_cfg(data_root, tmp_path, *overrides), build_image_experiment)
     stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    del stored["method"]["reduction"], stored["trainer"]["limit_eval_batches"]   # as if written before they existed
+    del stored["method"]["path"], stored["trainer"]["limit_eval_batches"]   # as if written before they existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
     defaults = compose_config("train_cifar", ["model=resnet20", "method=per"], tmp_path)
     again = train(_cfg(data_root, tmp_path, *overrides, "++method.lam_grid=[1e-3]"), build_image_experiment,
                   defaults=defaults)
     assert again == first
-    with pytest.raises(ConfigMismatchError, match=r"method.reduction: <absent> -> 'mean'"):
-        train(_cfg(data_root, tmp_path, *overrides, "method.reduction=mean"), build_image_experiment,
+    with pytest.raises(ConfigMismatchError, match=r"method.path: <absent> -> 'autograd'"):
+        train(_cfg(data_root, tmp_path, *overrides, "method.path=autograd"), build_image_experiment,
               defaults=defaults)
+    # A key that changed what runs do is compared at what the stored run did.
+    del stored["method"]["reduction"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigMismatchError, match=r"method.reduction: <absent: the run had 'mean'> -> 'sum'"):
+        train(_cfg(data_root, tmp_path, *overrides), build_image_experiment, defaults=defaults)
 
 
 def test_locked_run_directory_is_refused_naming_the_holder(data_root, tmp_path):

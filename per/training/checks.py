@@ -37,6 +37,10 @@ VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table
 # has one at this value is the same run.
 REMOVED = {f"method.{k}": inspect.signature(Regularizer).parameters[k].default
            for k in ("num_slices", "share_directions")}
+# Keys added since runs were written that change what a run does, with what a stored run
+# without them did: such a run is the same run only where the new value is that one.
+ADDED = {"method.reduction": schema.REDUCTION_BEFORE_OPTION,   # the 1/N mean, then the only one
+         "optim.drop_last": True, "data.drop_last": True}      # the last partial batch was dropped
 
 
 class ConfigValueError(ValueError):
@@ -208,9 +212,9 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
     """What differs between a stored run's config and a new one, on the keys that
     decide the result: one `key: stored -> new` line per dotted key. A key missing
     from the stored config (new since the run was written) counts only when its new
-    value differs from its value in `defaults` (the config without command-line values);
-    a key missing from the new config (see `REMOVED`) only when its stored value
-    differs from the value its absence stands for."""
+    value differs from what the run did (`ADDED`), else from its value in `defaults`
+    (the config without command-line values); a key missing from the new config (see
+    `REMOVED`) only when its stored value differs from the value its absence stands for."""
     a, b = _flatten(stored), _flatten(new)
     d = _flatten(defaults) if defaults is not None else {}
     out = []
@@ -218,6 +222,10 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
         if not _decides_result(key):
             continue
         old, now = a.get(key, _MISSING), b.get(key, _MISSING)
+        if old is _MISSING and key in ADDED and now is not _MISSING:
+            if now != ADDED[key]:
+                out.append(f"{key}: <absent: the run had {ADDED[key]!r}> -> {_show(now)}")
+            continue
         if old is _MISSING and key in d and now == d[key]:
             continue
         if now is _MISSING and key in REMOVED and old == REMOVED[key]:
