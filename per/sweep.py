@@ -160,6 +160,9 @@ def chosen_lambda(phase: Phase) -> float:
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):
         raise SystemExit(f"could not choose lambda from {phase.preset.cell_dir}:\n{chosen}")
+    if chosen.n.iloc[0] == 0 and chosen.n_diverged.iloc[0] > 0:   # a lone lambda that diverged
+        raise SystemExit(f"lambda {lam:g} diverged in every selection run under {phase.preset.cell_dir}; "
+                         "no final runs at it")
     return float(lam)
 
 

@@ -304,16 +304,30 @@ def test_crashed_runs_are_failed_not_diverged(tmp_path, paper):
     assert "1/2 failed" in text and "diverged" not in text
 
 
-def test_a_lone_diverged_lambda_is_not_chosen(tmp_path):
-    """`--lams X` with X diverged in selection: no lambda, so no final phase at X. A lone
-    lambda whose selection run crashed keeps it (the rerun resumes the crash)."""
+def test_a_lone_diverged_lambda_is_counted_but_gets_no_final_runs(tmp_path, paper):
+    """`--lams X` with X diverged in selection: the row keeps X and counts the divergence,
+    and `chosen_lambda` refuses X for a final phase. A lone lambda whose selection run
+    crashed keeps it (the rerun resumes the crash). A one-lambda LM cell whose runs all
+    diverged still shows them."""
+    from per import sweep
     make_run(tmp_path, method="per", lam=1e30, val_size=5000, status="diverged", final=image(None, None))
     make_run(tmp_path, method="l2", lam=1e-4, val_size=5000, status="failed", final=image(None, None))
-    chosen = tables.select_lambda(collect.collect_runs(tmp_path)[0], "cifar")
+    for seed in range(3):
+        make_run(tmp_path, task="lm", dataset="ptb", model="lstm", seed=seed, status="diverged",
+                 final=lm(math.inf, math.inf))
+    df = collect.collect_runs(tmp_path)[0]
+    chosen = tables.select_lambda(df, "cifar")
     per = row(chosen, method="per")
-    assert math.isnan(per.lam) and per.n_diverged == 1
+    assert (per.lam, per.n, per.n_diverged) == (1e30, 0, 1)
     l2 = row(chosen, method="l2")
     assert (l2.lam, l2.n_failed, l2.n_diverged) == (1e-4, 1, 0)
+    cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
+    phase = sweep.Phase(sweep.Preset("p", {"task": "cifar", "run_dir": str(cell_dir / "x")}), (), [1e30], [0],
+                        selection=True)
+    with pytest.raises(SystemExit, match="diverged in every selection run"):
+        sweep.chosen_lambda(phase)
+    t3 = tables.format_table(tables.cell_results(df, "lm", paper), "T3")
+    assert all("3/3 diverged" in text for text in t3.iloc[0])
 
 
 def test_lambda_scores(collected):

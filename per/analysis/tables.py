@@ -116,10 +116,11 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     The lowest mean validation score wins, except that a lambda with a diverged
     selection run ranks after every lambda without one (ties: smaller lambda). A cell
     whose runs all share one lambda (vanilla, bn, rbn: 0; a one-lambda sweep) takes it
-    without a score, unless a selection run at it diverged; a cell with several lambdas
-    and no selection scores gets NaN. Columns: the group keys, lam, score, score_std,
-    n, n_diverged, n_failed, n_lams; the counts are those of the chosen lambda, or of
-    the whole cell's selection runs where none has a score.
+    even without a score (its row still counts its diverged runs; `per.sweep.chosen_lambda`
+    refuses it for a final phase); a cell with several lambdas and no selection scores
+    gets NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed,
+    n_lams; the counts are those of the chosen lambda, or of the whole cell's selection
+    runs where none has a score.
     """
     runs = df[df.task == task]
     cells = (runs.groupby(GROUP_KEYS, dropna=False).lam
@@ -136,8 +137,7 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
     chosen["n_diverged"] = chosen.n_diverged.fillna(chosen.cell_diverged)
     chosen["n_failed"] = chosen.n_failed.fillna(chosen.cell_failed)
-    fallback = chosen.lam.isna() & (chosen.n_lams == 1) & ~(chosen.n_diverged > 0)
-    chosen["lam"] = chosen.lam.where(~fallback, chosen.only_lam)
+    chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
     counts = ["n", "n_diverged", "n_failed"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
     return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams"]]
