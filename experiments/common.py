@@ -14,8 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
-from per.data.cifar import LAYOUTS
-from per.data.corpus import CORPORA
+from per.training.checks import DATASETS
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.run import train
@@ -23,7 +22,6 @@ from per.training.run import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HYDRA_RECORD = ".hydra"   # hydra.output_subdir is null: train() writes it once the run is accepted
 ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}   # task -> entry config and script experiments/<entry>.py
-DATASETS = {"cifar": tuple(LAYOUTS), "lm": tuple(CORPORA)}   # what each task's builder loads
 BUILD = {"cifar": build_image_experiment, "lm": build_lm_experiment}   # task -> builder
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
 

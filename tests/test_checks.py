@@ -48,6 +48,16 @@ def test_values_of_another_task_are_refused_before_the_run(config, overrides, me
         validate(compose_config(config, overrides, "unused"))
 
 
+def test_an_unknown_name_is_one_line_naming_every_choice():
+    cfg = compose_config("train_cifar", ["model.name=resnet21", "data.name=cifar11"], "unused")
+    with pytest.raises(ConfigValueError) as err:
+        validate(cfg)
+    assert str(err.value).splitlines()[1:] == [
+        "  model.name='resnet21': expected one of elu_cnn11, lstm, re_lstm, re_vd_lstm, resnet110, resnet20, "
+        "resnet56, vd_lstm",
+        "  data.name='cifar11': expected one of cifar10, cifar100, ptb, wikitext2"]
+
+
 @pytest.mark.parametrize("value", [False, True, "default", "reduce-overhead", "max-autotune"])
 def test_trainer_compile_takes_a_bool_or_a_torch_compile_mode(value):
     validate(compose_config("train_cifar", [f"trainer.compile={str(value).lower()}"], "unused"))

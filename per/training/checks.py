@@ -11,7 +11,9 @@ from typing import Any, Callable
 
 from per import models, schema
 from per.functional import LAYOUTS, REDUCTIONS
+from per.data import cifar
 from per.data.cifar import NORMALIZATIONS
+from per.data.corpus import CORPORA
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, Regularizer
 from per.training.loggers import LOGGER_MODES
@@ -19,7 +21,7 @@ from per.training.optim import CLIP_MODES, SCHEDULES
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
 RESUME_MODES = ("auto", "never")
-DATASETS = {"cifar": ("cifar10", "cifar100"), "lm": ("ptb", "wikitext2")}
+DATASETS = {"cifar": tuple(cifar.LAYOUTS), "lm": tuple(CORPORA)}   # what each task's builder loads
 ACTIVATIONS = ("relu", "leaky_relu", "elu")
 # Methods that exist for one task only: RBN is an LSTM cell; VCL acts on the
 # pre-activations of conv nets (the LSTMs have no such sites).
@@ -116,6 +118,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.num_layers": _int_at_least(1),
     "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "model.dropout_type": _one_of(DROPOUT_TYPES),
+    "data.name": _one_of([d for names in DATASETS.values() for d in names]),
     "data.normalize": _one_of(NORMALIZATIONS),
     "data.root": _STRING,
     "data.download": _BOOL,
@@ -178,7 +181,8 @@ def validate(cfg: dict) -> None:
 
 def _task_mismatches(cfg: dict) -> list[str]:
     """Dataset, model and method that belong to another task than the run's (e.g. PTB or
-    an LSTM under the image runner, RBN on a ResNet): one line per mismatch."""
+    an LSTM under the image runner, RBN on a ResNet): one line per mismatch. Unknown
+    values are left to `_CHECKS`."""
     task = _get(cfg, "task")
     if task not in schema.TASKS:
         return []       # reported by the task check
@@ -187,7 +191,8 @@ def _task_mismatches(cfg: dict) -> list[str]:
     bad = []
     for key, choices in allowed.items():
         value = _get(cfg, key)
-        if value is not _MISSING and value not in choices:
+        known = value is not _MISSING and _CHECKS[key][0](value)
+        if known and value not in choices:
             bad.append(f"{key}={value!r}: not for task {task!r} (this runner); expected one of "
                        f"{', '.join(choices)}")
     return bad
