@@ -1,17 +1,18 @@
 """Speed benchmark (DESIGN.md section 5): every ratio against its baseline, measured in
 the same run on this machine's device, most important first. Each result is one JSON
 line, printed (and appended to `--out`) as soon as it is measured, so a run cut short
-still reports what it has.
+still reports what it has; a section that fails reports its error and the others run
+(exit status 1).
 
-1. Training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
-2. Training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on a GPU) /
-   eager, BN vanilla and Fixup PER.
-3. LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
-   the PyTorch word-language-model example's training step at the same sizes.
-4. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
-5. Training throughput, the project's device-resident loader + step / a plain DataLoader +
+1. `step`: training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
+2. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
+3. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
+   a GPU) / eager, BN vanilla and Fixup PER.
+4. `lm`: LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
+   the PyTorch word-language-model example's training step at the same sizes and precision.
+5. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
-6. Runs per hour with k runs at once on the device (one process each) / one run, for a
+6. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
    ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
    `RUNS_PER_GPU=auto`).
 
@@ -30,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +59,7 @@ SIZES = {
                  lm=("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"),
                  repeats=2, warmup=1, loader_steps=2, sites=2, at_once=(1, 2), run_steps=2),
 }
+SECTIONS = ("step", "per_grad", "compiled", "lm", "loader", "runs")   # in the order they run
 STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
     "per channels": ("t1_cifar10_resnet56_per", ()),
@@ -177,8 +180,9 @@ class ExampleLM(nn.Module):
 
 def bench_lm_reference(report: Reporter, size: dict, args) -> None:
     """tokens/s: the vanilla LM preset's step / the word-language-model example's training
-    step at the same sizes (its loop: detach the state, forward, cross-entropy, backward,
-    clip the global norm, `p -= lr * grad`), on random tokens."""
+    step at the same sizes and precision (its loop: detach the state, forward, cross-entropy,
+    backward, clip the global norm, `p -= lr * grad`; the forward under the benchmark's
+    autocast, as ours), on random tokens."""
     name = "t3_ptb_lstm_vanilla"
     cfg = compose_preset(name, size["lm"])
     m, bptt, batch = cfg["model"], cfg["data"]["bptt"], cfg["data"]["batch_size"]
@@ -196,9 +200,11 @@ def bench_lm_reference(report: Reporter, size: dict, args) -> None:
         k = next(i) * bptt
         x, y = tokens[k:k + bptt], tokens[k + 1:k + 1 + bptt]
         example.zero_grad()
-        out, new = example(x, tuple(h.detach() for h in state[0]))
+        with runtime.autocast_context(args.device, args.precision):
+            out, new = example(x, tuple(h.detach() for h in state[0]))
+            loss = F.cross_entropy(out.view(-1, vocab).float(), y.reshape(-1))
         state[0] = new
-        F.cross_entropy(out.view(-1, vocab), y.reshape(-1)).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(example.parameters(), clip)
         with torch.no_grad():
             for p in example.parameters():
@@ -292,6 +298,7 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
                           "device loader", times["dataloader+torchvision"], times["device loader"])
     result["images_per_s"] = {k: round(batch / statistics.median(v), 1) for k, v in times.items()}
     result["dataloader_workers"] = args.workers
+    result["plain_trainer"] = "fp32, eager, NCHW (the issue's reference trainer); ours at `precision`"
     report(**result)
 
 
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
-    ap.add_argument("--only", default="", help="comma-separated subset: step,compiled,lm,per_grad,loader,runs")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.device = runtime.resolve_device(args.device)
@@ -336,24 +343,32 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[mode]
     report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,
                                  "precision": args.precision, "torch": torch.__version__})
-    only = set(args.only.split(",")) if args.only else {"step", "compiled", "lm", "per_grad", "loader", "runs"}
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        ap.error(f"unknown --only section(s) {', '.join(sorted(only - set(SECTIONS)))}; valid: {', '.join(SECTIONS)}")
+    sections: dict[str, Callable[[], Any]] = {   # SECTIONS, most important first
+        "step": lambda: [bench_image_steps(report, model, size, args) for model in size["models"]],
+        "per_grad": lambda: bench_per_grad(report, size, args),
+        "compiled": lambda: bench_compiled_steps(report, size, args),
+        "lm": lambda: (bench_lm_steps(report, size, args), bench_lm_reference(report, size, args)),
+        "loader": lambda: bench_loader(report, size, args),
+        "runs": lambda: bench_runs_at_once(report, size, args),
+    }
+    failed = []
     with tempfile.TemporaryDirectory() as data_root:
         args.data_root = Path(data_root)
-        if "step" in only:
-            for model in size["models"]:
-                bench_image_steps(report, model, size, args)
-        if "compiled" in only:
-            bench_compiled_steps(report, size, args)
-        if "lm" in only:
-            bench_lm_steps(report, size, args)
-            bench_lm_reference(report, size, args)
-        if "per_grad" in only:
-            bench_per_grad(report, size, args)
-        if "loader" in only:
-            bench_loader(report, size, args)
-        if "runs" in only:
-            bench_runs_at_once(report, size, args)
-    return 0
+        for name, run_section in sections.items():
+            if name not in only:
+                continue
+            try:
+                run_section()
+            except Exception as e:   # one section's failure (a compile error) keeps the others
+                traceback.print_exc()
+                report(bench=name, error=f"{type(e).__name__}: {e}")
+                failed.append(name)
+    if failed:
+        print(f"[bench] failed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def test_bf16_run_follows_fp32_run_on_cuda(data_root, tmp_path, task):
 # losses: 3e-8 (images) apart with the eager directions, 2e-4 (images) and 4e-5 (LM) with
 # Inductor's, where lambda moves the images' losses by 34% and the LM's by 0.1%.
 COMPILE_RTOL = 1e-5
+# On CUDA, Inductor and cuDNN pick other kernels (layouts, reduction orders) than eager
+# does; not yet measured on a GPU: a looser bound, with the measured gap printed.
+CUDA_COMPILE_RTOL = 1e-4
 COMPILE_LAM = {"cifar": "method.lam=1e-4", "lm": "method.lam=1e-2"}
 
 
@@ -109,7 +112,9 @@ def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task):
     with restored_backend_flags(), torch._inductor.config.patch(fallback_random=True):
         graphed = _train_losses(task, data_root, tmp_path / "graphed", COMPILE_LAM[task], "trainer.device=cuda",
                                 "trainer.compile=reduce-overhead")
-    assert graphed == pytest.approx(eager, rel=COMPILE_RTOL)
+    print(f"[{task}] CUDA graphs vs eager, max relative gap of the per-epoch training losses: "
+          f"{max(abs(g - e) / abs(e) for g, e in zip(graphed, eager)):.2e}")
+    assert graphed == pytest.approx(eager, rel=CUDA_COMPILE_RTOL)
     _assert_same_diagnostics(tmp_path / "eager", tmp_path / "graphed")
 
 

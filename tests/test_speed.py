@@ -40,6 +40,19 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
 
 
+def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeypatch):
+    bench = _script_module("bench")
+
+    def broken(*args):
+        raise RuntimeError("inductor fell over")
+    monkeypatch.setattr(bench, "bench_per_grad", broken)
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "per_grad,loader", "--out", str(out)]) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["bench"] == "per_grad" and rows[0]["error"] == "RuntimeError: inductor fell over"
+    assert rows[1]["bench"].startswith("trainer/")     # the next section still ran
+
+
 def _table(path, device: str, times: dict[str, float], evals: dict[str, float] | None = None) -> None:
     path.write_text(json.dumps({"device": device, "device_type": "cpu", "precision": "fp32", "torch": "x",
                                 "recorded": "2020-01-01", "s_per_step": times,
@@ -109,15 +122,16 @@ def test_best_runs_per_device_takes_the_smallest_count_near_the_best():
     assert sweep.best_runs_per_device(None, "lm")[0] == 1
 
 
-def _reproduce_module():
-    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts/reproduce.py")
+def _script_module(name: str):
+    """scripts/<name>.py as a module (its functions can be patched)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, capsys):
-    reproduce = _reproduce_module()
+    reproduce = _script_module("reproduce")
     monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
     args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="joblib")
@@ -170,8 +184,7 @@ def test_concurrent_runs_report_their_joint_steps_per_second(tmp_path, monkeypat
 @pytest.mark.slow   # a pytest collection, the tiny bench and one LM step time: about a minute
 def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable, "BENCH_ARGS": "--tiny --device cpu",
-           "STEP_ARGS": "--match ^t3_ptb_lstm_vanilla$ --steps 1 --warmup 0", "CONCURRENCY": "",
-           "STEP_OUT": str(tmp_path / "table.json")}
+           "STEP_ARGS": "--match ^t3_ptb_lstm_vanilla$ --steps 1 --warmup 0", "CONCURRENCY": ""}
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -182,12 +195,13 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
         "step", "compiled", "per_grad", "trainer"}
     table = json.loads((out / "step_times.json").read_text())
     assert list(table["s_per_step"]) == list(table["s_per_eval_batch"]) == ["ptb|lstm||vanilla||"]
-    assert (out / "step_times.json").read_text() == (tmp_path / "table.json").read_text()
     only = tmp_path / "steps_only"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(only)], cwd=ROOT,
-                          env={**env, "PARTS": "steps"}, capture_output=True, text=True, timeout=900)
+                          env={**env, "PARTS": "steps", "STEP_OUT": str(tmp_path / "table.json")},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in only.iterdir()} == {"nvidia-smi.txt", "versions.txt", "step_times.log", "step_times.json"}
+    assert {p.name for p in only.iterdir()} == {"nvidia-smi.txt", "versions.txt", "step_times.log"}
+    assert "ptb|lstm||vanilla||" in json.loads((tmp_path / "table.json").read_text())["s_per_step"]
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad")], cwd=ROOT,
                          env={**env, "PARTS": "tests,step"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps" in bad.stderr
