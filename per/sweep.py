@@ -149,19 +149,18 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
 
 def chosen_lambda(phase: Phase) -> float:
     """The lambda with the best validation score among the selection phase's finished runs."""
-    if not phase.preset.cell_dir.is_dir():
-        raise SystemExit(f"no selection runs under {phase.preset.cell_dir}")
-    df, problems = collect_runs(phase.preset.cell_dir)
+    cell_dir = phase.preset.cell_dir
+    df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
         print(f"[reproduce] skipped run: {p}", file=sys.stderr)
-    if df.empty:
-        raise SystemExit(f"no selection runs under {phase.preset.cell_dir}")
+    if df is None or df.empty:
+        raise SystemExit(f"no selection runs under {cell_dir}")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):
-        raise SystemExit(f"could not choose lambda from {phase.preset.cell_dir}:\n{chosen}")
+        raise SystemExit(f"could not choose lambda from {cell_dir}:\n{chosen}")
     if chosen.n.iloc[0] == 0 and chosen.n_diverged.iloc[0] > 0:   # a lone lambda that diverged
-        raise SystemExit(f"lambda {lam:g} diverged in every selection run under {phase.preset.cell_dir}; "
+        raise SystemExit(f"lambda {lam:g} diverged in every selection run under {cell_dir}; "
                          "no final runs at it")
     return float(lam)
 

@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     paths = figures.plot_losses_1d(out)
-    if Path(args.runs).is_dir():
+    try:
         df, problems = collect_runs(args.runs)
-    else:
-        df, problems = pd.DataFrame(), [f"no runs folder {args.runs} (check --runs / paths.runs_dir)"]
+    except FileNotFoundError as e:     # only the 1-D loss figure, below
+        df, problems = pd.DataFrame(), [str(e)]
     for problem in problems:
         print(f"[figures] {problem}", file=sys.stderr)
     if df.empty:

@@ -133,7 +133,10 @@ def test_plot_training_curves(tmp_path):
     assert_written(paths, 2)
 
 
-def test_plot_ablation(tmp_path):
+def test_plot_ablation(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    labels, errorbar = [], Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda ax, *a, **kw: labels.append(kw.get("label")) or errorbar(ax, *a, **kw))
     rows = []
     for layout, reduction in (("channels", "sum"), ("flatten", "sum"), ("channels", "mean")):
         for lam in (1e-5, 1e-4, 1e-3):
@@ -147,6 +150,9 @@ def test_plot_ablation(tmp_path):
             rows.append(run("per", 1e-4, s, 0, test=6.4 + 16 / slices, layout="channels",
                             num_slices=slices))
     assert_written(figures.plot_ablation(runs_frame(rows), tmp_path), 2)
+    # One line per (layout, reduction) on the left; one per lambda on the right.
+    assert {l for l in labels if "," in l} == {"channels, sum", "flatten, sum", "channels, mean"}
+    assert {l for l in labels if "," not in l} == {"λ=1e-05", "λ=1e-04", "λ=1e-03"}
     assert figures.plot_ablation(sweep_runs(), tmp_path / "none") == []
 
 

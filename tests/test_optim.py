@@ -22,10 +22,12 @@ def _groups(preset: str, *overrides: str) -> dict[str, dict]:
 
 @pytest.mark.parametrize("preset, wd, bias_wd, bias_lr", [
     ("t1_cifar10_resnet56_per", 1e-4, 1e-4, 0.1),     # Fixup: wd on all, biases/scales at lr/10
+    ("t1_cifar10_resnet56_bn", 1e-4, 1e-4, 1.0),      # He et al.: wd on all, one lr
     ("t2_cifar10_elu_per", 1e-4, 0.0, 0.1),           # VCL protocol: no wd on biases, lr/10
+    ("t3_ptb_lstm_per", 0.0, 0.0, 1.0),               # word-language-model example: plain SGD
 ])
-def test_image_protocol_groups(preset, wd, bias_wd, bias_lr):
-    groups = _groups(preset)
+def test_protocol_groups(preset, wd, bias_wd, bias_lr):
+    groups = _groups(preset, *(("model.hidden_size=16",) if preset.startswith("t3_") else ()))
     assert (groups["default"]["weight_decay"], groups["default"]["lr_mult"]) == (wd, 1.0)
     assert (groups["bias"]["weight_decay"], groups["bias"]["lr_mult"]) == (bias_wd, bias_lr)
     assert "regularizer" not in groups

@@ -218,7 +218,7 @@ def input_normalization(mode: str, name: str, train_x: np.ndarray) -> Normalizat
 
 
 def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
-    """Batches of one `DeviceLoader` epoch; training loaders drop the last partial batch."""
+    """Batches of one `DeviceLoader` epoch: the last partial batch counts unless `drop_last`."""
     if drop_last:
         return num_examples // batch_size
     return math.ceil(num_examples / batch_size)
@@ -243,6 +243,8 @@ class DeviceLoader:
     (permutation, crop offsets, flip bits) are drawn at the start of `epoch(e)`
     from a CPU generator seeded by (seed, e), so batches are identical on any
     device and `epoch(e, start_batch=k)` yields exactly batches k.. of `epoch(e)`.
+    `drop_last` leaves out the last partial batch (default: for training loaders; the
+    runner passes the protocol's `optim.drop_last`).
     """
 
     PAD = 4
