@@ -354,3 +354,17 @@ def test_mixup() -> None:
     again = mixup(x, y, 1.0, generator=torch.Generator().manual_seed(0))
     assert again[3] == lam and torch.equal(again[2], yb)
     assert mixup(x, y, 0.0)[3] == 1.0
+
+
+def test_generated_files_read_the_same_in_torchvision(tmp_path, monkeypatch):
+    """The written pickles hold Python 2 strings, as the official files do: torchvision's
+    reader (`encoding="latin1"`) gets the same images, labels and names as ours."""
+    import torchvision.datasets.cifar as tvc
+    monkeypatch.setattr(tvc, "check_integrity", lambda *args, **kwargs: True)   # other md5s
+    for name, reader in (("cifar10", tvc.CIFAR10), ("cifar100", tvc.CIFAR100)):
+        write_fake_cifar(tmp_path, name, n_train=30, n_test=10, seed=0)
+        ours = load_cifar(name, tmp_path, download=False, verify_checksums=False)
+        for train, x, y in ((True, ours.train_x, ours.train_y), (False, ours.test_x, ours.test_y)):
+            theirs = reader(str(tmp_path), train=train)
+            assert np.array_equal(theirs.data, x) and theirs.targets == [int(v) for v in y]
+        assert len(theirs.classes) == (10 if name == "cifar10" else 100)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,9 +350,25 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 with `bytes` written as Python 2 `str` (BINSTRING opcodes), as the official
+    files hold their keys, names and pixel buffers: they load as bytes under
+    `encoding="bytes"` (our reader) and as str under `encoding="latin1"` (torchvision's)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256
+                   else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
 def _dump(obj: dict, path: Path) -> None:
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        _Py2Pickler(f, protocol=2).dump(obj)
 
 
 def _planes(x: np.ndarray) -> np.ndarray:
