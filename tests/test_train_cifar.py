@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import signal
 import stat
 
@@ -24,7 +25,7 @@ from per.training.image_task import build_image_experiment
 from per.training.loop import fit
 from per.training.records import RunDir, RunLockedError
 from per.training.run import ConfigMismatchError, train
-from runner_utils import CPU_SMOKE, compose_config, metrics, without_timing
+from runner_utils import CPU_SMOKE, ROOT, compose_config, metrics, without_timing
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +372,12 @@ def test_debug_smoke_lands_outside_the_runs_tree(config, preset):
     assert smoke["run_dir"] == real["run_dir"].replace("results/runs/", "results/debug/", 1)
     assert smoke["trainer"]["max_steps"] == 4 and smoke["trainer"]["limit_eval_batches"] == 2
     assert smoke["logger"]["mode"] == "disabled"
+
+
+def test_fixup_reference_loop_runs_on_the_same_files(data_root, capsys):
+    """scripts/fixup_reference.py (the side-by-side check's other side) reads our files
+    through torchvision and prints the numbers our epoch line prints."""
+    main = runpy.run_path(str(ROOT / "scripts/fixup_reference.py"))["main"]
+    assert main(["--root", str(data_root), "--max-steps", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("reference epoch 1 step 2 | train_loss=") and "test_error=" in line
