@@ -220,7 +220,8 @@ def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,
 
     Compiled per point-cloud shape (`dynamic=False`: the block loop unrolls; a ResNet run
     has one per stage, twice with the epoch's last partial batch); past torch's recompile
-    limit (8 shapes) new shapes run eager. It needs a C++ compiler; the first call compiles for about 15 s.
+    limit (8 shapes) new shapes run eager. It needs a C++ compiler; the first call
+    compiles for about 15 s.
     """
     global _compiled_blocked
     if _compiled_blocked is None:
