@@ -151,16 +151,18 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
         raise ValueError(f"directions must have shape (d, s) with d = {x.shape[1]}, "
                          f"got {tuple(directions.shape)}")
     (n, _), s = x.shape, directions.shape[1]
+    if n == 0:
+        return torch.zeros_like(x)
     scale = 1.0 / (s * (n if reduction == "mean" else 1))
     theta = directions.to(compute_dtype(x))
     if _use_fused_kernel(x):
         from per._triton import per_grad_fused
         return per_grad_fused(x, theta.contiguous(), scale)   # row-major tiles load coalesced
     if x.device.type != "cpu":       # blocks pay on CPU caches; elsewhere one product each
-        return _per_grad_blocked(x, theta, scale, max(n, 1))
+        return _per_grad_blocked(x, theta, scale, n)
     if x.dtype == torch.float32 and os.environ.get("PER_CPU_COMPILE", "0") == "1":
         return _per_grad_cpu_compiled(x, theta, scale, PER_GRAD_BLOCK_ROWS)
-    return _per_grad_blocked(x, theta, scale, PER_GRAD_BLOCK_ROWS)
+    return _per_grad_cpu(x, theta, scale, PER_GRAD_BLOCK_ROWS)
 
 
 # Points per block on the CPU path (1 MiB of float32 projections at s = 256). Measured on
@@ -180,13 +182,13 @@ def _use_fused_kernel(x: torch.Tensor) -> bool:
 
 def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
                       block_rows: int) -> torch.Tensor:
-    """`scale * erf(x theta / sqrt 2) theta^T`, `block_rows` points at a time.
+    """`scale * erf(x theta / sqrt 2) theta^T`, `block_rows` points at a time, in plain
+    torch ops: the path off CPU (one block) and the one `PER_CPU_COMPILE=1` compiles.
 
     `x: (N, d)`, `theta: (d, s)` in `compute_dtype(x)` -> `(N, d)` in `x`'s dtype. Each
-    block projects in `x`'s dtype (as `project`), then takes `erf` in place and
-    back-projects in `compute_dtype(x)`. Eager, each block's product goes into one
-    preallocated output; traced by torch.compile (`PER_CPU_COMPILE=1`), the blocks are
-    concatenated, which Inductor turns into products written straight into one buffer.
+    block projects in `x`'s dtype (as `project`), then takes `erf` and back-projects in
+    `compute_dtype(x)`. Traced by torch.compile, the concatenated blocks become products
+    written straight into one buffer.
     """
     (n, d), s = x.shape, theta.shape[1]
     cdtype = compute_dtype(x)
@@ -195,20 +197,70 @@ def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
     fold = d <= n
     theta_in = (theta / _SQRT2 if fold else theta).to(x.dtype)                  # (d, s)
     theta_out = (theta.T * scale).contiguous() if fold else theta.T             # (s, d)
-    tracing = torch.compiler.is_compiling()
-    out = None if tracing else torch.empty(n, d, dtype=x.dtype, device=x.device)
     blocks = []
     for start in range(0, n, block_rows):
-        xb = x[start:start + block_rows]                                        # (b, d)
-        e = (xb @ theta_in).to(cdtype)                                          # (b, s)
+        e = (x[start:start + block_rows] @ theta_in).to(cdtype)                 # (b, s)
         e = e.erf_() if fold else e.mul_(1 / _SQRT2).erf_().mul_(scale)
-        if tracing:
-            blocks.append((e @ theta_out).to(x.dtype))
-        elif out.dtype == cdtype:
-            torch.mm(e, theta_out, out=out[start:start + block_rows])
+        blocks.append((e @ theta_out).to(x.dtype))                              # (b, d)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def _per_grad_cpu(x: torch.Tensor, theta: torch.Tensor, scale: float,
+                  block_rows: int) -> torch.Tensor:
+    """The eager CPU path of `per_grad`: `scale * erf(x theta / sqrt 2) theta^T`,
+    `block_rows` points at a time, so each block's projections stay in cache.
+
+    `x: (N, d)`, `theta: (d, s)` in `compute_dtype(x)` -> `(N, d)` in `x`'s dtype; the row
+    of a point with a NaN or inf coordinate is NaN. Two `(block_rows, s)` buffers serve
+    every block (fresh ones cost page faults: 0.69x the time over a ResNet-20 step's 19
+    sites) and `erf` comes from `_scaled_erf_cpu`.
+    """
+    (n, d), s = x.shape, theta.shape[1]
+    cdtype = compute_dtype(x)
+    rows = min(block_rows, n)
+    proj = torch.empty(rows, s, dtype=cdtype)
+    erfs = torch.empty(rows, s, dtype=cdtype)
+    theta_in, theta_out = theta.to(x.dtype), theta.T
+    out = torch.empty(n, d, dtype=x.dtype)
+    same = x.dtype == cdtype          # else bf16/fp16 points: project in their dtype, cast
+    for start in range(0, n, rows):
+        xb, rows_out = x[start:start + rows], out[start:start + rows]
+        p, e = proj[:len(xb)], erfs[:len(xb)]
+        if same:
+            torch.mm(xb, theta_in, out=p)
         else:
-            out[start:start + block_rows] = e @ theta_out
-    return torch.cat(blocks) if tracing else out
+            p.copy_(xb @ theta_in)
+        _scaled_erf_cpu(p, scale, out=e)
+        if same:
+            torch.mm(e, theta_out, out=rows_out)
+        else:
+            rows_out.copy_(e @ theta_out)
+        # `_scaled_erf_cpu` maps NaN to 0: points with NaN/inf coordinates get NaN rows.
+        rows_out[~torch.isfinite(xb.sum(dim=1))] = float("nan")
+    return out
+
+
+# Projections this small are taken as 0 by `_scaled_erf_cpu` (erf(p / sqrt 2) < 1e-30 there).
+_TINY_PROJECTION = 1e-30
+
+
+def _scaled_erf_cpu(p: torch.Tensor, scale: float, *, out: torch.Tensor) -> torch.Tensor:
+    """`out = scale * erf(p / sqrt 2)` for projections `p` on CPU (`p` is overwritten), through
+    the exact identity `erf(p / sqrt 2) = 2 gelu(p) / p - 1` (`gelu(p) = p Phi(p)`, `Phi` the
+    normal CDF).
+
+    Why: ATen's `erf` on CPU calls MKL's high-accuracy `vsErf`, while its exact `gelu`
+    evaluates `erf` with a vectorized polynomial. Per float32 value on this machine kind
+    (AVX-512, one thread, 1024 x 256 block): 0.46 ns for these four passes against 1.08 ns
+    for `erf`; max abs error 7e-7 against float64 (`erf`: 6e-8). Edge cases:
+    `|p| < _TINY_PROJECTION` -> 0 (`0 / 0` is mapped to 0); `gelu` overflowing for
+    `|p| > 1.7e38` -> `+-scale`; NaN or infinite `p` -> 0 (`_per_grad_cpu` marks the points).
+    """
+    aten = torch.ops.aten              # the out= forms of hardshrink and gelu
+    aten.hardshrink.out(p, _TINY_PROJECTION, out=p)
+    aten.gelu.out(p, out=out)
+    torch.addcdiv(torch.tensor(-scale, dtype=p.dtype), out, p, value=2 * scale, out=out)
+    return out.nan_to_num_(nan=0.0, posinf=scale, neginf=-scale)
 
 
 def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,

@@ -253,3 +253,35 @@ def test_point_dim_rejects_bad_ranks_and_layouts():
         per.functional.point_dim(torch.Size([2, 3, 4, 5, 6]))
     with pytest.raises(ValueError, match="valid: channels, flatten"):
         per.functional.point_dim(torch.Size([2, 3]), "rows")
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_cpu_erf_through_gelu_matches_erf_on_every_finite_value(dtype, atol):
+    """`_scaled_erf_cpu` (2 gelu(p) / p - 1) against float64 `erf`: 0, subnormals, the
+    tiny-projection cut, the ordinary range and values where `gelu` overflows."""
+    finfo = torch.finfo(dtype)
+    mags = torch.cat([torch.tensor([0.0, finfo.smallest_normal / 4, finfo.smallest_normal, 9e-31, 1.1e-30,
+                                    finfo.max / 2, finfo.max], dtype=torch.float64),
+                      torch.logspace(-40, 1.5, 5000, dtype=torch.float64)])
+    p64 = torch.cat([mags, -mags]).to(dtype).double()
+    for scale in (1.0, 1 / 256):
+        got = per.functional._scaled_erf_cpu(p64.to(dtype), scale, out=torch.empty(len(p64), dtype=dtype))
+        want = scale * torch.erf(p64 / math.sqrt(2))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=atol * scale)
+
+
+def test_per_grad_gives_nan_rows_for_non_finite_points():
+    """The CPU path's erf maps NaN to 0; per_grad still returns NaN for the points that
+    hold NaN or inf, and finite values for the others."""
+    x = torch.tensor([[float("nan"), 1.0], [float("inf"), 0.0], [1.0, 2.0], [0.0, 0.0]])
+    theta = per.sample_directions(2, 16, generator=torch.Generator().manual_seed(0))
+    got = per.per_grad(x, theta)
+    assert got[:2].isnan().all() and got[2:].isfinite().all()
+    torch.testing.assert_close(got[2:].double(), _unblocked_per_grad(x[2:], theta, "sum"), rtol=1e-5, atol=1e-7)
+
+
+def test_per_grad_of_no_points_is_empty():
+    theta = per.sample_directions(8, 16)
+    for reduction in per.functional.REDUCTIONS:
+        got = per.per_grad(torch.zeros(0, 8), theta, reduction=reduction)
+        assert got.shape == (0, 8)
