@@ -91,9 +91,11 @@ def _reduce(per_point: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def check_points(x: torch.Tensor) -> None:
-    """Raise ValueError unless `x` is a point cloud `(N, d)`."""
+    """Raise ValueError unless `x` is a floating-point point cloud `(N, d)`."""
     if x.dim() != 2:
         raise ValueError(f"expected points of shape (N, d) (rank 2), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected floating-point points, got dtype {x.dtype}")
 
 
 def project(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

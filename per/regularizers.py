@@ -25,10 +25,13 @@ Example:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from per.functional import (
     check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad,
@@ -73,6 +76,7 @@ class _AddPenaltyGrad(torch.autograd.Function):
         return h.view_as(h)
 
     @staticmethod
+    @once_differentiable     # the closed form has no graph: create_graph=True needs path="autograd"
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
@@ -92,7 +96,9 @@ class _GradNormProbe(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, penalty_grad_norm: torch.Tensor,
                 stats: dict[str, torch.Tensor], key: str) -> torch.Tensor:
         ctx.penalty_grad_norm, ctx.stats, ctx.key = penalty_grad_norm, stats, key
-        return h.view_as(h)
+        # A copy, not a view: in-place ops after the site stay legal on tracked steps, as
+        # on the others (the autograd path saves no activation of its own).
+        return h.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -130,12 +136,12 @@ class Regularizer(nn.Module):
             raise ValueError(f"unknown regularizer kind {kind!r}; valid: {', '.join(KINDS)}")
         check_layout(layout)
         check_reduction(reduction)
-        if num_slices < 1:
-            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        if isinstance(num_slices, bool) or not isinstance(num_slices, numbers.Integral) or num_slices < 1:
+            raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if vcl_chunk < 2:
             raise ValueError(f"vcl_chunk must be >= 2 (a variance needs 2 samples), "
                              f"got {vcl_chunk}")
@@ -147,7 +153,7 @@ class Regularizer(nn.Module):
             raise ValueError(f"sites {attached} already have a regularizer; "
                              "call its remove() first")
         self.__dict__["model"] = model  # a reference, not a registered submodule
-        self.kind, self.lam, self.layout, self.num_slices = kind, float(lam), layout, num_slices
+        self.kind, self.lam, self.layout, self.num_slices = kind, float(lam), layout, int(num_slices)
         self.reduction = reduction
         self.path = "autograd" if kind == "vcl" else path
         self.share_directions, self.vcl_chunk = share_directions, vcl_chunk
@@ -176,10 +182,14 @@ class Regularizer(nn.Module):
         self._shared = {}
 
     def penalty(self) -> torch.Tensor:
-        """0-d tensor to add to the task loss: `lam * sum_sites L_site` (0 on the backward path)."""
-        if not self._terms:
+        """0-d tensor to add to the task loss: `lam * sum_sites L_site` over the training
+        forwards since the last `penalty()` or `begin_step()` (0 on the backward path). It
+        hands each term out once, so accumulating gradients over micro-batches works as on
+        the backward path: one `penalty()` per micro-batch loss."""
+        terms, self._terms = self._terms, []
+        if not terms:
             return torch.zeros((), device=self._device)
-        return torch.stack(self._terms).sum()
+        return torch.stack(terms).sum()
 
     def site_stats(self) -> dict[str, torch.Tensor]:
         """After backward of a tracked step: `penalty/<site>` (`L_site` as a per-point mean,

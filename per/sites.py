@@ -25,8 +25,13 @@ class Site(nn.Module):
         role: "post" for activations after a nonlinearity (PER, L1, L2 act here)
             or "pre" for pre-activations (VCL acts here, as in its reference).
 
-    Input shapes: `(B, d)`, `(B, C, H, W)` or sequences `(T, B, d)`; see
-    `per.to_points` for how each becomes a point cloud.
+    Input: one tensor of shape `(B, d)`, `(B, C, H, W)` or a sequence `(T, B, d)`; see
+    `per.to_points` for how each becomes a point cloud. Any rank-3 input is read as a
+    sequence, so a Conv1d output `(B, C, L)` would give `B*C` points in R^L: reshape it
+    to `(B, C, L, 1)` first for `C`-dimensional points. A site called more than once per
+    forward is regularized at every call; its tracked statistics hold one of the calls.
+    Its output must not be modified in place when a regularizer is attached with
+    `path="backward"` (the activation is saved for the backward pass).
     """
 
     def __init__(self, role: str = "post") -> None:
@@ -41,6 +46,10 @@ class Site(nn.Module):
         self.captured: list[torch.Tensor] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"Site {self.site_name or '(unattached)'} takes a tensor, got "
+                            f"{type(h).__name__}; for a module that returns a tuple such as "
+                            "nn.LSTM, place the site on its output tensor (out, _ = lstm(x))")
         if self.captured is not None:
             self.captured.append(h.detach())
         if self.penalty_fn is not None:
@@ -49,6 +58,11 @@ class Site(nn.Module):
 
     def extra_repr(self) -> str:
         return f"role={self.role!r}"
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles of a model leave its regularizer behind (`copy.deepcopy` would
+        otherwise clone a hidden, still-attached Regularizer): attach one to the copy."""
+        return {**super().__getstate__(), "penalty_fn": None, "site_name": "", "captured": None}
 
 
 def list_sites(model: nn.Module, role: str | None = None) -> dict[str, Site]:

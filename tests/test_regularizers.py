@@ -338,3 +338,78 @@ def test_regularizer_rejects_bad_arguments():
     reg.begin_step()
     with pytest.raises(ValueError, match="rank 2 .* 3 .* 4"):
         site_model(torch.randn(2, 3, 4, 5, 6))
+
+
+def test_regularizer_rejects_non_numbers():
+    for lam in (float("nan"), float("inf"), "1e-4", True):
+        with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+            per.Regularizer(_mlp(), "per", lam)
+    for slices in (2.5, "256", True):
+        with pytest.raises(ValueError, match="num_slices must be an integer >= 1"):
+            per.Regularizer(_mlp(), "per", 0.1, num_slices=slices)
+    reg = per.Regularizer(_mlp(), "per", np.float32(0.5), num_slices=np.int64(8))
+    assert reg.lam == 0.5 and reg.num_slices == 8 and type(reg.num_slices) is int
+    with pytest.raises(ValueError, match="floating-point points"):
+        per.per_loss(torch.ones(4, 3, dtype=torch.int64))
+
+
+def test_site_names_a_tuple_input():
+    model = nn.Sequential(nn.LSTM(4, 8), per.Site())
+    reg = per.Regularizer(model, "per", 1e-3)
+    reg.begin_step()
+    with pytest.raises(TypeError, match=r"Site 1 takes a tensor, got tuple.*out, _ = lstm\(x\)"):
+        model(torch.randn(5, 3, 4))
+    with torch.no_grad(), pytest.raises(TypeError, match="takes a tensor"):
+        model(torch.randn(5, 3, 4))
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_in_place_op_after_a_site_on_the_autograd_path(track):
+    """The autograd path saves no activation: an in-place ReLU after a site is legal on
+    tracked steps as on untracked ones (the grad-norm probe returned a view)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), per.Site(), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    reg = per.Regularizer(model, "per", 1.0, path="autograd", num_slices=SLICES)
+    reg.begin_step(track=track)
+    (model(torch.randn(6, 4)).sum() + reg.penalty()).backward()
+    assert bool(reg.site_stats()) == track
+
+
+@pytest.mark.parametrize("path", per.regularizers.PATHS)
+def test_gradient_accumulation_over_micro_batches(path):
+    """One penalty() per micro-batch loss: each term is handed out once, and both paths
+    give the gradients of the whole batch in two halves."""
+    x = _input((8, 6))
+    grads = {}
+    for p in per.regularizers.PATHS:
+        model = _mlp()
+        reg = per.Regularizer(model, "per", 0.3, path=p, num_slices=SLICES)
+        torch.manual_seed(5)
+        reg.begin_step()
+        for xb in x.chunk(2):
+            (model(xb).square().mean() + reg.penalty()).backward()
+        grads[p] = [q.grad.clone() for q in model.parameters()]
+    for a, b in zip(grads["backward"], grads["autograd"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_create_graph_on_the_backward_path_is_refused_clearly():
+    model = _mlp()
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    reg.begin_step()
+    loss = model(_input((8, 6))).square().mean()
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        (g,) = torch.autograd.grad(loss, model[0].weight, create_graph=True)
+        g.sum().backward()
+
+
+def test_a_copied_model_leaves_its_regularizer_behind():
+    import copy
+    model = _mlp()
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    twin = copy.deepcopy(model)
+    assert all(s.penalty_fn is None for s in per.list_sites(twin).values())
+    assert all(s.penalty_fn is not None for s in per.list_sites(model).values())
+    per.Regularizer(twin, "l2", 0.1)           # a new one attaches to the copy
+    reg.remove()
+    assert all(s.penalty_fn is not None for s in per.list_sites(twin).values())
