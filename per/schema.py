@@ -91,8 +91,11 @@ METHOD_OPTIONS = {"layout": ("l1", "l2", "per"), "reduction": ("l1", "l2", "per"
 # The reduction of runs recorded before `method.reduction` existed (commit c36b08c): the
 # 1/N mean of eq. 5/6 was the only one then.
 REDUCTION_BEFORE_OPTION = "mean"
+# A run's departures from its preset's protocol (`per.training.checks.protocol_changes`),
+# ", "-joined; "" for none.
+CHANGES = "changes"
 # A cell plus its variant: what runs are grouped by to choose lambda and to report.
-VARIANT_KEYS = (*CELL_KEYS, *METHOD_OPTIONS)
+VARIANT_KEYS = (*CELL_KEYS, *METHOD_OPTIONS, CHANGES)
 
 
 def method_label(method: str, norm: str = "none") -> str:

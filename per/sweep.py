@@ -22,6 +22,7 @@ from per.analysis.tables import select_lambda
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
+from per.training.checks import config_differences
 from per.training.run import run_length
 
 # The ablation (ResNet-56, CIFAR-10, PER): layout x reduction, the first shared with Table 1,
@@ -135,15 +136,22 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
                   val_size: int, overrides: tuple[str, ...] = (),
                   presets: tuple[str, ...] = ABLATION_PRESETS) -> list[tuple[Phase | None, Phase]]:
     """`plan` of the ablation: `presets` (those in `available`; the others are named on
-    stderr), then `ABLATION_SLICES` once per value of its `slices_grid`."""
+    stderr), then `ABLATION_SLICES` once per value of its `slices_grid`, except a value
+    whose runs are those of one of `presets` (s = 256: Table 1's PER cell), which are
+    trained once and read for both."""
     names = [n for n in presets if n in available]
     if missing := [n for n in presets if n not in available]:
         print(f"[reproduce] ablation presets not generated yet (scripts/make_presets.py): "
               f"{', '.join(missing)}", file=sys.stderr)
     phases = plan(names, compose, seeds, select_seeds, val_size, overrides=overrides)
+    planned = [compose(n, overrides) for n in names]
     for s in compose(ABLATION_SLICES, overrides).cfg["method"]["slices_grid"]:
-        phases += plan([ABLATION_SLICES], compose, seeds, select_seeds, val_size,
-                       overrides=(f"method.num_slices={s}", *overrides))
+        with_s = (f"method.num_slices={s}", *overrides)
+        same = [p.name for p in planned if not config_differences(p.cfg, compose(ABLATION_SLICES, with_s).cfg)]
+        if same:
+            print(f"[reproduce] {ABLATION_SLICES} at {s} slices: the runs of {same[0]}", file=sys.stderr)
+            continue
+        phases += plan([ABLATION_SLICES], compose, seeds, select_seeds, val_size, overrides=with_s)
     return phases
 
 
@@ -270,7 +278,8 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         per_run = "?" if s is None or not ph.n_runs else f"{mark}{s / ph.n_runs / 3600:,.2f}"
         tot_runs += ph.n_runs
         tot_steps += steps
-        rows.append((ph.preset.name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run))
+        name = ph.preset.cfg.get("run_name") or ph.preset.name     # the slices preset: one per count
+        rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run))
     print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
     by_table: dict[str, list[int]] = {}
     for name, _, n, steps, *_ in rows:

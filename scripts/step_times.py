@@ -68,9 +68,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = runtime.resolve_device(args.device)
     info = runtime.device_info(device)
-    # Table presets, then the ablation's (the slices preset at its default count only).
+    # Table presets, then the ablation's (the slices preset once per count of its grid).
     names = [n for n in preset_names("t[0-9]*_*") + preset_names("ablation_*")
              if re.search(args.match, n) and n != ABLATION_SLICES]
+    if re.search(args.match, ABLATION_SLICES):
+        grid = compose_preset(ABLATION_SLICES)["method"]["slices_grid"]
+        names += [(ABLATION_SLICES, f"method.num_slices={s}") for s in grid]
     out = Path(args.out or STEP_TIMES_DIR / f"{info['slug']}.json")
     record = json.loads(out.read_text()) if out.exists() else {}
     if record.get("device") != info["name"] or record.get("precision") != args.precision:
@@ -83,9 +86,10 @@ def main() -> int:
     print(f"device: {record['device']}, precision {args.precision}, table: {out}", flush=True)
     with tempfile.TemporaryDirectory() as data_root:
         for name in names:
+            name, *extra = (name,) if isinstance(name, str) else name
             # Evaluation is timed on EVAL_BATCHES full batches per split.
             cfg = compose_preset(name, (f"trainer.precision={args.precision}",
-                                        f"trainer.limit_eval_batches={EVAL_BATCHES}"))
+                                        f"trainer.limit_eval_batches={EVAL_BATCHES}", *extra))
             key = step_time_key(cfg)
             if key in seen:
                 continue

@@ -29,14 +29,15 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
              num_slices: int = 256, reduction: str = "sum", epochs: int = 2,
              preset: str | None = None,
              protocol_epochs: int | None = None, max_steps: int | None = None,
-             earlier_test: float | None = None) -> Path:
+             earlier_test: float | None = None, changes: list[str] | None = None) -> Path:
     """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl.
 
     `protocol_epochs` (default `epochs`) is the protocol's length (`optim.epochs`);
-    `earlier_test` is the test error of every epoch before the last."""
+    `earlier_test` is the test error of every epoch before the last; `changes` the
+    config's `protocol_changes`."""
     cell = make_cell(dataset, model, method, norm, activation)
     name = preset or f"{dataset}_{model}_{cell['method']}_{layout}"
-    run_dir = root / task / name / f"lam={lam},seed={seed},val={val_size}"
+    run_dir = root / task / name / f"lam={lam},seed={seed},val={val_size}" / "-".join(changes or [])
     run_dir.mkdir(parents=True)
     data = {"name": dataset, "val_size": val_size} if task == "cifar" else {"name": dataset}
     config = {"task": task, "seed": seed, "preset": preset, "data": data,
@@ -45,6 +46,8 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
                          "num_slices": num_slices},
               "trainer": {"epochs": epochs, "max_steps": max_steps},
               "optim": {"epochs": protocol_epochs or epochs, "total_steps": None}}
+    if changes is not None:
+        config["protocol_changes"] = changes
     final = final or {}
     summary = {"status": status, "task": task, "cell": cell, "lam": lam, "seed": seed,
                "epochs_completed": epochs, "steps": 10 * epochs, "wall_time_s": 1.5,
@@ -584,3 +587,31 @@ def test_aggregate_script(root, tmp_path, capsys):
     assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0
     with pytest.raises(SystemExit, match="no runs folder .*nowhere"):     # a mistyped --runs
         main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_runs_with_a_changed_protocol_get_their_own_row_not_compared_with_the_paper(tmp_path, paper):
+    for seed, test in enumerate([7.0, 7.2]):
+        make_run(tmp_path, seed=seed, final=image(None, test), changes=[])
+    for seed, test in enumerate([9.0, 9.4]):
+        make_run(tmp_path, seed=seed, final=image(None, test), changes=["optim.epochs=30"])
+    df, problems = collect.collect_runs(tmp_path)
+    assert problems == [] and len(df) == 4          # not duplicates of each other
+    res = tables.cell_results(df, "cifar", paper)
+    plain, changed = row(res, changes=""), row(res, changes="optim.epochs=30")
+    assert plain["mean"] == pytest.approx(7.1) and not math.isnan(plain["diff"])
+    assert changed["mean"] == pytest.approx(9.2) and math.isnan(changed["diff"])
+    assert list(tables.row_labels(res)) == ["vanilla", "vanilla {changed: optim.epochs=30}"]
+    text = tables.format_table(res, "T1", paper)
+    assert "vanilla {changed: optim.epochs=30}" in text.to_string()
+    assert "(not compared: protocol changed)" in text.to_string()
+
+
+def test_selection_ranks_partial_runs_only_without_complete_ones(tmp_path, paper):
+    """A short finished run must not outrank complete evidence (as the tables report)."""
+    make_run(tmp_path, **PER, **SEL, lam=1e-4, final=image(6.0, None))
+    make_run(tmp_path, **PER, **SEL, lam=3e-4, final=image(5.0, None), epochs=1, protocol_epochs=2)
+    df, _ = collect.collect_runs(tmp_path)
+    assert df.partial.tolist() == [False, True]
+    assert tables.select_lambda(df, "cifar").lam.tolist() == [1e-4]
+    only_partial = df[df.partial]
+    assert tables.select_lambda(only_partial, "cifar").lam.tolist() == [3e-4]

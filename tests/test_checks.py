@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from per.training import runtime
+from per.training import checks, runtime
 from per.training.checks import ConfigValueError, config_differences, validate
 from runner_utils import ROOT, compose_config
 
@@ -82,3 +82,18 @@ def test_differences_ignore_volatile_keys_and_new_keys_at_their_default():
     assert config_differences(stored, new, defaults) == ["trainer.limit_eval_batches: <absent> -> 2"]
     assert config_differences(stored, {**new, "seed": 1}, defaults)[0] == "seed: 0 -> 1"
     assert config_differences({**stored, "old_key": 1}, new, defaults)[0] == "old_key: 1 -> <absent>"
+
+
+def test_protocol_changes_name_command_line_values_that_change_the_protocol():
+    defaults = {"seed": 0, "data": {"val_size": 0, "root": "data", "batch_size": 128},
+                "method": {"name": "per", "lam": 0.0, "num_slices": 256},
+                "optim": {"epochs": 200, "lr": 0.1}, "paths": {"runs_dir": "results/runs"},
+                "trainer": {"epochs": None, "max_steps": None, "precision": "fp32", "device": "auto"}}
+    same = {"seed": 3, "data": {"val_size": 5000, "root": "/data", "batch_size": 128},
+            "method": {"name": "per", "lam": 1e-4, "num_slices": 256},
+            "optim": {"epochs": 200, "lr": 0.1}, "paths": {"runs_dir": "/scratch/runs"},
+            "trainer": {"epochs": 2, "max_steps": 10, "precision": "fp32", "device": "cuda"}}
+    assert checks.protocol_changes(defaults, same) == []
+    changed = {**same, "optim": {"epochs": 30, "lr": 0.1},
+               "trainer": {**same["trainer"], "precision": "bf16"}}
+    assert checks.protocol_changes(defaults, changed) == ["optim.epochs=30", "trainer.precision=bf16"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from per.data.cifar import write_fake_cifar
 from runner_utils import ROOT, without_timing
@@ -97,6 +98,11 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
     for text in ((tmp_path / "out.txt").read_text(), (run_dir / "train_cifar.log").read_text()):
         assert f"run {run_dir} | device cpu" in text and "3 steps planned" in text
         assert "epoch 1/1 step 3 | lr=" in text and f"finished {run_dir} | train_loss=" in text
+    # Command-line values that change the protocol are recorded (where and how the run
+    # runs, and its length, are not; group choices such as model=resnet20 are the protocol).
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["protocol_changes"] == ["data.batch_size=32", "method.num_slices=16",
+                                          "trainer.deterministic=True"]
 
 
 def test_plain_python_call_shows_lines(data_root, tmp_path):

@@ -62,5 +62,5 @@ def test_method_options_apply_only_to_their_methods() -> None:
         "layout": None, "reduction": None, "num_slices": None}
     # Runs recorded before `method.reduction` existed used the 1/N mean.
     assert schema.method_options({"method": {"name": "per", "layout": "channels"}})["reduction"] == "mean"
-    assert schema.VARIANT_KEYS == (*schema.CELL_KEYS, *schema.METHOD_OPTIONS)
+    assert schema.VARIANT_KEYS == (*schema.CELL_KEYS, *schema.METHOD_OPTIONS, schema.CHANGES)
     assert schema.SETTING_KEYS == schema.CELL_KEYS[:-1]

@@ -6,6 +6,8 @@ and, when monitored, `activations.jsonl` (one line per monitor step and site).
 
 Besides what `summary.json` says, each run's row carries:
 - `partial`: the run is shorter than its protocol (see `is_partial`);
+- `changes`: how the run departs from its preset's protocol (`key=value, ...` from the
+  config's `protocol_changes`; "" for none, and for runs written before it existed);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
   `metrics.jsonl` and its epoch, the "best test epoch" that the reference
   implementations report (image runs only). It is optimistic (test data pick the
@@ -23,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from per.schema import (CELL_KEYS, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, RUNNING,
+from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, RUNNING,
                         STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, VARIANT_KEYS, method_options)
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
 RUN_COLUMNS = (
-    "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS,
+    "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
     "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
     "partial", "min_test_epoch", "min_test_error",
@@ -39,7 +41,7 @@ RUN_COLUMNS = (
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
 RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
-_DTYPES = {"lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
+_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
            "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
            "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
            "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
@@ -100,7 +102,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         **{k: summary["cell"][k] for k in CELL_KEYS},
         "lam": float(summary["lam"]), "seed": int(summary["seed"]),
         "val_size": int((config.get("data") or {}).get("val_size") or 0),
-        **method_options(config),
+        **method_options(config), CHANGES: ", ".join(config.get("protocol_changes") or []),
         "experiment": config.get("preset", config.get("experiment")),
         **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
         **{f"final_{m}": final.get(m) for m in METRICS},
@@ -112,9 +114,10 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
     """The run table (columns `RUN_COLUMNS`, fixed dtypes) from `run_record` rows; a
-    row without `partial` is not partial."""
+    row without `partial` is not partial, one without `changes` has none."""
     frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     frame["partial"] = frame.partial.eq(True)
+    frame[CHANGES] = frame[CHANGES].fillna("")
     return frame.astype(_DTYPES)
 
 

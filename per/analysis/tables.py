@@ -16,9 +16,11 @@ already the references' protocol (test perplexity at the best validation epoch),
 that column is left empty.
 
 Runs shorter than their protocol (`collect.is_partial`: smoke runs, `max_steps`,
-fewer epochs) are averaged only where a row has no complete run; such a row is marked
-partial and not compared with the paper unless `include_partial` is set (which
-treats partial runs as complete).
+fewer epochs) are averaged, and ranked in the lambda selection, only where a row has
+no complete run; such a row is marked partial and not compared with the paper unless
+`include_partial` is set (which treats partial runs as complete). Runs whose command
+line changed their preset's protocol (`changes`, e.g. `optim.epochs=30`) form rows of
+their own, labelled with the changes and never compared with the paper.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from per.analysis.paper import load_paper_tables
-from per.schema import (CELL_KEYS, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
+from per.schema import (CELL_KEYS, CHANGES, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
                         PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, TASKS,
                         TEST, TRAIN, VAL, VARIANT_KEYS)
 
@@ -85,12 +87,14 @@ def report_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 
 def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Validation score of every (cell, lambda) among the task's selection runs:
+    """Validation score of every (cell, lambda) among the task's selection runs (partial
+    runs only in a cell without a finished complete one, as `cell_results` reports):
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged: evidence against
     the lambda) and `n_failed` (runs that crashed: out of memory, a missing file; no
     evidence about the lambda, and the same command resumes them)."""
-    runs = selection_runs(df, task)
+    runs = _kept_runs(selection_runs(df, task), include_partial=False)
+    runs = runs[runs.kept]
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
         diverged=runs.status == DIVERGED, failed=runs.status == FAILED)
@@ -140,6 +144,9 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
     counts = ["n", "n_diverged", "n_failed"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
+    # Grouping turns a key column without values (layout of vanilla-only runs) into
+    # float NaN: restore the run table's dtypes so the result merges back onto runs.
+    chosen = chosen.astype({k: runs[k].dtype for k in GROUP_KEYS})
     return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams"]]
 
 
@@ -219,7 +226,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
     is_test = out.split == PAPER_SPLIT[TEST]
     out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
-    compared = include_partial | ~out.partial
+    compared = (include_partial | ~out.partial) & out[CHANGES].eq("")
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
 
@@ -268,10 +275,13 @@ def _variant(row: pd.Series) -> str:
 
 def row_labels(frame: pd.DataFrame) -> pd.Series:
     """Row label of each row: its method, plus `[layout, reduction, s=num_slices]` where
-    the frame holds several variants of that method (e.g. `per [flatten, mean, s=256]`)."""
+    the frame holds several variants of that method (e.g. `per [flatten, mean, s=256]`),
+    plus `{changed: ...}` for runs that departed from their preset's protocol."""
     variant = frame.apply(_variant, axis=1) if len(frame) else pd.Series(dtype=str)
     several = variant.groupby(frame.method).transform("nunique") > 1
-    return frame.method.where(~several, frame.method + " [" + variant + "]")
+    labels = frame.method.where(~several, frame.method + " [" + variant + "]")
+    changes = frame.get(CHANGES, pd.Series("", index=frame.index)).fillna("")
+    return labels.where(changes.eq(""), labels + " {changed: " + changes + "}")
 
 
 def _cell_text(row: pd.Series, decimals: int) -> str:
@@ -302,6 +312,8 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += f" · paper {row.paper:{f}}"
         if pd.notna(row["diff"]):
             text += f" ({row['diff']:+{f}})"
+        elif row[CHANGES]:
+            text += " (not compared: protocol changed)"
         elif row.partial:
             text += " (not compared: partial)"
     if pd.notna(row.ci_low):
@@ -424,7 +436,9 @@ LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validati
           "test error over its epochs (never used to choose anything). Language models "
           "report the test perplexity at the best validation epoch, which is already "
           "the references' protocol, so they have no such column. Partial rows come "
-          "from runs shorter than their protocol and are not compared with the paper.")
+          "from runs shorter than their protocol, {changed: key=value} rows from runs "
+          "whose command line changed their preset's protocol; neither is compared "
+          "with the paper.")
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -33,7 +33,11 @@ METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
 VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table",
             "trainer.device", "trainer.gpus", "trainer.progress", "trainer.log_every",
             "data.root", "data.download", "data.verify_checksums",
-            "method.lam_grid", "method.slices_grid")
+            "method.lam_grid", "method.slices_grid", "protocol_changes")
+# Keys a sweep sets per run of a preset (`per.sweep.Phase.hydra_args`, its selection
+# split) and keys of the run's length (`per.analysis.collect.is_partial` judges those):
+# neither changes the preset's protocol (`protocol_changes`).
+PER_RUN = ("seed", "method.lam", "data.val_size", "trainer.epochs", "trainer.max_steps")
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -238,6 +242,16 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
         if old != now:
             out.append(f"{key}: {_show(old)} -> {_show(now)}")
     return out
+
+
+def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
+    """How a run departs from the protocol its groups (its preset) give: `key=value` for
+    each key that decides the result and was set on the command line (e.g.
+    `optim.epochs=30`, `trainer.precision=bf16`), other than `PER_RUN` keys. Tables keep
+    such runs in rows of their own and do not compare them with the paper."""
+    a, b = _flatten(defaults), _flatten(cfg)
+    return [f"{key}={b[key]}" for key in sorted(b)
+            if _decides_result(key) and key not in PER_RUN and key in a and a[key] != b[key]]
 
 
 def _show(value: Any) -> str:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
-from per.training.checks import ConfigMismatchError, config_differences, validate
+from per.training.checks import ConfigMismatchError, config_differences, protocol_changes, validate
 from per.training.loggers import WandbSink, wandb_group, wandb_name
 from per.training.loop import (ACTIVATIONS, Experiment, LoopSettings, StopSignal, Task, TrainState, fit,
                                format_metrics, restore)
@@ -161,10 +161,13 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     taken (RunLockedError names the holder). With `resume=auto` a finished or diverged
     run is then skipped and any other continues from its newest readable checkpoint.
     `records` (name -> text) are written into the run directory once the run starts
-    (the entry points' `.hydra/` record).
+    (the entry points' `.hydra/` record). With `defaults`, the stored config also lists
+    the run's `protocol_changes` (`checks.protocol_changes`).
     """
     console_logging()
     validate(cfg)
+    if defaults is not None:
+        cfg = {**cfg, "protocol_changes": protocol_changes(defaults, cfg)}
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
     if (cfg["resume"] == "auto" and run.holds_result_or_progress()
