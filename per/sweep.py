@@ -19,6 +19,7 @@ from typing import Callable
 
 from per.analysis.collect import collect_runs
 from per.analysis.tables import select_lambda
+from per.schema import DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
@@ -156,13 +157,21 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
 
 
 def chosen_lambda(phase: Phase) -> float:
-    """The lambda with the best validation score among the selection phase's finished runs."""
+    """The lambda with the best validation score among the selection phase's runs, once
+    every lambda of its grid has a finished or diverged run (runs of other lambdas in the
+    folder, left by earlier `--lams` sweeps, take no part)."""
     cell_dir = phase.preset.cell_dir
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
         print(f"[reproduce] skipped run: {p}", file=sys.stderr)
+    grid = {float(f"{lam:g}") for lam in phase.lams}     # as the runs were launched (hydra_args)
+    if df is not None:
+        df = df[df.lam.isin(grid)]
     if df is None or df.empty:
         raise SystemExit(f"no selection runs under {cell_dir}")
+    if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):
+        raise SystemExit(f"no finished or diverged selection run under {cell_dir} at lambda "
+                         f"{', '.join(f'{lam:g}' for lam in missing)}; the same command resumes them")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):

@@ -615,3 +615,16 @@ def test_selection_ranks_partial_runs_only_without_complete_ones(tmp_path, paper
     assert tables.select_lambda(df, "cifar").lam.tolist() == [1e-4]
     only_partial = df[df.partial]
     assert tables.select_lambda(only_partial, "cifar").lam.tolist() == [3e-4]
+
+
+def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, capsys):
+    from per import sweep
+    make_run(tmp_path, **PER, **SEL, lam=1e-4, final=image(6.0, None))
+    make_run(tmp_path, **PER, **SEL, lam=3e-4, status="failed", final=image(None, None))
+    make_run(tmp_path, **PER, **SEL, lam=1e-2, final=image(1.0, None))      # an earlier --lams sweep
+    cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
+    phase = lambda lams: sweep.Phase(sweep.Preset("p", {"task": "cifar", "run_dir": str(cell_dir / "x")}),  # noqa: E731
+                                     (), lams, [0], selection=True)
+    with pytest.raises(SystemExit, match="at lambda 0.0003; the same command resumes them"):
+        sweep.chosen_lambda(phase([1e-4, 3e-4]))
+    assert sweep.chosen_lambda(phase([1e-4])) == 1e-4       # 1e-2 scores better but is not in the grid
