@@ -237,8 +237,10 @@ def _per_grad_cpu(x: torch.Tensor, theta: torch.Tensor, scale: float,
             torch.mm(e, theta_out, out=rows_out)
         else:
             rows_out.copy_(e @ theta_out)
-        # `_scaled_erf_cpu` maps NaN to 0: points with NaN/inf coordinates get NaN rows.
-        rows_out[~torch.isfinite(xb.sum(dim=1))] = float("nan")
+    # `_scaled_erf_cpu` maps NaN to 0: points with NaN/inf coordinates get NaN rows.
+    non_finite = ~torch.isfinite(x.sum(dim=1))
+    if non_finite.any():
+        out[non_finite] = float("nan")
     return out
 
 

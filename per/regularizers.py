@@ -81,12 +81,13 @@ class _AddPenaltyGrad(torch.autograd.Function):
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
         x = to_points(h, ctx.layout)
-        grad = ctx.lam * from_points(_site_grad(ctx.kind, x, directions, ctx.reduction),
-                                     h.shape, ctx.layout)
+        site_grad = from_points(_site_grad(ctx.kind, x, directions, ctx.reduction), h.shape, ctx.layout)
         if ctx.stats is not None:
             ctx.stats[PENALTY_PREFIX + ctx.name] = _site_value(ctx.kind, x, directions, "mean")
-            ctx.stats[GRAD_RATIO_PREFIX + ctx.name] = grad.float().norm() / grad_output.float().norm()
-        return grad_output + grad.to(grad_output.dtype), None, None, None, None, None, None, None
+            ctx.stats[GRAD_RATIO_PREFIX + ctx.name] = (ctx.lam * site_grad.float().norm()
+                                                       / grad_output.float().norm())
+        grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
+        return grad, None, None, None, None, None, None, None
 
 
 class _GradNormProbe(torch.autograd.Function):
