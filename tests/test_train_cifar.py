@@ -23,7 +23,7 @@ from per.training import runtime
 from per.training.checks import ConfigValueError
 from per.training.image_task import build_image_experiment
 from per.training.loop import fit
-from per.training.records import RunDir, RunLockedError
+from per.training.records import CheckpointError, RunDir, RunLockedError
 from per.training.run import ConfigMismatchError, train
 from runner_utils import CPU_SMOKE, ROOT, compose_config, metrics, without_timing
 
@@ -338,6 +338,64 @@ def test_damaged_last_checkpoint_resumes_from_the_previous_one(data_root, tmp_pa
                                                       "batch": 0, "step": 8}
     assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
     assert (ckpts / "last.pt.damaged").exists()
+
+
+def test_unreadable_checkpoints_keep_refusing_until_resume_never(data_root, tmp_path):
+    """Both checkpoints damaged: every relaunch says so and still checks its config (they
+    used to be renamed away, so the second relaunch started over with any config)."""
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2")
+    train(cfg, build_image_experiment)
+    ckpts = tmp_path / "checkpoints"
+    for name in ("last.pt", "prev.pt"):
+        (ckpts / name).write_bytes((ckpts / name).read_bytes()[:1000])
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="no readable checkpoint .* resume=never"):
+            _relaunch_unfinished(cfg, tmp_path)
+    with pytest.raises(ConfigMismatchError, match="optim.lr"):
+        train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "optim.lr=1"), build_image_experiment)
+    assert train({**cfg, "resume": "never"}, build_image_experiment)["status"] == schema.FINISHED
+
+
+def _relaunch_unfinished(cfg: dict, run_dir) -> dict:
+    """Relaunch `cfg` as after a kill: the summary says running."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    return train(cfg, build_image_experiment)
+
+
+def test_a_kill_between_checkpoint_renames_resumes_from_the_newer_one(tmp_path):
+    run = RunDir(tmp_path)
+    run.save_checkpoint({"epoch": 1})
+    run.save_checkpoint({"epoch": 2})        # last.pt = 2, prev.pt = 1
+    (tmp_path / "checkpoints/last.pt").rename(tmp_path / "checkpoints/last.pt.new")   # killed mid-rotation
+    ckpt, name = run.load_checkpoint()
+    assert ckpt == {"epoch": 2} and name == "checkpoints/last.pt.new"
+
+
+def test_a_fresh_start_removes_the_earlier_attempts_local_wandb_runs(tmp_path):
+    old = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
+    old.mkdir(parents=True)
+    (tmp_path / "wandb" / "cache").mkdir()
+    RunDir(tmp_path).clear()
+    assert not old.exists() and (tmp_path / "wandb" / "cache").exists()
+
+
+def test_wandb_is_finished_before_the_summary_says_finished_and_resumes_replay_rows(
+        data_root, tmp_path, monkeypatch):
+    from per.training import loggers
+    events = []
+    monkeypatch.setattr(loggers.WandbSink, "finish", lambda self, summary=None, exit_code=0: events.append(
+        ("finish", json.loads((tmp_path / "summary.json").read_text())["status"])))
+    monkeypatch.setattr(loggers.WandbSink, "log", lambda self, row, step: events.append(("log", row["epoch"], step)))
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2")
+    ref = train(cfg, build_image_experiment)
+    assert events == [("log", 1, 8), ("log", 2, 16), ("finish", schema.RUNNING)]
+    # Killed in epoch 2 (last.pt lost): the resume sends epoch 1's row again, then trains on.
+    (tmp_path / "checkpoints/last.pt").unlink()
+    events.clear()
+    resumed = _relaunch_unfinished(cfg, tmp_path)
+    assert events == [("log", 1, 8), ("log", 2, 16), ("finish", schema.RUNNING)]
+    assert without_timing(resumed["final"]) == without_timing(ref["final"])
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])

@@ -31,13 +31,15 @@ METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
 # where the data and runs live, how the run is launched and reports, sweep settings,
 # labels (`table`: presets no longer restate the table their model gives).
 VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table",
-            "trainer.device", "trainer.gpus", "trainer.progress", "trainer.log_every",
+            "trainer.device", "trainer.gpus", "trainer.progress",
             "data.root", "data.download", "data.verify_checksums",
             "method.lam_grid", "method.slices_grid", "protocol_changes")
 # Keys a sweep sets per run of a preset (`per.sweep.Phase.hydra_args`, its selection
-# split) and keys of the run's length (`per.analysis.collect.is_partial` judges those):
-# neither changes the preset's protocol (`protocol_changes`).
-PER_RUN = ("seed", "method.lam", "data.val_size", "trainer.epochs", "trainer.max_steps")
+# split), keys of the run's length (`per.analysis.collect.is_partial` judges those) and
+# what is logged how often (it changes the logged diagnostics, so a resume keeps it,
+# but not the training): none changes the preset's protocol (`protocol_changes`).
+PER_RUN = ("seed", "method.lam", "data.val_size", "trainer.epochs", "trainer.max_steps",
+           "trainer.log_every", "trainer.monitor")
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -213,8 +215,12 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def _decides_result(key: str) -> bool:
-    return not any(key == v or key.startswith(v + ".") for v in VOLATILE)
+    return not _under(key, VOLATILE)
 
 
 def config_differences(stored: dict, new: dict, defaults: dict | None = None) -> list[str]:
@@ -251,7 +257,7 @@ def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     such runs in rows of their own and do not compare them with the paper."""
     a, b = _flatten(defaults), _flatten(cfg)
     return [f"{key}={b[key]}" for key in sorted(b)
-            if _decides_result(key) and key not in PER_RUN and key in a and a[key] != b[key]]
+            if _decides_result(key) and not _under(key, PER_RUN) and key in a and a[key] != b[key]]
 
 
 def _show(value: Any) -> str:

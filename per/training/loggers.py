@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from per.training.records import WANDB_DIR
+
 LOGGER_MODES = ("online", "offline", "disabled")
 # W&B's own folders (environment variable -> subfolder of `<run dir>/wandb/`).
 WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
@@ -57,7 +59,7 @@ class WandbSink:
             return
         import wandb  # lazy: only when enabled
 
-        root = Path(run_dir) / "wandb"
+        root = Path(run_dir) / WANDB_DIR
         for var, sub in WANDB_FOLDERS.items():
             self._saved_env[var] = os.environ.get(var)
             os.environ[var] = str(root / sub)

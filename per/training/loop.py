@@ -26,7 +26,7 @@ from per.training import runtime
 from per.training.loggers import WandbSink
 from per.training.monitor import Monitor
 from per.training.optim import clip_gradients, set_lr
-from per.training.records import BEST_CHECKPOINT, RunDir
+from per.training.records import BEST_CHECKPOINT, METRICS, RunDir
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = "activations.jsonl"   # the monitor's rows
@@ -331,7 +331,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             state.best = {schema.EPOCH: epoch + 1, **{k: v for k, v in metrics.items() if k != schema.EPOCH}}
             run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
                                 BEST_CHECKPOINT)
-        run.append("metrics.jsonl", [row])   # before the checkpoint: a resume truncates extras
+        run.append(METRICS, [row])   # before the checkpoint: a resume truncates extras
         # Diagnostics may be infinite legitimately: a grad ratio where the task gradient is
         # exactly zero (Fixup's zero-initialized branches).
         if bad := [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]:

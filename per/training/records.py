@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -24,6 +25,8 @@ CHECKPOINT = "checkpoints/last.pt"
 PREVIOUS_CHECKPOINT = "checkpoints/prev.pt"   # the checkpoint before `last.pt`
 BEST_CHECKPOINT = "checkpoints/best.pt"
 WANDB_ID = "wandb_id.txt"
+WANDB_DIR = "wandb"       # W&B's files of the run (`loggers.WandbSink`)
+METRICS = "metrics.jsonl"   # one row per epoch
 LOCK = ".lock"
 
 log = logging.getLogger(__name__)
@@ -184,28 +187,34 @@ class RunDir:
             _atomic_write_bytes(path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, map_location=None) -> tuple[dict, str] | None:
-        """The newest readable checkpoint and its name: `last.pt`, else `prev.pt` (a
-        damaged `last.pt` is named in a warning); None when neither exists.
+        """The newest readable checkpoint and its name: `last.pt`, else the complete
+        `last.pt.new` that a kill between `save_checkpoint`'s two renames leaves, else
+        `prev.pt`; None when none exists. A damaged newer one is named in a warning and set
+        aside as `*.damaged` once an older one has loaded (so that the next save does not
+        rotate it into `prev.pt`).
 
         Raises:
-            CheckpointError: checkpoints exist but none can be read.
+            CheckpointError: checkpoints exist but none can be read; they stay in place, so
+                every relaunch says so (and checks its config) until `resume=never`.
         """
         damaged = []
-        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        for name in (CHECKPOINT, f"{CHECKPOINT}.new", PREVIOUS_CHECKPOINT):
             f = self.path / name
             if not f.exists():
                 continue
             try:
-                return torch.load(f, map_location=map_location, weights_only=False), name
+                loaded = torch.load(f, map_location=map_location, weights_only=False), name
             except Exception as e:   # truncated zip, unpickling error, ...
-                # Set aside, so that the next save does not rotate it into prev.pt.
-                os.replace(f, f.with_name(f.name + ".damaged"))
-                log.warning("checkpoint %s is damaged (%s: %s); kept as %s.damaged", f,
-                            type(e).__name__, e, f.name)
-                damaged.append(f"{f}.damaged")
+                log.warning("checkpoint %s is damaged (%s: %s)", f, type(e).__name__, e)
+                damaged.append(f)
+                continue
+            for bad in damaged:
+                os.replace(bad, bad.with_name(bad.name + ".damaged"))
+                log.warning("kept %s as %s.damaged", bad, bad.name)
+            return loaded
         if damaged:
-            raise CheckpointError(f"no readable checkpoint in {self.path}: {', '.join(damaged)} damaged; "
-                                  "resume=never starts the run over")
+            raise CheckpointError(f"no readable checkpoint in {self.path}: {', '.join(map(str, damaged))} "
+                                  "damaged; resume=never starts the run over")
         return None
 
     def holds_result_or_progress(self) -> bool:
@@ -218,10 +227,14 @@ class RunDir:
         return summary is not None and summary.get("status") in (schema.FINISHED, schema.DIVERGED)
 
     def clear(self) -> None:
-        """Remove the records of an earlier attempt (resume=never)."""
-        for name in ("metrics.jsonl", "activations.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT,
+        """Remove the records of an earlier attempt (resume=never, or no checkpoint to
+        resume from), its local W&B runs included: the new attempt is a new W&B run."""
+        for name in (METRICS, "activations.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT,
                      BEST_CHECKPOINT, WANDB_ID):
             (self.path / name).unlink(missing_ok=True)
+        for old_run in (self.path / WANDB_DIR).glob("*run-*"):    # offline-run-*, run-* folders
+            if old_run.is_dir():
+                shutil.rmtree(old_run)
 
     def wandb_id(self) -> str:
         """The W&B run id of this attempt: kept across resumes, new after `clear()`."""

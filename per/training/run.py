@@ -27,7 +27,7 @@ from per.training.loop import (ACTIVATIONS, Experiment, LoopSettings, StopSignal
 from per.training.monitor import Monitor, default_monitor_sites
 from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optimizer, create_schedule,
                                 param_groups)
-from per.training.records import RunDir
+from per.training.records import METRICS, RunDir
 
 REGULARIZED = ("l1", "l2", "per", "vcl")
 # Method config keys passed to Regularizer where present (absent: its default).
@@ -227,7 +227,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             if loaded is not None:
                 ckpt, ckpt_name = loaded
                 state = restore(ckpt, model, setup.optimizer, setup.schedule, setup.regularizer, task)
-                run.truncate("metrics.jsonl", "epoch", state.epoch)
+                run.truncate(METRICS, "epoch", state.epoch)
                 run.truncate(ACTIVATIONS, "step", state.step)
                 attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
                                                "batch": state.batch, "step": state.step}
@@ -242,19 +242,24 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
                              run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
                              tags=list(cell.values()), config=cfg)
+            if loaded is not None:   # a killed attempt's W&B rows may never have left its buffer
+                for row in run.read_jsonl(METRICS):
+                    sink.log(row, step=row[schema.STEP])
             status, state = fit(train_model, task, setup.optimizer, setup.schedule, run, settings,
                                 autocast=setup.autocast, regularizer=setup.regularizer, sink=sink,
                                 monitor=create_monitor(cfg, model), state=state,
                                 checkpoint_extra={"config": cfg}, stop=stop)
+            summary = _summary(status, cfg, state, dev_name, attempts)
+            # W&B first: a summary that says finished means its W&B record is complete too
+            # (a kill in between resumes from the last checkpoint and finishes both again).
+            sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
+            run.write_summary(summary)
         except BaseException as e:
             run.write_summary(_summary(schema.FAILED, cfg, state, dev_name, attempts))
             log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
             if sink is not None:
                 sink.finish(exit_code=1)
             raise
-    summary = _summary(status, cfg, state, dev_name, attempts)
-    run.write_summary(summary)
-    sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
     best = state.best
     log.info("%s %s | %s%s | steps %d, epochs %d | wall %.1f s", status, run.path, _key_metrics(state.final),
              f" | best epoch {best['epoch']}: {_key_metrics(best)}" if best.get("epoch") else "",
