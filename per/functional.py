@@ -141,10 +141,9 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
 
     `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`).
 
-    The `(N, s)` projections are never formed whole on CUDA or CPU: on CUDA a fused
-    Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16; `PER_TRITON=0`
-    forces the plain path, `_per_grad_blocked` in one block) keeps each block of points on
-    chip; on CPU `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so
+    On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
+    keeps each block of points on chip, so the `(N, s)` projections never reach memory;
+    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On CPU `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so
     each block's projections stay in cache, and `PER_CPU_COMPILE=1` compiles the blocked
     path for float32 instead (`_per_grad_cpu_compiled`).
     """
