@@ -143,9 +143,10 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
 
     On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
     keeps each block of points on chip, so the `(N, s)` projections never reach memory;
-    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On CPU `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so
-    each block's projections stay in cache, and `PER_CPU_COMPILE=1` compiles the blocked
-    path for float32 instead (`_per_grad_cpu_compiled`).
+    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On
+    CPU, `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
+    block's projections stay in cache; `PER_CPU_COMPILE=1` compiles the blocked path for
+    float32 instead (`_per_grad_cpu_compiled`).
     """
     check_points(x)
     check_reduction(reduction)
