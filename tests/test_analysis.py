@@ -604,6 +604,11 @@ def test_runs_with_a_changed_protocol_get_their_own_row_not_compared_with_the_pa
     text = tables.format_table(res, "T1", paper)
     assert "vanilla {changed: optim.epochs=30}" in text.to_string()
     assert "(not compared: protocol changed)" in text.to_string()
+    # A changed PER row is compared with the vanilla row of the same changes.
+    for seed, test in enumerate([8.0, 8.4]):
+        make_run(tmp_path, **PER, lam=1e-4, seed=seed, final=image(None, test), changes=["optim.epochs=30"])
+    res = tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper)
+    assert row(res, method="per").vs_baseline == pytest.approx(8.2 - 9.2)
 
 
 def test_selection_ranks_partial_runs_only_without_complete_ones(tmp_path, paper):

@@ -97,3 +97,6 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     changed = {**same, "optim": {"epochs": 30, "lr": 0.1},
                "trainer": {**same["trainer"], "precision": "bf16"}}
     assert checks.protocol_changes(defaults, changed) == ["optim.epochs=30", "trainer.precision=bf16"]
+    # The slice ablation's counts are a variant of the cell (a row key), not a change.
+    slices = {**same, "method": {**same["method"], "num_slices": 16}}
+    assert checks.protocol_changes(defaults, slices) == []

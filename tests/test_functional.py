@@ -258,10 +258,11 @@ def test_point_dim_rejects_bad_ranks_and_layouts():
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
 def test_cpu_erf_through_gelu_matches_erf_on_every_finite_value(dtype, atol):
     """`_scaled_erf_cpu` (2 gelu(p) / p - 1) against float64 `erf`: 0, subnormals, the
-    tiny-projection cut, the ordinary range and values where `gelu` overflows."""
+    tiny-projection cut, a log-spaced sweep of the ordinary range, values where `gelu`
+    overflows and infinity."""
     finfo = torch.finfo(dtype)
     mags = torch.cat([torch.tensor([0.0, finfo.smallest_normal / 4, finfo.smallest_normal, 9e-31, 1.1e-30,
-                                    finfo.max / 2, finfo.max], dtype=torch.float64),
+                                    finfo.max / 2, finfo.max, math.inf], dtype=torch.float64),
                       torch.logspace(-40, 1.5, 5000, dtype=torch.float64)])
     p64 = torch.cat([mags, -mags]).to(dtype).double()
     for scale in (1.0, 1 / 256):
@@ -278,6 +279,20 @@ def test_per_grad_gives_nan_rows_for_non_finite_points():
     got = per.per_grad(x, theta)
     assert got[:2].isnan().all() and got[2:].isfinite().all()
     torch.testing.assert_close(got[2:].double(), _unblocked_per_grad(x[2:], theta, "sum"), rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_points_whose_projections_overflow_get_erf_of_infinity():
+    """fp16 projects in fp16: a point along the first direction's signs projects past
+    fp16's range (inf, where erf is 1); the points are finite, so their rows are too (the
+    row check sums in float32)."""
+    theta = per.sample_directions(256, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.stack([30000.0 * torch.sign(theta[:, 0]), torch.full((256,), -300.0)]).half()
+    assert torch.isinf(x @ theta.half())[0, 0]          # the overflow this test is about
+    assert torch.isinf(x[1].sum())                      # -76800: past fp16's range
+    got = per.per_grad(x, theta).double()
+    want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 8
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
 
 
 def test_per_grad_of_no_points_is_empty():

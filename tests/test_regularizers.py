@@ -375,8 +375,7 @@ def test_in_place_op_after_a_site_on_the_autograd_path(track):
     assert bool(reg.site_stats()) == track
 
 
-@pytest.mark.parametrize("path", per.regularizers.PATHS)
-def test_gradient_accumulation_over_micro_batches(path):
+def test_gradient_accumulation_over_micro_batches():
     """One penalty() per micro-batch loss: each term is handed out once, and both paths
     give the gradients of the whole batch in two halves."""
     x = _input((8, 6))

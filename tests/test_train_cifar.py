@@ -372,12 +372,20 @@ def test_a_kill_between_checkpoint_renames_resumes_from_the_newer_one(tmp_path):
     assert ckpt == {"epoch": 2} and name == "checkpoints/last.pt.new"
 
 
-def test_a_fresh_start_removes_the_earlier_attempts_local_wandb_runs(tmp_path):
+def test_a_fresh_start_removes_the_earlier_attempts_files(tmp_path):
+    """W&B runs, a rotation's leftover last.pt.new and set-aside damaged checkpoints:
+    none may be taken for the new attempt's (the .new one would be resumed from)."""
     old = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
     old.mkdir(parents=True)
     (tmp_path / "wandb" / "cache").mkdir()
-    RunDir(tmp_path).clear()
+    run = RunDir(tmp_path)
+    run.save_checkpoint({"epoch": 1})
+    (tmp_path / "checkpoints/last.pt").rename(tmp_path / "checkpoints/last.pt.new")
+    (tmp_path / "checkpoints/prev.pt.damaged").write_bytes(b"x")
+    assert run.holds_result_or_progress()            # the .new checkpoint is progress
+    run.clear()
     assert not old.exists() and (tmp_path / "wandb" / "cache").exists()
+    assert list((tmp_path / "checkpoints").iterdir()) == [] and run.load_checkpoint() is None
 
 
 def test_wandb_is_finished_before_the_summary_says_finished_and_resumes_replay_rows(

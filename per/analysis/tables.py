@@ -230,14 +230,15 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
 
-    # The baseline row of each cell: same table, dataset, model, activation and split.
+    # The baseline row of each cell: same table, dataset, model, activation, protocol
+    # changes and split.
     baseline = out.method.map(baseline_method)
     out["baseline"] = baseline.where(baseline != out.method)
-    baselines = (out[[*CELL_KEYS, "split", "mean", "values"]]
-                 .drop_duplicates(subset=[*CELL_KEYS, "split"])
+    baselines = (out[[*CELL_KEYS, CHANGES, "split", "mean", "values"]]
+                 .drop_duplicates(subset=[*CELL_KEYS, CHANGES, "split"])
                  .rename(columns={"method": "baseline", "mean": "baseline_mean",
                                   "values": "baseline_values"}))
-    out = out.merge(baselines, on=[*CELL_KEYS[:-1], "baseline", "split"], how="left")
+    out = out.merge(baselines, on=[*CELL_KEYS[:-1], "baseline", CHANGES, "split"], how="left")
     out["vs_baseline"] = out["mean"] - out.baseline_mean
     intervals = [welch_interval(ours, theirs if isinstance(theirs, list) else [])
                  for ours, theirs in zip(out["values"], out.baseline_values)]

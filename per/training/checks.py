@@ -34,12 +34,15 @@ VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table
             "trainer.device", "trainer.gpus", "trainer.progress",
             "data.root", "data.download", "data.verify_checksums",
             "method.lam_grid", "method.slices_grid", "protocol_changes")
-# Keys a sweep sets per run of a preset (`per.sweep.Phase.hydra_args`, its selection
-# split), keys of the run's length (`per.analysis.collect.is_partial` judges those) and
-# what is logged how often (it changes the logged diagnostics, so a resume keeps it,
-# but not the training): none changes the preset's protocol (`protocol_changes`).
-PER_RUN = ("seed", "method.lam", "data.val_size", "trainer.epochs", "trainer.max_steps",
-           "trainer.log_every", "trainer.monitor")
+# Keys that do not change a preset's protocol (`protocol_changes`), though a resume
+# compares them: what a sweep sets per run (`per.sweep.Phase.hydra_args`, its selection
+# split), the method options that make a cell's variants (`schema.METHOD_OPTIONS`, in
+# the tables' row keys), the run's length (`per.analysis.collect.is_partial` judges it),
+# what is logged how often, and how the same computation runs (equal up to float
+# rounding: the gradient path, evaluation batch, compilation, memory format).
+NOT_PROTOCOL = ("seed", "method.lam", "data.val_size", *(f"method.{o}" for o in schema.METHOD_OPTIONS),
+                "trainer.epochs", "trainer.max_steps", "trainer.log_every", "trainer.monitor",
+                "method.path", "data.eval_batch_size", "trainer.compile", "trainer.channels_last")
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -253,11 +256,11 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
 def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     """How a run departs from the protocol its groups (its preset) give: `key=value` for
     each key that decides the result and was set on the command line (e.g.
-    `optim.epochs=30`, `trainer.precision=bf16`), other than `PER_RUN` keys. Tables keep
-    such runs in rows of their own and do not compare them with the paper."""
+    `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys. Tables
+    keep such runs in rows of their own and do not compare them with the paper."""
     a, b = _flatten(defaults), _flatten(cfg)
     return [f"{key}={b[key]}" for key in sorted(b)
-            if _decides_result(key) and not _under(key, PER_RUN) and key in a and a[key] != b[key]]
+            if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]]
 
 
 def _show(value: Any) -> str:

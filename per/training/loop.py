@@ -26,10 +26,9 @@ from per.training import runtime
 from per.training.loggers import WandbSink
 from per.training.monitor import Monitor
 from per.training.optim import clip_gradients, set_lr
-from per.training.records import BEST_CHECKPOINT, METRICS, RunDir
+from per.training.records import ACTIVATIONS, BEST_CHECKPOINT, METRICS, RunDir
 
 log = logging.getLogger(__name__)
-ACTIVATIONS = "activations.jsonl"   # the monitor's rows
 # Without a progress bar (output to a file), a progress line at the first host read
 # after this many seconds since the last line.
 PROGRESS_LINE_S = 60.0

@@ -26,7 +26,12 @@ PREVIOUS_CHECKPOINT = "checkpoints/prev.pt"   # the checkpoint before `last.pt`
 BEST_CHECKPOINT = "checkpoints/best.pt"
 WANDB_ID = "wandb_id.txt"
 WANDB_DIR = "wandb"       # W&B's files of the run (`loggers.WandbSink`)
+# The checkpoints to resume from, newest first: a kill between `save_checkpoint`'s two
+# renames leaves a complete `last.pt.new` and no `last.pt`.
+CHECKPOINTS = (CHECKPOINT, f"{CHECKPOINT}.new", PREVIOUS_CHECKPOINT)
 METRICS = "metrics.jsonl"   # one row per epoch
+ACTIVATIONS = "activations.jsonl"   # the monitor's rows
+SUMMARY = "summary.json"
 LOCK = ".lock"
 
 log = logging.getLogger(__name__)
@@ -128,7 +133,7 @@ class RunDir:
 
     # --- summary ------------------------------------------------------------
     def read_summary(self) -> dict | None:
-        f = self.path / "summary.json"
+        f = self.path / SUMMARY
         if not f.exists():
             return None
         try:
@@ -142,7 +147,7 @@ class RunDir:
             raise KeyError(f"summary.json is missing keys {missing}")
         if summary["status"] not in schema.STATUSES:
             raise ValueError(f"unknown status {summary['status']!r}; valid: {schema.STATUSES}")
-        atomic_write_text(self.path / "summary.json",
+        atomic_write_text(self.path / SUMMARY,
                           json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n")
 
     # --- per-epoch and monitoring logs ----------------------------------------
@@ -198,7 +203,7 @@ class RunDir:
                 every relaunch says so (and checks its config) until `resume=never`.
         """
         damaged = []
-        for name in (CHECKPOINT, f"{CHECKPOINT}.new", PREVIOUS_CHECKPOINT):
+        for name in CHECKPOINTS:
             f = self.path / name
             if not f.exists():
                 continue
@@ -221,7 +226,7 @@ class RunDir:
         """Whether resuming would keep something: a checkpoint, or a finished or diverged
         summary. A run that failed before its first checkpoint (a bad value, a missing
         file) holds neither: a new attempt starts it over, whatever its config."""
-        if any((self.path / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        if any((self.path / name).exists() for name in CHECKPOINTS):
             return True
         summary = self.read_summary()
         return summary is not None and summary.get("status") in (schema.FINISHED, schema.DIVERGED)
@@ -229,9 +234,10 @@ class RunDir:
     def clear(self) -> None:
         """Remove the records of an earlier attempt (resume=never, or no checkpoint to
         resume from), its local W&B runs included: the new attempt is a new W&B run."""
-        for name in (METRICS, "activations.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT,
-                     BEST_CHECKPOINT, WANDB_ID):
+        for name in (METRICS, ACTIVATIONS, SUMMARY, *CHECKPOINTS, BEST_CHECKPOINT, WANDB_ID):
             (self.path / name).unlink(missing_ok=True)
+        for damaged in (self.path / CHECKPOINT).parent.glob("*.damaged"):
+            damaged.unlink()
         for old_run in (self.path / WANDB_DIR).glob("*run-*"):    # offline-run-*, run-* folders
             if old_run.is_dir():
                 shutil.rmtree(old_run)

@@ -22,12 +22,12 @@ from per.regularizers import Regularizer
 from per.training import runtime
 from per.training.checks import ConfigMismatchError, config_differences, protocol_changes, validate
 from per.training.loggers import WandbSink, wandb_group, wandb_name
-from per.training.loop import (ACTIVATIONS, Experiment, LoopSettings, StopSignal, Task, TrainState, fit,
-                               format_metrics, restore)
+from per.training.loop import (Experiment, LoopSettings, StopSignal, Task, TrainState, fit, format_metrics,
+                               restore)
 from per.training.monitor import Monitor, default_monitor_sites
 from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optimizer, create_schedule,
                                 param_groups)
-from per.training.records import METRICS, RunDir
+from per.training.records import ACTIVATIONS, METRICS, RunDir
 
 REGULARIZED = ("l1", "l2", "per", "vcl")
 # Method config keys passed to Regularizer where present (absent: its default).
