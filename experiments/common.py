@@ -95,10 +95,17 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
 
 
 def run_main(cfg: DictConfig, build: Callable) -> dict:
-    """Train; a stop signal exits with 128+signal so schedulers see the interruption."""
+    """Train; a stop signal exits with 128+signal so schedulers see the interruption.
+
+    The run's protocol is what its preset (`experiment=`) composes to alone, so a group
+    chosen on the command line (`optim=he_bn`) is a change of it; without a preset, what
+    the chosen groups compose to."""
     hydra_cfg = HydraConfig.get()
-    summary = train(to_plain(cfg), build, records=hydra_record(cfg),
-                    defaults=group_defaults(hydra_cfg.job.config_name, dict(hydra_cfg.runtime.choices)))
+    choices, name = dict(hydra_cfg.runtime.choices), hydra_cfg.job.config_name
+    defaults = group_defaults(name, choices)
+    preset = choices.get("experiment")
+    summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
+                    protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
     if summary["status"] == schema.INTERRUPTED:
         sys.exit(128 + int(summary.get("signal") or 15))
     return summary

@@ -93,6 +93,11 @@ class Preset:
 Compose = Callable[[str, tuple[str, ...]], Preset]
 
 
+def lam_arg(lam: float) -> str:
+    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`)."""
+    return f"{lam:g}"
+
+
 @dataclass
 class Phase:
     """One Hydra multirun: a preset composed with `overrides`, its lambdas and seeds."""
@@ -108,7 +113,7 @@ class Phase:
 
     def hydra_args(self) -> list[str]:
         """The entry point's multirun overrides."""
-        return [f"experiment={self.preset.name}", "method.lam=" + ",".join(f"{lam:g}" for lam in self.lams),
+        return [f"experiment={self.preset.name}", "method.lam=" + ",".join(map(lam_arg, self.lams)),
                 "seed=" + ",".join(map(str, self.seeds)), *self.overrides]
 
 
@@ -148,7 +153,8 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
     planned = [compose(n, overrides) for n in names]
     for s in compose(ABLATION_SLICES, overrides).cfg["method"]["slices_grid"]:
         with_s = (f"method.num_slices={s}", *overrides)
-        same = [p.name for p in planned if not config_differences(p.cfg, compose(ABLATION_SLICES, with_s).cfg)]
+        slices = compose(ABLATION_SLICES, with_s)
+        same = [p.name for p in planned if p.grid == slices.grid and not config_differences(p.cfg, slices.cfg)]
         if same:
             print(f"[reproduce] {ABLATION_SLICES} at {s} slices: the runs of {same[0]}", file=sys.stderr)
             continue
@@ -164,7 +170,7 @@ def chosen_lambda(phase: Phase) -> float:
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
         print(f"[reproduce] skipped run: {p}", file=sys.stderr)
-    grid = {float(f"{lam:g}") for lam in phase.lams}     # as the runs were launched (hydra_args)
+    grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
     if df is not None:
         df = df[df.lam.isin(grid)]
     if df is None or df.empty:

@@ -99,10 +99,19 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
         assert f"run {run_dir} | device cpu" in text and "3 steps planned" in text
         assert "epoch 1/1 step 3 | lr=" in text and f"finished {run_dir} | train_loss=" in text
     # Command-line values that change the protocol are recorded (where and how the run
-    # runs, and its length, are not; group choices such as model=resnet20 are the protocol).
+    # runs, its length and method options are not; without a preset, group choices such
+    # as model=resnet20 are the protocol).
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["protocol_changes"] == ["data.batch_size=32", "method.num_slices=16",
-                                          "trainer.deterministic=True"]
+    assert config["protocol_changes"] == ["data.batch_size=32", "trainer.deterministic=True"]
+
+
+def test_a_group_chosen_over_a_presets_is_a_protocol_change(data_root, tmp_path):
+    cmd = [*_cmd(data_root, tmp_path / "run"), "experiment=t1_cifar10_resnet56_per", "trainer.max_steps=1"]
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
+    changes = yaml.safe_load((tmp_path / "run/config.yaml").read_text())["protocol_changes"]
+    # model=resnet20 replaces the preset's resnet56; method=per is the preset's own group.
+    assert "model.name=resnet20" in changes and "data.batch_size=32" in changes
+    assert not any(c.startswith("method.") for c in changes)
 
 
 def test_plain_python_call_shows_lines(data_root, tmp_path):

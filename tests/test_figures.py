@@ -154,6 +154,12 @@ def test_plot_ablation(tmp_path, monkeypatch):
     assert {l for l in labels if "," in l} == {"channels, sum", "flatten, sum", "channels, mean"}
     assert {l for l in labels if "," not in l} == {"λ=1e-05", "λ=1e-04", "λ=1e-03"}
     assert figures.plot_ablation(sweep_runs(), tmp_path / "none") == []
+    # Runs whose command line changed the protocol are not pooled with the presets' own.
+    labels.clear()
+    changed = [{**r, "changes": "optim.epochs=30", "run_dir": r["run_dir"] + "-c", "layout": "flatten",
+                "reduction": "mean"} for r in rows]
+    assert_written(figures.plot_ablation(runs_frame(rows + changed), tmp_path / "mixed"), 2)
+    assert "flatten, mean" not in labels
 
 
 def test_figures_script(tmp_path, capsys):

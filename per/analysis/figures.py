@@ -17,7 +17,7 @@ import per
 from per.analysis import tables
 from per.analysis.collect import METRICS
 from per.analysis.paper import load_paper_tables
-from per.schema import (EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
+from per.schema import (CHANGES, EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
                         SETTING_KEYS, TASKS, TEST)
 
 CELL = list(SETTING_KEYS)   # one figure per setting: the methods of a cell side by side
@@ -255,10 +255,15 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
     where the most of those were run. Right: error against the number of slices, one
     line per lambda, at the (layout, reduction) where the most slice counts were run.
     One row per metric: validation error of the selection runs, test error of the
-    reported runs. Returns [] (nothing written) when the runs vary no option.
+    reported runs. Only runs of one protocol are drawn: the presets' own, else the most
+    common `changes` (named in the title). Returns [] (nothing written) when the runs vary
+    no option.
     """
     runs = df[(df.task == "cifar") & (df.dataset == dataset) & (df.model == model)
               & (df.method == "per") & (df.status == FINISHED)]
+    # One protocol: the presets' own runs where there are any, else the most common changes.
+    protocol = "" if runs[CHANGES].eq("").any() or runs.empty else runs[CHANGES].mode().iloc[0]
+    runs = runs[runs[CHANGES] == protocol]
     runs = runs.assign(variant=runs.layout + ", " + runs.reduction)
     if runs.variant.nunique() < 2 and runs.num_slices.nunique() < 2:
         return []
@@ -295,5 +300,5 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             ax.legend(fontsize="small")
             if varied.nunique() < 2:
                 ax.text(0.5, 0.9, "not varied in these runs", ha="center", transform=ax.transAxes)
-    fig.suptitle(f"PER ablation: {dataset} {model}")
+    fig.suptitle(f"PER ablation: {dataset} {model}" + (f" {{changed: {protocol}}}" if protocol else ""))
     return _save(fig, out_dir, name)

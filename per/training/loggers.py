@@ -84,16 +84,20 @@ class WandbSink:
             self.run.log({STEP_PREFIX + k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        """Finish the W&B run (once), with the run's summary; the environment is restored
+        even when W&B fails."""
         if self.run is None:
             return
         import wandb
 
-        if summary is not None:
-            self.run.summary["summary"] = summary
-        self.run.finish(exit_code=exit_code)
-        self.run = None
-        wandb.teardown()   # stop the service, whose logs live in this run's folder
-        self._restore_env()
+        run, self.run = self.run, None     # once: a failed finish is not retried on this run
+        try:
+            if summary is not None:
+                run.summary["summary"] = summary
+            run.finish(exit_code=exit_code)
+        finally:
+            wandb.teardown()   # stop the service, whose logs live in this run's folder
+            self._restore_env()
 
     def _restore_env(self) -> None:
         for var, value in self._saved_env.items():

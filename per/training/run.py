@@ -149,7 +149,8 @@ def _key_metrics(metrics: dict) -> str:
 
 
 def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment], *,
-          defaults: dict | None = None, records: dict[str, str] | None = None) -> dict:
+          defaults: dict | None = None, protocol: dict | None = None,
+          records: dict[str, str] | None = None) -> dict:
     """Run (or resume, or skip) the run described by `cfg`; returns its summary.
 
     `cfg["run_dir"]` is the run directory. Before anything there changes, every
@@ -161,13 +162,14 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     taken (RunLockedError names the holder). With `resume=auto` a finished or diverged
     run is then skipped and any other continues from its newest readable checkpoint.
     `records` (name -> text) are written into the run directory once the run starts
-    (the entry points' `.hydra/` record). With `defaults`, the stored config also lists
-    the run's `protocol_changes` (`checks.protocol_changes`).
+    (the entry points' `.hydra/` record). With `protocol` (the config its preset gives
+    alone; else `defaults`), the stored config also lists the run's `protocol_changes`
+    (`checks.protocol_changes`).
     """
     console_logging()
     validate(cfg)
-    if defaults is not None:
-        cfg = {**cfg, "protocol_changes": protocol_changes(defaults, cfg)}
+    if (protocol := protocol if protocol is not None else defaults) is not None:
+        cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg)}
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
     if (cfg["resume"] == "auto" and run.holds_result_or_progress()
