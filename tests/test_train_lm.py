@@ -16,6 +16,7 @@ import torch
 from per import schema
 from per.data.corpus import write_fake_corpus
 from per.data.download import DatasetMissingError
+from per.training import lm_task
 from per.training import run as run_mod
 from per.training.lm_task import LMTask, build_lm_experiment
 from per.training.loop import fit
@@ -135,6 +136,13 @@ def test_perplexity_overflow_is_diverged(data_root, tmp_path, monkeypatch, caplo
     assert math.isinf(summary["final"]["train_ppl"])
     assert json.loads((tmp_path / "summary.json").read_text())["final"]["train_ppl"] is None   # inf -> null
     assert any(r.getMessage().startswith("diverged: non-finite train_ppl after epoch 1") for r in caplog.records)
+
+
+def test_a_non_finite_validation_perplexity_is_never_the_best_epoch(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_task, "perplexity", lambda loss: math.inf)
+    summary = train(_cfg(data_root, tmp_path, "model=lstm", "trainer.epochs=2"), build_lm_experiment)
+    assert summary["status"] == schema.DIVERGED and summary["best"] == {"epoch": None}
+    assert not (tmp_path / "checkpoints/best.pt").exists()
 
 
 def test_limit_eval_batches(data_root, tmp_path):

@@ -325,7 +325,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         metrics = {k: v for k, v in row.items() if not schema.is_diagnostic(k)}
         state.final = metrics
         metric = task.selection_metric
-        if metric is not None and row.get(metric) is not None and (
+        if metric is not None and row.get(metric) is not None and math.isfinite(row[metric]) and (
                 state.best.get(metric) is None or row[metric] < state.best[metric]):
             state.best = {schema.EPOCH: epoch + 1, **{k: v for k, v in metrics.items() if k != schema.EPOCH}}
             run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
