@@ -139,10 +139,15 @@ def test_perplexity_overflow_is_diverged(data_root, tmp_path, monkeypatch, caplo
 
 
 def test_a_non_finite_validation_perplexity_is_never_the_best_epoch(data_root, tmp_path, monkeypatch):
+    """... and the diverged epoch's row still reaches W&B, as it reaches metrics.jsonl."""
+    from per.training import loggers
+    logged = []
+    monkeypatch.setattr(loggers.WandbSink, "log", lambda self, row, step: logged.append(row["epoch"]))
     monkeypatch.setattr(lm_task, "perplexity", lambda loss: math.inf)
     summary = train(_cfg(data_root, tmp_path, "model=lstm", "trainer.epochs=2"), build_lm_experiment)
     assert summary["status"] == schema.DIVERGED and summary["best"] == {"epoch": None}
     assert not (tmp_path / "checkpoints/best.pt").exists()
+    assert logged == [1] and [r["epoch"] for r in metrics(tmp_path)] == [1]
 
 
 def test_limit_eval_batches(data_root, tmp_path):

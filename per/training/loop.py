@@ -331,13 +331,13 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
                                 BEST_CHECKPOINT)
         run.append(METRICS, [row])   # before the checkpoint: a resume truncates extras
+        if sink is not None:
+            sink.log(row, step=state.step)
         # Diagnostics may be infinite legitimately: a grad ratio where the task gradient is
         # exactly zero (Fixup's zero-initialized branches).
         if bad := [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]:
             return _diverged(", ".join(bad), f"after epoch {epoch + 1}"), state
         run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
-        if sink is not None:
-            sink.log(row, step=state.step)
         shown = {k: v for k, v in metrics.items() if k not in (schema.EPOCH, schema.STEP)}
         log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
         if stop.requested:
