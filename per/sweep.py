@@ -177,7 +177,7 @@ def chosen_lambda(phase: Phase) -> float:
         raise SystemExit(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):
         raise SystemExit(f"no finished or diverged selection run under {cell_dir} at lambda "
-                         f"{', '.join(f'{lam:g}' for lam in missing)}; the same command resumes them")
+                         f"{', '.join(map(lam_arg, missing))}; the same command resumes them")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):

@@ -69,7 +69,8 @@ def main() -> int:
     device = runtime.resolve_device(args.device)
     info = runtime.device_info(device)
     # Table presets, then the ablation's (the slices preset once per count of its grid).
-    names = [n for n in preset_names("t[0-9]*_*") + preset_names("ablation_*")
+    # (preset, overrides) pairs.
+    names = [(n,) for n in preset_names("t[0-9]*_*") + preset_names("ablation_*")
              if re.search(args.match, n) and n != ABLATION_SLICES]
     if re.search(args.match, ABLATION_SLICES):
         grid = compose_preset(ABLATION_SLICES)["method"]["slices_grid"]
@@ -85,8 +86,7 @@ def main() -> int:
     seen = set()
     print(f"device: {record['device']}, precision {args.precision}, table: {out}", flush=True)
     with tempfile.TemporaryDirectory() as data_root:
-        for name in names:
-            name, *extra = (name,) if isinstance(name, str) else name
+        for name, *extra in names:
             # Evaluation is timed on EVAL_BATCHES full batches per split.
             cfg = compose_preset(name, (f"trainer.precision={args.precision}",
                                         f"trainer.limit_eval_batches={EVAL_BATCHES}", *extra))

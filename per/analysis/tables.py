@@ -281,8 +281,7 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
     variant = frame.apply(_variant, axis=1) if len(frame) else pd.Series(dtype=str)
     several = variant.groupby(frame.method).transform("nunique") > 1
     labels = frame.method.where(~several, frame.method + " [" + variant + "]")
-    changes = frame.get(CHANGES, pd.Series("", index=frame.index)).fillna("")
-    return labels.where(changes.eq(""), labels + " {changed: " + changes + "}")
+    return labels.where(frame[CHANGES].eq(""), labels + " {changed: " + frame[CHANGES] + "}")
 
 
 def _cell_text(row: pd.Series, decimals: int) -> str:

@@ -168,7 +168,8 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     """
     console_logging()
     validate(cfg)
-    if (protocol := protocol if protocol is not None else defaults) is not None:
+    protocol = protocol if protocol is not None else defaults
+    if protocol is not None:
         cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg)}
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
