@@ -34,8 +34,8 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from per.functional import (
-    check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty, per_grad,
-    per_loss, point_dim, sample_directions, to_points)
+    add_per_grad, check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty,
+    per_grad, per_loss, point_dim, sample_directions, to_points)
 from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
 from per.sites import Site, list_sites
 
@@ -80,6 +80,10 @@ class _AddPenaltyGrad(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
+        if ctx.kind == "per" and ctx.stats is None:
+            grad = add_per_grad(grad_output, h, directions, ctx.lam, layout=ctx.layout,
+                                reduction=ctx.reduction)
+            return grad, None, None, None, None, None, None, None
         x = to_points(h, ctx.layout)
         site_grad = from_points(_site_grad(ctx.kind, x, directions, ctx.reduction), h.shape, ctx.layout)
         if ctx.stats is not None:

@@ -281,6 +281,19 @@ def test_per_grad_gives_nan_rows_for_non_finite_points():
     torch.testing.assert_close(got[2:].double(), _unblocked_per_grad(x[2:], theta, "sum"), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows", [slice(0, 2), slice(0, 3)])
+def test_per_grad_of_huge_finite_points(rows):
+    """float32 points up to the dtype's range: below half of it (rows 0-1) no projection
+    can be infinite and the CPU path skips its clamp; the third point's projections
+    overflow (its norm too), so the clamp is taken. Either way erf is +-1 where it should be."""
+    x = torch.tensor([[1e36, -1e36], [1.0, 2.0], [3e38, -3e38]])[rows]
+    theta = per.sample_directions(2, 16, generator=torch.Generator().manual_seed(2))
+    got = per.per_grad(x, theta).double()
+    p = (x.double() @ theta.double()).clamp(-1e300, 1e300)
+    assert rows.stop == 2 or torch.isinf(x @ theta).any()       # the overflow this case is about
+    torch.testing.assert_close(got, torch.erf(p / math.sqrt(2)) @ theta.double().T / 16, rtol=1e-5, atol=1e-7)
+
+
 def test_fp16_points_whose_projections_overflow_get_erf_of_infinity():
     """fp16 projects in fp16: a point along the first direction's signs projects past
     fp16's range (inf, where erf is 1); the points are finite, so their rows are too (the
@@ -293,6 +306,79 @@ def test_fp16_points_whose_projections_overflow_get_erf_of_infinity():
     want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 8
     assert got.isfinite().all()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def _added_through_points(go, h, theta, lam, layout="channels", reduction="sum"):
+    """`go + lam * dL/dh` the plain way: points, `per_grad`, back to `h`'s shape, in float64."""
+    x = per.to_points(h.double(), layout)
+    return go.double() + lam * from_points(_unblocked_per_grad(x, theta.double(), reduction), h.shape, layout)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-12, 1e-14), (torch.float32, 1e-5, 1e-6)])
+@pytest.mark.parametrize("shape, block", [((3, 4, 6, 5), 64),    # 30 points per example: 2 per block, then 1
+                                          ((2, 4, 9, 9), 32),    # 81 points: blocks of 32, 32, 17 per example
+                                          ((5, 8, 1, 1), 1024)]) # all examples in one block
+def test_add_per_grad_in_place_layout_equals_the_points_formula(shape, block, dtype, rtol, atol, reduction,
+                                                                monkeypatch):
+    """The CPU path that works in a contiguous NCHW site's own memory (examples grouped or
+    split into blocks, the last product adding into `grad_output`) against the formula."""
+    monkeypatch.setattr(per.functional, "PER_GRAD_BLOCK_ROWS", block)
+    gen = torch.Generator().manual_seed(6)
+    h, go = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    theta = per.sample_directions(shape[1], 32, generator=gen, dtype=torch.float64).to(dtype)
+    got = per.functional.add_per_grad(go, h, theta, 0.3, reduction=reduction)
+    assert got.shape == h.shape and got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got.double(), _added_through_points(go, h, theta, 0.3, reduction=reduction),
+                               rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", ["channels_last", "sliced", "flatten", "rank 3", "bf16", "mixed dtypes"])
+def test_add_per_grad_other_sites_go_through_per_grad(case):
+    gen = torch.Generator().manual_seed(7)
+    h, go = torch.randn(3, 4, 5, 5, generator=gen), torch.randn(3, 4, 5, 5, generator=gen)
+    layout = "flatten" if case == "flatten" else "channels"
+    if case == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    elif case == "sliced":
+        h, go = h[:, :, ::2], go[:, :, ::2]
+    elif case == "rank 3":
+        h, go = h[0], go[0]
+    elif case == "bf16":
+        h, go = h.bfloat16(), go.bfloat16()
+    elif case == "mixed dtypes":
+        go = go.double()
+    theta = per.sample_directions(per.functional.point_dim(h.shape, layout), 16, generator=gen)
+    got = per.functional.add_per_grad(go, h, theta, 0.5, layout=layout)
+    want = torch.add(go, from_points(per.per_grad(per.to_points(h, layout), theta), h.shape, layout).to(go.dtype),
+                     alpha=0.5)
+    assert got.dtype == go.dtype
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.double(), _added_through_points(go, h, theta.to(h.dtype), 0.5, layout),
+                               rtol=2e-2 if case == "bf16" else 1e-5, atol=2e-2 if case == "bf16" else 1e-6)
+
+
+def test_add_per_grad_gives_nan_at_the_non_finite_positions_only(monkeypatch):
+    monkeypatch.setattr(per.functional, "PER_GRAD_BLOCK_ROWS", 8)
+    gen = torch.Generator().manual_seed(8)
+    h, go = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    h[1, 0, 2, 3], h[2, 1, 0, 0] = float("nan"), float("-inf")
+    theta = per.sample_directions(2, 16, generator=gen)
+    got = per.functional.add_per_grad(go, h, theta, 1.0)
+    bad = torch.zeros(3, 4, 4, dtype=torch.bool)
+    bad[1, 2, 3] = bad[2, 0, 0] = True
+    assert got.isnan().all(dim=1).eq(bad).all() and got.isnan().any(dim=1).eq(bad).all()
+    finite = _added_through_points(go, h.nan_to_num(0.0, 0.0, 0.0), theta, 1.0)
+    torch.testing.assert_close(got.double().permute(0, 2, 3, 1)[~bad], finite.permute(0, 2, 3, 1)[~bad],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_add_per_grad_checks_its_arguments():
+    h = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="d = 4"):
+        per.functional.add_per_grad(h, h, per.sample_directions(5, 8), 1.0)
+    with pytest.raises(ValueError, match="valid: sum, mean"):
+        per.functional.add_per_grad(h, h, per.sample_directions(4, 8), 1.0, reduction="avg")
 
 
 def test_per_grad_of_no_points_is_empty():

@@ -117,7 +117,8 @@ def test_backward_and_autograd_paths_match_reference(kind, case, reduction):
 @pytest.mark.parametrize("kind", ["per", "l1", "l2"])
 @pytest.mark.parametrize("path", ["backward", "autograd"])
 @pytest.mark.parametrize("reduction", per.REDUCTIONS)
-def test_site_gradient_is_closed_form(reduction, path, kind, shape, layout):
+@pytest.mark.parametrize("track", [False, True])   # tracked steps also compute the site's stats
+def test_site_gradient_is_closed_form(track, reduction, path, kind, shape, layout):
     # d(task)/dh = w, so h.grad = w + lam * g with Algorithm 1's per-point g_i
     # ((1/s) sum_k erf(p_ik/sqrt2) theta_k, sign(h), 2h) and, for "mean", g / N.
     model, lam = nn.Sequential(per.Site()), 0.7
@@ -126,7 +127,7 @@ def test_site_gradient_is_closed_form(reduction, path, kind, shape, layout):
     reg = per.Regularizer(model, kind, lam, layout=layout, num_slices=SLICES, path=path,
                           reduction=reduction)
     torch.manual_seed(3)
-    reg.begin_step()
+    reg.begin_step(track=track)
     ((model(h) * w).sum() + reg.penalty()).backward()
     pts = per.to_points(h.detach(), layout)
     torch.manual_seed(3)
