@@ -112,7 +112,8 @@ class _GradNormProbe(torch.autograd.Function):
 
 
 class Regularizer(nn.Module):
-    """One regularizer acting on all sites of one role in `model` (docs/method.md).
+    """One regularizer acting on the sites of one role in `model` (all, or those named;
+    docs/method.md).
 
     Args:
         model: a model containing `per.Site` modules; kept by reference (not a submodule).
@@ -127,6 +128,8 @@ class Regularizer(nn.Module):
         share_directions: draw one direction matrix per distinct `d` per step and reuse it
             across the sites of that `d` (speed option); default: independent per site and call.
         vcl_chunk: VCL chunk size (reference: 5); each batch needs `2 * vcl_chunk` examples.
+        sites: names of the sites to act on (`per.list_sites(model)`); default: every site
+            of the kind's role. Regularizers on disjoint sites of one model can coexist.
 
     The penalty acts only while `torch.is_grad_enabled()` and `model.training`.
     Call `begin_step()` before each training forward. A site's activation is saved for
@@ -135,7 +138,8 @@ class Regularizer(nn.Module):
 
     def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
                  num_slices: int = 256, reduction: str = "sum", path: str = "backward",
-                 share_directions: bool = False, vcl_chunk: int = 5) -> None:
+                 share_directions: bool = False, vcl_chunk: int = 5,
+                 sites: list[str] | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown regularizer kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -150,9 +154,18 @@ class Regularizer(nn.Module):
         if vcl_chunk < 2:
             raise ValueError(f"vcl_chunk must be >= 2 (a variance needs 2 samples), "
                              f"got {vcl_chunk}")
+        chosen = sites
         sites = list_sites(model, _ROLE[kind])
         if not sites:
             raise ValueError(f"model has no Site(role={_ROLE[kind]!r}) for regularizer {kind!r}")
+        if chosen is not None:
+            if isinstance(chosen, str) or not chosen:
+                raise ValueError(f"sites must be a non-empty list of site names, got {chosen!r}")
+            unknown = [n for n in chosen if n not in sites]
+            if unknown:
+                raise ValueError(f"sites {unknown} are not Site(role={_ROLE[kind]!r}) sites of the "
+                                 f"model, which regularizer {kind!r} needs; valid: {', '.join(sites)}")
+            sites = {n: site for n, site in sites.items() if n in chosen}
         attached = [n for n, s in sites.items() if s.penalty_fn is not None]
         if attached:
             raise ValueError(f"sites {attached} already have a regularizer; "

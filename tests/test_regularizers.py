@@ -413,3 +413,38 @@ def test_a_copied_model_leaves_its_regularizer_behind():
     per.Regularizer(twin, "l2", 0.1)           # a new one attaches to the copy
     reg.remove()
     assert all(s.penalty_fn is not None for s in per.list_sites(twin).values())
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_a_regularizer_on_some_sites_leaves_the_others_alone(path):
+    """`sites=`: PER on the second site only; the first site's gradient is the task's.
+    A second regularizer (L2) can take the first site; each logs its own sites."""
+    model = nn.Sequential(per.Site(), nn.Identity(), per.Site())
+    h, w = _input((6, 4)).requires_grad_(), torch.randn(6, 4)
+    reg = per.Regularizer(model, "per", 0.5, num_slices=SLICES, path=path, sites=["2"])
+    assert reg.site_names == ["2"]
+    l2 = per.Regularizer(model, "l2", 0.25, path=path, sites=["0"])
+    torch.manual_seed(4)
+    for r in (reg, l2):
+        r.begin_step(track=True)
+    ((model(h) * w).sum() + reg.penalty() + l2.penalty()).backward()
+    torch.manual_seed(4)
+    theta = per.sample_directions(4, SLICES)
+    per_g = torch.erf(h.detach() @ theta / 2 ** 0.5) @ theta.T / SLICES
+    torch.testing.assert_close(h.grad, w + 0.5 * per_g + 0.25 * 2 * h.detach(), rtol=1e-5, atol=1e-6)
+    assert {k.split("/")[-1] for k in reg.site_stats()} == {"2"}
+    assert {k.split("/")[-1] for k in l2.site_stats()} == {"0"}
+
+
+def test_sites_must_name_sites_of_the_kinds_role():
+    model = _vcl_cnn()
+    with pytest.raises(ValueError, match=r"sites \['1'\] are not Site\(role='post'\).*valid: "):
+        per.Regularizer(_mlp(), "per", 0.1, sites=["1"])       # a Tanh, not a site
+    with pytest.raises(ValueError, match=r"not Site\(role='pre'\) sites.*valid: 1, 4"):
+        per.Regularizer(model, "vcl", 0.1, sites=["1", "nope"])
+    for bad in ([], "1"):
+        with pytest.raises(ValueError, match="non-empty list of site names"):
+            per.Regularizer(model, "vcl", 0.1, sites=bad)
+    reg = per.Regularizer(_mlp(), "per", 0.1, sites=["2"])
+    with pytest.raises(ValueError, match="already"):
+        per.Regularizer(reg.model, "l1", 0.1, sites=["2", "5"])
