@@ -139,7 +139,8 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     `dL/dx_i = (1/s) sum_k erf(p_ik / sqrt 2) theta_k` (Algorithm 1's `g_i`, "sum"),
     times `1/N` for "mean" (eq. 6).
 
-    `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`).
+    `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`);
+    any directions (the Regularizer's have unit norm). For use without autograd on `x`.
 
     On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
     keeps each block of points on chip, so the `(N, s)` projections never reach memory;
@@ -170,19 +171,22 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     return out
 
 
+@torch.compiler.disable     # eager code with Python control flow on values; a graph break either way
 def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.Tensor, lam: float, *,
                  layout: str = "channels", reduction: str = "sum") -> torch.Tensor:
     """`grad_output + lam * dL/dh` with `L = per_loss(to_points(h, layout), directions)`: the
     gradient a PER site passes back (Algorithm 1), in `h`'s shape and `grad_output`'s dtype.
 
     `h`, `grad_output`: the site's activations and the gradient reaching them (any shape
-    `to_points` takes); `directions: (d, s)`. On CPU, a contiguous `(B, C, H, W)` site in
-    the channels layout (float32/float64) is computed in place in its own memory layout:
-    each example's `H*W` positions are its points as a transposed view, and the last
-    product adds into `grad_output`'s values, so neither the points nor `lam * dL/dh` is
-    copied (a Fixup ResNet-20 PER step at batch 32, one thread, interleaved in one
-    process: 3.09-3.11x the vanilla step, 3.24-3.26x before). Everything else goes
-    through `per_grad`.
+    `to_points` takes), neither modified; `directions: (d, s)`. For use without autograd
+    (a backward, or `torch.no_grad()`). On CPU, a contiguous `(B, C, H, W)` site in the
+    channels layout (float32/float64, `grad_output` alike and contiguous) is computed in
+    its own memory layout: each example's `H*W` positions are its points as a transposed
+    view, and the last product of each block takes `grad_output` as the addend and writes
+    the new tensor, so neither the points nor `lam * dL/dh` is materialized (a Fixup
+    ResNet-20 PER step at batch 32, one thread, interleaved in one process: 3.09-3.11x
+    the vanilla step, 3.24-3.26x before). Everything else (other layouts, memory formats
+    and dtypes, CUDA, `PER_CPU_COMPILE=1`) goes through `per_grad`.
     """
     check_reduction(reduction)
     if (h.device.type == "cpu" and h.dim() == 4 and layout == "channels"
@@ -264,33 +268,32 @@ def _per_grad_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, block_row
     erfs = torch.empty(group * rows * s, dtype=cdtype)
     theta_in, theta_out = theta.to(xs.dtype), theta.T
     minus_scale = torch.tensor(-scale, dtype=cdtype)
-    # One pass over the points: NaN or inf if a coordinate is. `|p_ik| <= ||x_i|| <= norm`
-    # (unit directions), so below half the dtype's range no projection is infinite and
-    # `_scaled_erf_cpu` skips its clamp (3 ms of a ResNet-20 step).
+    # One pass over the points: NaN or inf if a coordinate is (or past float32's range for
+    # the sum of squares, about 1.8e19). Every partial sum of a projection is at most
+    # `||x_i|| ||theta_k|| <= bound`, so below half the dtype's range no projection is
+    # infinite and `_scaled_erf_cpu` skips its clamp (3 ms of a ResNet-20 step).
     norm = float(torch.linalg.vector_norm(xs, dtype=cdtype))
-    finite = norm < torch.finfo(xs.dtype).max / 2
+    bound = norm * float(torch.linalg.vector_norm(theta, dim=0).amax())       # unit: 1
+    finite = bound < torch.finfo(xs.dtype).max / 2
 
     def blocks(t: torch.Tensor) -> list[torch.Tensor]:   # (g, r, d) views: g examples, r points
         return [block for examples in t.split(group) for block in examples.split(rows, dim=1)]
 
     x_blocks = blocks(xs)
     add_blocks = [None] * len(x_blocks) if adds is None else blocks(adds)
-    buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for xb, ob, ab in zip(x_blocks, blocks(outs), add_blocks):
         g, r = xb.shape[:2]
-        if (g, r) not in buffers:
-            buffers[g, r] = proj[:g * r * s].view(g, r, s), erfs[:g * r * s].view(g, r, s)
-        p, e = buffers[g, r]
+        p, e = proj[:g * r * s].view(g, r, s), erfs[:g * r * s].view(g, r, s)
         _product_into(p, xb, theta_in)
         _scaled_erf_cpu(p, scale, out=e, minus_scale=minus_scale, finite=finite)
         if ab is not None:                          # float32/float64 points only
             torch.baddbmm(ab, e, theta_out.expand(g, s, d), out=ob)
         else:
             _product_into(ob, e, theta_out)
-    # `_scaled_erf_cpu` maps NaN to 0: points with NaN/inf coordinates get NaN rows (the row
-    # sums, strided in a transposed view, took 1.5 ms of a ResNet-20 step: only when needed).
+    # `_scaled_erf_cpu` maps NaN to 0: points with a NaN or inf coordinate get NaN rows
+    # (checked only when the norm is not finite: the check took 1.5 ms of a ResNet-20 step).
     if not math.isfinite(norm):
-        outs[~torch.isfinite(xs.sum(dim=2, dtype=cdtype))] = float("nan")      # (B, n) rows
+        outs[~torch.isfinite(xs).all(dim=2)] = float("nan")                     # (B, n) rows
 
 
 def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

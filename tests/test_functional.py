@@ -294,6 +294,21 @@ def test_per_grad_of_huge_finite_points(rows):
     torch.testing.assert_close(got, torch.erf(p / math.sqrt(2)) @ theta.double().T / 16, rtol=1e-5, atol=1e-7)
 
 
+def test_per_grad_of_huge_points_and_long_directions():
+    """Finite points whose float32 coordinate sum overflows keep finite rows; a direction
+    longer than 1 can push a projection past the range that the points' norm alone allows."""
+    x = torch.tensor([[3e38, 3e38], [1.0, -2.0]])
+    theta = per.sample_directions(2, 8, generator=torch.Generator().manual_seed(3))
+    want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 8
+    torch.testing.assert_close(per.per_grad(x, theta).double(), want, rtol=1e-5, atol=1e-7)
+    h = x.T.reshape(1, 2, 1, 2).contiguous()                # the same points, as an NCHW site
+    got = per.functional.add_per_grad(torch.zeros_like(h), h, theta, 1.0)
+    torch.testing.assert_close(per.to_points(got, "channels").double(), want, rtol=1e-5, atol=1e-7)
+    long = torch.tensor([[10.0]])
+    assert torch.isinf(torch.tensor([[1e38]]) @ long).all()
+    assert per.per_grad(torch.tensor([[1e38]]), long).item() == 10.0     # erf(inf) * 10
+
+
 def test_fp16_points_whose_projections_overflow_get_erf_of_infinity():
     """fp16 projects in fp16: a point along the first direction's signs projects past
     fp16's range (inf, where erf is 1); the points are finite, so their rows are too (the
