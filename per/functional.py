@@ -98,14 +98,18 @@ def check_points(x: torch.Tensor) -> None:
         raise ValueError(f"expected floating-point points, got dtype {x.dtype}")
 
 
+def check_directions(directions: torch.Tensor, d: int) -> None:
+    """Raise ValueError unless `directions` has shape `(d, s)`."""
+    if directions.dim() != 2 or directions.shape[0] != d:
+        raise ValueError(f"directions must have shape (d, s) with d = {d}, got {tuple(directions.shape)}")
+
+
 def project(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Projections `p = x theta`: `x: (N, d)`, `directions: (d, s)` -> `(N, s)`, `compute_dtype(x)`.
 
     The matmul runs in `x`'s dtype (bf16 stays on tensor cores); the result is cast up.
     """
-    if directions.dim() != 2 or directions.shape[0] != x.shape[1]:
-        raise ValueError(f"directions must have shape (d, s) with d = {x.shape[1]}, "
-                         f"got {tuple(directions.shape)}")
+    check_directions(directions, x.shape[1])
     return (x @ directions.to(x.dtype)).to(compute_dtype(x))
 
 
@@ -151,9 +155,7 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     """
     check_points(x)
     check_reduction(reduction)
-    if directions.dim() != 2 or directions.shape[0] != x.shape[1]:
-        raise ValueError(f"directions must have shape (d, s) with d = {x.shape[1]}, "
-                         f"got {tuple(directions.shape)}")
+    check_directions(directions, x.shape[1])
     (n, _), s = x.shape, directions.shape[1]
     if n == 0:
         return torch.zeros_like(x)
@@ -194,8 +196,7 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
             and h.is_contiguous() and grad_output.is_contiguous() and h.numel() > 0
             and os.environ.get("PER_CPU_COMPILE", "0") != "1"):
         b, c, height, width = h.shape
-        if directions.dim() != 2 or directions.shape[0] != c:
-            raise ValueError(f"directions must have shape (d, s) with d = {c}, got {tuple(directions.shape)}")
+        check_directions(directions, c)
         n = b * height * width
         scale = lam / (directions.shape[1] * (n if reduction == "mean" else 1))
         out = torch.empty_like(h)
@@ -255,11 +256,11 @@ def _per_grad_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, block_row
     `xs`, `outs`, `adds`: `(B, n, d)` views of point clouds (`per_grad`: `B = 1`; a
     contiguous `(B, C, H, W)` site: each example's `H*W` positions, a transposed view of its
     memory, so no copy is made); `adds` only with float32/float64 points; `theta: (d, s)`
-    in `compute_dtype(xs)`. A block is part
-    of one example's points, or several whole examples (batched products). The row of a
-    point with a NaN or inf coordinate is NaN. Two `(block_rows, s)` buffers serve every
-    block (fresh ones cost page faults: the reuse took 0.77x the time over a ResNet-20
-    step's 19 sites) and `erf` comes from `_scaled_erf_cpu`.
+    in `compute_dtype(xs)`. A block is part of one example's points, or several whole
+    examples (batched products). The row of a point with a NaN or inf coordinate is NaN.
+    Two buffers of a block's `(points, s)` serve every block (fresh ones cost page faults:
+    the reuse took 0.77x the time over a ResNet-20 step's 19 sites) and `erf` comes from
+    `_scaled_erf_cpu`.
     """
     (b, n, d), s = xs.shape, theta.shape[1]
     cdtype = compute_dtype(xs)

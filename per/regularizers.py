@@ -154,19 +154,18 @@ class Regularizer(nn.Module):
         if vcl_chunk < 2:
             raise ValueError(f"vcl_chunk must be >= 2 (a variance needs 2 samples), "
                              f"got {vcl_chunk}")
-        chosen = sites
-        sites = list_sites(model, _ROLE[kind])
-        if not sites:
+        available = list_sites(model, _ROLE[kind])
+        if not available:
             raise ValueError(f"model has no Site(role={_ROLE[kind]!r}) for regularizer {kind!r}")
-        if chosen is not None:
-            if isinstance(chosen, str) or not chosen:
-                raise ValueError(f"sites must be a non-empty list of site names, got {chosen!r}")
-            unknown = [n for n in chosen if n not in sites]
+        if sites is not None:
+            if isinstance(sites, str) or not sites:
+                raise ValueError(f"sites must be a non-empty list of site names, got {sites!r}")
+            unknown = [n for n in sites if n not in available]
             if unknown:
                 raise ValueError(f"sites {unknown} are not Site(role={_ROLE[kind]!r}) sites of the "
-                                 f"model, which regularizer {kind!r} needs; valid: {', '.join(sites)}")
-            sites = {n: site for n, site in sites.items() if n in chosen}
-        attached = [n for n, s in sites.items() if s.penalty_fn is not None]
+                                 f"model, which regularizer {kind!r} needs; valid: {', '.join(available)}")
+        chosen = {n: site for n, site in available.items() if sites is None or n in sites}
+        attached = [n for n, s in chosen.items() if s.penalty_fn is not None]
         if attached:
             raise ValueError(f"sites {attached} already have a regularizer; "
                              "call its remove() first")
@@ -175,8 +174,8 @@ class Regularizer(nn.Module):
         self.reduction = reduction
         self.path = "autograd" if kind == "vcl" else path
         self.share_directions, self.vcl_chunk = share_directions, vcl_chunk
-        self.site_names: list[str] = list(sites)
-        self._sites: dict[str, Site] = sites
+        self.site_names: list[str] = list(chosen)
+        self._sites: dict[str, Site] = chosen
         self.betas = nn.ParameterDict()  # VCL: site name ('.' -> '__') -> beta (h.shape[1:])
         self._materializing = False
         self._track = False
@@ -184,7 +183,7 @@ class Regularizer(nn.Module):
         self._stats: dict[str, torch.Tensor] = {}
         self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
         self._device = torch.device("cpu")
-        for name, site in sites.items():
+        for name, site in chosen.items():
             site.penalty_fn, site.site_name = self._apply, name
 
     def extra_repr(self) -> str:
