@@ -208,6 +208,63 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
     return torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=lam)
 
 
+def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum",
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_grad` and `project` for fresh random directions that are never formed: returns
+    `(dL/dx, p)` with the same joint distribution as `(per_grad(x, theta), project(x, theta))`
+    for `theta = sample_directions(d, num_slices)`. For few points in many dimensions (the
+    flatten layout: `N = B` points in `R^{C*H*W}`), where drawing the `d x s` normals
+    dominates the step.
+
+    `x: (N, d)` -> `((N, d)` in `x`'s dtype, `(N, s)` in `compute_dtype(x))`. Takes this route
+    when `N + s <= d`, `N <= s / 4` and `x` is finite; otherwise draws `theta` explicitly
+    (NaN rows for points with a NaN or inf coordinate, as `per_grad`). Measured against
+    `per_grad(x, sample_directions(d, 256))` on CPU (one thread, float32, `d` = 4096 to
+    16384): 4.5-6.5x faster at `N = 16`, 2.5-3.0x at 32, 1.25-1.4x at 64, 0.8-0.9x at 96
+    and 0.5-0.6x at 128 (its QR of the points grows as `d N^2`).
+
+    Why it is exact (`v_k ~ N(0, I_d)`, `theta_k = v_k / ||v_k||`, `g_i = scale sum_k
+    erf(p_ik / sqrt 2) theta_k`): take an orthonormal `E: (d, N)` whose span holds the points
+    (QR of `x^T`, `x = R_x^T E^T`) and split `v_k = E a_k + z_k`, `z_k` in the complement of
+    dimension `d' = d - N`. By rotation invariance `a: (N, s)` and `Z: (d', s)` are independent
+    standard normals. `p = R_x^T a / ||v||` needs only `a` and the column norms of `Z`; the
+    gradient is `g^T = E a m + Z m` with `m_ki = scale erf(p_ik / sqrt 2) / ||v_k||`. Write
+    `Z = Q R` (QR): `Q` is Haar on the `s`-frames of the complement, independent of `R`, and
+    `R` is Bartlett's (`R_kk^2 ~ chi^2(d' - k)`, k from 0; `N(0, 1)` above the diagonal), with
+    the column norms of `Z`. With `R m = O T` (QR), `Q O` is a Haar `N`-frame of the complement
+    independent of `(a, R)`; it is drawn as the QR factor (positive diagonal, by Cholesky)
+    of a fresh Gaussian `y: (d, N)` projected off `E`. Random numbers: `N (s + d) + s^2 / 2`
+    against `d s`; products `O(d N^2)` against `O(d N s)`.
+    """
+    check_points(x)
+    check_reduction(reduction)
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    (n, d), s = x.shape, num_slices
+    cdtype = compute_dtype(x)
+    xc = x.to(cdtype)
+    if not (0 < 4 * n <= s and n + s <= d) or not bool(torch.isfinite(xc).all()):
+        theta = sample_directions(d, s, generator=generator, device=x.device, dtype=cdtype)
+        return per_grad(x, theta, reduction=reduction), project(x, theta)
+    scale = 1.0 / (s * (n if reduction == "mean" else 1))
+    draw = {"dtype": cdtype, "device": x.device, **({} if generator is None else {"generator": generator})}
+    e, r_x = torch.linalg.qr(xc.T)                            # (d, N), (N, N): x = r_x^T e^T
+    a = torch.randn(n, s, **draw)                             # the directions in span(e)
+    r = torch.randn(s, s, **draw).triu_(1)                    # Bartlett's R of the rest
+    dof = (d - n) - torch.arange(s, dtype=cdtype, device=x.device)
+    r.diagonal().copy_(torch._standard_gamma(dof / 2, generator=generator).mul_(2).sqrt_())
+    norms = (a.square().sum(0) + r.square().sum(0)).sqrt_()   # ||v_k||, (s,)
+    p = r_x.T @ a / norms                                     # (N, s)
+    m = (torch.erf(p / _SQRT2) * (scale / norms)).T           # (s, N)
+    t = torch.linalg.qr(r @ m).R                              # (N, N): R m = O t
+    y = torch.randn(n, d, **draw)                             # y^T: (d, N)
+    ey = e.T @ y.T                                            # (N, N)
+    chol = torch.linalg.cholesky(y @ y.T - ey.T @ ey)         # of (y - e ey)^T (y - e ey)
+    frame_t = torch.linalg.solve_triangular(chol.T, t, upper=True)   # Haar frame = (y - e ey) chol^-T
+    grad = torch.addmm((a @ m - ey @ frame_t).T @ e.T, frame_t.T, y)  # g = (e a m + frame t)^T
+    return grad.to(x.dtype), p
+
+
 # Points per block on the CPU path (1 MiB of float32 projections at s = 256). Measured on
 # the 19 sites of a Fixup ResNet-20 PER step (batch 32, one thread), per_grad eager:
 # 127-132 / 115 / 109-111 / 107-111 / 110-111 ms at 256 / 512 / 1024 / 2048 / 4096 rows; with

@@ -35,12 +35,13 @@ from torch.autograd.function import once_differentiable
 
 from per.functional import (
     add_per_grad, check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty,
-    per_grad, per_loss, point_dim, sample_directions, to_points)
+    per_grad, per_grad_subspace, per_loss, phi, point_dim, sample_directions, to_points)
 from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
 from per.sites import Site, list_sites
 
 KINDS = ("per", "l1", "l2", "vcl")
 PATHS = ("backward", "autograd")
+SAMPLINGS = ("explicit", "subspace")
 _ROLE = {"per": "post", "l1": "post", "l2": "post", "vcl": "pre"}
 
 
@@ -64,15 +65,17 @@ def _site_grad(kind: str, x: torch.Tensor, directions: torch.Tensor | None,
 
 
 class _AddPenaltyGrad(torch.autograd.Function):
-    """Identity on `h`; backward returns `grad_output + lam * dL_site/dh` (Algorithm 1)."""
+    """Identity on `h`; backward returns `grad_output + lam * dL_site/dh` (Algorithm 1).
+    PER with `directions=None` (`sampling="subspace"`) draws `num_slices` directions
+    implicitly in the backward (`per_grad_subspace`)."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, kind: str, lam: float,
-                layout: str, reduction: str, stats: dict[str, torch.Tensor] | None,
+                layout: str, reduction: str, num_slices: int, stats: dict[str, torch.Tensor] | None,
                 name: str) -> torch.Tensor:
         ctx.save_for_backward(h, directions)
         ctx.kind, ctx.lam, ctx.layout, ctx.reduction = kind, lam, layout, reduction
-        ctx.stats, ctx.name = stats, name
+        ctx.num_slices, ctx.stats, ctx.name = num_slices, stats, name
         return h.view_as(h)
 
     @staticmethod
@@ -80,18 +83,26 @@ class _AddPenaltyGrad(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
-        if ctx.kind == "per" and ctx.stats is None:
+        none = (None,) * 8
+        implicit = ctx.kind == "per" and directions is None
+        if ctx.kind == "per" and not implicit and ctx.stats is None:
             grad = add_per_grad(grad_output, h, directions, ctx.lam, layout=ctx.layout,
                                 reduction=ctx.reduction)
-            return grad, None, None, None, None, None, None, None
+            return grad, *none
         x = to_points(h, ctx.layout)
-        site_grad = from_points(_site_grad(ctx.kind, x, directions, ctx.reduction), h.shape, ctx.layout)
+        if implicit:
+            points_grad, projections = per_grad_subspace(x, ctx.num_slices, reduction=ctx.reduction)
+            value = lambda: phi(projections).mean()
+        else:
+            points_grad = _site_grad(ctx.kind, x, directions, ctx.reduction)
+            value = lambda: _site_value(ctx.kind, x, directions, "mean")
+        site_grad = from_points(points_grad, h.shape, ctx.layout)
         if ctx.stats is not None:
-            ctx.stats[PENALTY_PREFIX + ctx.name] = _site_value(ctx.kind, x, directions, "mean")
+            ctx.stats[PENALTY_PREFIX + ctx.name] = value()
             ctx.stats[GRAD_RATIO_PREFIX + ctx.name] = (ctx.lam * site_grad.float().norm()
                                                        / grad_output.float().norm())
         grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
-        return grad, None, None, None, None, None, None, None
+        return grad, *none
 
 
 class _GradNormProbe(torch.autograd.Function):
@@ -127,6 +138,11 @@ class Regularizer(nn.Module):
             (penalty returned by `penalty()`); VCL always uses autograd.
         share_directions: draw one direction matrix per distinct `d` per step and reuse it
             across the sites of that `d` (speed option); default: independent per site and call.
+        sampling: how PER draws its directions, one of `SAMPLINGS`. "explicit" (default): a
+            `(d, num_slices)` matrix per site in the forward pass, the same on both paths.
+            "subspace" (CPU speed option for the flatten layout, backward path only): drawn
+            implicitly in the backward, where it is cheaper, with the same distribution of
+            gradients (`per.functional.per_grad_subspace`), but not the same numbers.
         vcl_chunk: VCL chunk size (reference: 5); each batch needs `2 * vcl_chunk` examples.
         sites: names of the sites to act on (`per.list_sites(model)`); default: every site
             of the kind's role. Regularizers on disjoint sites of one model can coexist.
@@ -138,7 +154,7 @@ class Regularizer(nn.Module):
 
     def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
                  num_slices: int = 256, reduction: str = "sum", path: str = "backward",
-                 share_directions: bool = False, vcl_chunk: int = 5,
+                 share_directions: bool = False, sampling: str = "explicit", vcl_chunk: int = 5,
                  sites: list[str] | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -149,6 +165,12 @@ class Regularizer(nn.Module):
             raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        if sampling == "subspace" and (kind != "per" or path != "backward" or share_directions):
+            raise ValueError("sampling='subspace' draws PER's directions inside the backward pass: "
+                             "it needs kind='per', path='backward' and share_directions=False, got "
+                             f"kind={kind!r}, path={path!r}, share_directions={share_directions!r}")
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if vcl_chunk < 2:
@@ -173,7 +195,7 @@ class Regularizer(nn.Module):
         self.kind, self.lam, self.layout, self.num_slices = kind, float(lam), layout, int(num_slices)
         self.reduction = reduction
         self.path = "autograd" if kind == "vcl" else path
-        self.share_directions, self.vcl_chunk = share_directions, vcl_chunk
+        self.share_directions, self.sampling, self.vcl_chunk = share_directions, sampling, vcl_chunk
         self.site_names: list[str] = list(chosen)
         self._sites: dict[str, Site] = chosen
         self.betas = nn.ParameterDict()  # VCL: site name ('.' -> '__') -> beta (h.shape[1:])
@@ -189,7 +211,7 @@ class Regularizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, lam={self.lam}, layout={self.layout!r}, "
                 f"num_slices={self.num_slices}, reduction={self.reduction!r}, path={self.path!r}, "
-                f"sites={len(self.site_names)}")
+                f"sampling={self.sampling!r}, sites={len(self.site_names)}")
 
     def begin_step(self, track: bool = False) -> None:
         """Start a training step: reset accumulators; `track` computes per-site statistics."""
@@ -245,11 +267,12 @@ class Regularizer(nn.Module):
             return self._apply_vcl(name, h)
         # The backward path needs only `d` here; the points are built in its backward.
         d = point_dim(h.shape, self.layout)
-        directions = self._directions(d, h) if self.kind == "per" else None
+        explicit = self.kind == "per" and self.sampling == "explicit"
+        directions = self._directions(d, h) if explicit else None
         if self.path == "backward":
             stats = self._stats if self._track else None
             return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout,
-                                         self.reduction, stats, name)
+                                         self.reduction, self.num_slices, stats, name)
         x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
         self._terms.append(self.lam * value)

@@ -64,6 +64,8 @@ STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are 
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
     "per channels": ("t1_cifar10_resnet56_per", ()),
     "per flatten": ("t1_cifar10_resnet56_per", ("method.layout=flatten",)),
+    "per flatten, sampling=subspace": ("t1_cifar10_resnet56_per",
+                                       ("method.layout=flatten", "method.sampling=subspace")),
     "l2": ("t1_cifar10_resnet56_l2", ()),
 }
 
@@ -123,7 +125,7 @@ def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
     over = (f"model={model}", f"data.batch_size={size['batch']}", *size["image"])
     steps = {label: build(name, (*over, *extra), size["warmup"] + size["repeats"], args)
              for label, (name, extra) in STEP_CONFIGS.items()}
-    labels = ["per channels", "per flatten", "l2"]
+    labels = ["per channels", "per flatten", "per flatten, sampling=subspace", "l2"]
     if args.device.type == "cpu":
         name, extra = STEP_CONFIGS["per channels"]
         steps["per channels, PER_CPU_COMPILE=1"] = CpuCompiled(

@@ -100,3 +100,7 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     # The slice ablation's counts are a variant of the cell (a row key), not a change.
     slices = {**same, "method": {**same["method"], "num_slices": 16}}
     assert checks.protocol_changes(defaults, slices) == []
+    # Drawing PER's directions another way draws the same distribution: not a change.
+    defaults["method"]["sampling"] = "explicit"
+    sampled = {**same, "method": {**same["method"], "sampling": "subspace"}}
+    assert checks.protocol_changes(defaults, sampled) == []

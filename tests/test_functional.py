@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import scipy.special
+import scipy.stats
 import torch
 
 import per
@@ -401,3 +402,93 @@ def test_per_grad_of_no_points_is_empty():
     for reduction in per.functional.REDUCTIONS:
         got = per.per_grad(torch.zeros(0, 8), theta, reduction=reduction)
         assert got.shape == (0, 8)
+
+
+def _gradient_statistics(draw, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """`k` draws of `(g, p) = draw()` -> `(k, 9)`: each gradient row's components along
+    `u` (in the points' span) and `w` (orthogonal to it), its norm, an inner product
+    of two rows, single projections and a per-point mean of `phi`."""
+    rows = []
+    for _ in range(k):
+        g, p = draw()
+        rows.append(torch.stack([g[0] @ u, g[2] @ u, g[0] @ w, g[2] @ w, g[0].norm(), g[2].norm(),
+                                 g[0] @ g[2], p[0, 0], per.phi(p[2]).mean()]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_per_grad_subspace_has_the_distribution_of_explicit_directions(reduction):
+    # Small enough that every part of the construction shows: d' = d - N = 21 is close to
+    # s = 12, so Bartlett's chi^2 degrees of freedom (21 ... 10) matter; two points are
+    # collinear (a rank-deficient cloud). Each of these mistakes fails it with a KS p-value
+    # of 1e-9 to 1e-164: dropping the "-k" of the degrees of freedom, dropping Bartlett's
+    # off-diagonal, not projecting the complement's frame off the points' span, not
+    # orthonormalizing it, or orthonormalizing it with the Gram matrix of the unprojected
+    # draw. Correct: p >= 0.06 here.
+    gen = torch.Generator().manual_seed(0)
+    n, d, s = 3, 24, 12
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    x[1] = 2 * x[0]
+    u = x[0] / x[0].norm()
+    w = torch.randn(d, dtype=torch.float64, generator=gen)
+    basis = torch.linalg.qr(x.T).Q
+    w -= basis @ (basis.T @ w)
+    w /= w.norm()
+
+    def explicit():
+        theta = per.sample_directions(d, s, generator=gen, dtype=torch.float64)
+        return per.per_grad(x, theta, reduction=reduction), per.functional.project(x, theta)
+
+    def subspace():
+        return per.per_grad_subspace(x, s, reduction=reduction, generator=gen)
+
+    gen.manual_seed(1)
+    first = explicit()[0]
+    gen.manual_seed(1)
+    assert not torch.equal(subspace()[0], first)        # the implicit route, not the fallback
+    k = 4000
+    ref, got = (_gradient_statistics(f, x, u, w, k) for f in (explicit, subspace))
+    for j in range(ref.shape[1]):
+        assert scipy.stats.ks_2samp(ref[:, j].numpy(), got[:, j].numpy()).pvalue > 1e-4, j
+
+
+def test_per_grad_subspace_shapes_dtypes_and_reductions():
+    x = torch.randn(4, 300)       # N = 4 <= s / 4 = 4: the implicit route
+    for dtype, grad_dtype in [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                              (torch.bfloat16, torch.bfloat16)]:
+        grad, p = per.per_grad_subspace(x.to(dtype), 16)
+        assert grad.shape == (4, 300) and grad.dtype == grad_dtype
+        assert p.shape == (4, 16) and p.dtype == per.functional.compute_dtype(x.to(dtype))
+    # The same random numbers for the same seed: "mean" is "sum" / N.
+    total, p_sum = per.per_grad_subspace(x, 16, generator=torch.Generator().manual_seed(3))
+    mean, p_mean = per.per_grad_subspace(x, 16, reduction="mean", generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(mean, total / 4)
+    torch.testing.assert_close(p_mean, p_sum)
+    # A point's projections are bounded by its norm (unit directions).
+    assert bool((p.abs() <= x.norm(dim=1, keepdim=True) * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("n, d, s", [(5, 300, 16),     # N > s / 4
+                                     (4, 19, 16)])     # N + s > d
+def test_per_grad_subspace_draws_explicit_directions_where_they_are_cheaper(n, d, s):
+    x = torch.randn(n, d)
+    grad, p = per.per_grad_subspace(x, s, generator=torch.Generator().manual_seed(1))
+    theta = per.sample_directions(d, s, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(grad, per.per_grad(x, theta))
+    torch.testing.assert_close(p, per.functional.project(x, theta))
+
+
+def test_per_grad_subspace_gives_nan_rows_for_non_finite_points():
+    x = torch.randn(4, 300)
+    x[1, 7], x[3, 0] = float("nan"), float("inf")
+    grad, _ = per.per_grad_subspace(x, 16)
+    assert bool(grad[[1, 3]].isnan().all()) and bool(grad[[0, 2]].isfinite().all())
+
+
+def test_per_grad_subspace_checks_its_arguments():
+    with pytest.raises(ValueError, match="rank 2"):
+        per.per_grad_subspace(torch.randn(2, 3, 4), 8)
+    with pytest.raises(ValueError, match="valid: sum, mean"):
+        per.per_grad_subspace(torch.randn(2, 30), 8, reduction="avg")
+    with pytest.raises(ValueError, match="num_slices"):
+        per.per_grad_subspace(torch.randn(2, 30), 0)

@@ -448,3 +448,37 @@ def test_sites_must_name_sites_of_the_kinds_role():
     reg = per.Regularizer(_mlp(), "per", 0.1, sites=["2"])
     with pytest.raises(ValueError, match="already"):
         per.Regularizer(reg.model, "l1", 0.1, sites=["2", "5"])
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_subspace_sampling_adds_per_grad_subspace_drawn_in_the_backward(track):
+    model = nn.Sequential(per.Site())
+    h = torch.randn(4, 2, 6, 6, requires_grad=True)     # flatten: 4 points in R^72
+    w = torch.randn(4, 2, 6, 6)
+    reg = per.Regularizer(model, "per", 0.3, layout="flatten", num_slices=SLICES, sampling="subspace")
+    torch.manual_seed(4)
+    reg.begin_step(track=track)
+    out = model(h)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(4).get_state())  # nothing drawn yet
+    (out * w).sum().backward()
+    torch.manual_seed(4)
+    grad, p = per.per_grad_subspace(per.to_points(h.detach(), "flatten"), SLICES)
+    torch.testing.assert_close(h.grad, w + 0.3 * grad.reshape(h.shape))
+    stats = reg.site_stats()
+    if track:
+        torch.testing.assert_close(stats["penalty/0"], per.phi(p).mean())
+        torch.testing.assert_close(stats["grad_ratio/0"], 0.3 * grad.norm() / w.norm())
+    else:
+        assert stats == {}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sampling": "implicit"}, "valid: explicit, subspace"),
+    ({"sampling": "subspace", "path": "autograd"}, "path='autograd'"),
+    ({"sampling": "subspace", "share_directions": True}, "share_directions=True"),
+])
+def test_subspace_sampling_rejects_what_it_cannot_do(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        per.Regularizer(_cnn(), "per", 0.3, **kwargs)
+    with pytest.raises(ValueError, match="kind='l2'"):
+        per.Regularizer(_cnn(), "l2", 0.3, sampling="subspace")

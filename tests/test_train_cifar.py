@@ -81,6 +81,15 @@ def test_every_model_and_method_trains(data_root, tmp_path, model, norm, act, me
         assert row["penalty"] > 0
 
 
+def test_flatten_layout_with_subspace_sampling_trains(data_root, tmp_path):
+    summary = train(_cfg(data_root, tmp_path, "model=resnet20", "method=per", "method.layout=flatten",
+                         "method.sampling=subspace", "trainer.max_steps=2", "trainer.epochs=1"),
+                    build_image_experiment)
+    assert summary["status"] == schema.FINISHED and summary["steps"] == 2
+    row = metrics(tmp_path)[0]
+    assert row["penalty"] > 0 and any(k.startswith("grad_ratio/") and v for k, v in row.items())
+
+
 def test_run_directory_contract(data_root, tmp_path):
     cfg = _cfg(data_root, tmp_path, "model=resnet20", "method=per", "trainer.epochs=2",
                "data.val_size=64", "trainer.monitor.every=4", "seed=3")
@@ -261,7 +270,8 @@ def test_limit_eval_batches(data_root, tmp_path):
 @pytest.mark.parametrize("override,allowed", [
     ("method.lam=abc", "a finite number >= 0"), ("data.batch_size=0", "an integer >= 1"),
     ("trainer.max_steps=-1", "null or an integer >= 1"), ("trainer.epochs=-2", "an integer >= 1"),
-    ("method.layout=foo", "one of channels, flatten"), ("trainer.limit_eval_batches=0", "null or an integer")])
+    ("method.layout=foo", "one of channels, flatten"), ("trainer.limit_eval_batches=0", "null or an integer"),
+    ("method.sampling=foo", "one of explicit, subspace")])
 def test_bad_values_are_refused_before_anything_is_written(data_root, tmp_path, override, allowed):
     key, value = override.split("=")
     cfg = _cfg(data_root, tmp_path / "run", "model=resnet20", "method=per", override)

@@ -15,7 +15,7 @@ from per.data import cifar
 from per.data.cifar import NORMALIZATIONS
 from per.data.corpus import CORPORA
 from per.models.lstm import DROPOUT_TYPES
-from per.regularizers import PATHS, Regularizer
+from per.regularizers import PATHS, SAMPLINGS, Regularizer
 from per.training.loggers import LOGGER_MODES
 from per.training.optim import CLIP_MODES, SCHEDULES
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
@@ -39,10 +39,12 @@ VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table
 # split), the method options that make a cell's variants (`schema.METHOD_OPTIONS`, in
 # the tables' row keys), the run's length (`per.analysis.collect.is_partial` judges it),
 # what is logged how often, and how the same computation runs (equal up to float
-# rounding: the gradient path, evaluation batch, compilation, memory format).
+# rounding: the gradient path, evaluation batch, compilation, memory format; or in
+# distribution: how PER's directions are drawn).
 NOT_PROTOCOL = ("seed", "method.lam", "data.val_size", *(f"method.{o}" for o in schema.METHOD_OPTIONS),
                 "trainer.epochs", "trainer.max_steps", "trainer.log_every", "trainer.monitor",
-                "method.path", "data.eval_batch_size", "trainer.compile", "trainer.channels_last")
+                "method.path", "method.sampling", "data.eval_batch_size", "trainer.compile",
+                "trainer.channels_last")
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -119,6 +121,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.reduction": _one_of(REDUCTIONS),
     "method.path": _one_of(PATHS),
     "method.share_directions": _BOOL,
+    "method.sampling": _one_of(SAMPLINGS),
     "model.name": _one_of(models.list_models()),
     "model.rbn": _BOOL,
     "model.norm": _one_of(schema.NORMS),

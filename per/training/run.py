@@ -31,7 +31,7 @@ from per.training.records import ACTIVATIONS, METRICS, RunDir
 
 REGULARIZED = ("l1", "l2", "per", "vcl")
 # Method config keys passed to Regularizer where present (absent: its default).
-REGULARIZER_OPTIONS = ("layout", "num_slices", "reduction", "path", "share_directions")
+REGULARIZER_OPTIONS = ("layout", "num_slices", "reduction", "path", "share_directions", "sampling")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"   # Hydra's job-log format
 # The metrics an end or skip line shows (those present).
 KEY_METRICS = (schema.TRAIN_LOSS, schema.VAL_ERROR, schema.TEST_ERROR, schema.VAL_PPL, schema.TEST_PPL)
