@@ -13,7 +13,8 @@ Two equivalent paths for PER/L1/L2:
 - "autograd": the site computes `L_site` with autograd and `penalty()` returns
   `lam * sum L_site` to add to the task loss.
 Both draw each site's directions in the forward pass from the global torch RNG, so
-with the same seed they use the same directions and give the same gradients.
+with the same seed they use the same directions and give the same gradients
+(`sampling="subspace"` draws them in the backward instead: same distribution, other numbers).
 
 Example:
     reg = Regularizer(model, "per", lam=1e-4)
@@ -35,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from per.functional import (
     add_per_grad, check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty,
-    per_grad, per_grad_subspace, per_loss, phi, point_dim, sample_directions, to_points)
+    per_grad, per_grad_subspace, per_loss, phi, point_dim, sample_directions, subspace_applies, to_points)
 from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
 from per.sites import Site, list_sites
 
@@ -64,10 +65,21 @@ def _site_grad(kind: str, x: torch.Tensor, directions: torch.Tensor | None,
     return grad / x.shape[0] if reduction == "mean" else grad
 
 
+def sampling_conflict(sampling: str, kind: str, path: str, share_directions: bool) -> str | None:
+    """Why `sampling` cannot serve this regularizer (a message), or None if it can."""
+    if sampling not in SAMPLINGS:
+        return f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}"
+    if sampling == "subspace" and (kind != "per" or path != "backward" or share_directions):
+        return ("sampling='subspace' draws PER's directions inside the backward pass: it needs "
+                f"kind='per', path='backward' and share_directions=False, got kind={kind!r}, "
+                f"path={path!r}, share_directions={share_directions!r}")
+    return None
+
+
 class _AddPenaltyGrad(torch.autograd.Function):
     """Identity on `h`; backward returns `grad_output + lam * dL_site/dh` (Algorithm 1).
-    PER with `directions=None` (`sampling="subspace"`) draws `num_slices` directions
-    implicitly in the backward (`per_grad_subspace`)."""
+    PER with `directions=None` (`sampling="subspace"`) draws `num_slices` directions in the
+    backward: implicitly (`per_grad_subspace`) where `subspace_applies`, else a matrix."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, kind: str, lam: float,
@@ -84,6 +96,10 @@ class _AddPenaltyGrad(torch.autograd.Function):
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
         none = (None,) * 8
+        if ctx.kind == "per" and directions is None:
+            d = point_dim(h.shape, ctx.layout)
+            if not subspace_applies(h.numel() // d, d, ctx.num_slices):
+                directions = sample_directions(d, ctx.num_slices, device=h.device, dtype=compute_dtype(h))
         implicit = ctx.kind == "per" and directions is None
         if ctx.kind == "per" and not implicit and ctx.stats is None:
             grad = add_per_grad(grad_output, h, directions, ctx.lam, layout=ctx.layout,
@@ -141,8 +157,9 @@ class Regularizer(nn.Module):
         sampling: how PER draws its directions, one of `SAMPLINGS`. "explicit" (default): a
             `(d, num_slices)` matrix per site in the forward pass, the same on both paths.
             "subspace" (CPU speed option for the flatten layout, backward path only): drawn
-            implicitly in the backward, where it is cheaper, with the same distribution of
-            gradients (`per.functional.per_grad_subspace`), but not the same numbers.
+            in each backward, implicitly where it is cheaper (`per.functional.subspace_applies`),
+            with the same distribution of gradients (`per.functional.per_grad_subspace`), but
+            not the same numbers; elsewhere as a matrix, in the backward.
         vcl_chunk: VCL chunk size (reference: 5); each batch needs `2 * vcl_chunk` examples.
         sites: names of the sites to act on (`per.list_sites(model)`); default: every site
             of the kind's role. Regularizers on disjoint sites of one model can coexist.
@@ -165,12 +182,8 @@ class Regularizer(nn.Module):
             raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
-        if sampling == "subspace" and (kind != "per" or path != "backward" or share_directions):
-            raise ValueError("sampling='subspace' draws PER's directions inside the backward pass: "
-                             "it needs kind='per', path='backward' and share_directions=False, got "
-                             f"kind={kind!r}, path={path!r}, share_directions={share_directions!r}")
+        if conflict := sampling_conflict(sampling, kind, path, share_directions):
+            raise ValueError(conflict)
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if vcl_chunk < 2:

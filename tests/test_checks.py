@@ -48,6 +48,17 @@ def test_values_of_another_task_are_refused_before_the_run(config, overrides, me
         validate(compose_config(config, overrides, "unused"))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["method=per", "method.sampling=subspace", "method.path=autograd"], "path='autograd'"),
+    (["method=per", "method.sampling=subspace", "method.share_directions=true"], "share_directions=True"),
+    (["method=l2", "++method.sampling=subspace"], "kind='l2'"),
+])
+def test_subspace_sampling_where_it_cannot_serve_is_refused_before_the_run(overrides, message):
+    with pytest.raises(ConfigValueError, match=r"method.sampling='subspace': .*" + re.escape(message)):
+        validate(compose_config("train_cifar", overrides, "unused"))
+    validate(compose_config("train_cifar", ["method=per", "method.sampling=subspace"], "unused"))
+
+
 def test_an_unknown_name_is_one_line_naming_every_choice():
     cfg = compose_config("train_cifar", ["model.name=resnet21", "data.name=cifar11"], "unused")
     with pytest.raises(ConfigValueError) as err:

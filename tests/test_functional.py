@@ -405,28 +405,30 @@ def test_per_grad_of_no_points_is_empty():
 
 
 def _gradient_statistics(draw, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """`k` draws of `(g, p) = draw()` -> `(k, 9)`: each gradient row's components along
+    """`k` draws of `(g, p) = draw()` -> `(k, 11)`: each gradient row's components along
     `u` (in the points' span) and `w` (orthogonal to it), its norm, an inner product
-    of two rows, single projections and a per-point mean of `phi`."""
+    of two rows, a projection on the last direction, a per-point mean of `phi`, a point's sum of squared
+    projections, and that times its squared gradient norm."""
     rows = []
     for _ in range(k):
         g, p = draw()
         rows.append(torch.stack([g[0] @ u, g[2] @ u, g[0] @ w, g[2] @ w, g[0].norm(), g[2].norm(),
-                                 g[0] @ g[2], p[0, 0], per.phi(p[2]).mean()]))
+                                 g[0] @ g[2], p[0, -1], per.phi(p[2]).mean(), p[2].square().sum(),
+                                 g[0].square().sum() * p[0].square().sum()]))
     return torch.stack(rows)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_per_grad_subspace_has_the_distribution_of_explicit_directions(reduction):
-    # Small enough that every part of the construction shows: d' = d - N = 21 is close to
-    # s = 12, so Bartlett's chi^2 degrees of freedom (21 ... 10) matter; two points are
-    # collinear (a rank-deficient cloud). Each of these mistakes fails it with a KS p-value
-    # of 1e-9 to 1e-164: dropping the "-k" of the degrees of freedom, dropping Bartlett's
-    # off-diagonal, not projecting the complement's frame off the points' span, not
-    # orthonormalizing it, or orthonormalizing it with the Gram matrix of the unprojected
-    # draw. Correct: p >= 0.06 here.
+    # Small enough that every part of the construction shows: d = N + s, the smallest the
+    # route takes, so Bartlett's chi^2 degrees of freedom run from 12 down to 1; two points
+    # are collinear (a rank-deficient cloud). Each of these mistakes fails it with a KS
+    # p-value of 2e-8 to 1e-144: dropping the "-k" of the degrees of freedom or adding 1 to
+    # them, dropping Bartlett's off-diagonal or scaling it by 1.1, not projecting the
+    # complement's frame off the points' span, not orthonormalizing it, or orthonormalizing
+    # it with the Gram matrix of the unprojected draw. Correct: p >= 0.06 here.
     gen = torch.Generator().manual_seed(0)
-    n, d, s = 3, 24, 12
+    n, d, s = 3, 15, 12
     x = torch.randn(n, d, dtype=torch.float64, generator=gen)
     x[1] = 2 * x[0]
     u = x[0] / x[0].norm()
@@ -476,6 +478,14 @@ def test_per_grad_subspace_draws_explicit_directions_where_they_are_cheaper(n, d
     theta = per.sample_directions(d, s, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(grad, per.per_grad(x, theta))
     torch.testing.assert_close(p, per.functional.project(x, theta))
+
+
+def test_per_grad_subspace_of_huge_finite_points_draws_explicitly():
+    x = torch.full((4, 300), 3e36)       # finite, but the norm overflows float32 (its QR would)
+    grad, p = per.per_grad_subspace(x, 16, generator=torch.Generator().manual_seed(2))
+    theta = per.sample_directions(300, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(grad, per.per_grad(x, theta))
+    assert bool(grad.isfinite().all())
 
 
 def test_per_grad_subspace_gives_nan_rows_for_non_finite_points():

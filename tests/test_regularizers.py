@@ -472,6 +472,20 @@ def test_subspace_sampling_adds_per_grad_subspace_drawn_in_the_backward(track):
         assert stats == {}
 
 
+@pytest.mark.parametrize("shape, layout", [((4, 2, 6, 6), "channels"),   # 144 points in R^2
+                                           ((8, 2, 6, 6), "flatten")])   # N = 8 > s / 4
+def test_subspace_sampling_draws_a_matrix_in_the_backward_where_it_would_be_slower(shape, layout):
+    model = nn.Sequential(per.Site())
+    h, w = torch.randn(shape, requires_grad=True), torch.randn(shape)
+    per.Regularizer(model, "per", 0.3, layout=layout, num_slices=SLICES, sampling="subspace")
+    torch.manual_seed(4)
+    (model(h) * w).sum().backward()
+    torch.manual_seed(4)
+    x = per.to_points(h.detach(), layout)
+    theta = per.sample_directions(x.shape[1], SLICES)
+    torch.testing.assert_close(h.grad, w + 0.3 * from_points(per.per_grad(x, theta), shape, layout))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"sampling": "implicit"}, "valid: explicit, subspace"),
     ({"sampling": "subspace", "path": "autograd"}, "path='autograd'"),

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import per.regularizers
 from per import schema
 from per.data.cifar import write_fake_cifar
 from per.data.download import DatasetMissingError
@@ -81,11 +82,16 @@ def test_every_model_and_method_trains(data_root, tmp_path, model, norm, act, me
         assert row["penalty"] > 0
 
 
-def test_flatten_layout_with_subspace_sampling_trains(data_root, tmp_path):
+def test_flatten_layout_with_subspace_sampling_trains(data_root, tmp_path, monkeypatch):
+    implicit = []
+    monkeypatch.setattr(per.regularizers, "per_grad_subspace",
+                        lambda x, *a, **k: implicit.append(x.shape) or per.per_grad_subspace(x, *a, **k))
+    # Batch 4 with 16 slices: N = 4 <= s / 4, so the sites take the implicit route.
     summary = train(_cfg(data_root, tmp_path, "model=resnet20", "method=per", "method.layout=flatten",
-                         "method.sampling=subspace", "trainer.max_steps=2", "trainer.epochs=1"),
-                    build_image_experiment)
+                         "method.sampling=subspace", "data.batch_size=4", "trainer.max_steps=2",
+                         "trainer.epochs=1"), build_image_experiment)
     assert summary["status"] == schema.FINISHED and summary["steps"] == 2
+    assert len(implicit) == 2 * 19 and all(shape[0] == 4 for shape in implicit)   # 19 sites
     row = metrics(tmp_path)[0]
     assert row["penalty"] > 0 and any(k.startswith("grad_ratio/") and v for k, v in row.items())
 

@@ -15,7 +15,7 @@ from per.data import cifar
 from per.data.cifar import NORMALIZATIONS
 from per.data.corpus import CORPORA
 from per.models.lstm import DROPOUT_TYPES
-from per.regularizers import PATHS, SAMPLINGS, Regularizer
+from per.regularizers import PATHS, SAMPLINGS, Regularizer, sampling_conflict
 from per.training.loggers import LOGGER_MODES
 from per.training.optim import CLIP_MODES, SCHEDULES
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
@@ -186,9 +186,23 @@ def validate(cfg: dict) -> None:
         if value is not _MISSING and not ok(value):
             bad.append(f"{key}={value!r}: expected {allowed}")
     bad += _task_mismatches(cfg)
+    bad += _sampling_conflicts(cfg)
     if bad:
         raise ConfigValueError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  "
                                + "\n  ".join(bad))
+
+
+def _sampling_conflicts(cfg: dict) -> list[str]:
+    """`method.sampling=subspace` with a method, path or direction sharing it cannot serve
+    (`per.regularizers.sampling_conflict`); unknown values are left to `_CHECKS`."""
+    method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
+    sampling = method.get("sampling", "explicit")
+    if sampling not in SAMPLINGS:
+        return []
+    defaults = inspect.signature(Regularizer).parameters
+    conflict = sampling_conflict(sampling, method.get("name"), method.get("path", defaults["path"].default),
+                                 method.get("share_directions", defaults["share_directions"].default))
+    return [f"method.sampling={sampling!r}: {conflict}"] if conflict else []
 
 
 def _task_mismatches(cfg: dict) -> list[str]:
