@@ -4,7 +4,8 @@ line, printed (and appended to `--out`) as soon as it is measured, so a run cut 
 still reports what it has; a section that fails reports its error and the others run
 (exit status 1).
 
-1. `step`: training step, PER (channels and flatten layouts) and L2 / vanilla, Fixup ResNets.
+1. `step`: training step, PER (channels and flatten layouts, flatten also with
+   `method.sampling=subspace`) and L2 / vanilla, Fixup ResNets.
 2. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
 3. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
    a GPU) / eager, BN vanilla and Fixup PER.
