@@ -219,6 +219,7 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
     return torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=lam)
 
 
+@torch.compiler.disable     # eager code with Python control flow on values; a graph break either way
 def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum",
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_grad` and `project` for fresh random directions that are never formed: returns
@@ -252,8 +253,8 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
     (n, d), s = x.shape, num_slices
     cdtype = compute_dtype(x)
     xc = x.to(cdtype)
-    # One norm rules out NaN, inf and overflow (a finite but huge cloud draws explicitly too:
-    # its QR would overflow).
+    # One norm rules out NaN, inf and overflow (a finite cloud whose sum of squares passes
+    # the dtype's range draws explicitly too: its QR would overflow).
     if not subspace_applies(n, d, s) or not math.isfinite(float(torch.linalg.vector_norm(xc))):
         theta = sample_directions(d, s, generator=generator, device=x.device, dtype=cdtype)
         return per_grad(x, theta, reduction=reduction), project(x, theta)

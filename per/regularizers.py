@@ -98,7 +98,7 @@ class _AddPenaltyGrad(torch.autograd.Function):
         none = (None,) * 8
         if ctx.kind == "per" and directions is None:
             d = point_dim(h.shape, ctx.layout)
-            if not subspace_applies(h.numel() // d, d, ctx.num_slices):
+            if not subspace_applies(h.numel() // d if d else 0, d, ctx.num_slices):
                 directions = sample_directions(d, ctx.num_slices, device=h.device, dtype=compute_dtype(h))
         implicit = ctx.kind == "per" and directions is None
         if ctx.kind == "per" and not implicit and ctx.stats is None:

@@ -59,6 +59,13 @@ def test_subspace_sampling_where_it_cannot_serve_is_refused_before_the_run(overr
     validate(compose_config("train_cifar", ["method=per", "method.sampling=subspace"], "unused"))
 
 
+def test_a_bad_path_beside_subspace_sampling_is_reported_once():
+    cfg = compose_config("train_cifar", ["method=per", "method.sampling=subspace", "method.path=foo"], "unused")
+    with pytest.raises(ConfigValueError) as err:
+        validate(cfg)
+    assert str(err.value).splitlines()[1:] == ["  method.path='foo': expected one of backward, autograd"]
+
+
 def test_an_unknown_name_is_one_line_naming_every_choice():
     cfg = compose_config("train_cifar", ["model.name=resnet21", "data.name=cifar11"], "unused")
     with pytest.raises(ConfigValueError) as err:

@@ -405,14 +405,14 @@ def test_per_grad_of_no_points_is_empty():
 
 
 def _gradient_statistics(draw, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """`k` draws of `(g, p) = draw()` -> `(k, 11)`: each gradient row's components along
+    """`k` draws of `(g, p) = draw()` -> `(k, 12)`: each gradient row's components along
     `u` (in the points' span) and `w` (orthogonal to it), its norm, an inner product
     of two rows, a projection on the last direction, a per-point mean of `phi`, a point's sum of squared
     projections, and that times its squared gradient norm."""
     rows = []
     for _ in range(k):
         g, p = draw()
-        rows.append(torch.stack([g[0] @ u, g[2] @ u, g[0] @ w, g[2] @ w, g[0].norm(), g[2].norm(),
+        rows.append(torch.stack([g[0] @ u, g[2] @ u, g[0] @ w, g[2] @ w, g[1] @ w, g[0].norm(), g[2].norm(),
                                  g[0] @ g[2], p[0, -1], per.phi(p[2]).mean(), p[2].square().sum(),
                                  g[0].square().sum() * p[0].square().sum()]))
     return torch.stack(rows)
@@ -481,7 +481,7 @@ def test_per_grad_subspace_draws_explicit_directions_where_they_are_cheaper(n, d
 
 
 def test_per_grad_subspace_of_huge_finite_points_draws_explicitly():
-    x = torch.full((4, 300), 3e36)       # finite, but the norm overflows float32 (its QR would)
+    x = torch.full((4, 300), 3e36)       # finite, but its sum of squares overflows float32 (as its QR would)
     grad, p = per.per_grad_subspace(x, 16, generator=torch.Generator().manual_seed(2))
     theta = per.sample_directions(300, 16, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(grad, per.per_grad(x, theta))

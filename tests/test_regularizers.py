@@ -486,6 +486,14 @@ def test_subspace_sampling_draws_a_matrix_in_the_backward_where_it_would_be_slow
     torch.testing.assert_close(h.grad, w + 0.3 * from_points(per.per_grad(x, theta), shape, layout))
 
 
+def test_subspace_sampling_of_an_empty_point_dimension_raises_the_usual_error():
+    model = nn.Sequential(per.Site())
+    per.Regularizer(model, "per", 0.3, layout="flatten", num_slices=SLICES, sampling="subspace")
+    h = torch.randn(4, 0, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="dimension d must be >= 1"):
+        model(h).sum().backward()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"sampling": "implicit"}, "valid: explicit, subspace"),
     ({"sampling": "subspace", "path": "autograd"}, "path='autograd'"),

@@ -194,14 +194,15 @@ def validate(cfg: dict) -> None:
 
 def _sampling_conflicts(cfg: dict) -> list[str]:
     """`method.sampling=subspace` with a method, path or direction sharing it cannot serve
-    (`per.regularizers.sampling_conflict`); unknown values are left to `_CHECKS`."""
+    (`per.regularizers.sampling_conflict`); invalid values of these keys are left to `_CHECKS`."""
     method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
-    sampling = method.get("sampling", "explicit")
-    if sampling not in SAMPLINGS:
-        return []
     defaults = inspect.signature(Regularizer).parameters
-    conflict = sampling_conflict(sampling, method.get("name"), method.get("path", defaults["path"].default),
-                                 method.get("share_directions", defaults["share_directions"].default))
+    sampling, name = method.get("sampling", "explicit"), method.get("name")
+    path = method.get("path", defaults["path"].default)
+    share = method.get("share_directions", defaults["share_directions"].default)
+    if sampling not in SAMPLINGS or name not in schema.METHODS or path not in PATHS or not isinstance(share, bool):
+        return []       # reported by `_CHECKS`
+    conflict = sampling_conflict(sampling, name, path, share)
     return [f"method.sampling={sampling!r}: {conflict}"] if conflict else []
 
 
