@@ -60,7 +60,8 @@ def test_subspace_sampling_where_it_cannot_serve_is_refused_before_the_run(overr
 
 
 def test_a_bad_path_beside_subspace_sampling_is_reported_once():
-    cfg = compose_config("train_cifar", ["method=per", "method.sampling=subspace", "method.path=foo"], "unused")
+    cfg = compose_config("train_cifar", ["method=per", "method.sampling=subspace", "method.path=foo"],
+                         "unused")
     with pytest.raises(ConfigValueError) as err:
         validate(cfg)
     assert str(err.value).splitlines()[1:] == ["  method.path='foo': expected one of backward, autograd"]

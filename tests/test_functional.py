@@ -405,9 +405,9 @@ def test_per_grad_of_no_points_is_empty():
 
 
 def _gradient_statistics(draw, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """`k` draws of `(g, p) = draw()` -> `(k, 12)`: each gradient row's components along
-    `u` (in the points' span) and `w` (orthogonal to it), its norm, an inner product
-    of two rows, a projection on the last direction, a per-point mean of `phi`, a point's sum of squared
+    """`k` draws of `(g, p) = draw()` -> `(k, 12)`: gradient rows' components along `u` (in
+    the points' span) and `w` (orthogonal to it), two rows' norms and inner product, a
+    projection on the last direction, a per-point mean of `phi`, a point's sum of squared
     projections, and that times its squared gradient norm."""
     rows = []
     for _ in range(k):

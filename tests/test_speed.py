@@ -31,7 +31,8 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     assert rows == [json.loads(line) for line in proc.stdout.splitlines()]
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
     assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
-            ("step", "per flatten, sampling=subspace"), ("step", "l2"), ("step", "per"), ("step", "rbn"), ("compiled", "compile default"),
+            ("step", "per flatten, sampling=subspace"), ("step", "l2"), ("step", "per"), ("step", "rbn"),
+            ("compiled", "compile default"),
             ("trainer", "word-language-model example"),
             ("per_grad", f"blocked {per.functional.PER_GRAD_BLOCK_ROWS} rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got

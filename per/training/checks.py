@@ -200,7 +200,8 @@ def _sampling_conflicts(cfg: dict) -> list[str]:
     sampling, name = method.get("sampling", "explicit"), method.get("name")
     path = method.get("path", defaults["path"].default)
     share = method.get("share_directions", defaults["share_directions"].default)
-    if sampling not in SAMPLINGS or name not in schema.METHODS or path not in PATHS or not isinstance(share, bool):
+    if (sampling not in SAMPLINGS or name not in schema.METHODS or path not in PATHS
+            or not isinstance(share, bool)):
         return []       # reported by `_CHECKS`
     conflict = sampling_conflict(sampling, name, path, share)
     return [f"method.sampling={sampling!r}: {conflict}"] if conflict else []
