@@ -324,89 +324,88 @@ def _per_grad_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, block_row
 
     `xs`, `outs`, `adds`: `(B, n, d)` views of point clouds (`per_grad`: `B = 1`; a
     contiguous `(B, C, H, W)` site: each example's `H*W` positions, a transposed view of its
-    memory, so no copy is made); `adds` only with float32/float64 points; `theta: (d, s)`
-    in `compute_dtype(xs)`. A block is part of one example's points, or several whole
-    examples (batched products). The row of a point with a NaN or inf coordinate is NaN.
-    Two buffers of a block's `(points, s)` serve every block (fresh ones cost page faults:
-    the reuse took 0.77x the time over a ResNet-20 step's 19 sites) and `erf` comes from
-    `_scaled_erf_cpu`.
+    memory, so no copy is made); `adds` in `outs`' dtype; `theta: (d, s)` in
+    `compute_dtype(xs)`. A block is part of one example's points, or several whole examples
+    (batched products). Per block: the projections, shifted by `_PROJECTION_SHIFT` in the
+    same product; `erf` by `_scaled_erf_cpu`; the back-projection added into `outs`. Two
+    buffers of a block's `(points, s)` serve every block (fresh ones cost page faults: the
+    reuse took 0.77x the time over a ResNet-20 step's 19 sites). One sum checks the result:
+    rows that are not finite (a point holding NaN or inf, a projection that overflows or
+    equals `-_PROJECTION_SHIFT`, a non-finite addend) are redone by `_redo_rows_cpu`.
     """
     (b, n, d), s = xs.shape, theta.shape[1]
     cdtype = compute_dtype(xs)
     rows, group = (block_rows, 1) if n >= block_rows else (n, min(b, block_rows // n))
-    proj = torch.empty(group * rows * s, dtype=cdtype)
-    erfs = torch.empty(group * rows * s, dtype=cdtype)
-    theta_in, theta_out = theta.to(xs.dtype), theta.T
+    proj = torch.empty(group, rows, s, dtype=cdtype)
+    erfs = torch.empty(group, rows, s, dtype=cdtype)
+    theta_in, theta_out = theta.to(xs.dtype).expand(group, d, s), theta.T.expand(group, s, d)
+    shift = torch.full((s,), _PROJECTION_SHIFT, dtype=cdtype)
     minus_scale = torch.tensor(-scale, dtype=cdtype)
-    # One pass over the points: NaN or inf if a coordinate is (or past float32's range for
-    # the sum of squares, about 1.8e19). Every partial sum of a projection is at most
-    # `||x_i|| ||theta_k|| <= bound`, so below half the dtype's range no projection is
-    # infinite and `_scaled_erf_cpu` skips its clamp (3 ms of a ResNet-20 step).
-    norm = float(torch.linalg.vector_norm(xs, dtype=cdtype))
-    bound = norm * float(torch.linalg.vector_norm(theta, dim=0).amax())       # unit: 1
-    finite = bound < torch.finfo(xs.dtype).max / 2
+    if adds is None:
+        outs.zero_()
+    else:
+        outs.copy_(adds)
 
     def blocks(t: torch.Tensor) -> list[torch.Tensor]:   # (g, r, d) views: g examples, r points
         return [block for examples in t.split(group) for block in examples.split(rows, dim=1)]
 
-    x_blocks = blocks(xs)
-    add_blocks = [None] * len(x_blocks) if adds is None else blocks(adds)
-    for xb, ob, ab in zip(x_blocks, blocks(outs), add_blocks):
-        g, r = xb.shape[:2]
-        p, e = proj[:g * r * s].view(g, r, s), erfs[:g * r * s].view(g, r, s)
-        _product_into(p, xb, theta_in)
-        _scaled_erf_cpu(p, scale, out=e, minus_scale=minus_scale, finite=finite)
-        if ab is not None:                          # float32/float64 points only
-            torch.baddbmm(ab, e, theta_out.expand(g, s, d), out=ob)
+    for xb, ob in zip(blocks(xs), blocks(outs)):
+        g, r = xb.shape[:2]                  # r < rows only where group = 1: contiguous slices
+        p, e = proj[:g, :r], erfs[:g, :r]
+        if xs.dtype == cdtype:
+            torch.baddbmm(shift, xb, theta_in[:g], out=p)
+        else:                                # bf16/fp16 points project in their dtype
+            p.copy_(torch.bmm(xb, theta_in[:g])).add_(_PROJECTION_SHIFT)
+        _scaled_erf_cpu(p, scale, out=e, minus_scale=minus_scale)
+        if ob.dtype == cdtype:
+            ob.baddbmm_(e, theta_out[:g])
         else:
-            _product_into(ob, e, theta_out)
-    # `_scaled_erf_cpu` maps NaN to 0: points with a NaN or inf coordinate get NaN rows
-    # (checked only when the norm is not finite: the check took 1.5 ms of a ResNet-20 step).
-    if not math.isfinite(norm):
-        outs[~torch.isfinite(xs).all(dim=2)] = float("nan")                     # (B, n) rows
+            ob.add_(torch.bmm(e, theta_out[:g]))
+    if not math.isfinite(float(outs.sum(dtype=cdtype))):
+        _redo_rows_cpu(xs, theta, scale, outs, adds)
 
 
-def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`out = a @ b` for a block: `a: (g, r, k)` views, `b: (k, m)`, `out: (g, r, m)`; one
-    matrix product when `g = 1`. A dtype change (bf16/fp16 points) is a product, then a cast."""
-    if out.dtype != a.dtype:
-        out.copy_(a @ b)
-    elif len(a) == 1:
-        torch.mm(a[0], b, out=out[0])
-    else:
-        torch.bmm(a, b.expand(len(a), *b.shape), out=out)
+def _redo_rows_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, outs: torch.Tensor,
+                   adds: torch.Tensor | None) -> None:
+    """Recomputes the rows of `outs` that are not finite with ATen's `erf` (exact at 0,
+    +-1 at infinite projections); rows of points holding NaN or inf become NaN. Arguments
+    as `_per_grad_cpu`'s. Only on such steps: finding the rows takes a pass over `outs`."""
+    bad = ~torch.isfinite(outs).all(dim=2)                                      # (B, n)
+    x = xs[bad]                                                                 # (k, d)
+    p = (x @ theta.to(x.dtype)).to(theta.dtype)                                 # (k, s)
+    rows = torch.erf(p / _SQRT2).mul_(scale) @ theta.T                          # (k, d)
+    if adds is not None:
+        rows = rows + adds[bad]
+    rows[~torch.isfinite(x).all(dim=1)] = float("nan")
+    outs[bad] = rows.to(outs.dtype)
 
 
-# Projections this small are taken as 0 by `_scaled_erf_cpu` (erf(p / sqrt 2) < 1e-30 there),
-# and larger ones (infinite: an overflowing fp16 product) as this (erf is 1 there).
-_TINY_PROJECTION = 1e-30
-_LARGE_PROJECTION = 1e30
+# The CPU path adds this to every projection before `_scaled_erf_cpu` (at 0 its `gelu(q) / q`
+# is `0 / 0`): erf(p / sqrt 2) moves by at most 0.8 * 1e-20, far below float32's and float64's
+# resolution of a gradient row (a sum of terms up to 1). A shifted projection is 0 or a
+# normal float (`gelu` loses precision on subnormals) unless products of a point's
+# coordinates and a direction's cancel the shift exactly, leaving only terms below 1e-31;
+# at 0 (a projection of exactly `-_PROJECTION_SHIFT`) the result is NaN and
+# `_per_grad_cpu` redoes the row.
+_PROJECTION_SHIFT = 1e-20
 
 
-def _scaled_erf_cpu(p: torch.Tensor, scale: float, *, out: torch.Tensor,
-                    minus_scale: torch.Tensor | None = None, finite: bool = False) -> torch.Tensor:
-    """`out = scale * erf(p / sqrt 2)` for projections `p` on CPU (`p` is overwritten), through
-    the exact identity `erf(p / sqrt 2) = 2 gelu(p) / p - 1` (`gelu(p) = p Phi(p)`, `Phi` the
-    normal CDF).
+def _scaled_erf_cpu(q: torch.Tensor, scale: float, *, out: torch.Tensor,
+                    minus_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`out = scale * erf(q / sqrt 2)` on CPU through the exact identity
+    `erf(q / sqrt 2) = 2 gelu(q) / q - 1` (`gelu(q) = q Phi(q)`, `Phi` the normal CDF), for
+    shifted projections `q` (no 0: there the result is NaN, as at NaN and infinite `q`).
 
     Why: ATen's `erf` on CPU calls MKL's high-accuracy `vsErf`, while its exact `gelu`
     evaluates `erf` with a vectorized polynomial. Per float32 value on this machine kind
-    (AVX-512, one thread, 1024 x 256 block): about 0.5 ns for these five passes against
-    1.08 ns for `erf`; max abs error 7e-7 against float64 (`erf`: 6e-8). Edge cases:
-    `|p| < _TINY_PROJECTION` -> 0 (`0 / 0` is mapped to 0); infinite `p` -> `+-scale`;
-    NaN `p` -> 0 (`_per_grad_cpu` gives the points that hold NaN or inf NaN rows).
-    `minus_scale`: `-scale` as a 0-d tensor of `p`'s dtype, made once by a caller of many
-    blocks; `finite=True`: the caller knows `p` holds no infinity (the clamp is skipped).
+    (AVX-512, one thread, 1024 x 256 block): about 0.3 ns for these two passes against
+    1.0 ns for `erf`; max abs error 7e-7 against float64 (`erf`: 6e-8).
+    `minus_scale`: `-scale` as a 0-d tensor of `q`'s dtype, made once by a caller of many blocks.
     """
     if minus_scale is None:
-        minus_scale = torch.tensor(-scale, dtype=p.dtype)
-    aten = torch.ops.aten              # the out= forms of hardshrink and gelu
-    aten.hardshrink.out(p, _TINY_PROJECTION, out=p)
-    if not finite:
-        p.clamp_(-_LARGE_PROJECTION, _LARGE_PROJECTION)  # gelu(+-inf) is NaN; NaN stays NaN
-    aten.gelu.out(p, out=out)
-    torch.addcdiv(minus_scale, out, p, value=2 * scale, out=out)
-    return out.nan_to_num_(nan=0.0, posinf=scale, neginf=-scale)
+        minus_scale = torch.tensor(-scale, dtype=q.dtype)
+    torch.ops.aten.gelu.out(q, out=out)
+    return torch.addcdiv(minus_scale, out, q, value=2 * scale, out=out)
 
 
 def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,

@@ -257,19 +257,44 @@ def test_point_dim_rejects_bad_ranks_and_layouts():
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
-def test_cpu_erf_through_gelu_matches_erf_on_every_finite_value(dtype, atol):
-    """`_scaled_erf_cpu` (2 gelu(p) / p - 1) against float64 `erf`: 0, subnormals, the
-    tiny-projection cut, a log-spaced sweep of the ordinary range, values where `gelu`
-    overflows and infinity."""
+def test_cpu_erf_through_gelu_is_erf_or_not_finite(dtype, atol):
+    """`_scaled_erf_cpu` (2 gelu(q) / q - 1) of shifted projections `q = p + shift` against
+    float64 `erf(p / sqrt 2)`: 0, subnormals, the shift and its neighbours, a log-spaced
+    sweep of the ordinary range, values where `gelu` overflows and infinity. Every finite
+    result is right; results that are not (their rows are redone) come only from `q = 0`,
+    overflow and infinity."""
     finfo = torch.finfo(dtype)
-    mags = torch.cat([torch.tensor([0.0, finfo.smallest_normal / 4, finfo.smallest_normal, 9e-31, 1.1e-30,
-                                    finfo.max / 2, finfo.max, math.inf], dtype=torch.float64),
+    shift = per.functional._PROJECTION_SHIFT
+    mags = torch.cat([torch.tensor([0.0, finfo.smallest_normal / 4, finfo.smallest_normal, 1e-31, shift,
+                                    shift * (1 + finfo.eps), 3e-20, finfo.max / 2, finfo.max, math.inf],
+                                   dtype=torch.float64),
                       torch.logspace(-40, 1.5, 5000, dtype=torch.float64)])
-    p64 = torch.cat([mags, -mags]).to(dtype).double()
+    p = torch.cat([mags, -mags]).to(dtype)
+    q = p + shift                                               # as the product's bias adds it
     for scale in (1.0, 1 / 256):
-        got = per.functional._scaled_erf_cpu(p64.to(dtype), scale, out=torch.empty(len(p64), dtype=dtype))
-        want = scale * torch.erf(p64 / math.sqrt(2))
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=atol * scale)
+        got = per.functional._scaled_erf_cpu(q, scale, out=torch.empty_like(q)).double()
+        want = scale * torch.erf(p.double() / math.sqrt(2))
+        finite = got.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=atol * scale)
+        may_fail = (q == 0) | (p.abs() >= finfo.max)           # -shift, +-max, +-inf
+        assert (finite | may_fail).all(), p[~finite & ~may_fail]
+        assert not finite[q == 0].any() and finite.sum() >= len(p) - 5
+
+
+def test_per_grad_redoes_the_rows_of_a_projection_at_minus_the_shift():
+    """A projection of exactly `-shift` makes the shifted one 0 (`0 / 0` in the gelu
+    identity): that point's row is recomputed with ATen's erf, the others are untouched."""
+    shift = torch.tensor(per.functional._PROJECTION_SHIFT, dtype=torch.float32).item()
+    x = torch.tensor([[-shift], [0.5], [0.0]])
+    theta = torch.tensor([[1.0, -1.0]])
+    got = per.per_grad(x, theta).double()
+    want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 2
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+    h = x.T.reshape(1, 1, 1, 3).contiguous()                # the same points, as an NCHW site
+    go = torch.ones_like(h)
+    out = per.functional.add_per_grad(go, h, theta, 2.0)
+    torch.testing.assert_close(per.to_points(out, "channels").double(), 1 + 2 * want, rtol=1e-6, atol=1e-30)
 
 
 def test_per_grad_gives_nan_rows_for_non_finite_points():
@@ -284,9 +309,9 @@ def test_per_grad_gives_nan_rows_for_non_finite_points():
 
 @pytest.mark.parametrize("rows", [slice(0, 2), slice(0, 3)])
 def test_per_grad_of_huge_finite_points(rows):
-    """float32 points up to the dtype's range: below half of it (rows 0-1) no projection
-    can be infinite and the CPU path skips its clamp; the third point's projections
-    overflow (its norm too), so the clamp is taken. Either way erf is +-1 where it should be."""
+    """float32 points up to the dtype's range: rows 0-1 project finitely and take the gelu
+    identity; the third point's projections overflow, so the CPU path redoes its row with
+    ATen's erf. Either way erf is +-1 where it should be."""
     x = torch.tensor([[1e36, -1e36], [1.0, 2.0], [3e38, -3e38]])[rows]
     theta = per.sample_directions(2, 16, generator=torch.Generator().manual_seed(2))
     got = per.per_grad(x, theta).double()
