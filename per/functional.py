@@ -195,11 +195,9 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
     (a backward, or `torch.no_grad()`). On CPU, a contiguous `(B, C, H, W)` site in the
     channels layout (float32/float64, `grad_output` alike and contiguous) is computed in
     its own memory layout: each example's `H*W` positions are its points as a transposed
-    view, and the last product of each block takes `grad_output` as the addend and writes
-    the new tensor, so neither the points nor `lam * dL/dh` is materialized (a Fixup
-    ResNet-20 PER step at batch 32, one thread, interleaved in one process: 3.09-3.11x
-    the vanilla step, 3.24-3.26x before). Everything else (other layouts, memory formats
-    and dtypes, CUDA, `PER_CPU_COMPILE=1`) goes through `per_grad`.
+    view, and each block's back-projection is added in place into a copy of `grad_output`,
+    so neither the points nor `lam * dL/dh` is materialized. Everything else (other
+    layouts, memory formats and dtypes, CUDA, `PER_CPU_COMPILE=1`) goes through `per_grad`.
     """
     check_reduction(reduction)
     if (h.device.type == "cpu" and h.dim() == 4 and layout == "channels"
