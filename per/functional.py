@@ -328,8 +328,8 @@ def _per_grad_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, block_row
     same product; `erf` by `_scaled_erf_cpu`; the back-projection added into `outs`. Two
     buffers of a block's `(points, s)` serve every block (fresh ones cost page faults: the
     reuse took 0.77x the time over a ResNet-20 step's 19 sites). One sum checks the result:
-    rows that are not finite (a point holding NaN or inf, a projection that overflows or
-    equals `-_PROJECTION_SHIFT`, a non-finite addend) are redone by `_redo_rows_cpu`.
+    rows that are not finite (a point holding NaN or inf, a projection that overflows, a
+    shifted projection of exactly 0, a non-finite addend) are redone by `_redo_rows_cpu`.
     """
     (b, n, d), s = xs.shape, theta.shape[1]
     cdtype = compute_dtype(xs)
@@ -378,13 +378,20 @@ def _redo_rows_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, outs: to
     outs[bad] = rows.to(outs.dtype)
 
 
-# The CPU path adds this to every projection before `_scaled_erf_cpu` (at 0 its `gelu(q) / q`
-# is `0 / 0`): erf(p / sqrt 2) moves by at most 0.8 * 1e-20, far below float32's and float64's
-# resolution of a gradient row (a sum of terms up to 1). A shifted projection is 0 or a
-# normal float (`gelu` loses precision on subnormals) unless products of a point's
-# coordinates and a direction's cancel the shift exactly, leaving only terms below 1e-31;
-# at 0 (a projection of exactly `-_PROJECTION_SHIFT`) the result is NaN and
-# `_per_grad_cpu` redoes the row.
+# The CPU path adds this to every projection, as the bias of its product, before
+# `_scaled_erf_cpu` (at 0 its `gelu(q) / q` is `0 / 0`, and a point whose channels are all 0
+# projects to 0): erf(p / sqrt 2) moves by at most 0.8 * 1e-20, far below float32's and
+# float64's resolution of a gradient row (a sum of terms up to 1). A shifted projection of
+# exactly 0 (exact cancellation) gives NaN, and `_per_grad_cpu` redoes the row. A subnormal
+# one would give a finite but wrong erf (off by up to 1: `gelu` rounds `q / 2` on the
+# subnormals' grid). It cannot occur while every nonzero product of a coordinate and a
+# direction entry is at least 2^-60 (float32; 2^-900 float64): every partial sum, in any
+# order, with or without FMA, is then a multiple of 2^-107 (2^-1005), as the shift is, so the
+# shifted projection is 0 or normal. Below that, a subnormal needs terms that cancel exactly
+# (the bias can enter the sum first and be absorbed): adversarial inputs, none among the
+# 74M shifted projections of a ResNet-20 step (no 0 either). Adding the shift after
+# the product instead would rule it out at one more pass over the projections: 3.6 ms of a
+# 162 ms ResNet-20 step (as much as checking the products' size first).
 _PROJECTION_SHIFT = 1e-20
 
 
@@ -392,7 +399,8 @@ def _scaled_erf_cpu(q: torch.Tensor, scale: float, *, out: torch.Tensor,
                     minus_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`out = scale * erf(q / sqrt 2)` on CPU through the exact identity
     `erf(q / sqrt 2) = 2 gelu(q) / q - 1` (`gelu(q) = q Phi(q)`, `Phi` the normal CDF), for
-    shifted projections `q` (no 0: there the result is NaN, as at NaN and infinite `q`).
+    shifted projections `q`: normal floats (at 0 the result is NaN, as at NaN and infinite
+    `q`; on subnormals it can be off by up to 1, see `_PROJECTION_SHIFT`).
 
     Why: ATen's `erf` on CPU calls MKL's high-accuracy `vsErf`, while its exact `gelu`
     evaluates `erf` with a vectorized polynomial. Per float32 value on this machine kind
@@ -410,7 +418,7 @@ def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,
                            block_rows: int) -> torch.Tensor:
     """`_per_grad_blocked` through `torch.compile` (`PER_CPU_COMPILE=1`, float32 on CPU):
     Inductor's vectorized C++ `erf` and no per-block Python. Measured on the 19 sites of a
-    Fixup ResNet-20 step at batch 32 (one thread): 89-91 ms against 109-111 ms eager
+    Fixup ResNet-20 step at batch 32 (one thread): 89-91 ms against 100-102 ms eager
     (`_per_grad_cpu`); max abs error of its `erf` 5e-7 against float64.
 
     Compiled per point-cloud shape (`dynamic=False`: the block loop unrolls; a ResNet run

@@ -259,7 +259,8 @@ def test_point_dim_rejects_bad_ranks_and_layouts():
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
 def test_cpu_erf_through_gelu_is_erf_or_not_finite(dtype, atol):
     """`_scaled_erf_cpu` (2 gelu(q) / q - 1) of shifted projections `q = p + shift` against
-    float64 `erf(p / sqrt 2)`: 0, subnormals, the shift and its neighbours, a log-spaced
+    float64 `erf(p / sqrt 2)` for `p`: 0, subnormals (the shift absorbs them: no `q` here
+    is subnormal, the identity's one bad range), the shift and its neighbours, a log-spaced
     sweep of the ordinary range, values where `gelu` overflows and infinity. Every finite
     result is right; results that are not (their rows are redone) come only from `q = 0`,
     overflow and infinity."""
@@ -271,6 +272,7 @@ def test_cpu_erf_through_gelu_is_erf_or_not_finite(dtype, atol):
                       torch.logspace(-40, 1.5, 5000, dtype=torch.float64)])
     p = torch.cat([mags, -mags]).to(dtype)
     q = p + shift                                               # as the product's bias adds it
+    assert not ((q != 0) & (q.abs() < finfo.smallest_normal)).any()
     for scale in (1.0, 1 / 256):
         got = per.functional._scaled_erf_cpu(q, scale, out=torch.empty_like(q)).double()
         want = scale * torch.erf(p.double() / math.sqrt(2))
@@ -298,14 +300,54 @@ def test_per_grad_redoes_the_rows_of_a_projection_at_minus_the_shift():
 
 
 def test_per_grad_gives_nan_rows_for_non_finite_points():
-    """The CPU path's erf maps NaN to 0; per_grad still returns NaN for the points that
-    hold NaN or inf, and finite values for the others."""
+    """per_grad returns NaN for the points that hold NaN or inf (the CPU path's redone rows),
+    and finite values for the others, zeros included."""
     x = torch.tensor([[float("nan"), 1.0], [float("inf"), 0.0], [1.0, 2.0], [0.0, 0.0]])
     theta = per.sample_directions(2, 16, generator=torch.Generator().manual_seed(0))
     got = per.per_grad(x, theta)
     assert got[:2].isnan().all() and got[2:].isfinite().all()
     torch.testing.assert_close(got[2:].double(), _unblocked_per_grad(x[2:], theta, "sum"), rtol=1e-5, atol=1e-7)
 
+
+
+def test_shifted_projections_stay_normal_when_products_cancel_exactly():
+    """Products that cancel exactly (1 - 1) leave the remainder of the smallest one. While
+    every product is at least 2^-60, the shifted projection is still normal (or 0), whatever
+    order the product adds the shift in, and the gradient is right."""
+    c = torch.tensor(0.5 ** 0.5).item()
+    for tiny in (2.0 ** -59, 2.0 ** -60):
+        theta = torch.tensor([[c], [c], [2.0 ** -19]]).expand(3, 256).contiguous()
+        for n in (1, 2, 8):                          # small-matrix kernels differ by shape
+            x = torch.tensor([[1.0, -1.0, tiny / 2.0 ** -19]]).expand(n, 3).contiguous()
+            want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 256
+            torch.testing.assert_close(per.per_grad(x, theta).double(), want, rtol=1e-6, atol=1e-12)
+            h = x.T.reshape(1, 3, n, 1).contiguous()
+            got = per.functional.add_per_grad(torch.zeros_like(h), h, theta, 1.0)
+            torch.testing.assert_close(per.to_points(got, "channels").double(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_add_per_grad_redoes_rows_in_any_example_and_not_for_zero_points(monkeypatch):
+    """The row check covers every example of a batched block (an overflowing point in the
+    third of four examples, 9 points each, blocks of 2 examples), and points that are all
+    zeros (dead ReLU channels) take the shifted identity without a redo."""
+    monkeypatch.setattr(per.functional, "PER_GRAD_BLOCK_ROWS", 18)
+    gen = torch.Generator().manual_seed(9)
+    h, go = torch.randn(4, 3, 3, 3, generator=gen).relu(), torch.randn(4, 3, 3, 3, generator=gen)
+    h[:, :, 0] = 0.0                                 # three dead points per example
+    theta = per.sample_directions(3, 16, generator=gen)
+    redone = []
+    real = per.functional._redo_rows_cpu
+    monkeypatch.setattr(per.functional, "_redo_rows_cpu", lambda *a: (redone.append(1), real(*a)))
+    got = per.functional.add_per_grad(go, h, theta, 0.7)
+    assert not redone
+    torch.testing.assert_close(got.double(), _added_through_points(go, h, theta, 0.7), rtol=1e-5, atol=1e-6)
+    h[2, :, 1, 1] = torch.tensor([3e38, 3e38, -3e38])   # finite, but its projections overflow
+    got = per.functional.add_per_grad(go, h, theta, 0.7)
+    assert redone and got.isfinite().all()
+    x = per.to_points(h.double(), "channels")
+    p = (x @ theta.double()).clamp(-1e300, 1e300)
+    want = go.double() + 0.7 * from_points(torch.erf(p / math.sqrt(2)) @ theta.double().T / 16, h.shape, "channels")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 @pytest.mark.parametrize("rows", [slice(0, 2), slice(0, 3)])
 def test_per_grad_of_huge_finite_points(rows):
@@ -322,7 +364,7 @@ def test_per_grad_of_huge_finite_points(rows):
 
 def test_per_grad_of_huge_points_and_long_directions():
     """Finite points whose float32 coordinate sum overflows keep finite rows; a direction
-    longer than 1 can push a projection past the range that the points' norm alone allows."""
+    longer than 1 makes a projection of a finite point infinite (erf 1, in a redone row)."""
     x = torch.tensor([[3e38, 3e38], [1.0, -2.0]])
     theta = per.sample_directions(2, 8, generator=torch.Generator().manual_seed(3))
     want = torch.erf(x.double() @ theta.double() / math.sqrt(2)) @ theta.double().T / 8
