@@ -392,7 +392,8 @@ def _redo_rows_cpu(xs: torch.Tensor, theta: torch.Tensor, scale: float, outs: to
 # (the bias can enter the sum first and be absorbed): adversarial inputs, none among the
 # 74M shifted projections of a ResNet-20 step (no 0 either). Adding the shift after
 # the product instead would rule it out at one more pass over the projections: 3.6 ms of a
-# 162 ms ResNet-20 step (as much as checking the products' size first).
+# 162 ms ResNet-20 step, interleaved, a job on the other core (as much as checking the
+# products' size first).
 _PROJECTION_SHIFT = 1e-20
 
 

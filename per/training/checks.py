@@ -197,7 +197,7 @@ def _sampling_conflicts(cfg: dict) -> list[str]:
     (`per.regularizers.sampling_conflict`); invalid values of these keys are left to `_CHECKS`."""
     method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
     defaults = inspect.signature(Regularizer).parameters
-    sampling, name = method.get("sampling", "explicit"), method.get("name")
+    sampling, name = method.get("sampling", defaults["sampling"].default), method.get("name")
     path = method.get("path", defaults["path"].default)
     share = method.get("share_directions", defaults["share_directions"].default)
     if (sampling not in SAMPLINGS or name not in schema.METHODS or path not in PATHS
