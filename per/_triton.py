@@ -43,8 +43,12 @@ def _per_grad_kernel(x_ptr, theta_ptr, out_ptr, n, d, s,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@torch.library.custom_op("per::per_grad_fused", mutates_args=())
 def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
     """`scale * erf(x theta / sqrt 2) theta^T` in one kernel.
+
+    A custom operator (`torch.ops.per.per_grad_fused`): torch.compile keeps it whole in its
+    graph (shapes from `_per_grad_fused_shape`), so a compiled PER step is one CUDA graph.
 
     `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
     -> `(N, d)` in `x`'s dtype. Both products run on float32 values (TF32 on the GPU when
@@ -56,6 +60,8 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
     """
     (n, d), s = x.shape, theta.shape[1]
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(64, TILE_ELEMENTS // block_d))
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
@@ -65,3 +71,9 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
         PRECISION="tf32" if tf32 else "ieee")
     return out
+
+
+@per_grad_fused.register_fake
+def _per_grad_fused_shape(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """The result's shape, dtype and (row-major) strides, for tracing."""
+    return x.new_empty(x.shape)

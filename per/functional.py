@@ -148,8 +148,9 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
 
     On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
     keeps each block of points on chip, so the `(N, s)` projections never reach memory;
-    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On
-    CPU, `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
+    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block, as
+    does CPU code that torch.compile traces (Inductor fuses it). In eager CPU code,
+    `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
     block's projections stay in cache; `PER_CPU_COMPILE=1` compiles the blocked path for
     float32 instead (`_per_grad_cpu_compiled`).
     """
@@ -164,8 +165,8 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     if _use_fused_kernel(x):
         from per._triton import per_grad_fused
         return per_grad_fused(x, theta.contiguous(), scale)   # row-major tiles load coalesced
-    if x.device.type != "cpu":       # blocks pay on CPU caches; elsewhere one product each
-        return _per_grad_blocked(x, theta, scale, n)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():   # blocks pay on CPU caches;
+        return _per_grad_blocked(x, theta, scale, n)    # elsewhere, and traced, one product each
     if x.dtype == torch.float32 and os.environ.get("PER_CPU_COMPILE", "0") == "1":
         return _per_grad_cpu_compiled(x, theta, scale, PER_GRAD_BLOCK_ROWS)
     out = torch.empty(n, x.shape[1], dtype=x.dtype)
@@ -184,7 +185,6 @@ def subspace_applies(n: int, d: int, num_slices: int) -> bool:
     return 0 < 4 * n <= num_slices and n + num_slices <= d
 
 
-@torch.compiler.disable     # eager code with Python control flow on values; a graph break either way
 def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.Tensor, lam: float, *,
                  layout: str = "channels", reduction: str = "sum") -> torch.Tensor:
     """`grad_output + lam * dL/dh` with `L = per_loss(to_points(h, layout), directions)`: the
@@ -197,10 +197,11 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
     its own memory layout: each example's `H*W` positions are its points as a transposed
     view, and each block's back-projection is added in place into a copy of `grad_output`,
     so neither the points nor `lam * dL/dh` is materialized. Everything else (other
-    layouts, memory formats and dtypes, CUDA, `PER_CPU_COMPILE=1`) goes through `per_grad`.
+    layouts, memory formats and dtypes, CUDA, `PER_CPU_COMPILE=1`, code that torch.compile
+    traces) goes through `per_grad`, so a compiled PER step is one graph.
     """
     check_reduction(reduction)
-    if (h.device.type == "cpu" and h.dim() == 4 and layout == "channels"
+    if (h.device.type == "cpu" and not torch.compiler.is_compiling() and h.dim() == 4 and layout == "channels"
             and h.dtype in (torch.float32, torch.float64) and grad_output.dtype == h.dtype
             and h.is_contiguous() and grad_output.is_contiguous() and h.numel() > 0
             and os.environ.get("PER_CPU_COMPILE", "0") != "1"):
@@ -294,7 +295,8 @@ def _use_fused_kernel(x: torch.Tensor) -> bool:
 def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
                       block_rows: int) -> torch.Tensor:
     """`scale * erf(x theta / sqrt 2) theta^T`, `block_rows` points at a time, in plain
-    torch ops: the path off CPU (one block) and the one `PER_CPU_COMPILE=1` compiles.
+    torch ops: the path off CPU and in traced code (one block), and the one
+    `PER_CPU_COMPILE=1` compiles.
 
     `x: (N, d)`, `theta: (d, s)` in `compute_dtype(x)` -> `(N, d)` in `x`'s dtype. Each
     block projects in `x`'s dtype (as `project`), then takes `erf` and back-projects in

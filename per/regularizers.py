@@ -79,15 +79,18 @@ def sampling_conflict(sampling: str, kind: str, path: str, share_directions: boo
 class _AddPenaltyGrad(torch.autograd.Function):
     """Identity on `h`; backward returns `grad_output + lam * dL_site/dh` (Algorithm 1).
     PER with `directions=None` (`sampling="subspace"`) draws `num_slices` directions in the
-    backward: implicitly (`per_grad_subspace`) where `subspace_applies`, else a matrix."""
+    backward: implicitly (`per_grad_subspace`) where `subspace_applies`, else a matrix.
+
+    On a tracked step `probe` is a `(2,)` leaf that requires grad, and the backward returns
+    the site's statistics as its gradient: `probe.grad = [L_site per point, grad ratio]`.
+    No state is written in the backward, so torch.compile traces it on tracked steps too."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, kind: str, lam: float,
-                layout: str, reduction: str, num_slices: int, stats: dict[str, torch.Tensor] | None,
-                name: str) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, probe: torch.Tensor | None,
+                kind: str, lam: float, layout: str, reduction: str, num_slices: int) -> torch.Tensor:
         ctx.save_for_backward(h, directions)
         ctx.kind, ctx.lam, ctx.layout, ctx.reduction = kind, lam, layout, reduction
-        ctx.num_slices, ctx.stats, ctx.name = num_slices, stats, name
+        ctx.num_slices = num_slices
         return h.view_as(h)
 
     @staticmethod
@@ -95,16 +98,17 @@ class _AddPenaltyGrad(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
-        none = (None,) * 8
+        track = ctx.needs_input_grad[2]
+        none = (None,) * 6
         if ctx.kind == "per" and directions is None:
             d = point_dim(h.shape, ctx.layout)
             if not subspace_applies(h.numel() // d if d else 0, d, ctx.num_slices):
                 directions = sample_directions(d, ctx.num_slices, device=h.device, dtype=compute_dtype(h))
         implicit = ctx.kind == "per" and directions is None
-        if ctx.kind == "per" and not implicit and ctx.stats is None:
+        if ctx.kind == "per" and not implicit and not track:
             grad = add_per_grad(grad_output, h, directions, ctx.lam, layout=ctx.layout,
                                 reduction=ctx.reduction)
-            return grad, *none
+            return grad, None, None, *none
         x = to_points(h, ctx.layout)
         if implicit:
             points_grad, projections = per_grad_subspace(x, ctx.num_slices, reduction=ctx.reduction)
@@ -113,12 +117,12 @@ class _AddPenaltyGrad(torch.autograd.Function):
             points_grad = _site_grad(ctx.kind, x, directions, ctx.reduction)
             value = lambda: _site_value(ctx.kind, x, directions, "mean")
         site_grad = from_points(points_grad, h.shape, ctx.layout)
-        if ctx.stats is not None:
-            ctx.stats[PENALTY_PREFIX + ctx.name] = value()
-            ctx.stats[GRAD_RATIO_PREFIX + ctx.name] = (ctx.lam * site_grad.float().norm()
-                                                       / grad_output.float().norm())
+        stats = None
+        if track:
+            ratio = ctx.lam * site_grad.float().norm() / grad_output.float().norm()
+            stats = torch.stack([value().to(ratio.dtype), ratio])
         grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
-        return grad, *none
+        return grad, None, stats, *none
 
 
 class _GradNormProbe(torch.autograd.Function):
@@ -216,6 +220,7 @@ class Regularizer(nn.Module):
         self._track = False
         self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
         self._stats: dict[str, torch.Tensor] = {}
+        self._probes: dict[str, torch.Tensor] = {}     # site -> (2,) statistics leaf, backward path
         self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
         self._device = torch.device("cpu")
         for name, site in chosen.items():
@@ -232,6 +237,11 @@ class Regularizer(nn.Module):
         self._terms = []
         self._stats = {}
         self._shared = {}
+        self._probes = {}
+        if track and self.path == "backward":    # made here, outside any compiled forward
+            param = next(self.model.parameters(), None)
+            device = param.device if param is not None else self._device
+            self._probes = {name: torch.zeros(2, device=device, requires_grad=True) for name in self.site_names}
 
     def penalty(self) -> torch.Tensor:
         """0-d tensor to add to the task loss: `lam * sum_sites L_site` over the training
@@ -247,8 +257,15 @@ class Regularizer(nn.Module):
         """After backward of a tracked step: `penalty/<site>` (`L_site` as a per-point mean,
         whatever the reduction; not scaled by lam) and
         `grad_ratio/<site>` (`||lam dL_site/dh|| / ||d(downstream loss)/dh||`), 0-d device
-        tensors (no sync). Empty if the step was not tracked."""
-        return dict(self._stats) if self._track else {}
+        tensors (no sync). Empty if the step was not tracked. On the backward path the two
+        come from each site's probe gradient (summed if a site ran more than once)."""
+        if not self._track:
+            return {}
+        stats = dict(self._stats)
+        for name, probe in self._probes.items():
+            if probe.grad is not None:
+                stats[PENALTY_PREFIX + name], stats[GRAD_RATIO_PREFIX + name] = probe.grad.unbind()
+        return stats
 
     def materialize(self, forward_fn: Callable[[], Any]) -> None:
         """VCL: run `forward_fn()` once under no_grad to create the betas (init 1, on the
@@ -283,9 +300,8 @@ class Regularizer(nn.Module):
         explicit = self.kind == "per" and self.sampling == "explicit"
         directions = self._directions(d, h) if explicit else None
         if self.path == "backward":
-            stats = self._stats if self._track else None
-            return _AddPenaltyGrad.apply(h, directions, self.kind, self.lam, self.layout,
-                                         self.reduction, self.num_slices, stats, name)
+            return _AddPenaltyGrad.apply(h, directions, self._probes.get(name), self.kind, self.lam,
+                                         self.layout, self.reduction, self.num_slices)
         x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
         self._terms.append(self.lam * value)

@@ -8,7 +8,7 @@ still reports what it has; a section that fails reports its error and the others
    `method.sampling=subspace`) and L2 / vanilla, Fixup ResNets.
 2. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
 3. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
-   a GPU) / eager, BN vanilla and Fixup PER.
+   a GPU): BN vanilla / eager, and Fixup PER / Fixup vanilla, both compiled.
 4. `lm`: LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
    the PyTorch word-language-model example's training step at the same sizes and precision.
 5. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
@@ -138,20 +138,27 @@ def bench_image_steps(report: Reporter, model: str, size: dict, args) -> None:
                               times[label], times["vanilla"]))
 
 
-def bench_compiled_steps(report: Reporter, size: dict, args) -> None:
-    """`trainer.compile` (reduce-overhead: CUDA graphs on a GPU; the default mode on a CPU) /
-    eager, for the BN vanilla and the Fixup PER step of the first model."""
+def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None:
+    """`trainer.compile` (reduce-overhead: CUDA graphs on a GPU; the default mode on a CPU):
+    the BN vanilla step compiled / eager, and the Fixup PER step compiled / the Fixup
+    vanilla step compiled (PER's cost where launches no longer hide it), with the graph
+    breaks torch.compile counted while compiling them."""
     mode = "reduce-overhead" if args.device.type == "cuda" else "default"
-    model, batch = size["models"][0], size["batch"]
+    batch = size["batch"]
     over = (f"model={model}", f"data.batch_size={batch}", *size["image"])
     n = size["warmup"] + 2 + size["repeats"]      # two more warm-up steps: compiling (train, then track)
-    for label, name, extra in (("bn vanilla", "t1_cifar10_resnet56_bn", ()),
-                               ("per channels", *STEP_CONFIGS["per channels"])):
-        steps = {"eager": build(name, (*over, *extra), n, args),
-                 f"compile {mode}": build(name, (*over, *extra, f"trainer.compile={mode}"), n, args)}
-        times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
-        report(**ratio_result(f"compiled/{model}/batch{batch}/{label}", f"compile {mode}", "eager",
-                              times[f"compile {mode}"], times["eager"]))
+    compiled = (f"trainer.compile={mode}",)
+    steps = {"bn eager": build("t1_cifar10_resnet56_bn", over, n, args),
+             "bn compiled": build("t1_cifar10_resnet56_bn", (*over, *compiled), n, args),
+             "vanilla compiled": build(STEP_CONFIGS["vanilla"][0], (*over, *compiled), n, args),
+             "per channels compiled": build(STEP_CONFIGS["per channels"][0], (*over, *compiled), n, args)}
+    torch._dynamo.utils.counters.clear()
+    times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    for candidate, baseline, label in (("bn compiled", "bn eager", "bn vanilla"),
+                                       ("per channels compiled", "vanilla compiled", "fixup")):
+        report(**ratio_result(f"compiled/{model}/batch{batch}/{label}", f"{candidate} ({mode})", baseline,
+                              times[candidate], times[baseline]), graph_breaks=breaks)
 
 
 def bench_lm_steps(report: Reporter, size: dict, args) -> None:
@@ -222,13 +229,14 @@ def bench_lm_reference(report: Reporter, size: dict, args) -> None:
     report(**result)
 
 
-def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool) -> dict[str, list[float]]:
-    """Seconds per call of each function, interleaved, after one warm-up call each."""
+def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool,
+                 warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved, after `warmup` calls each."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(repeats + 1):
+    for i in range(warmup + repeats):
         for k, fn in fns.items():
             s, _ = timed(fn, cuda)
-            if i:
+            if i >= warmup:
                 times[k].append(s)
     return times
 
@@ -269,21 +277,24 @@ class _ArrayDataset(torch.utils.data.Dataset):
 
 
 def bench_loader(report: Reporter, size: dict, args) -> None:
-    """images/s: the project's trainer (device-resident loader + preset step) against a
-    plain DataLoader + torchvision transforms trainer (fp32, eager, SGD) of the same model."""
+    """images/s: the project's trainer (device-resident loader + preset step, on a GPU
+    compiled with reduce-overhead, i.e. CUDA graphs) against a plain DataLoader +
+    torchvision transforms trainer (fp32, eager, SGD) of the same model."""
     import torchvision.transforms as T
     model_name, batch, n_steps = size["models"][0], size["batch"], size["loader_steps"]
+    cuda = args.device.type == "cuda"
+    warmup = 3 if cuda else 1          # compiling: the train step, then its CUDA graph
     over = (f"model={model_name}", f"data.batch_size={batch}")
-    ours = build(STEP_CONFIGS["vanilla"][0], over, n_steps + 1, args)
+    graphs = ("trainer.compile=reduce-overhead",) if cuda else ()
+    ours = build(STEP_CONFIGS["vanilla"][0], (*over, *graphs), n_steps + warmup, args)
     m = dict(compose_preset(STEP_CONFIGS["vanilla"][0], over)["model"])
     plain_model = models.create(m.pop("name"), num_classes=10, **m).to(args.device)
     opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     rng = np.random.default_rng(0)
-    data = _ArrayDataset(rng.integers(0, 256, (batch * (n_steps + 1), 32, 32, 3), dtype=np.uint8),
-                         rng.integers(0, 10, batch * (n_steps + 1)),
+    data = _ArrayDataset(rng.integers(0, 256, (batch * (n_steps + warmup), 32, 32, 3), dtype=np.uint8),
+                         rng.integers(0, 10, batch * (n_steps + warmup)),
                          T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                     T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))]))
-    cuda = args.device.type == "cuda"
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers, pin_memory=cuda)
 
@@ -296,12 +307,14 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
 
     ours_batches, plain_batches = endless_batches(ours.task), iter(loader)
     times = _median_time({"device loader": lambda: ours(next(ours_batches)),     # data fetch + step
-                          "dataloader+torchvision": lambda: plain_step(next(plain_batches))}, n_steps, cuda)
+                          "dataloader+torchvision": lambda: plain_step(next(plain_batches))}, n_steps, cuda,
+                         warmup)
     result = ratio_result(f"trainer/{model_name}/batch{batch}", "dataloader+torchvision",
                           "device loader", times["dataloader+torchvision"], times["device loader"])
     result["images_per_s"] = {k: round(batch / statistics.median(v), 1) for k, v in times.items()}
     result["dataloader_workers"] = args.workers
-    result["plain_trainer"] = "fp32, eager, NCHW (the issue's reference trainer); ours at `precision`"
+    result["plain_trainer"] = "fp32, eager, NCHW (the issue's reference trainer)"
+    result["ours"] = f"{args.precision}, {'reduce-overhead' if cuda else 'eager'}" + (", channels_last" * cuda)
     report(**result)
 
 
@@ -352,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[], Any]] = {   # SECTIONS, most important first
         "step": lambda: [bench_image_steps(report, model, size, args) for model in size["models"]],
         "per_grad": lambda: bench_per_grad(report, size, args),
-        "compiled": lambda: bench_compiled_steps(report, size, args),
+        "compiled": lambda: [bench_compiled_steps(report, model, size, args) for model in size["models"]],
         "lm": lambda: (bench_lm_steps(report, size, args), bench_lm_reference(report, size, args)),
         "loader": lambda: bench_loader(report, size, args),
         "runs": lambda: bench_runs_at_once(report, size, args),

@@ -32,12 +32,13 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     got = {(r["bench"].split("/")[0], r["candidate"]) for r in rows}
     assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
             ("step", "per flatten, sampling=subspace"), ("step", "l2"), ("step", "per"), ("step", "rbn"),
-            ("compiled", "compile default"),
+            ("compiled", "bn compiled (default)"), ("compiled", "per channels compiled (default)"),
             ("trainer", "word-language-model example"),
             ("per_grad", f"blocked {per.functional.PER_GRAD_BLOCK_ROWS} rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
+    assert {r["graph_breaks"] for r in rows if r["bench"].startswith("compiled/")} == {0}   # PER traced whole
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
 
 

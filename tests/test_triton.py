@@ -109,3 +109,19 @@ def test_fused_kernel_on_cuda_matches_plain_path_and_trains(dtype, reduction, mo
     with restored_backend_flags(ieee=True):   # IEEE products
         for a, b in zip(grads("backward"), grads("autograd"), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_compiled_per_model_is_one_graph(device):
+    """torch.compile traces a PER model whole, its sites' backward included (on CUDA the fused
+    kernel as the custom op `per::per_grad_fused`), on plain and on tracked steps (statistics
+    as probe gradients): no graph break, so reduce-overhead captures one CUDA graph instead of
+    one per site."""
+    torch.manual_seed(0)
+    model = models.create("resnet20", norm="none").to(device)
+    reg = per.Regularizer(model, "per", 1e-3)
+    for track in (False, True):
+        reg.begin_step(track=track)
+        explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=device))
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
