@@ -9,12 +9,13 @@ RUNS_PER_GPU ?= auto
 CONCURRENCY ?=
 LAUNCHER ?= local
 DRY_RUN ?=
+STEP_TABLE ?=           # DRY_RUN's device-hours from results/step_times/$(STEP_TABLE).json, e.g. cuda-nvidia-h200
 EXPERIMENT ?=
 LAMS ?=
 RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml)
 OVERRIDES ?=
 REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
-        --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) \
+        --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
 .PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times gpu-check presets

@@ -194,10 +194,16 @@ def device_table(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def step_time_table(directory: Path) -> tuple[dict | None, str]:
-    """(table, label): the step-time table in `directory` of this machine's device, else one
-    measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
+def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | None, str]:
+    """(table, label): the step-time table `directory/<name>.json` when `name` is given (a
+    ValueError naming the tables there if it is missing), else this machine's device's, else
+    one measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
     tables = {p.stem: p for p in sorted(directory.glob("*.json"))}
+    if name is not None:
+        if name not in tables:
+            raise ValueError(f"no step-time table {name!r} in {directory}; valid: {', '.join(tables) or 'none'}")
+        t = json.loads(tables[name].read_text())
+        return t, f"chosen table {name}: {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
     if not tables:
         return None, f"no tables in {directory}; run `make step-times` on the device"
     t = device_table(directory)
@@ -269,11 +275,12 @@ def phase_seconds(ph: Phase, table: dict) -> tuple[float | None, bool, bool]:
     return total, approx or e_approx, e is not None
 
 
-def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_dir: Path) -> None:
+def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_dir: Path,
+               table_name: str | None = None) -> None:
     """Runs and optimizer steps per phase, per table and in total, with device-hours (training
-    steps and evaluation) from the step-time table of this machine's device (or another one,
-    labelled)."""
-    table, label = step_time_table(step_times_dir)
+    steps and evaluation) from the step-time table `table_name`, else this machine's device's
+    (or another one, labelled)."""
+    table, label = step_time_table(step_times_dir, table_name)
     rows, tot_runs, tot_steps, tot_s = [], 0, 0, 0.0
     unknown, substituted, no_eval = set(), set(), set()
     for ph in (ph for pair in phases for ph in pair if ph is not None):

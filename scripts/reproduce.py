@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[],
                     help="Hydra override passed to every run (repeatable), e.g. trainer.precision=bf16")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--step-table", default=None, metavar="NAME",
+                    help="device-hours from results/step_times/NAME.json (e.g. cuda-nvidia-h200) "
+                         "instead of this machine's device's table")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
     args.runs = str(Path(args.runs).resolve())
@@ -142,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         phases = sweep.plan_ablation(compose, preset_names(), *plan_args, overrides=over)
         title = "ablation"
-    sweep.print_plan(phases, title, STEP_TIMES_DIR)
+    try:
+        sweep.print_plan(phases, title, STEP_TIMES_DIR, args.step_table)
+    except ValueError as e:
+        ap.error(str(e))
     if args.dry_run:
         return 0
     execute(phases, args)

@@ -91,6 +91,12 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     assert f"{4 * (select56 + 10 * 200 * 15) / 3600:,.1f}" in out
     assert f"~{2 * 4 * (select110 + 10 * 200 * 15) / 3600:,.1f}" in out
     assert "evaluation not measured" not in out
+    # A table chosen by name wins over this machine's; an unknown name lists the tables.
+    sweep.print_plan(phases, "t", tmp_path, "cuda-some-card")
+    out = capsys.readouterr().out
+    assert "chosen table cuda-some-card: Some Card" in out and f"{4 * select56 * 0.01 / 3600:,.1f}" in out
+    with pytest.raises(ValueError, match=f"valid: {', '.join(sorted(['cuda-some-card', here['slug']]))}$"):
+        sweep.print_plan(phases, "t", tmp_path, "cuda-other")
 
 
 @pytest.mark.slow
