@@ -43,12 +43,8 @@ def _per_grad_kernel(x_ptr, theta_ptr, out_ptr, n, d, s,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@torch.library.custom_op("per::per_grad_fused", mutates_args=())
 def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
     """`scale * erf(x theta / sqrt 2) theta^T` in one kernel.
-
-    A custom operator (`torch.ops.per.per_grad_fused`): torch.compile keeps it whole in its
-    graph (shapes from `_per_grad_fused_shape`), so a compiled PER step is one CUDA graph.
 
     `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
     -> `(N, d)` in `x`'s dtype. Both products run on float32 values (TF32 on the GPU when
@@ -73,7 +69,8 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
     return out
 
 
-@per_grad_fused.register_fake
-def _per_grad_fused_shape(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
-    """The result's shape, dtype and (row-major) strides, for tracing."""
-    return x.new_empty(x.shape)
+# For traced code: torch.compile keeps the operator whole in its graph (the fake gives the
+# result's shape, dtype and row-major strides), so a compiled PER step is one CUDA graph.
+# Eager code calls the function itself, without the dispatcher's overhead.
+per_grad_fused_op = torch.library.custom_op("per::per_grad_fused", mutates_args=())(per_grad_fused)
+per_grad_fused_op.register_fake(lambda x, theta, scale: x.new_empty(x.shape))

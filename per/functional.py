@@ -148,11 +148,12 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
 
     On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
     keeps each block of points on chip, so the `(N, s)` projections never reach memory;
-    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block, as
-    does CPU code that torch.compile traces (Inductor fuses it). In eager CPU code,
-    `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
+    `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On
+    CPU, `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
     block's projections stay in cache; `PER_CPU_COMPILE=1` compiles the blocked path for
-    float32 instead (`_per_grad_cpu_compiled`).
+    float32 instead (`_per_grad_cpu_compiled`). Code that torch.compile traces calls the
+    kernel and the CPU path as the custom operators `per::per_grad_fused` and
+    `per::per_grad_cpu`, which it keeps whole: the same results, and no graph break.
     """
     check_points(x)
     check_reduction(reduction)
@@ -162,16 +163,44 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
         return torch.zeros_like(x)
     scale = 1.0 / (s * (n if reduction == "mean" else 1))
     theta = directions.to(compute_dtype(x))
+    traced = torch.compiler.is_compiling()
     if _use_fused_kernel(x):
-        from per._triton import per_grad_fused
-        return per_grad_fused(x, theta.contiguous(), scale)   # row-major tiles load coalesced
-    if x.device.type != "cpu" or torch.compiler.is_compiling():   # blocks pay on CPU caches;
-        return _per_grad_blocked(x, theta, scale, n)    # elsewhere, and traced, one product each
-    if x.dtype == torch.float32 and os.environ.get("PER_CPU_COMPILE", "0") == "1":
+        from per import _triton
+        fused = _triton.per_grad_fused_op if traced else _triton.per_grad_fused
+        return fused(x, theta.contiguous(), scale)   # row-major tiles load coalesced
+    if x.device.type != "cpu":       # blocks pay on CPU caches; elsewhere one product each
+        return _per_grad_blocked(x, theta, scale, n)
+    if x.dtype == torch.float32 and os.environ.get("PER_CPU_COMPILE", "0") == "1" and not traced:
         return _per_grad_cpu_compiled(x, theta, scale, PER_GRAD_BLOCK_ROWS)
-    out = torch.empty(n, x.shape[1], dtype=x.dtype)
+    return (_per_grad_cpu_op if traced else _per_grad_cpu_points)(x, theta, scale)
+
+
+def _per_grad_cpu_points(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """`per_grad`'s eager CPU path: `x: (N, d)`, `theta: (d, s)` in `compute_dtype(x)` ->
+    `(N, d)` in `x`'s dtype (`_per_grad_cpu`)."""
+    out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype)
     _per_grad_cpu(x[None], theta, scale, PER_GRAD_BLOCK_ROWS, out[None])
     return out
+
+
+def _add_per_grad_cpu(grad_output: torch.Tensor, h: torch.Tensor, theta: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """`add_per_grad`'s CPU path in the site's own memory: `h`, `grad_output` contiguous
+    `(B, C, H, W)` of one dtype, `theta: (C, s)` in it -> `grad_output + scale * (sum over
+    directions)`, a new `(B, C, H, W)` tensor (`_per_grad_cpu` on transposed views)."""
+    b, c, height, width = h.shape
+    out = torch.empty_like(h)
+    as_points = lambda t: t.view(b, c, height * width).transpose(1, 2)      # (B, H*W, C)
+    _per_grad_cpu(as_points(h), theta, scale, PER_GRAD_BLOCK_ROWS, as_points(out), as_points(grad_output))
+    return out
+
+
+# The eager CPU paths as operators for traced code: they branch on values (the check for
+# rows to redo), which torch.compile cannot trace, so it keeps them whole.
+_per_grad_cpu_op = torch.library.custom_op("per::per_grad_cpu", mutates_args=())(_per_grad_cpu_points)
+_add_per_grad_cpu_op = torch.library.custom_op("per::add_per_grad_cpu", mutates_args=())(_add_per_grad_cpu)
+_per_grad_cpu_op.register_fake(lambda x, theta, scale: x.new_empty(x.shape))
+_add_per_grad_cpu_op.register_fake(lambda grad_output, h, theta, scale: torch.empty_like(h))
 
 
 def subspace_applies(n: int, d: int, num_slices: int) -> bool:
@@ -196,12 +225,12 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
     channels layout (float32/float64, `grad_output` alike and contiguous) is computed in
     its own memory layout: each example's `H*W` positions are its points as a transposed
     view, and each block's back-projection is added in place into a copy of `grad_output`,
-    so neither the points nor `lam * dL/dh` is materialized. Everything else (other
-    layouts, memory formats and dtypes, CUDA, `PER_CPU_COMPILE=1`, code that torch.compile
-    traces) goes through `per_grad`, so a compiled PER step is one graph.
+    so neither the points nor `lam * dL/dh` is materialized (traced by torch.compile: the
+    custom operator `per::add_per_grad_cpu`). Everything else (other layouts, memory
+    formats and dtypes, CUDA, `PER_CPU_COMPILE=1`) goes through `per_grad`.
     """
     check_reduction(reduction)
-    if (h.device.type == "cpu" and not torch.compiler.is_compiling() and h.dim() == 4 and layout == "channels"
+    if (h.device.type == "cpu" and h.dim() == 4 and layout == "channels"
             and h.dtype in (torch.float32, torch.float64) and grad_output.dtype == h.dtype
             and h.is_contiguous() and grad_output.is_contiguous() and h.numel() > 0
             and os.environ.get("PER_CPU_COMPILE", "0") != "1"):
@@ -209,11 +238,8 @@ def add_per_grad(grad_output: torch.Tensor, h: torch.Tensor, directions: torch.T
         check_directions(directions, c)
         n = b * height * width
         scale = lam / (directions.shape[1] * (n if reduction == "mean" else 1))
-        out = torch.empty_like(h)
-        as_points = lambda t: t.view(b, c, height * width).transpose(1, 2)      # (B, H*W, C)
-        _per_grad_cpu(as_points(h), directions.to(h.dtype), scale, PER_GRAD_BLOCK_ROWS,
-                      as_points(out), as_points(grad_output))
-        return out
+        add = _add_per_grad_cpu_op if torch.compiler.is_compiling() else _add_per_grad_cpu
+        return add(grad_output, h, directions.to(h.dtype), scale)
     site_grad = from_points(per_grad(to_points(h, layout), directions, reduction=reduction), h.shape, layout)
     return torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=lam)
 
@@ -229,7 +255,7 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
 
     `x: (N, d)` -> `((N, d)` in `x`'s dtype, `(N, s)` in `compute_dtype(x))`. Takes this route
     where `subspace_applies(N, d, s)` and the points' norm is finite; otherwise draws
-    `theta` explicitly (NaN rows for points with a NaN or inf coordinate, as `per_grad`).
+    `theta` explicitly (NaN rows for points with a NaN or inf coordinate, as `per_grad` on CPU).
     bf16/fp16 points are projected in float32 here (in their own dtype by `project`).
 
     Why it is exact (`v_k ~ N(0, I_d)`, `theta_k = v_k / ||v_k||`, `g_i = scale sum_k
@@ -295,8 +321,7 @@ def _use_fused_kernel(x: torch.Tensor) -> bool:
 def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
                       block_rows: int) -> torch.Tensor:
     """`scale * erf(x theta / sqrt 2) theta^T`, `block_rows` points at a time, in plain
-    torch ops: the path off CPU and in traced code (one block), and the one
-    `PER_CPU_COMPILE=1` compiles.
+    torch ops: the path off CPU (one block) and the one `PER_CPU_COMPILE=1` compiles.
 
     `x: (N, d)`, `theta: (d, s)` in `compute_dtype(x)` -> `(N, d)` in `x`'s dtype. Each
     block projects in `x`'s dtype (as `project`), then takes `erf` and back-projects in

@@ -82,8 +82,9 @@ class _AddPenaltyGrad(torch.autograd.Function):
     backward: implicitly (`per_grad_subspace`) where `subspace_applies`, else a matrix.
 
     On a tracked step `probe` is a `(2,)` leaf that requires grad, and the backward returns
-    the site's statistics as its gradient: `probe.grad = [L_site per point, grad ratio]`.
-    No state is written in the backward, so torch.compile traces it on tracked steps too."""
+    the site's statistics as its gradient: `probe.grad += [L_site per point, grad ratio]`
+    (in the probe's dtype and on its device). No state is written in the backward, so
+    torch.compile traces it on tracked steps too."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, probe: torch.Tensor | None,
@@ -91,6 +92,7 @@ class _AddPenaltyGrad(torch.autograd.Function):
         ctx.save_for_backward(h, directions)
         ctx.kind, ctx.lam, ctx.layout, ctx.reduction = kind, lam, layout, reduction
         ctx.num_slices = num_slices
+        ctx.probe_like = (probe.dtype, probe.device) if probe is not None else None
         return h.view_as(h)
 
     @staticmethod
@@ -99,7 +101,7 @@ class _AddPenaltyGrad(torch.autograd.Function):
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
         h, directions = ctx.saved_tensors
         track = ctx.needs_input_grad[2]
-        none = (None,) * 6
+        none = (None,) * 5
         if ctx.kind == "per" and directions is None:
             d = point_dim(h.shape, ctx.layout)
             if not subspace_applies(h.numel() // d if d else 0, d, ctx.num_slices):
@@ -120,13 +122,14 @@ class _AddPenaltyGrad(torch.autograd.Function):
         stats = None
         if track:
             ratio = ctx.lam * site_grad.float().norm() / grad_output.float().norm()
-            stats = torch.stack([value().to(ratio.dtype), ratio])
+            dtype, device = ctx.probe_like
+            stats = torch.stack([value().to(dtype), ratio.to(dtype)]).to(device)
         grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
         return grad, None, stats, *none
 
 
 class _GradNormProbe(torch.autograd.Function):
-    """Identity on `h`; backward stores `penalty_grad_norm / ||grad_output||` in `stats[key]`."""
+    """Identity on `h`; backward adds `penalty_grad_norm / ||grad_output||` to `stats[key]`."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, penalty_grad_norm: torch.Tensor,
@@ -138,7 +141,7 @@ class _GradNormProbe(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ctx.stats[ctx.key] = ctx.penalty_grad_norm / grad_output.float().norm()
+        ctx.stats[ctx.key] = ctx.stats.get(ctx.key, 0) + ctx.penalty_grad_norm / grad_output.float().norm()
         return grad_output, None, None, None
 
 
@@ -221,6 +224,7 @@ class Regularizer(nn.Module):
         self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
         self._stats: dict[str, torch.Tensor] = {}
         self._probes: dict[str, torch.Tensor] = {}     # site -> (2,) statistics leaf, backward path
+        self._calls: dict[str, int] = {}               # site -> tracked calls this step
         self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
         self._device = torch.device("cpu")
         for name, site in chosen.items():
@@ -238,10 +242,13 @@ class Regularizer(nn.Module):
         self._stats = {}
         self._shared = {}
         self._probes = {}
+        self._calls.clear()
         if track and self.path == "backward":    # made here, outside any compiled forward
             param = next(self.model.parameters(), None)
             device = param.device if param is not None else self._device
-            self._probes = {name: torch.zeros(2, device=device, requires_grad=True) for name in self.site_names}
+            dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+            self._probes = {name: torch.zeros(2, dtype=dtype, device=device, requires_grad=True)
+                            for name in self.site_names}
 
     def penalty(self) -> torch.Tensor:
         """0-d tensor to add to the task loss: `lam * sum_sites L_site` over the training
@@ -257,15 +264,18 @@ class Regularizer(nn.Module):
         """After backward of a tracked step: `penalty/<site>` (`L_site` as a per-point mean,
         whatever the reduction; not scaled by lam) and
         `grad_ratio/<site>` (`||lam dL_site/dh|| / ||d(downstream loss)/dh||`), 0-d device
-        tensors (no sync). Empty if the step was not tracked. On the backward path the two
-        come from each site's probe gradient (summed if a site ran more than once)."""
+        tensors (no sync). Empty if the step was not tracked. A site called more than once
+        (in one forward, or over micro-batches) reports the mean over its calls; one
+        backward per forward is assumed. On the backward path the two come from each site's
+        probe gradient, which a plain `loss.backward()` fills (not `torch.autograd.grad` or
+        `backward(inputs=...)` without the probes)."""
         if not self._track:
             return {}
         stats = dict(self._stats)
         for name, probe in self._probes.items():
             if probe.grad is not None:
                 stats[PENALTY_PREFIX + name], stats[GRAD_RATIO_PREFIX + name] = probe.grad.unbind()
-        return stats
+        return {key: value / self._calls[key.split("/", 1)[1]] for key, value in stats.items()}
 
     def materialize(self, forward_fn: Callable[[], Any]) -> None:
         """VCL: run `forward_fn()` once under no_grad to create the betas (init 1, on the
@@ -293,6 +303,8 @@ class Regularizer(nn.Module):
         if not (torch.is_grad_enabled() and self.model.training):
             return h
         self._device = h.device
+        if self._track:
+            self._calls[name] = self._calls.get(name, 0) + 1
         if self.kind == "vcl":
             return self._apply_vcl(name, h)
         # The backward path needs only `d` here; the points are built in its backward.
@@ -300,8 +312,9 @@ class Regularizer(nn.Module):
         explicit = self.kind == "per" and self.sampling == "explicit"
         directions = self._directions(d, h) if explicit else None
         if self.path == "backward":
-            return _AddPenaltyGrad.apply(h, directions, self._probes.get(name), self.kind, self.lam,
-                                         self.layout, self.reduction, self.num_slices)
+            probe = self._probes.get(name) if h.requires_grad else None   # no gradient, no statistics
+            return _AddPenaltyGrad.apply(h, directions, probe, self.kind, self.lam, self.layout,
+                                         self.reduction, self.num_slices)
         x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
         self._terms.append(self.lam * value)
@@ -309,7 +322,7 @@ class Regularizer(nn.Module):
             return h
         with torch.no_grad():
             per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
-            self._stats[PENALTY_PREFIX + name] = per_point
+            self._stats[PENALTY_PREFIX + name] = self._stats.get(PENALTY_PREFIX + name, 0) + per_point
             grad_norm = self.lam * _site_grad(self.kind, x, directions,
                                               self.reduction).float().norm()
         return _GradNormProbe.apply(h, grad_norm, self._stats, GRAD_RATIO_PREFIX + name)
@@ -350,7 +363,7 @@ class Regularizer(nn.Module):
         self._terms.append(self.lam * value)
         if not self._track:
             return h
-        self._stats[PENALTY_PREFIX + name] = value.detach()
+        self._stats[PENALTY_PREFIX + name] = self._stats.get(PENALTY_PREFIX + name, 0) + value.detach()
         if not h.requires_grad:
             return h
         (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)

@@ -569,3 +569,25 @@ def test_per_grad_subspace_checks_its_arguments():
         per.per_grad_subspace(torch.randn(2, 30), 8, reduction="avg")
     with pytest.raises(ValueError, match="num_slices"):
         per.per_grad_subspace(torch.randn(2, 30), 0)
+
+
+@pytest.mark.parametrize("reduction", per.REDUCTIONS)
+def test_traced_cpu_paths_are_the_eager_ones(reduction):
+    """Traced by torch.compile (one graph, no break), `per_grad` and `add_per_grad` call
+    the eager CPU paths as the custom operators `per::per_grad_cpu` and
+    `per::add_per_grad_cpu`: the same numbers, NaN rows and the redo included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 16, generator=gen)
+    x[5, 2], x[7] = float("nan"), 0.0                # a NaN row; a dead point
+    x[9] = 1e30                                       # overflowing projections: redone
+    theta = per.sample_directions(16, 64, generator=gen)
+    h = torch.randn(2, 16, 8, 8, generator=gen).clamp_min(0)
+    g = torch.randn(2, 16, 8, 8, generator=gen)
+    traced_grad = torch.compile(lambda x, t: per.per_grad(x, t, reduction=reduction),
+                                fullgraph=True, backend="aot_eager")
+    traced_add = torch.compile(lambda g, h, t: per.functional.add_per_grad(g, h, t, 0.5, reduction=reduction),
+                               fullgraph=True, backend="aot_eager")
+    same = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(traced_grad(x, theta), per.per_grad(x, theta, reduction=reduction), **same)
+    torch.testing.assert_close(traced_add(g, h, theta), per.functional.add_per_grad(g, h, theta, 0.5, reduction=reduction),
+                               **same)

@@ -112,6 +112,64 @@ def test_backward_and_autograd_paths_match_reference(kind, case, reduction):
         reg.remove()
 
 
+class _TwiceSite(nn.Module):
+    """One site called on two tensors per forward (a shared block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.site = per.Site()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.site(a) * 2 + self.site(b)
+
+
+@pytest.mark.parametrize("kind", ["per", "l2"])
+def test_site_stats_are_the_mean_over_a_sites_calls_on_both_paths(kind):
+    """A site called twice per forward, or over two micro-batches, reports the mean of its
+    calls' statistics, on both paths alike."""
+    a, b = _input((6, 4)), _input((6, 4)) * 3
+    stats = {}
+    for path in per.regularizers.PATHS:
+        model = _TwiceSite()
+        reg = per.Regularizer(model, kind, 0.3, num_slices=SLICES, path=path)
+        torch.manual_seed(4)
+        reg.begin_step(track=True)
+        (model(a.clone().requires_grad_(), b.clone().requires_grad_()).square().sum() + reg.penalty()).backward()
+        stats[path] = reg.site_stats()
+        # Two micro-batches of one call each give the mean of the two penalties too.
+        torch.manual_seed(4)
+        reg.begin_step(track=True)
+        for x in (a, b):
+            (model.site(x.clone().requires_grad_()).square().sum() + reg.penalty()).backward()
+        torch.testing.assert_close(reg.site_stats()["penalty/site"], stats[path]["penalty/site"])
+    torch.testing.assert_close(stats["backward"], stats["autograd"])
+    torch.manual_seed(4)
+    first = per.sample_directions(4, SLICES)
+    second = per.sample_directions(4, SLICES)
+    if kind == "per":
+        want = (per.per_loss(a, first, reduction="mean") + per.per_loss(b, second, reduction="mean")) / 2
+    else:
+        want = (per.l2_penalty(a, reduction="mean") + per.l2_penalty(b, reduction="mean")) / 2
+    torch.testing.assert_close(stats["backward"]["penalty/site"], want)
+    if kind == "l2":   # lam ||2h|| / ||dL/dh|| per call, dL/dh = 4 out and 2 out
+        out = 2 * a + b
+        want = (0.3 * (2 * a).norm() / (4 * out).norm() + 0.3 * (2 * b).norm() / (2 * out).norm()) / 2
+        torch.testing.assert_close(stats["backward"]["grad_ratio/site"], want)
+
+
+def test_tracked_stats_keep_float64_and_skip_sites_without_gradient():
+    model = nn.Sequential(per.Site()).double()
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    reg.begin_step(track=True)
+    out = model(_input((6, 4)).double())              # no gradient reaches the site
+    assert not out.requires_grad and reg.site_stats() == {}
+    model = nn.Sequential(nn.Linear(4, 4), per.Site()).double()
+    reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
+    reg.begin_step(track=True)
+    model(_input((6, 4)).double()).sum().backward()
+    assert {v.dtype for v in reg.site_stats().values()} == {torch.float64}
+
+
 @pytest.mark.parametrize("shape, layout", [((7, 3), "channels"), ((2, 3, 4, 5), "channels"),
                                            ((2, 3, 4, 5), "flatten"), ((5, 2, 3), "channels")])
 @pytest.mark.parametrize("kind", ["per", "l1", "l2"])

@@ -50,6 +50,11 @@ _INTERPRETED_CHECKS = textwrap.dedent("""
 
     # The Regularizer's backward path (Algorithm 1) through the kernel equals the autograd path.
     F._use_fused_kernel = lambda x: x.dtype != torch.float64
+    # Traced, the kernel is the custom operator per::per_grad_fused: one graph, the same numbers.
+    traced = torch.compile(lambda x, t: per.per_grad(x, t), fullgraph=True, backend="aot_eager")
+    x = torch.randn(150, 16, generator=gen)
+    theta = per.sample_directions(16, 64, generator=gen)
+    torch.testing.assert_close(traced(x, theta), per_grad_fused(x, theta, 1 / 64), rtol=0, atol=0)
     def grads(path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), per.Site(),
