@@ -81,10 +81,10 @@ class _AddPenaltyGrad(torch.autograd.Function):
     PER with `directions=None` (`sampling="subspace"`) draws `num_slices` directions in the
     backward: implicitly (`per_grad_subspace`) where `subspace_applies`, else a matrix.
 
-    On a tracked step `probe` is a `(2,)` leaf that requires grad, and the backward returns
-    the site's statistics as its gradient: `probe.grad += [L_site per point, grad ratio]`
-    (in the probe's dtype and on its device). No state is written in the backward, so
-    torch.compile traces it on tracked steps too."""
+    On a tracked step `probe` is a `(3,)` leaf that requires grad, and the backward returns
+    the site's statistics as its gradient: `probe.grad += [L_site per point, grad ratio, 1]`
+    (in the probe's dtype and on its device; the 1 counts the calls). No state is written,
+    here or in the forward, so torch.compile traces tracked steps as one graph too."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, probe: torch.Tensor | None,
@@ -123,26 +123,31 @@ class _AddPenaltyGrad(torch.autograd.Function):
         if track:
             ratio = ctx.lam * site_grad.float().norm() / grad_output.float().norm()
             dtype, device = ctx.probe_like
-            stats = torch.stack([value().to(dtype), ratio.to(dtype)]).to(device)
+            one = torch.ones((), dtype=dtype, device=ratio.device)
+            stats = torch.stack([value().to(dtype), ratio.to(dtype), one]).to(device)
         grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
         return grad, None, stats, *none
 
 
 class _GradNormProbe(torch.autograd.Function):
-    """Identity on `h`; backward adds `penalty_grad_norm / ||grad_output||` to `stats[key]`."""
+    """Identity on `h` (the autograd path and VCL on tracked steps); backward adds
+    `[penalty, penalty_grad_norm / ||grad_output||, 1]` to `stats[name]`, in the penalty's
+    dtype, as `_AddPenaltyGrad` does to its probe."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, penalty_grad_norm: torch.Tensor,
-                stats: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-        ctx.penalty_grad_norm, ctx.stats, ctx.key = penalty_grad_norm, stats, key
+    def forward(ctx: Any, h: torch.Tensor, penalty: torch.Tensor, penalty_grad_norm: torch.Tensor,
+                stats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        ctx.penalty, ctx.penalty_grad_norm, ctx.stats, ctx.name = penalty, penalty_grad_norm, stats, name
         # A copy, not a view: in-place ops after the site stay legal on tracked steps, as
         # on the others (the autograd path saves no activation of its own).
         return h.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ctx.stats[ctx.key] = ctx.stats.get(ctx.key, 0) + ctx.penalty_grad_norm / grad_output.float().norm()
-        return grad_output, None, None, None
+        ratio = ctx.penalty_grad_norm / grad_output.float().norm()
+        row = torch.stack([ctx.penalty, ratio.to(ctx.penalty.dtype), torch.ones_like(ctx.penalty)])
+        ctx.stats[ctx.name] = ctx.stats.get(ctx.name, 0) + row
+        return grad_output, None, None, None, None
 
 
 class Regularizer(nn.Module):
@@ -222,9 +227,8 @@ class Regularizer(nn.Module):
         self._materializing = False
         self._track = False
         self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
-        self._stats: dict[str, torch.Tensor] = {}
-        self._probes: dict[str, torch.Tensor] = {}     # site -> (2,) statistics leaf, backward path
-        self._calls: dict[str, int] = {}               # site -> tracked calls this step
+        self._stats: dict[str, torch.Tensor] = {}      # site -> (3,) sums, autograd path and VCL
+        self._probes: dict[str, torch.Tensor] = {}     # site -> (3,) statistics leaf, backward path
         self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
         self._device = torch.device("cpu")
         for name, site in chosen.items():
@@ -242,12 +246,11 @@ class Regularizer(nn.Module):
         self._stats = {}
         self._shared = {}
         self._probes = {}
-        self._calls.clear()
         if track and self.path == "backward":    # made here, outside any compiled forward
             param = next(self.model.parameters(), None)
             device = param.device if param is not None else self._device
             dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
-            self._probes = {name: torch.zeros(2, dtype=dtype, device=device, requires_grad=True)
+            self._probes = {name: torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
                             for name in self.site_names}
 
     def penalty(self) -> torch.Tensor:
@@ -264,18 +267,20 @@ class Regularizer(nn.Module):
         """After backward of a tracked step: `penalty/<site>` (`L_site` as a per-point mean,
         whatever the reduction; not scaled by lam) and
         `grad_ratio/<site>` (`||lam dL_site/dh|| / ||d(downstream loss)/dh||`), 0-d device
-        tensors (no sync). Empty if the step was not tracked. A site called more than once
-        (in one forward, or over micro-batches) reports the mean over its calls; one
-        backward per forward is assumed. On the backward path the two come from each site's
-        probe gradient, which a plain `loss.backward()` fills (not `torch.autograd.grad` or
+        tensors (no sync). Empty if the step was not tracked. Only calls whose backward ran
+        count (the site's input required grad and its output reached the loss): a site
+        called more than once (in one forward, or over micro-batches) reports the mean over
+        those, one backward per forward assumed. Each call's backward adds its statistics
+        and a count of 1 to a `(3,)` sum; on the backward path that sum is a probe's
+        gradient, which a plain `loss.backward()` fills (not `torch.autograd.grad` or
         `backward(inputs=...)` without the probes)."""
         if not self._track:
             return {}
-        stats = dict(self._stats)
-        for name, probe in self._probes.items():
-            if probe.grad is not None:
-                stats[PENALTY_PREFIX + name], stats[GRAD_RATIO_PREFIX + name] = probe.grad.unbind()
-        return {key: value / self._calls[key.split("/", 1)[1]] for key, value in stats.items()}
+        sums = {**self._stats, **{name: p.grad for name, p in self._probes.items() if p.grad is not None}}
+        stats = {}
+        for name, (penalty, ratio, calls) in sums.items():
+            stats[PENALTY_PREFIX + name], stats[GRAD_RATIO_PREFIX + name] = penalty / calls, ratio / calls
+        return stats
 
     def materialize(self, forward_fn: Callable[[], Any]) -> None:
         """VCL: run `forward_fn()` once under no_grad to create the betas (init 1, on the
@@ -303,8 +308,6 @@ class Regularizer(nn.Module):
         if not (torch.is_grad_enabled() and self.model.training):
             return h
         self._device = h.device
-        if self._track:
-            self._calls[name] = self._calls.get(name, 0) + 1
         if self.kind == "vcl":
             return self._apply_vcl(name, h)
         # The backward path needs only `d` here; the points are built in its backward.
@@ -322,10 +325,9 @@ class Regularizer(nn.Module):
             return h
         with torch.no_grad():
             per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
-            self._stats[PENALTY_PREFIX + name] = self._stats.get(PENALTY_PREFIX + name, 0) + per_point
             grad_norm = self.lam * _site_grad(self.kind, x, directions,
                                               self.reduction).float().norm()
-        return _GradNormProbe.apply(h, grad_norm, self._stats, GRAD_RATIO_PREFIX + name)
+        return _GradNormProbe.apply(h, per_point, grad_norm, self._stats, name)
 
     def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:
         """`(d, num_slices)` directions from the global RNG, fresh per call (or shared per `d`)."""
@@ -361,10 +363,7 @@ class Regularizer(nn.Module):
         var1, var2 = hf[:c].var(dim=0), hf[c:2 * c].var(dim=0)
         value = (1 - var1 / (var2 + beta)).square().mean()
         self._terms.append(self.lam * value)
-        if not self._track:
-            return h
-        self._stats[PENALTY_PREFIX + name] = self._stats.get(PENALTY_PREFIX + name, 0) + value.detach()
-        if not h.requires_grad:
+        if not (self._track and h.requires_grad):
             return h
         (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)
-        return _GradNormProbe.apply(h, grad.float().norm(), self._stats, GRAD_RATIO_PREFIX + name)
+        return _GradNormProbe.apply(h, value.detach(), grad.float().norm(), self._stats, name)

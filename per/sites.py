@@ -29,7 +29,8 @@ class Site(nn.Module):
     `per.to_points` for how each becomes a point cloud. Any rank-3 input is read as a
     sequence, so a Conv1d output `(B, C, L)` would give `B*C` points in R^L: reshape it
     to `(B, C, L, 1)` first for `C`-dimensional points. A site called more than once per
-    forward is regularized at every call; its tracked statistics are the mean over the calls.
+    forward is regularized at every call; its tracked statistics are the mean over the calls
+    whose backward ran.
     Its output must not be modified in place when a regularizer is attached with
     `path="backward"` (the activation is saved for the backward pass).
     """

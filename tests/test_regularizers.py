@@ -157,6 +157,53 @@ def test_site_stats_are_the_mean_over_a_sites_calls_on_both_paths(kind):
         torch.testing.assert_close(stats["backward"]["grad_ratio/site"], want)
 
 
+@pytest.mark.parametrize("kind", ["l2", "vcl"])
+def test_site_stats_count_only_calls_whose_backward_ran(kind):
+    """A call on an input without gradient, or whose output never reaches the loss, adds no
+    statistics and no count, on both paths alike (VCL: its own path)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    a, frozen = _input((10, 4)), _input((10, 4)).relu()
+    stats = {}
+    for path in per.regularizers.PATHS:
+        site = nn.Sequential(per.Site("pre" if kind == "vcl" else "post"))
+        reg = per.Regularizer(site, kind, 0.3, path=path, vcl_chunk=5)
+        if kind == "vcl":
+            reg.materialize(lambda: site(a))
+        reg.begin_step(track=True)
+        used = site(lin(a).relu())
+        site(frozen)                                 # input without gradient
+        site(lin(a).tanh())                          # output never used
+        (used.square().sum() + reg.penalty()).backward()
+        stats[path] = reg.site_stats()
+        reg.begin_step(track=True)
+        (site(lin(a).relu()).square().sum() + reg.penalty()).backward()
+        torch.testing.assert_close(stats[path], reg.site_stats())   # the used call alone
+    torch.testing.assert_close(stats["backward"], stats["autograd"])
+
+
+def test_tracked_micro_batches_compile_once():
+    """Tracked steps leave no Python state to the traced forward: with three micro-batches per
+    step, a compiled model compiles two graphs (tracked, untracked), with eager's statistics."""
+    import torch._dynamo
+    model = _cnn()
+    stats = []
+    for compiled in (False, True):
+        reg = per.Regularizer(model, "l2", 0.3)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for step in range(4):
+            reg.begin_step(track=step % 2 == 0)
+            for k in range(3):
+                run(_input((2, 3, 5, 5)) * (k + 1)).square().mean().backward()
+            if step == 2:
+                stats.append(reg.site_stats())
+        reg.remove()
+    assert torch._dynamo.utils.counters["frames"]["total"] == 2
+    torch.testing.assert_close(stats[1], stats[0])
+
+
 def test_tracked_stats_keep_float64_and_skip_sites_without_gradient():
     model = nn.Sequential(per.Site()).double()
     reg = per.Regularizer(model, "per", 0.3, num_slices=SLICES)
