@@ -8,10 +8,13 @@
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration, then runs per
 #      hour at CONCURRENCY runs at once, into OUT/step_times.json (STEP_OUT). Copy it to
 #      results/step_times/<device slug>.json, where `DRY_RUN=1` and `RUNS_PER_GPU=auto`
-#      read it.
+#      read it;
+#   4. (only when PARTS names it) `scripts/profile_step.py` on each of PROFILE_PRESETS at the
+#      presets' own settings: the kernels with the most device time, into OUT/profile.jsonl.
 # Usage: scripts/gpu_check.sh [OUT]   (default results/gpu_check; `make gpu-check`)
-# Environment: PARTS (tests,bench,steps: which of 1-3 to run; a second call can finish
-# what the first cut), PY (python3), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
+# Environment: PARTS (tests,bench,steps by default; profile too: which of 1-4 to run; a second
+# call can finish what the first cut), PY (python3), PROFILE_PRESETS (t2_cifar10_elu_per
+# t1_cifar10_resnet56_per), PROFILE_S (120), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
 # BENCH_ARGS, STEP_ARGS, and the time limits TEST_S, BENCH_S, STEP_S in seconds (100, 330,
 # 160: 590 s in all). On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s;
 # the bench's step, per_grad and lm sections about 55 s; its compiled section over 120 s
@@ -38,8 +41,8 @@ concurrency=()
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')" > "$OUT/versions.txt" 2>&1
 PARTS=",${PARTS:-tests,bench,steps},"
 for part in ${PARTS//,/ }; do
-    [[ $part == tests || $part == bench || $part == steps ]] || {
-        echo "[gpu-check] unknown part '$part' in PARTS; valid: tests, bench, steps" >&2; exit 2; }
+    [[ $part == tests || $part == bench || $part == steps || $part == profile ]] || {
+        echo "[gpu-check] unknown part '$part' in PARTS; valid: tests, bench, steps, profile" >&2; exit 2; }
 done
 status=0
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
@@ -49,5 +52,11 @@ status=0
     --out "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1; }
 [[ $PARTS == *,steps,* ]] && { timeout "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
     ${concurrency[@]+"${concurrency[@]}"} ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1; }  # rows written as measured
+if [[ $PARTS == *,profile,* ]]; then
+    for preset in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
+        timeout "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "$preset" --out "$OUT/profile.jsonl" \
+            ${PROFILE_ARGS:-} || status=1
+    done
+fi
 echo "[gpu-check] results in $OUT (exit $status)"
 exit $status

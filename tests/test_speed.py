@@ -212,4 +212,27 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert "ptb|lstm||vanilla||" in json.loads((tmp_path / "table.json").read_text())["s_per_step"]
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad")], cwd=ROOT,
                          env={**env, "PARTS": "tests,step"}, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps" in bad.stderr
+    assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps, profile" in bad.stderr
+    prof = tmp_path / "profile"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(prof)], cwd=ROOT,
+                          env={**env, "PARTS": "profile", "PROFILE_PRESETS": "t3_ptb_lstm_per",
+                               "PROFILE_ARGS": "model.hidden_size=16 data.bptt=5 --steps 1 --warmup 1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((prof / "profile.jsonl").read_text())
+    assert row["preset"] == "t3_ptb_lstm_per" and row["top"] and "ms of self CPU time per step" in proc.stdout
+
+
+def test_profile_step_lists_the_ops_with_the_most_time(tmp_path):
+    profile = _script_module("profile_step")
+    out = tmp_path / "profile.jsonl"
+    over = ["model=resnet20", "data.batch_size=4", "++method.num_slices=16"]
+    for _ in range(2):      # appends
+        assert profile.main(["t1_cifar10_resnet56_per", *over, "--device", "cpu", "--steps", "1", "--warmup", "1",
+                             "--top", "5", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["overrides"] == over and rows[0]["time"] == "self CPU time"
+    top = rows[0]["top"]
+    assert len(top) == 5 and [r["ms_per_step"] for r in top] == sorted((r["ms_per_step"] for r in top), reverse=True)
+    assert 0 < sum(r["ms_per_step"] for r in top) <= rows[0]["ms_per_step"] + 1e-3
+    assert any("convolution" in r["op"] for r in top) and all(r["calls_per_step"] > 0 for r in top)

@@ -1,0 +1,81 @@
+"""Where a preset's training step spends its time: `torch.profiler` over a few of the
+preset's real steps (`per.training.speed.preset_step` on generated data) on this machine's
+device. Prints the operators (and, on a GPU, kernels) with the most self time per step,
+self device time on a GPU and self CPU time on a CPU, and appends them as one JSON line
+per preset to `--out`.
+
+    python scripts/profile_step.py t2_cifar10_elu_per                   # the preset's settings
+    python scripts/profile_step.py t1_cifar10_resnet56_per trainer.precision=bf16 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity
+
+from experiments.common import BUILD, compose_preset
+from per.training import runtime
+from per.training.speed import endless_batches, on_generated_data, preset_step
+
+
+def profile_step(name: str, overrides: list[str], device: torch.device, steps: int, warmup: int,
+                 top: int) -> dict[str, Any]:
+    """The `top` operators of `steps` profiled training steps of preset `name` (after
+    `warmup` unprofiled ones) by self time per step, in ms, with their calls per step."""
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as root:
+        cfg = on_generated_data(compose_preset(name, overrides), Path(root), steps + warmup)
+        step = preset_step(cfg, BUILD[cfg["task"]], device)
+        batches = endless_batches(step.task)
+        for _ in range(warmup):
+            step(next(batches))
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step(next(batches))
+            if cuda:
+                torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    ms = lambda e: getattr(e, attr) / 1e3 / steps                 # profiler times are in us
+    return {"preset": name, "overrides": overrides, "device": runtime.device_info(device)["name"],
+            "torch": torch.__version__, "steps": steps, "time": "self device time" if cuda else "self CPU time",
+            "ms_per_step": round(sum(ms(e) for e in events), 3),
+            "top": [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": round(ms(e), 4)}
+                    for e in sorted(events, key=ms, reverse=True)[:top]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", help="an experiment preset (configs/experiment), e.g. t2_cifar10_elu_per")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.precision=bf16")
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES)
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before profiling")
+    ap.add_argument("--top", type=int, default=25, help="operators listed")
+    ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
+    ap.add_argument("--out", default=None, help="append the result as a JSON line to this file")
+    args = ap.parse_intermixed_args(argv)   # overrides before or after the options
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = profile_step(args.preset, args.overrides, runtime.resolve_device(args.device), args.steps,
+                          args.warmup, args.top)
+    print(f"{result['preset']} {' '.join(result['overrides'])} on {result['device']}: "
+          f"{result['ms_per_step']:.2f} ms of {result['time']} per step")
+    for row in result["top"]:
+        print(f"  {row['ms_per_step']:9.3f} ms  {row['calls_per_step']:7.1f} calls  {row['op']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
