@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 BLOCK_S = 64          # directions per inner step
+PRECISIONS = ("ieee", "tf32", "tf32x3")   # tl.dot's input_precision: float32, TF32, 3 x TF32
 TILE_ELEMENTS = 4096  # points per program x padded d: bounds the accumulator's registers
 
 
@@ -43,7 +44,8 @@ def _per_grad_kernel(x_ptr, theta_ptr, out_ptr, n, d, s,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
+def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float,
+                   precision: str | None = None) -> torch.Tensor:
     """`scale * erf(x theta / sqrt 2) theta^T` in one kernel.
 
     `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
@@ -52,8 +54,12 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
     TF32 holds bf16/fp16 inputs exactly), at least as precise as the plain path's
     projection in `x`'s dtype. With `d <= 256`
     the products are cheap next to the `erf`; and triton 3.8's interpreter gets bf16
-    `tl.dot` wrong, so a bf16 product could not be tested on CPU.
+    `tl.dot` wrong, so a bf16 product could not be tested on CPU. `precision` (one of
+    `PRECISIONS`) overrides that choice of the products' mode; the benchmark uses it to
+    time "tf32x3" (float32 accuracy from three TF32 products) against "ieee".
     """
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     (n, d), s = x.shape, theta.shape[1]
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
     if n == 0:
@@ -61,16 +67,22 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(64, TILE_ELEMENTS // block_d))
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    precision = precision or ("tf32" if tf32 else "ieee")
     _per_grad_kernel[(triton.cdiv(n, block_n),)](
         x, theta, out, n, d, s, x.stride(0), x.stride(1), theta.stride(0), theta.stride(1),
         out.stride(0), out.stride(1), scale, 1 / math.sqrt(2.0),
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
-        PRECISION="tf32" if tf32 else "ieee")
+        PRECISION=precision)
     return out
+
+
+def _per_grad_fused_default(x: torch.Tensor, theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """`per_grad_fused` with the products' mode chosen from the backend flags."""
+    return per_grad_fused(x, theta, scale)
 
 
 # For traced code: torch.compile keeps the operator whole in its graph (the fake gives the
 # result's shape, dtype and row-major strides), so a compiled PER step is one CUDA graph.
 # Eager code calls the function itself, without the dispatcher's overhead.
-per_grad_fused_op = torch.library.custom_op("per::per_grad_fused", mutates_args=())(per_grad_fused)
+per_grad_fused_op = torch.library.custom_op("per::per_grad_fused", mutates_args=())(_per_grad_fused_default)
 per_grad_fused_op.register_fake(lambda x, theta, scale: x.new_empty(x.shape))

@@ -245,7 +245,9 @@ def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool,
 
 def bench_per_grad(report: Reporter, size: dict, args) -> None:
     """One site of each ResNet stage (channels layout, 256 slices): the path `per_grad` takes
-    on this device, and one `erf` over the `N x s` projections (the CPU floor) / unblocked."""
+    on this device, and one `erf` over the `N x s` projections (the CPU floor) / unblocked.
+    Where the fused kernel runs, also each of its products' modes (`per._triton.PRECISIONS`:
+    float32, TF32, 3 x TF32), with its error against float64."""
     cuda = args.device.type == "cuda"
     for n, d in ((size["sites"] * 32 * 32, 16), (size["sites"] * 16 * 16, 32), (size["sites"] * 8 * 8, 64)):
         x = torch.randn(n, d, device=args.device)
@@ -253,6 +255,12 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
         fns = {"unblocked": lambda: functional._per_grad_blocked(x, theta, 1 / 256, n),
                "per_grad": lambda: functional.per_grad(x, theta),
                "erf only": lambda: torch.empty(n, 256, device=args.device).erf_()}
+        modes = []
+        if functional._use_fused_kernel(x):
+            from per import _triton
+            modes = [f"fused triton, {p}" for p in _triton.PRECISIONS]
+            fns.update({mode: (lambda p=p: _triton.per_grad_fused(x, theta, 1 / 256, p))
+                        for mode, p in zip(modes, _triton.PRECISIONS)})
         times = _median_time(fns, max(size["repeats"], 5), cuda)
         path = "fused triton" if functional._use_fused_kernel(x) else (
             f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
@@ -261,6 +269,12 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
         for label in ("per_grad", "erf only"):
             report(**ratio_result(f"per_grad/N{n}/d{d}/s256", path if label == "per_grad" else label,
                                   "unblocked", times[label], times["unblocked"]))
+        if modes:
+            want = functional._per_grad_blocked(x.double(), theta.double(), 1 / 256, n)
+        for mode in modes:
+            err = ((fns[mode]().double() - want).norm() / want.norm()).item()
+            report(**ratio_result(f"per_grad/N{n}/d{d}/s256", mode, "unblocked", times[mode], times["unblocked"]),
+                   rel_error_vs_float64=float(f"{err:.3g}"))
 
 
 class _ArrayDataset(torch.utils.data.Dataset):

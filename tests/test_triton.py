@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,14 @@ _INTERPRETED_CHECKS = textwrap.dedent("""
     theta = per.sample_directions(12, 64, generator=gen)
     torch.testing.assert_close(per_grad_fused(x.T.contiguous().T, theta, 0.5),
                                per_grad_fused(x, theta, 0.5))
+    # The products' modes can be named (the interpreter computes each in float32).
+    for precision in ("ieee", "tf32", "tf32x3"):
+        torch.testing.assert_close(per_grad_fused(x, theta, 0.5, precision), per_grad_fused(x, theta, 0.5))
+    try:
+        per_grad_fused(x, theta, 0.5, "fp64")
+        raise AssertionError("an unknown precision was accepted")
+    except ValueError as e:
+        assert "valid: ieee, tf32, tf32x3" in str(e)
 
     # The Regularizer's backward path (Algorithm 1) through the kernel equals the autograd path.
     F._use_fused_kernel = lambda x: x.dtype != torch.float64
@@ -77,6 +86,33 @@ def test_kernel_under_triton_interpreter_matches_plain_path():
     out = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECKS], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+_BENCH_MODES = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "scripts")
+    import bench
+    import per.functional as F
+    F._use_fused_kernel = lambda x: x.dtype != torch.float64
+    import torch
+    out = sys.argv[1]
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "per_grad", "--out", out]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    modes = [r for r in rows if r["candidate"].startswith("fused triton, ")]
+    assert sorted(r["candidate"] for r in modes) == sorted(
+        f"fused triton, {p}" for p in ("ieee", "tf32", "tf32x3") for _ in range(3))
+    assert all(0 <= r["rel_error_vs_float64"] < 1e-5 for r in modes), modes
+    print("ok")
+""")
+
+
+def test_bench_times_each_mode_of_the_kernel_under_the_interpreter(tmp_path):
+    """bench's per_grad section, where the fused kernel runs, times each products' mode and
+    reports its error against float64 (here on CPU under Triton's interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _BENCH_MODES, str(tmp_path / "bench.jsonl")], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_cpu_tensors_use_the_plain_path():
@@ -114,6 +150,22 @@ def test_fused_kernel_on_cuda_matches_plain_path_and_trains(dtype, reduction, mo
     with restored_backend_flags(ieee=True):   # IEEE products
         for a, b in zip(grads("backward"), grads("autograd"), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_kernel_modes_on_cuda_against_float64():
+    """Each products' mode of the kernel on float32 points, against the float64 formula:
+    "ieee" and "tf32x3" at float32 accuracy, "tf32" at TF32's (10-bit mantissa products)."""
+    from per._triton import per_grad_fused
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(32 * 32 * 32 + 5, 16, device="cuda", generator=gen)
+    theta = per.sample_directions(16, 256, generator=gen, device="cuda")
+    want = per.functional._per_grad_blocked(x.double(), theta.double(), 1 / 256, x.shape[0])
+    errors = {p: ((per_grad_fused(x, theta, 1 / 256, p).double() - want).norm() / want.norm()).item()
+              for p in ("ieee", "tf32", "tf32x3")}
+    print(f"relative error against float64: {errors}")
+    assert errors["ieee"] < 1e-5 and errors["tf32x3"] < 1e-5 and errors["tf32"] < 1e-2
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
