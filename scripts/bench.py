@@ -1,7 +1,7 @@
 """Speed benchmark (DESIGN.md section 5): every ratio against its baseline, measured in
-the same run on this machine's device, most important first. Each result is one JSON
-line, printed (and appended to `--out`) as soon as it is measured, so a run cut short
-still reports what it has; a section that fails reports its error and the others run
+the same run on this machine's device, the quick sections first, then the compiling ones.
+Each result is one JSON line, printed (and appended to `--out`) as soon as it is measured,
+so a run cut short still reports what it has; a section that fails reports its error and the others run
 (exit status 1).
 
 1. `step`: training step, PER (channels and flatten layouts, flatten also with
@@ -378,22 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     if only - set(SECTIONS):
         ap.error(f"unknown --only section(s) {', '.join(sorted(only - set(SECTIONS)))}; valid: {', '.join(SECTIONS)}")
-    sections: dict[str, Callable[[], Any]] = {   # SECTIONS, most important first
+    sections: dict[str, Callable[[], Any]] = {   # run in the order of SECTIONS
         "step": lambda: [bench_image_steps(report, model, size, args) for model in size["models"]],
         "per_grad": lambda: bench_per_grad(report, size, args),
-        "compiled": lambda: [bench_compiled_steps(report, model, size, args) for model in size["models"]],
         "lm": lambda: (bench_lm_steps(report, size, args), bench_lm_reference(report, size, args)),
+        "compiled": lambda: [bench_compiled_steps(report, model, size, args) for model in size["models"]],
         "loader": lambda: bench_loader(report, size, args),
         "runs": lambda: bench_runs_at_once(report, size, args),
     }
     failed = []
     with tempfile.TemporaryDirectory() as data_root:
         args.data_root = Path(data_root)
-        for name, run_section in sections.items():
+        for name in SECTIONS:
             if name not in only:
                 continue
             try:
-                run_section()
+                sections[name]()
             except Exception as e:   # one section's failure (a compile error) keeps the others
                 traceback.print_exc()
                 report(bench=name, error=f"{type(e).__name__}: {e}")

@@ -40,6 +40,8 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
     assert {r["graph_breaks"] for r in rows if r["bench"].startswith("compiled/")} == {0}   # PER traced whole
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
+    order = [r["bench"].split("/")[0] for r in rows]
+    assert order.index("compiled") > max(i for i, b in enumerate(order) if b.startswith("step"))  # compiling last
 
 
 def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeypatch):
