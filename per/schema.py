@@ -42,6 +42,7 @@ VAL_PPL, TEST_PPL = metric_key(VAL, PPL), metric_key(TEST, PPL)
 EPOCH, STEP, LR = "epoch", "step", "lr"
 PENALTY = "penalty"             # sum over sites of the unscaled per-site penalty
 EPOCH_TIME = "epoch_time_s"     # training seconds of the epoch (evaluation excluded)
+EVAL_TIME = "eval_time_s"       # seconds of the epoch's evaluation (all splits)
 
 
 def throughput_key(items: str) -> str:

@@ -10,10 +10,15 @@ so a run cut short still reports what it has; a section that fails reports its e
 3. `lm`: LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
    the PyTorch word-language-model example's training step at the same sizes and precision.
 4. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
-   a GPU): BN vanilla / eager, and Fixup PER / Fixup vanilla, both compiled.
-5. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
+   a GPU): BN vanilla / eager, and Fixup PER / Fixup vanilla, both compiled. Each ratio
+   synchronized at every step, then pipelined (as the training loop runs steps).
+5. `compiled_lm`: the same for the LM: vanilla / eager, PER and recurrent BN / vanilla, all
+   compiled; then tokens/s of the compiled LM step / the example's.
+6. `epoch`: a real run of the BN ResNet preset for a few epochs (the runner's whole loop,
+   evaluation included), and on a GPU the minutes of its full 164-epoch run.
+7. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
-6. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
+8. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
    ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
    `RUNS_PER_GPU=auto`).
 
@@ -42,27 +47,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experiments.common import BUILD, compose_preset
-from per import functional, models
+from per import functional, models, schema
 from per.training import runtime
 from per.training.loop import TrainStep
+from per.data.cifar import write_fake_cifar
+from per.training import run as runner
+from per.training.records import METRICS, RunDir
 from per.training.speed import (
-    endless_batches, interleaved_times, on_generated_data, preset_step, runs_per_hour, timed)
+    endless_batches, interleaved_times, on_generated_data, pipelined_times, preset_step, runs_per_hour, timed)
 
 # Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
 # steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
 # the per_grad sites.
 SIZES = {
     "cuda": dict(models=("resnet56", "resnet110"), batch=128, image=(), lm=(), repeats=20, warmup=5,
-                 loader_steps=40, sites=128, at_once=(1, 2, 4, 8), run_steps=50),
+                 loader_steps=40, sites=128, at_once=(1, 2, 4, 8), run_steps=50, epochs=(3, 50000, 10000)),
     "cpu": dict(models=("resnet20", "resnet56"), batch=32, image=(), lm=(), repeats=5, warmup=1,
-                loader_steps=6, sites=32, at_once=(1, 2), run_steps=5),
+                loader_steps=6, sites=32, at_once=(1, 2), run_steps=5, epochs=(2, 640, 200)),
     "tiny": dict(models=("resnet20",), batch=2, image=("++method.num_slices=16",),
                  lm=("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"),
-                 repeats=2, warmup=1, loader_steps=2, sites=2, at_once=(1, 2), run_steps=2),
+                 repeats=2, warmup=1, loader_steps=2, sites=2, at_once=(1, 2), run_steps=2, epochs=(2, 8, 4)),
 }
+# The real CIFAR-10 sizes: `epoch` estimates a full run only on generated data this large.
+CIFAR10_SIZES = (50000, 10000)
 # In the order they run: the quick ones first, then the compiling ones (a GPU run cut at
 # its time limit keeps what came first).
-SECTIONS = ("step", "per_grad", "lm", "compiled", "loader", "runs")
+SECTIONS = ("step", "per_grad", "lm", "compiled", "compiled_lm", "epoch", "loader", "runs")
 STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
     "per channels": ("t1_cifar10_resnet56_per", ()),
@@ -157,10 +167,44 @@ def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None
     torch._dynamo.utils.counters.clear()
     times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())   # over this model's three
-    for candidate, baseline, label in (("bn compiled", "bn eager", "bn vanilla"),
-                                       ("per channels compiled", "vanilla compiled", "fixup")):
-        report(**ratio_result(f"compiled/{model}/batch{batch}/{label}", f"{candidate} ({mode})", baseline,
-                              times[candidate], times[baseline]), graph_breaks=breaks)
+    report_compiled(report, f"compiled/{model}/batch{batch}", mode, steps, times, breaks, size,
+                    (("bn compiled", "bn eager", "bn vanilla"), ("per channels compiled", "vanilla compiled", "fixup")))
+
+
+def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, TrainStep],
+                    times: dict[str, list[float]], breaks: int, size: dict,
+                    pairs: tuple[tuple[str, str, str], ...]) -> None:
+    """Each (candidate, baseline, label) ratio of step times synchronized at every step
+    (`times`), then again from `pipelined_times` (no synchronization between steps, as the
+    training loop runs them): the host's per-step work only counts there where the device
+    waits for it."""
+    for candidate, baseline, label in pairs:
+        report(**ratio_result(f"{bench}/{label}", f"{candidate} ({mode})", baseline, times[candidate],
+                              times[baseline]), graph_breaks=breaks)
+    piped = pipelined_times(steps, size["repeats"], 0)
+    for candidate, baseline, label in pairs:
+        report(**ratio_result(f"{bench}/{label}/pipelined", f"{candidate} ({mode})", baseline,
+                              piped[candidate], piped[baseline]), graph_breaks=breaks)
+
+
+def bench_compiled_lm(report: Reporter, size: dict, args) -> None:
+    """The LM steps (2x650 LSTM, PTB sizes) under `trainer.compile` as `bench_compiled_steps`:
+    vanilla compiled / eager, PER and recurrent BN compiled / vanilla compiled; then tokens/s
+    of our compiled vanilla step / the word-language-model example's (eager) step."""
+    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    n = size["warmup"] + 2 + size["repeats"]
+    compiled = (*size["lm"], f"trainer.compile={mode}")
+    steps = {"vanilla eager": build("t3_ptb_lstm_vanilla", size["lm"], n, args),
+             **{f"{m} compiled": build(f"t3_ptb_lstm_{m}", compiled, n, args) for m in ("vanilla", "per", "rbn")}}
+    torch._dynamo.utils.counters.clear()
+    times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    cfg = compose_preset("t3_ptb_lstm_vanilla", size["lm"])
+    report_compiled(report, f"compiled/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
+                    f"x{cfg['data']['bptt']}", mode, steps, times, breaks, size,
+                    (("vanilla compiled", "vanilla eager", "vanilla"), ("per compiled", "vanilla compiled", "per"),
+                     ("rbn compiled", "vanilla compiled", "rbn")))
+    bench_lm_reference(report, size, args, (f"trainer.compile={mode}",))
 
 
 def bench_lm_steps(report: Reporter, size: dict, args) -> None:
@@ -190,16 +234,18 @@ class ExampleLM(nn.Module):
         return self.decoder(self.drop(out)), state
 
 
-def bench_lm_reference(report: Reporter, size: dict, args) -> None:
-    """tokens/s: the vanilla LM preset's step / the word-language-model example's training
-    step at the same sizes and precision (its loop: detach the state, forward, cross-entropy,
-    backward, clip the global norm, `p -= lr * grad`; the forward under the benchmark's
-    autocast, as ours), on random tokens."""
+def bench_lm_reference(report: Reporter, size: dict, args, compiled: tuple[str, ...] = ()) -> None:
+    """tokens/s: the vanilla LM preset's step (with `compiled`, its `trainer.compile` override)
+    / the word-language-model example's training step at the same sizes and precision (its
+    loop: detach the state, forward, cross-entropy, backward, clip the global norm,
+    `p -= lr * grad`; eager, the forward under the benchmark's autocast, as ours), on random
+    tokens."""
     name = "t3_ptb_lstm_vanilla"
     cfg = compose_preset(name, size["lm"])
     m, bptt, batch = cfg["model"], cfg["data"]["bptt"], cfg["data"]["batch_size"]
-    n = size["warmup"] + size["repeats"] + 1
-    ours = build(name, size["lm"], n, args)
+    warmup = 3 if compiled else 1      # compiling, then recording the CUDA graphs
+    n = warmup + size["warmup"] + size["repeats"]
+    ours = build(name, (*size["lm"], *compiled), n, args)
     vocab = ours.model.encoder.num_embeddings          # the generated corpus's vocabulary
     example = ExampleLM(vocab, m["hidden_size"], m["num_layers"], m["dropout"]).to(args.device)
     tokens = torch.randint(vocab, (bptt * n + 1, batch), device=args.device)
@@ -224,9 +270,9 @@ def bench_lm_reference(report: Reporter, size: dict, args) -> None:
 
     batches = endless_batches(ours.task)
     times = _median_time({"ours": lambda: ours(next(batches)), "example": example_step},
-                         size["warmup"] + size["repeats"] - 1, args.device.type == "cuda")
+                         size["warmup"] + size["repeats"] - 1, args.device.type == "cuda", warmup)
     result = ratio_result(f"trainer/lstm{m['hidden_size']}/batch{batch}x{bptt}", "word-language-model example",
-                          "ours", times["example"], times["ours"])
+                          f"ours ({compiled[0]})" if compiled else "ours", times["example"], times["ours"])
     result["tokens_per_s"] = {k: round(batch * bptt / statistics.median(v)) for k, v in times.items()}
     report(**result)
 
@@ -275,6 +321,49 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
             err = ((fns[mode]().double() - want).norm() / want.norm()).item()
             report(**ratio_result(f"per_grad/N{n}/d{d}/s256", mode, "unblocked", times[mode], times["unblocked"]),
                    rel_error_vs_float64=float(f"{err:.3g}"))
+
+
+def bench_epochs(report: Reporter, size: dict, args) -> None:
+    """A real run (`per.training.run.train`: the runner's loop with its data, steps, device
+    reads, evaluation and checkpoints) of the BN ResNet preset (the benchmark's first model
+    and batch; compiled as `bench_compiled_steps`) for a few epochs on generated CIFAR-10 of
+    `size["epochs"]`'s sizes: seconds per epoch, training and evaluation. The ratio is the
+    loop's seconds per step / the bare step's (`pipelined_times`, the same config, measured
+    after it). On data of the real size, also the minutes of the preset's full run: the first
+    epoch (compiling) and the others at the last epoch's training + evaluation time."""
+    epochs, n_train, n_test = size["epochs"]
+    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    name, model, batch = "t1_cifar10_resnet56_bn", size["models"][0], size["batch"]
+    full = (n_train, n_test) == CIFAR10_SIZES
+    over = (f"trainer.precision={args.precision}", f"trainer.channels_last={str(args.channels_last).lower()}",
+            f"model={model}", f"data.batch_size={batch}", f"trainer.compile={mode}", *size["image"],
+            *(() if full else ("data.val_size=0", f"data.eval_batch_size={min(n_test, 1000)}")))
+    folder = args.data_root / f"cifar10-{n_train}-{n_test}"
+    if not folder.exists():
+        write_fake_cifar(folder, "cifar10", n_train=n_train, n_test=n_test)
+    data = (f"data.root={folder}", "data.download=false", "data.verify_checksums=false")
+    run_dir = args.data_root / f"epoch-{model}"
+    short = (f"trainer.epochs={epochs}", "optim.total_steps=null", "trainer.progress=false",
+             "logger.mode=disabled", "resume=never")      # the preset's 64k steps would set the epochs
+    cfg = compose_preset(name, (*over, *data, *short), run_dir)
+    summary = runner.train(cfg, BUILD["cifar"])
+    rows = RunDir(run_dir).read_jsonl(METRICS)
+    train_s = [r[schema.EPOCH_TIME] for r in rows]
+    eval_s = [r[schema.EVAL_TIME] for r in rows]
+    loop_step = train_s[-1] / (summary["steps"] / epochs)
+    step = preset_step(cfg, BUILD["cifar"], args.device)
+    bare = statistics.median(pipelined_times({"step": step}, size["repeats"], 3)["step"])
+    result = {"bench": f"epoch/{model}/batch{batch}", "candidate": f"runner loop ({mode})",
+              "baseline": f"bare step ({mode}, pipelined)", "ratio": round(loop_step / bare, 3),
+              "candidate_ms": round(1e3 * loop_step, 3), "baseline_ms": round(1e3 * bare, 3),
+              "status": summary["status"], "steps_per_epoch": summary["steps"] // epochs,
+              "epoch_train_s": [round(t, 4) for t in train_s], "epoch_eval_s": [round(t, 4) for t in eval_s],
+              "train_examples": n_train - (cfg["data"]["val_size"] or 0), "eval_examples": n_test + (cfg["data"]["val_size"] or 0)}
+    if full:    # the preset's own length, in epochs of this data's size
+        planned = runner.run_length(compose_preset(name, over), summary["steps"] // epochs)[2] / (summary["steps"] // epochs)
+        first, later = train_s[0] + eval_s[0], train_s[-1] + eval_s[-1]
+        result.update(full_run_epochs=round(planned, 2), full_run_min=round((first + (planned - 1) * later) / 60, 2))
+    report(**result)
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
@@ -361,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--models", default="", help="comma-separated image models (default: the size's, "
+                    "resnet56,resnet110 on cuda); the first is the one `epoch`, `loader` and `runs` use")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.device = runtime.resolve_device(args.device)
@@ -372,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     runtime.configure_backends(args.device, deterministic=False, precision=args.precision)
     mode = "tiny" if args.tiny else args.device.type
-    size = SIZES[mode]
+    size = dict(SIZES[mode])
+    if args.models:
+        size["models"] = tuple(args.models.split(","))
     report = Reporter(args.out, {"device": runtime.device_info(args.device)["name"], "size": mode,
                                  "precision": args.precision, "torch": torch.__version__})
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
@@ -383,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         "per_grad": lambda: bench_per_grad(report, size, args),
         "lm": lambda: (bench_lm_steps(report, size, args), bench_lm_reference(report, size, args)),
         "compiled": lambda: [bench_compiled_steps(report, model, size, args) for model in size["models"]],
+        "compiled_lm": lambda: bench_compiled_lm(report, size, args),
+        "epoch": lambda: bench_epochs(report, size, args),
         "loader": lambda: bench_loader(report, size, args),
         "runs": lambda: bench_runs_at_once(report, size, args),
     }

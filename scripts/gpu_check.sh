@@ -3,19 +3,21 @@
 # part writing under OUT as it goes (a part cut at its time limit keeps what it has):
 #   1. the CUDA tests: tests/test_triton.py (fused kernel against the plain path, a
 #      training step) first, then tests/test_precision.py (bf16 against fp32, CUDA graphs);
-#   2. `scripts/bench.py` at this device's full size, most important first (its runs-per-
-#      hour part is step 3's);
+#   2. `scripts/bench.py` at this device's full size, most important first, the sections
+#      BENCH_ONLY names (default all but `runs`: its runs per hour are step 3's);
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration, then runs per
 #      hour at CONCURRENCY runs at once, into OUT/step_times.json (STEP_OUT). Copy it to
 #      results/step_times/<device slug>.json, where `DRY_RUN=1` and `RUNS_PER_GPU=auto`
 #      read it;
-#   4. (only when PARTS names it) `scripts/profile_step.py` on each of PROFILE_PRESETS at the
-#      presets' own settings: the kernels with the most device time, into OUT/profile.jsonl.
+#   4. (only when PARTS names it) `scripts/profile_step.py` on each entry of PROFILE_PRESETS,
+#      `preset[:override...]` (e.g. t1_cifar10_resnet56_bn:trainer.compile=reduce-overhead):
+#      the kernels with the most device time, the ops with the most host time, into
+#      OUT/profile.jsonl.
 # Usage: scripts/gpu_check.sh [OUT]   (default results/gpu_check; `make gpu-check`)
 # Environment: PARTS (tests,bench,steps by default; profile too: which of 1-4 to run; a second
 # call can finish what the first cut), PY (python3), PROFILE_PRESETS (t2_cifar10_elu_per
 # t1_cifar10_resnet56_per), PROFILE_S (120), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
-# BENCH_ARGS, STEP_ARGS, and the time limits TEST_S, BENCH_S, STEP_S in seconds (100, 330,
+# BENCH_ONLY, BENCH_ARGS, STEP_ARGS, and the time limits TEST_S, BENCH_S, STEP_S in seconds (100, 330,
 # 160: 590 s in all). On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s;
 # the bench's step, per_grad and lm sections about 55 s; its compiled section over 120 s
 # (ResNet-56 done, ResNet-110 still compiling at the cut) and the loader about 40 s; the
@@ -48,13 +50,14 @@ status=0
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
 [[ $PARTS == *,tests,* ]] && { timeout "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
     tests/test_triton.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
-[[ $PARTS == *,bench,* ]] && { timeout "${BENCH_S:-330}" "$PY" scripts/bench.py --only step,per_grad,lm,compiled,loader \
+[[ $PARTS == *,bench,* ]] && { timeout "${BENCH_S:-330}" "$PY" scripts/bench.py --only "${BENCH_ONLY:-step,per_grad,lm,compiled,compiled_lm,epoch,loader}" \
     --out "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1; }
 [[ $PARTS == *,steps,* ]] && { timeout "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
     ${concurrency[@]+"${concurrency[@]}"} ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1; }  # rows written as measured
 if [[ $PARTS == *,profile,* ]]; then
-    for preset in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
-        timeout "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "$preset" --out "$OUT/profile.jsonl" \
+    for entry in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
+        IFS=: read -r -a preset <<< "$entry"    # preset[:override[:override...]]
+        timeout "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
             ${PROFILE_ARGS:-} || status=1
     done
 fi

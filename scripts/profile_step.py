@@ -1,8 +1,9 @@
 """Where a preset's training step spends its time: `torch.profiler` over a few of the
 preset's real steps (`per.training.speed.preset_step` on generated data) on this machine's
 device. Prints the operators (and, on a GPU, kernels) with the most self time per step,
-self device time on a GPU and self CPU time on a CPU, and appends them as one JSON line
-per preset to `--out`.
+self device time on a GPU and self CPU time on a CPU (on a GPU, the top ops by self CPU
+time as well: the host's share), with the unprofiled wall time per step, and appends them as
+one JSON line per preset to `--out`.
 
     python scripts/profile_step.py t2_cifar10_elu_per                   # the preset's settings
     python scripts/profile_step.py t1_cifar10_resnet56_per trainer.precision=bf16 --steps 5
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity
 
 from experiments.common import BUILD, compose_preset
 from per.training import runtime
-from per.training.speed import endless_batches, on_generated_data, preset_step
+from per.training.speed import endless_batches, on_generated_data, preset_step, timed
 
 
 def profile_step(name: str, overrides: list[str], device: torch.device, steps: int, warmup: int,
@@ -35,20 +36,29 @@ def profile_step(name: str, overrides: list[str], device: torch.device, steps: i
         batches = endless_batches(step.task)
         for _ in range(warmup):
             step(next(batches))
+        wall, _ = timed(lambda: [step(next(batches)) for _ in range(steps)], cuda)   # unprofiled
         activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(steps):
                 step(next(batches))
             if cuda:
                 torch.cuda.synchronize()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
-    ms = lambda e: getattr(e, attr) / 1e3 / steps                 # profiler times are in us
-    return {"preset": name, "overrides": overrides, "device": runtime.device_info(device)["name"],
-            "torch": torch.__version__, "steps": steps, "time": "self device time" if cuda else "self CPU time",
-            "ms_per_step": round(sum(ms(e) for e in events), 3),
-            "top": [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": round(ms(e), 4)}
-                    for e in sorted(events, key=ms, reverse=True)[:top]]}
+    averages = prof.key_averages()
+
+    def ranked(attr: str) -> tuple[float, list[dict[str, Any]]]:
+        events = [e for e in averages if getattr(e, attr) > 0]
+        ms = lambda e: getattr(e, attr) / 1e3 / steps                 # profiler times are in us
+        return round(sum(ms(e) for e in events), 3), [
+            {"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": round(ms(e), 4)}
+            for e in sorted(events, key=ms, reverse=True)[:top]]
+
+    total, ops = ranked("self_device_time_total" if cuda else "self_cpu_time_total")
+    result = {"preset": name, "overrides": overrides, "device": runtime.device_info(device)["name"],
+              "torch": torch.__version__, "steps": steps, "time": "self device time" if cuda else "self CPU time",
+              "wall_ms_per_step": round(1e3 * wall / steps, 3), "ms_per_step": total, "top": ops}
+    if cuda:    # the host's share: where a launch-bound step spends its time
+        result["cpu_ms_per_step"], result["top_cpu"] = ranked("self_cpu_time_total")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     result = profile_step(args.preset, args.overrides, runtime.resolve_device(args.device), args.steps,
                           args.warmup, args.top)
     print(f"{result['preset']} {' '.join(result['overrides'])} on {result['device']}: "
-          f"{result['ms_per_step']:.2f} ms of {result['time']} per step")
-    for row in result["top"]:
-        print(f"  {row['ms_per_step']:9.3f} ms  {row['calls_per_step']:7.1f} calls  {row['op']}")
+          f"{result['wall_ms_per_step']:.2f} ms per step (unprofiled); {result['ms_per_step']:.2f} ms of "
+          f"{result['time']} per step")
+    for key, label in (("top", result["time"]), ("top_cpu", "self CPU time")):
+        if key in result:
+            print(f" by {label}:")
+            for row in result[key]:
+                print(f"  {row['ms_per_step']:9.3f} ms  {row['calls_per_step']:7.1f} calls  {row['op']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:

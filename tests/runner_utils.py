@@ -13,7 +13,7 @@ from per.training.records import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-TIMING_KEYS = ("images_per_s", "tokens_per_s", "epoch_time_s")
+TIMING_KEYS = ("images_per_s", "tokens_per_s", "epoch_time_s", "eval_time_s")
 
 
 def without_timing(row: dict) -> dict:

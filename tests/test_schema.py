@@ -10,9 +10,9 @@ def test_metric_names_on_disk() -> None:
     """metrics.jsonl / summary.json keys are on-disk formats: these strings must not change."""
     assert schema.metric_key(schema.VAL, schema.PPL) == schema.VAL_PPL == "val_ppl"
     names = (schema.TRAIN_LOSS, schema.TRAIN_ERROR, schema.TRAIN_PPL, schema.VAL_ERROR,
-             schema.TEST_ERROR, schema.TEST_PPL, schema.EPOCH_TIME, schema.throughput_key("images"))
+             schema.TEST_ERROR, schema.TEST_PPL, schema.EPOCH_TIME, schema.EVAL_TIME, schema.throughput_key("images"))
     assert names == ("train_loss", "train_error", "train_ppl", "val_error", "test_error",
-                     "test_ppl", "epoch_time_s", "images_per_s")
+                     "test_ppl", "epoch_time_s", "eval_time_s", "images_per_s")
     assert schema.SELECTION_METRIC == {"cifar": "val_error", "lm": "val_ppl"}
     assert schema.PAPER_SPLIT == {"val": "valid", "test": "test"}
 

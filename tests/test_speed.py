@@ -33,12 +33,20 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     assert {("step", "per channels"), ("step", "per channels, PER_CPU_COMPILE=1"), ("step", "per flatten"),
             ("step", "per flatten, sampling=subspace"), ("step", "l2"), ("step", "per"), ("step", "rbn"),
             ("compiled", "bn compiled (default)"), ("compiled", "per channels compiled (default)"),
-            ("trainer", "word-language-model example"),
+            ("compiled", "vanilla compiled (default)"), ("compiled", "rbn compiled (default)"),
+            ("epoch", "runner loop (default)"), ("trainer", "word-language-model example"),
             ("per_grad", f"blocked {per.functional.PER_GRAD_BLOCK_ROWS} rows"), ("per_grad", "erf only"),
             ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
     assert {r["graph_breaks"] for r in rows if r["bench"].startswith("compiled/")} == {0}   # PER traced whole
+    compiled = [r["bench"] for r in rows if r["bench"].startswith("compiled/")]
+    assert {b for b in compiled if b.endswith("/pipelined")} == {b + "/pipelined" for b in compiled
+                                                                 if not b.endswith("/pipelined")}
+    assert [r["baseline"] for r in rows if r["bench"].startswith("trainer/lstm")] == ["ours", "ours (trainer.compile=default)"]
+    epoch = next(r for r in rows if r["bench"].startswith("epoch/"))
+    assert epoch["status"] == "finished" and len(epoch["epoch_train_s"]) == len(epoch["epoch_eval_s"]) == 2
+    assert "full_run_min" not in epoch          # generated data smaller than CIFAR-10: no estimate
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
     order = [r["bench"].split("/")[0] for r in rows]
     assert order.index("compiled") > max(i for i, b in enumerate(order) if b.startswith("step"))  # compiling last
@@ -55,6 +63,21 @@ def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeyp
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["bench"] == "per_grad" and rows[0]["error"] == "RuntimeError: inductor fell over"
     assert rows[1]["bench"].startswith("trainer/")     # the next section still ran
+
+
+def test_bench_epoch_estimates_the_full_run_on_data_of_the_real_size(tmp_path, monkeypatch):
+    bench = _script_module("bench")
+    monkeypatch.setattr(bench, "CIFAR10_SIZES", bench.SIZES["tiny"]["epochs"][1:])   # tiny counts as full
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "epoch", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = row["steps_per_epoch"]
+    assert steps == bench.SIZES["tiny"]["epochs"][1] // bench.SIZES["tiny"]["batch"]
+    assert row["full_run_epochs"] == round(64000 / steps, 2)       # he_bn: 64k steps decide the length
+    train, evals = row["epoch_train_s"], row["epoch_eval_s"]
+    want = (train[0] + evals[0] + (64000 / steps - 1) * (train[-1] + evals[-1])) / 60
+    assert row["full_run_min"] == pytest.approx(want, rel=0.02, abs=0.02)   # from the rounded epoch times
+    assert row["candidate_ms"] == pytest.approx(1e3 * train[-1] / steps, rel=0.01)
 
 
 def _table(path, device: str, times: dict[str, float], evals: dict[str, float] | None = None) -> None:
@@ -202,7 +225,7 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert "torch" in (out / "versions.txt").read_text()
     assert "skipped" in (out / "pytest_gpu.txt").read_text() or torch.cuda.is_available()
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
-        "step", "compiled", "per_grad", "trainer"}
+        "step", "compiled", "per_grad", "trainer", "epoch"}
     table = json.loads((out / "step_times.json").read_text())
     assert list(table["s_per_step"]) == list(table["s_per_eval_batch"]) == ["ptb|lstm||vanilla||"]
     only = tmp_path / "steps_only"
@@ -217,12 +240,13 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps, profile" in bad.stderr
     prof = tmp_path / "profile"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(prof)], cwd=ROOT,
-                          env={**env, "PARTS": "profile", "PROFILE_PRESETS": "t3_ptb_lstm_per",
-                               "PROFILE_ARGS": "model.hidden_size=16 data.bptt=5 --steps 1 --warmup 1"},
+                          env={**env, "PARTS": "profile", "PROFILE_PRESETS": "t3_ptb_lstm_per:model.hidden_size=16",
+                               "PROFILE_ARGS": "data.bptt=5 --steps 1 --warmup 1"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads((prof / "profile.jsonl").read_text())
     assert row["preset"] == "t3_ptb_lstm_per" and row["top"] and "ms of self CPU time per step" in proc.stdout
+    assert row["overrides"] == ["model.hidden_size=16", "data.bptt=5"]     # preset:override entries
 
 
 def test_profile_step_lists_the_ops_with_the_most_time(tmp_path):
@@ -234,6 +258,7 @@ def test_profile_step_lists_the_ops_with_the_most_time(tmp_path):
                              "--top", "5", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["overrides"] == over and rows[0]["time"] == "self CPU time"
+    assert rows[0]["wall_ms_per_step"] > 0 and "top_cpu" not in rows[0]    # the host list is the GPU's extra
     top = rows[0]["top"]
     assert len(top) == 5 and [r["ms_per_step"] for r in top] == sorted((r["ms_per_step"] for r in top), reverse=True)
     assert 0 < sum(r["ms_per_step"] for r in top) <= rows[0]["ms_per_step"] + 1e-3

@@ -316,6 +316,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         bar.close()
         row[schema.throughput_key(task.items)] = state.sums["items"] / max(state.train_time_s, 1e-9)
         row[schema.EPOCH_TIME] = state.train_time_s
+        row[schema.EVAL_TIME] = time.perf_counter() - t_eval
         state.wall_time_s += time.perf_counter() - t_eval
         schedule.end_epoch(row)
         state.epoch += 1

@@ -90,6 +90,24 @@ def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) ->
     return times
 
 
+def pipelined_times(steps: dict[str, TrainStep], repeats: int, warmup: int,
+                    rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per step of each configuration with the host running ahead of the device, as
+    in `fit` (which reads the device once per `log_every` steps): `rounds` runs of `repeats`
+    consecutive steps (batch fetch included), synchronized only at their ends,
+    configurations taking turns run by run, after `warmup` steps of each."""
+    batches = {k: endless_batches(s.task) for k, s in steps.items()}
+    for k, step in steps.items():
+        for _ in range(warmup):
+            step(next(batches[k]))
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            s, _ = timed(lambda: [step(next(batches[k])) for _ in range(repeats)], _on_cuda(step))
+            times[k].append(s / repeats)
+    return times
+
+
 def seconds_per_step(step: TrainStep, repeats: int, warmup: int) -> tuple[float, float]:
     """(median seconds per step, items per second) of `repeats` steps after `warmup`."""
     cuda = _on_cuda(step)
