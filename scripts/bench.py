@@ -329,7 +329,7 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     and batch; compiled as `bench_compiled_steps`) for a few epochs on generated CIFAR-10 of
     `size["epochs"]`'s sizes: seconds per epoch, training and evaluation. The ratio is the
     loop's seconds per step / the bare step's (`pipelined_times`, the same config, measured
-    after it). On data of the real size, also the minutes of the preset's full run: the first
+    before it). On data of the real size, also the minutes of the preset's full run: the first
     epoch (compiling) and the others at the last epoch's training + evaluation time."""
     epochs, n_train, n_test = size["epochs"]
     mode = "reduce-overhead" if args.device.type == "cuda" else "default"
@@ -346,13 +346,14 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     short = (f"trainer.epochs={epochs}", "optim.total_steps=null", "trainer.progress=false",
              "logger.mode=disabled", "resume=never")      # the preset's 64k steps would set the epochs
     cfg = compose_preset(name, (*over, *data, *short), run_dir)
+    step = preset_step(cfg, BUILD["cifar"], args.device)    # first: the run reuses its compiled code
+    bare = statistics.median(pipelined_times({"step": step}, size["repeats"], 3)["step"])
+    del step
     summary = runner.train(cfg, BUILD["cifar"])
     rows = RunDir(run_dir).read_jsonl(METRICS)
     train_s = [r[schema.EPOCH_TIME] for r in rows]
     eval_s = [r[schema.EVAL_TIME] for r in rows]
     loop_step = train_s[-1] / (summary["steps"] / epochs)
-    step = preset_step(cfg, BUILD["cifar"], args.device)
-    bare = statistics.median(pipelined_times({"step": step}, size["repeats"], 3)["step"])
     result = {"bench": f"epoch/{model}/batch{batch}", "candidate": f"runner loop ({mode})",
               "baseline": f"bare step ({mode}, pipelined)", "ratio": round(loop_step / bare, 3),
               "candidate_ms": round(1e3 * loop_step, 3), "baseline_ms": round(1e3 * bare, 3),

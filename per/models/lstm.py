@@ -217,8 +217,11 @@ class LSTMLanguageModel(nn.Module):
                  w.new_zeros(1, batch_size, self.hidden_size)) for _ in range(self.num_layers)]
 
 
-def detach_hidden(hidden: Hidden) -> Hidden:
-    """Cut the graph between BPTT windows (truncated backpropagation)."""
+def detach_hidden(hidden: Hidden, copy: bool = False) -> Hidden:
+    """Cut the graph between BPTT windows (truncated backpropagation); `copy`: into new
+    tensors, which outlive the buffers the model wrote them to."""
+    if copy:
+        return [(h.detach().clone(), c.detach().clone()) for h, c in hidden]
     return [(h.detach(), c.detach()) for h, c in hidden]
 
 

@@ -70,8 +70,11 @@ class LMTask:
 
     def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         x, y = batch                                  # (T, B) each
-        self.hidden = detach_hidden(self.hidden)
-        logits, self.hidden = model(x, self.hidden)   # (T, B, V)
+        logits, hidden = model(x, self.hidden)        # (T, B, V)
+        # Carried to the next window cut from the graph and copied at once: under CUDA graphs
+        # (trainer.compile=reduce-overhead) the model's outputs live in buffers that a later
+        # replay, of this model or of another compiled one, overwrites.
+        self.hidden = detach_hidden(hidden, copy=True)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         return loss, {"items": y.numel()}
 
