@@ -115,6 +115,13 @@ def test_bench_times_each_mode_of_the_kernel_under_the_interpreter(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
+def test_fused_kernel_keeps_float32_accuracy_where_tf32_is_off():
+    from per._triton import default_precision
+    assert default_precision(cuda=True, allow_tf32=True) == "tf32"      # tf32 and bf16 runs
+    assert default_precision(cuda=True, allow_tf32=False) == "tf32x3"   # fp32 runs: float32 accuracy
+    assert default_precision(cuda=False, allow_tf32=True) == "ieee"     # the CPU interpreter
+
+
 def test_cpu_tensors_use_the_plain_path():
     assert not per.functional._use_fused_kernel(torch.zeros(4, 3))
 
@@ -147,7 +154,7 @@ def test_fused_kernel_on_cuda_matches_plain_path_and_trains(dtype, reduction, mo
          + reg.penalty()).backward()
         return [p.grad for p in model.parameters()]
 
-    with restored_backend_flags(ieee=True):   # IEEE products
+    with restored_backend_flags(ieee=True):   # TF32 off: the kernel takes float32-accurate products (tf32x3)
         for a, b in zip(grads("backward"), grads("autograd"), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
