@@ -22,7 +22,9 @@
 # the bench's step, per_grad and lm sections about 55 s; its compiled section over 120 s
 # (ResNet-56 done, ResNet-110 still compiling at the cut) and the loader about 40 s; the
 # step-time rows and runs per hour over 240 s at 20 steps after 3 (the default here is 5
-# after 2). Not yet run as one call.
+# after 2). On a fresh machine, per_grad + ResNet-56 compiled + the start of compiled_lm
+# took about 240 s, and compiling the epoch section's step alone over 115 s: the compiling
+# sections need more than BENCH_S's 330 s together. Not yet run as one call.
 # A box with torch but no internet and no Hydra needs only three pure-Python wheels (W&B
 # is imported only when logging is on). Make them where pip works:
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
