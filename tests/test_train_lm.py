@@ -174,3 +174,25 @@ def test_damaged_text_file_is_named(tmp_path, damage):
     with pytest.raises(ValueError, match=f"cannot read {re.escape(str(valid))} .*damaged"):
         train(_cfg(root, tmp_path / "run"), build_lm_experiment)
     assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+
+
+def test_the_carried_hidden_state_is_a_copy_of_the_models_output():
+    """Under CUDA graphs (`trainer.compile=reduce-overhead`) a model's outputs live in buffers
+    that a later replay overwrites; the H200 bench's compiled LM section failed so when the
+    task carried a view of them into the next window. The task keeps a detached copy."""
+    from per.models.lstm import LSTMLanguageModel
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(vocab_size=20, hidden_size=8, num_layers=2, dropout=0.0)
+    returned = []
+    forward = model.forward
+    model.forward = lambda x, hidden: returned.append(out := forward(x, hidden)) or out
+    tokens = torch.randint(20, (31, 3))
+    task = LMTask(model, tokens, {}, bptt=5, autocast=contextlib.nullcontext)
+    batches = task.train_batches(0, 0)
+    for _ in range(2):
+        task.train_step(model, next(batches))
+        carried = [t for pair in task.hidden for t in pair]
+        out = [t for pair in returned[-1][1] for t in pair]
+        assert all(not c.requires_grad for c in carried)
+        assert all(c.untyped_storage().data_ptr() != o.untyped_storage().data_ptr() for c, o in zip(carried, out))
+        assert all(torch.equal(c, o.detach()) for c, o in zip(carried, out))
