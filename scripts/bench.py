@@ -289,18 +289,38 @@ def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool,
     return times
 
 
+def _without_tf32(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with TF32 matmuls off during the call (as `trainer.precision=fp32` runs)."""
+    def run() -> Any:
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    return run
+
+
 def bench_per_grad(report: Reporter, size: dict, args) -> None:
-    """One site of each ResNet stage (channels layout, 256 slices): the path `per_grad` takes
-    on this device, and one `erf` over the `N x s` projections (the CPU floor) / unblocked.
-    Where the fused kernel runs, also each of its products' modes (`per._triton.PRECISIONS`:
-    float32, TF32, 3 x TF32), with its error against float64."""
+    """One site of each ResNet stage (channels layout, 256 slices; on a GPU also two as wide
+    as the ELU net's, d = 192 and 240): the path `per_grad` takes on this device, and one
+    `erf` over the `N x s` projections (the CPU floor) / unblocked. Where the fused kernel
+    runs, also each of its products' modes (`per._triton.PRECISIONS`: float32, TF32,
+    3 x TF32), with its error against float64, and the unblocked product with TF32 off (the
+    plain path of an fp32 run): where it beats the kernel's `tf32x3`, fp32 runs would do
+    better on the plain path."""
     cuda = args.device.type == "cuda"
-    for n, d in ((size["sites"] * 32 * 32, 16), (size["sites"] * 16 * 16, 32), (size["sites"] * 8 * 8, 64)):
+    shapes = [(size["sites"] * 32 * 32, 16), (size["sites"] * 16 * 16, 32), (size["sites"] * 8 * 8, 64)]
+    if cuda:
+        shapes += [(size["sites"] * 32 * 32, 192), (size["sites"] * 16 * 16, 240)]
+    for n, d in shapes:
         x = torch.randn(n, d, device=args.device)
         theta = functional.sample_directions(d, 256, device=args.device)
         fns = {"unblocked": lambda: functional._per_grad_blocked(x, theta, 1 / 256, n),
                "per_grad": lambda: functional.per_grad(x, theta),
                "erf only": lambda: torch.empty(n, 256, device=args.device).erf_()}
+        if cuda:
+            fns["unblocked, TF32 off"] = _without_tf32(fns["unblocked"])
         modes = []
         if functional._use_fused_kernel(x):
             from per import _triton
@@ -312,7 +332,7 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
             f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
         if not cuda and os.environ.get("PER_CPU_COMPILE") == "1":   # per_grad compiled, the baseline eager
             path += ", PER_CPU_COMPILE=1"
-        for label in ("per_grad", "erf only"):
+        for label in ("per_grad", "erf only", *(("unblocked, TF32 off",) if cuda else ())):
             report(**ratio_result(f"per_grad/N{n}/d{d}/s256", path if label == "per_grad" else label,
                                   "unblocked", times[label], times["unblocked"]))
         if modes:

@@ -17,7 +17,7 @@ from experiments.common import BUILD, compose_preset
 from per import sweep
 from per.training import runtime
 from per.training.speed import concurrent_steps_per_s, on_generated_data
-from runner_utils import ROOT
+from runner_utils import ROOT, restored_backend_flags
 
 
 @pytest.mark.slow   # ~10 s of CPU; longer on a loaded machine
@@ -78,6 +78,18 @@ def test_bench_epoch_estimates_the_full_run_on_data_of_the_real_size(tmp_path, m
     want = (train[0] + evals[0] + (64000 / steps - 1) * (train[-1] + evals[-1])) / 60
     assert row["full_run_min"] == pytest.approx(want, rel=0.02, abs=0.02)   # from the rounded epoch times
     assert row["candidate_ms"] == pytest.approx(1e3 * train[-1] / steps, rel=0.01)
+
+
+def test_bench_times_the_plain_product_with_tf32_off_and_restores_the_flag():
+    bench = _script_module("bench")
+    seen = []
+    with restored_backend_flags():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        bench._without_tf32(lambda: seen.append(torch.backends.cuda.matmul.allow_tf32))()
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(ZeroDivisionError):
+            bench._without_tf32(lambda: 1 / 0)()
+        assert torch.backends.cuda.matmul.allow_tf32
 
 
 def _table(path, device: str, times: dict[str, float], evals: dict[str, float] | None = None) -> None:
