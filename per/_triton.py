@@ -44,14 +44,21 @@ def _per_grad_kernel(x_ptr, theta_ptr, out_ptr, n, d, s,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def default_precision(cuda: bool, allow_tf32: bool) -> str:
-    """The products' mode of `per_grad_fused`: "tf32" where TF32 is allowed; on a GPU
-    otherwise "tf32x3", float32's accuracy at less cost than "ieee" (on an NVIDIA H200, a
-    256-direction site at N = 131k, d = 16: 0.124 against 0.196 ms, relative error against
-    float64 2.1e-7 against 2.4e-7); "ieee" under the CPU interpreter."""
-    if cuda and allow_tf32:
-        return "tf32"
-    return "tf32x3" if cuda else "ieee"
+def default_precision(tensor_cores: bool, allow_tf32: bool) -> str:
+    """The products' mode of `per_grad_fused`. With TF32 tensor cores (an NVIDIA GPU of
+    compute capability 8.0 or more): "tf32" where TF32 is allowed, else "tf32x3", float32's
+    accuracy at less cost than "ieee" (on an NVIDIA H200, a 256-direction site at
+    N = 131k, d = 16: 0.124 against 0.196 ms, relative error against float64 2.1e-7 against
+    2.4e-7). Elsewhere (older or AMD GPUs, the CPU interpreter) "ieee"."""
+    if not tensor_cores:
+        return "ieee"
+    return "tf32" if allow_tf32 else "tf32x3"
+
+
+def has_tf32_tensor_cores(device: torch.device) -> bool:
+    """An NVIDIA GPU (not ROCm) of compute capability >= 8.0."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float,
@@ -60,12 +67,13 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float,
 
     `x: (N, d)` float32/bf16/fp16 with `d <= 256` (any strides), `theta: (d, s)` float32
     -> `(N, d)` in `x`'s dtype. Both products run on float32 values, in the mode
-    `default_precision` picks: TF32 when `torch.backends.cuda.matmul.allow_tf32` is set, as
-    `trainer.precision=tf32|bf16` does (TF32 holds bf16/fp16 inputs exactly), else three
-    TF32 products ("tf32x3"), which keep float32 accuracy. So the result is at least as
-    precise as the plain path's projection in `x`'s dtype; and triton 3.8's interpreter
-    gets bf16 `tl.dot` wrong, so a bf16 product could not be tested on CPU. `precision`
-    (one of `PRECISIONS`) overrides the mode; the benchmark times each.
+    `default_precision` picks: on a GPU with TF32 tensor cores, TF32 when
+    `torch.backends.cuda.matmul.allow_tf32` is set, as `trainer.precision=tf32|bf16` does
+    (TF32 holds bf16/fp16 inputs exactly), else three TF32 products ("tf32x3"), at
+    float32's accuracy (measured as IEEE products'; `PER_TRITON=0` takes the plain path,
+    IEEE products where TF32 is off); elsewhere "ieee". triton 3.8's interpreter gets bf16
+    `tl.dot` wrong, so a bf16 product could not be tested on CPU. `precision` (one of
+    `PRECISIONS`) overrides the mode; the benchmark times each.
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -75,7 +83,8 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float,
         return out
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(64, TILE_ELEMENTS // block_d))
-    precision = precision or default_precision(x.is_cuda, torch.backends.cuda.matmul.allow_tf32)
+    precision = precision or default_precision(has_tf32_tensor_cores(x.device),
+                                               torch.backends.cuda.matmul.allow_tf32)
     _per_grad_kernel[(triton.cdiv(n, block_n),)](
         x, theta, out, n, d, s, x.stride(0), x.stride(1), theta.stride(0), theta.stride(1),
         out.stride(0), out.stride(1), scale, 1 / math.sqrt(2.0),

@@ -12,12 +12,12 @@ so a run cut short still reports what it has; a section that fails reports its e
 4. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
    a GPU): BN vanilla / eager, and Fixup PER / Fixup vanilla, both compiled. Each ratio
    synchronized at every step, then pipelined (as the training loop runs steps).
-5. `compiled_lm`: the same for the LM: vanilla / eager, PER and recurrent BN / vanilla, all
-   compiled; then tokens/s of the compiled LM step / the example's.
-6. `epoch`: a real run of the BN ResNet preset for a few epochs (the runner's whole loop,
-   evaluation included), and on a GPU the minutes of its full 164-epoch run.
-7. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
+5. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
+6. `compiled_lm`: section 4 for the LM: vanilla / eager, PER and recurrent BN / vanilla, all
+   compiled; then tokens/s of the compiled LM step / the example's.
+7. `epoch`: a real run of the BN ResNet preset for a few epochs (the runner's whole loop,
+   evaluation included), and on a GPU the minutes of its full 164-epoch run.
 8. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
    ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
    `RUNS_PER_GPU=auto`).
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -68,11 +69,12 @@ SIZES = {
                  lm=("model.hidden_size=16", "data.bptt=5", "optim.batch_size=2"),
                  repeats=2, warmup=1, loader_steps=2, sites=2, at_once=(1, 2), run_steps=2, epochs=(2, 8, 4)),
 }
+PIPELINED_ROUNDS = 3   # runs of `repeats` consecutive steps per configuration (`pipelined_times`)
 # The real CIFAR-10 sizes: `epoch` estimates a full run only on generated data this large.
 CIFAR10_SIZES = (50000, 10000)
 # In the order they run: the quick ones first, then the compiling ones (a GPU run cut at
 # its time limit keeps what came first).
-SECTIONS = ("step", "per_grad", "lm", "compiled", "compiled_lm", "epoch", "loader", "runs")
+SECTIONS = ("step", "per_grad", "lm", "compiled", "loader", "compiled_lm", "epoch", "runs")
 STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
     "per channels": ("t1_cifar10_resnet56_per", ()),
@@ -158,7 +160,7 @@ def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None
     mode = "reduce-overhead" if args.device.type == "cuda" else "default"
     batch = size["batch"]
     over = (f"model={model}", f"data.batch_size={batch}", *size["image"])
-    n = size["warmup"] + 2 + size["repeats"]      # two more warm-up steps: compiling, then CUDA graphs
+    n = pipelined_batches(size)
     compiled = (f"trainer.compile={mode}",)
     steps = {"bn eager": build("t1_cifar10_resnet56_bn", over, n, args),
              "bn compiled": build("t1_cifar10_resnet56_bn", (*over, *compiled), n, args),
@@ -171,6 +173,14 @@ def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None
                     (("bn compiled", "bn eager", "bn vanilla"), ("per channels compiled", "vanilla compiled", "fixup")))
 
 
+def pipelined_batches(size: dict) -> int:
+    """Training batches of generated data for a compiled section: its synchronized steps
+    (two more warm-up steps: compiling, then recording CUDA graphs) or its pipelined ones
+    (one warm-up step, which starts the epoch and its host-to-device copies, then
+    `PIPELINED_ROUNDS` runs), each within one epoch."""
+    return max(size["warmup"] + 2 + size["repeats"], 1 + PIPELINED_ROUNDS * size["repeats"])
+
+
 def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, TrainStep],
                     times: dict[str, list[float]], breaks: int, size: dict,
                     pairs: tuple[tuple[str, str, str], ...]) -> None:
@@ -181,7 +191,7 @@ def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, Tr
     for candidate, baseline, label in pairs:
         report(**ratio_result(f"{bench}/{label}", f"{candidate} ({mode})", baseline, times[candidate],
                               times[baseline]), graph_breaks=breaks)
-    piped = pipelined_times(steps, size["repeats"], 0)
+    piped = pipelined_times(steps, size["repeats"], 1, PIPELINED_ROUNDS)   # the warm-up starts the epoch
     for candidate, baseline, label in pairs:
         report(**ratio_result(f"{bench}/{label}/pipelined", f"{candidate} ({mode})", baseline,
                               piped[candidate], piped[baseline]), graph_breaks=breaks)
@@ -192,7 +202,7 @@ def bench_compiled_lm(report: Reporter, size: dict, args) -> None:
     vanilla compiled / eager, PER and recurrent BN compiled / vanilla compiled; then tokens/s
     of our compiled vanilla step / the word-language-model example's (eager) step."""
     mode = "reduce-overhead" if args.device.type == "cuda" else "default"
-    n = size["warmup"] + 2 + size["repeats"]
+    n = pipelined_batches(size)
     compiled = (*size["lm"], f"trainer.compile={mode}")
     steps = {"vanilla eager": build("t3_ptb_lstm_vanilla", size["lm"], n, args),
              **{f"{m} compiled": build(f"t3_ptb_lstm_{m}", compiled, n, args) for m in ("vanilla", "per", "rbn")}}
@@ -347,10 +357,13 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     """A real run (`per.training.run.train`: the runner's loop with its data, steps, device
     reads, evaluation and checkpoints) of the BN ResNet preset (the benchmark's first model
     and batch; compiled as `bench_compiled_steps`) for a few epochs on generated CIFAR-10 of
-    `size["epochs"]`'s sizes: seconds per epoch, training and evaluation. The ratio is the
-    loop's seconds per step / the bare step's (`pipelined_times`, the same config, measured
-    before it). On data of the real size, also the minutes of the preset's full run: the first
-    epoch (compiling) and the others at the last epoch's training + evaluation time."""
+    `size["epochs"]`'s sizes, at the benchmark's precision and memory format: seconds per
+    epoch, training and evaluation (checkpoint writes not counted). The ratio is the loop's
+    seconds per step / the bare step's (`pipelined_times`, the same config, measured before
+    it). On data of the real size, also the minutes of the preset's full run at these
+    settings: the first epoch (compiling) and the others at the last epoch's training and
+    evaluation times. A stop signal (the bench's time limit) ends the benchmark, as it
+    stops the run."""
     epochs, n_train, n_test = size["epochs"]
     mode = "reduce-overhead" if args.device.type == "cuda" else "default"
     name, model, batch = "t1_cifar10_resnet56_bn", size["models"][0], size["batch"]
@@ -370,20 +383,28 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     bare = statistics.median(pipelined_times({"step": step}, size["repeats"], 3)["step"])
     del step
     summary = runner.train(cfg, BUILD["cifar"])
+    if summary.get("signal"):   # the runner made the bench's time limit a clean stop: pass it on
+        signal.signal(summary["signal"], signal.SIG_DFL)
+        signal.raise_signal(summary["signal"])
     rows = RunDir(run_dir).read_jsonl(METRICS)
+    if summary["status"] != schema.FINISHED or len(rows) != epochs:
+        raise RuntimeError(f"the epoch run ended {summary['status']} after {len(rows)} of {epochs} epochs")
     train_s = [r[schema.EPOCH_TIME] for r in rows]
     eval_s = [r[schema.EVAL_TIME] for r in rows]
-    loop_step = train_s[-1] / (summary["steps"] / epochs)
+    steps = summary["steps"] // epochs
+    loop_step = train_s[-1] / steps
+    val_size = cfg["data"]["val_size"] or 0
     result = {"bench": f"epoch/{model}/batch{batch}", "candidate": f"runner loop ({mode})",
               "baseline": f"bare step ({mode}, pipelined)", "ratio": round(loop_step / bare, 3),
               "candidate_ms": round(1e3 * loop_step, 3), "baseline_ms": round(1e3 * bare, 3),
-              "status": summary["status"], "steps_per_epoch": summary["steps"] // epochs,
-              "epoch_train_s": [round(t, 4) for t in train_s], "epoch_eval_s": [round(t, 4) for t in eval_s],
-              "train_examples": n_train - (cfg["data"]["val_size"] or 0), "eval_examples": n_test + (cfg["data"]["val_size"] or 0)}
-    if full:    # the preset's own length, in epochs of this data's size
-        planned = runner.run_length(compose_preset(name, over), summary["steps"] // epochs)[2] / (summary["steps"] // epochs)
-        first, later = train_s[0] + eval_s[0], train_s[-1] + eval_s[-1]
-        result.update(full_run_epochs=round(planned, 2), full_run_min=round((first + (planned - 1) * later) / 60, 2))
+              "steps_per_epoch": steps, "epoch_train_s": [round(t, 4) for t in train_s],
+              "epoch_eval_s": [round(t, 4) for t in eval_s],
+              "train_examples": n_train - val_size, "eval_examples": n_test + val_size}
+    if full:    # the preset's own length (64k steps: 164.1 epochs' worth, 164 evaluations)
+        full_epochs, _, full_steps = runner.run_length(compose_preset(name, over), steps)
+        seconds = (train_s[0] + eval_s[0] + (full_steps / steps - 1) * train_s[-1]
+                   + (full_epochs - 1) * eval_s[-1])
+        result.update(full_run_epochs=round(full_steps / steps, 2), full_run_min=round(seconds / 60, 2))
     report(**result)
 
 

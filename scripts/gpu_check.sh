@@ -50,18 +50,20 @@ for part in ${PARTS//,/ }; do
 done
 status=0
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
-[[ $PARTS == *,tests,* ]] && { timeout "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
+[[ $PARTS == *,tests,* ]] && { timeout -k 15 "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
     tests/test_triton.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
-[[ $PARTS == *,bench,* ]] && { timeout "${BENCH_S:-330}" "$PY" scripts/bench.py --only "${BENCH_ONLY:-step,per_grad,lm,compiled,compiled_lm,epoch,loader}" \
+[[ $PARTS == *,bench,* ]] && { timeout -k 15 "${BENCH_S:-330}" "$PY" scripts/bench.py --only "${BENCH_ONLY:-step,per_grad,lm,compiled,loader,compiled_lm,epoch}" \
     --out "$OUT/bench.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1; }
-[[ $PARTS == *,steps,* ]] && { timeout "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
+[[ $PARTS == *,steps,* ]] && { timeout -k 15 "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
     ${concurrency[@]+"${concurrency[@]}"} ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1; }  # rows written as measured
 if [[ $PARTS == *,profile,* ]]; then
+    set -f    # entries split on spaces, never globbed ("[...]" in an override)
     for entry in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
-        IFS=: read -r -a preset <<< "$entry"    # preset[:override[:override...]]
-        timeout "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
+        IFS=: read -r -a preset <<< "$entry"    # preset[:override[:override...]]; no ":" inside one
+        timeout -k 15 "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
             ${PROFILE_ARGS:-} || status=1
     done
+    set +f
 fi
 echo "[gpu-check] results in $OUT (exit $status)"
 exit $status

@@ -31,7 +31,9 @@ def profile_step(name: str, overrides: list[str], device: torch.device, steps: i
     `warmup` unprofiled ones) by self time per step, in ms, with their calls per step."""
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as root:
-        cfg = on_generated_data(compose_preset(name, overrides), Path(root), steps + warmup)
+        # One epoch for the warm-up, the timed steps and the profiled ones (an epoch's start
+        # copies its permutation and augmentation draws to the device).
+        cfg = on_generated_data(compose_preset(name, overrides), Path(root), warmup + 2 * steps)
         step = preset_step(cfg, BUILD[cfg["task"]], device)
         batches = endless_batches(step.task)
         for _ in range(warmup):

@@ -121,8 +121,9 @@ def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task):
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", True)])
 def test_precision_sets_tf32_as_named(precision, tf32):
-    """fp32 is IEEE float32 on a GPU (TF32 off for matmuls and cuDNN, as the references
-    ran); tf32 and bf16 allow TF32. Setting the flags needs no GPU."""
+    """fp32 turns TF32 off on a GPU for matmuls and cuDNN, as the references ran (PER's fused
+    kernel then takes float32-accurate 3 x TF32 products); tf32 and bf16 allow TF32.
+    Setting the flags needs no GPU."""
     from per.training import runtime
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     with restored_backend_flags():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -45,7 +47,7 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
                                                                  if not b.endswith("/pipelined")}
     assert [r["baseline"] for r in rows if r["bench"].startswith("trainer/lstm")] == ["ours", "ours (trainer.compile=default)"]
     epoch = next(r for r in rows if r["bench"].startswith("epoch/"))
-    assert epoch["status"] == "finished" and len(epoch["epoch_train_s"]) == len(epoch["epoch_eval_s"]) == 2
+    assert len(epoch["epoch_train_s"]) == len(epoch["epoch_eval_s"]) == 2     # a finished run (else an error row)
     assert "full_run_min" not in epoch          # generated data smaller than CIFAR-10: no estimate
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
     order = [r["bench"].split("/")[0] for r in rows]
@@ -75,9 +77,58 @@ def test_bench_epoch_estimates_the_full_run_on_data_of_the_real_size(tmp_path, m
     assert steps == bench.SIZES["tiny"]["epochs"][1] // bench.SIZES["tiny"]["batch"]
     assert row["full_run_epochs"] == round(64000 / steps, 2)       # he_bn: 64k steps decide the length
     train, evals = row["epoch_train_s"], row["epoch_eval_s"]
-    want = (train[0] + evals[0] + (64000 / steps - 1) * (train[-1] + evals[-1])) / 60
+    want = (train[0] + evals[0] + (64000 / steps - 1) * train[-1] + (-(-64000 // steps) - 1) * evals[-1]) / 60
     assert row["full_run_min"] == pytest.approx(want, rel=0.02, abs=0.02)   # from the rounded epoch times
     assert row["candidate_ms"] == pytest.approx(1e3 * train[-1] / steps, rel=0.01)
+
+
+def test_bench_epoch_reports_a_run_that_did_not_finish_as_an_error(tmp_path, monkeypatch):
+    bench = _script_module("bench")
+    monkeypatch.setattr(bench.runner, "train", lambda cfg, build: {"status": "diverged", "steps": 3})
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "epoch", "--out", str(out)]) == 1
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row == {**row, "bench": "epoch", "error": "RuntimeError: the epoch run ended diverged after 0 of 2 epochs"}
+
+
+@pytest.mark.slow   # the tiny epoch run, stopped: about 15 s
+def test_a_stop_signal_during_the_epoch_run_ends_the_bench(tmp_path):
+    """The runner turns SIGTERM into a clean stop; the bench passes it on, so a time limit
+    (gpu_check's `timeout`) ends it instead of the next sections running."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "scripts")!r})
+        import bench
+        train = bench.runner.train
+        def stopped(cfg, build):     # SIGTERM while the run builds its model: it stops after a step
+            return train(cfg, lambda *a: (os.kill(os.getpid(), signal.SIGTERM), build(*a))[1])
+        bench.runner.train = stopped
+        sys.exit(bench.main(["--tiny", "--device", "cpu", "--only", "epoch,runs", "--out", {str(tmp_path / "b.jsonl")!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == -signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "b.jsonl").exists()       # neither an epoch row from the cut run nor the next section
+
+
+def test_pipelined_times_run_consecutive_steps_after_a_warm_up():
+    from per.training.speed import pipelined_times
+
+    class Step:           # the parts of a TrainStep that timing uses
+        def __init__(self):
+            self.model, self.calls = nn.Linear(1, 1), []
+            self.task = self
+
+        def train_batches(self, epoch, start):
+            return iter(range(epoch * 100, epoch * 100 + 7))
+
+        def __call__(self, batch):
+            self.calls.append(batch)
+
+    steps = {"a": Step(), "b": Step()}
+    times = pipelined_times(steps, repeats=3, warmup=1, rounds=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2} and all(t > 0 for v in times.values() for t in v)
+    assert steps["a"].calls == steps["b"].calls == list(range(7))   # 1 + 2 x 3 batches, one epoch
 
 
 def test_bench_times_the_plain_product_with_tf32_off_and_restores_the_flag():

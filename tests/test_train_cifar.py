@@ -71,6 +71,7 @@ def test_every_model_and_method_trains(data_root, tmp_path, model, norm, act, me
     assert summary["cell"]["activation"] == (act or "relu")
     row = metrics(tmp_path)[0]
     assert summary["final"]["test_error"] == row["test_error"]
+    assert row["epoch_time_s"] > 0 and row["eval_time_s"] > 0
     wrong = _wrong_test_images(row["test_error"])   # percent of the 64 test images
     assert wrong == pytest.approx(round(wrong))
     if method == "vanilla":

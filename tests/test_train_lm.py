@@ -62,6 +62,7 @@ def test_lm_learns_and_records_best_validation_epoch(data_root, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for key in ("train_loss", "penalty", "val_ppl", "test_ppl", "lr", "tokens_per_s"):
         assert key in rows[0]
+    assert all(r["epoch_time_s"] > 0 and r["eval_time_s"] > 0 for r in rows)   # training, evaluation
     assert any(k.startswith("grad_ratio/") for k in rows[0])
     best = min(rows, key=lambda r: r["val_ppl"])
     assert summary["best"]["epoch"] == best["epoch"]

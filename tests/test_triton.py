@@ -115,11 +115,19 @@ def test_bench_times_each_mode_of_the_kernel_under_the_interpreter(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
-def test_fused_kernel_keeps_float32_accuracy_where_tf32_is_off():
-    from per._triton import default_precision
-    assert default_precision(cuda=True, allow_tf32=True) == "tf32"      # tf32 and bf16 runs
-    assert default_precision(cuda=True, allow_tf32=False) == "tf32x3"   # fp32 runs: float32 accuracy
-    assert default_precision(cuda=False, allow_tf32=True) == "ieee"     # the CPU interpreter
+def test_fused_kernel_keeps_float32_accuracy_where_tf32_is_off(monkeypatch):
+    from per import _triton
+    assert _triton.default_precision(tensor_cores=True, allow_tf32=True) == "tf32"      # tf32, bf16 runs
+    assert _triton.default_precision(tensor_cores=True, allow_tf32=False) == "tf32x3"   # fp32: float32 accuracy
+    assert _triton.default_precision(tensor_cores=False, allow_tf32=True) == "ieee"     # no TF32 hardware
+    assert not _triton.has_tf32_tensor_cores(torch.device("cpu"))                       # the interpreter
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert _triton.has_tf32_tensor_cores(torch.device("cuda")) == (torch.version.hip is None)
+    monkeypatch.setattr(torch.version, "hip", "6.2")                                    # ROCm: no tf32x3
+    assert not _triton.has_tf32_tensor_cores(torch.device("cuda"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))     # V100
+    assert not _triton.has_tf32_tensor_cores(torch.device("cuda"))
 
 
 def test_cpu_tensors_use_the_plain_path():
@@ -171,8 +179,12 @@ def test_fused_kernel_modes_on_cuda_against_float64():
     want = per.functional._per_grad_blocked(x.double(), theta.double(), 1 / 256, x.shape[0])
     errors = {p: ((per_grad_fused(x, theta, 1 / 256, p).double() - want).norm() / want.norm()).item()
               for p in ("ieee", "tf32", "tf32x3")}
+    with restored_backend_flags(ieee=True):     # TF32 off, as an fp32 run: the default mode
+        errors["default, TF32 off"] = ((per_grad_fused(x, theta, 1 / 256).double() - want).norm()
+                                       / want.norm()).item()
     print(f"relative error against float64: {errors}")
     assert errors["ieee"] < 1e-5 and errors["tf32x3"] < 1e-5 and errors["tf32"] < 1e-2
+    assert errors["default, TF32 off"] < 1e-5                  # float32 accuracy, not TF32's
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

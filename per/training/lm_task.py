@@ -120,7 +120,8 @@ class LMTask:
         return {"hidden": self.hidden}
 
     def load_state_dict(self, state: dict) -> None:
-        self.hidden = state["hidden"]
+        # Detached: checkpoints of older versions hold the state as the model returned it.
+        self.hidden = None if state["hidden"] is None else detach_hidden(state["hidden"])
 
 
 def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> Experiment:
