@@ -8,6 +8,7 @@ CPU tensors, which is how the tests check it without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,8 +56,9 @@ def default_precision(tensor_cores: bool, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "tf32x3"
 
 
+@functools.lru_cache(maxsize=None)
 def has_tf32_tensor_cores(device: torch.device) -> bool:
-    """An NVIDIA GPU (not ROCm) of compute capability >= 8.0."""
+    """An NVIDIA GPU (not ROCm) of compute capability >= 8.0 (asked once per device)."""
     return (device.type == "cuda" and torch.version.hip is None
             and torch.cuda.get_device_capability(device) >= (8, 0))
 

@@ -85,6 +85,15 @@ STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are 
 }
 
 
+class Stopped(BaseException):
+    """A stop signal that a section's run (`per.training.run.train`) turned into a clean
+    stop; `main` ends the benchmark with it, after removing its generated data."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class Reporter:
     """Prints each result as a JSON line and appends it to `out` (if given), flushed."""
 
@@ -384,8 +393,7 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     del step
     summary = runner.train(cfg, BUILD["cifar"])
     if summary.get("signal"):   # the runner made the bench's time limit a clean stop: pass it on
-        signal.signal(summary["signal"], signal.SIG_DFL)
-        signal.raise_signal(summary["signal"])
+        raise Stopped(summary["signal"])
     rows = RunDir(run_dir).read_jsonl(METRICS)
     if summary["status"] != schema.FINISHED or len(rows) != epochs:
         raise RuntimeError(f"the epoch run ended {summary['status']} after {len(rows)} of {epochs} epochs")
@@ -400,7 +408,7 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
               "steps_per_epoch": steps, "epoch_train_s": [round(t, 4) for t in train_s],
               "epoch_eval_s": [round(t, 4) for t in eval_s],
               "train_examples": n_train - val_size, "eval_examples": n_test + val_size}
-    if full:    # the preset's own length (64k steps: 164.1 epochs' worth, 164 evaluations)
+    if full:    # the preset's own length (64k steps: 163.7 epochs' worth, 164 evaluations)
         full_epochs, _, full_steps = runner.run_length(compose_preset(name, over), steps)
         seconds = (train_s[0] + eval_s[0] + (full_steps / steps - 1) * train_s[-1]
                    + (full_epochs - 1) * eval_s[-1])
@@ -524,17 +532,21 @@ def main(argv: list[str] | None = None) -> int:
         "runs": lambda: bench_runs_at_once(report, size, args),
     }
     failed = []
-    with tempfile.TemporaryDirectory() as data_root:
-        args.data_root = Path(data_root)
-        for name in SECTIONS:
-            if name not in only:
-                continue
-            try:
-                sections[name]()
-            except Exception as e:   # one section's failure (a compile error) keeps the others
-                traceback.print_exc()
-                report(bench=name, error=f"{type(e).__name__}: {e}")
-                failed.append(name)
+    try:
+        with tempfile.TemporaryDirectory() as data_root:
+            args.data_root = Path(data_root)
+            for name in SECTIONS:
+                if name not in only:
+                    continue
+                try:
+                    sections[name]()
+                except Exception as e:   # one section's failure (a compile error) keeps the others
+                    traceback.print_exc()
+                    report(bench=name, error=f"{type(e).__name__}: {e}")
+                    failed.append(name)
+    except Stopped as stop:          # the generated data removed, end as the signal would have
+        signal.signal(stop.signum, signal.SIG_DFL)
+        signal.raise_signal(stop.signum)
     if failed:
         print(f"[bench] failed sections: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

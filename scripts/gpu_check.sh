@@ -32,6 +32,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site bash scripts/gpu_check.sh "$OUT"
 set -uo pipefail
+set -f    # no globbing: the variables below split on spaces only ("[...]" or ".*" in an argument)
 OUT=${1:-results/gpu_check}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -57,13 +58,11 @@ status=0
 [[ $PARTS == *,steps,* ]] && { timeout -k 15 "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
     ${concurrency[@]+"${concurrency[@]}"} ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1; }  # rows written as measured
 if [[ $PARTS == *,profile,* ]]; then
-    set -f    # entries split on spaces, never globbed ("[...]" in an override)
     for entry in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
         IFS=: read -r -a preset <<< "$entry"    # preset[:override[:override...]]; no ":" inside one
         timeout -k 15 "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
             ${PROFILE_ARGS:-} || status=1
     done
-    set +f
 fi
 echo "[gpu-check] results in $OUT (exit $status)"
 exit $status

@@ -91,24 +91,29 @@ def test_bench_epoch_reports_a_run_that_did_not_finish_as_an_error(tmp_path, mon
     assert row == {**row, "bench": "epoch", "error": "RuntimeError: the epoch run ended diverged after 0 of 2 epochs"}
 
 
-@pytest.mark.slow   # the tiny epoch run, stopped: about 15 s
-def test_a_stop_signal_during_the_epoch_run_ends_the_bench(tmp_path):
-    """The runner turns SIGTERM into a clean stop; the bench passes it on, so a time limit
-    (gpu_check's `timeout`) ends it instead of the next sections running."""
+@pytest.mark.slow   # the tiny epoch run, stopped: about 10 s each
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_the_epoch_run_ends_the_bench(tmp_path, signum):
+    """The runner turns SIGTERM and SIGINT into a clean stop; the bench passes the signal on,
+    so a time limit (gpu_check's `timeout`) or Ctrl-C ends it instead of the next sections
+    running, after removing its generated data."""
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / "scripts")!r})
         import bench
         train = bench.runner.train
-        def stopped(cfg, build):     # SIGTERM while the run builds its model: it stops after a step
-            return train(cfg, lambda *a: (os.kill(os.getpid(), signal.SIGTERM), build(*a))[1])
+        def stopped(cfg, build):     # the signal while the run builds its model: it stops after a step
+            return train(cfg, lambda *a: (os.kill(os.getpid(), {int(signum)}), build(*a))[1])
         bench.runner.train = stopped
         sys.exit(bench.main(["--tiny", "--device", "cpu", "--only", "epoch,runs", "--out", {str(tmp_path / "b.jsonl")!r}]))
     """)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
-    assert proc.returncode == -signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-3000:]
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}, cwd=ROOT)
+    assert proc.returncode == -signum, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert not (tmp_path / "b.jsonl").exists()       # neither an epoch row from the cut run nor the next section
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("tmp")]    # the generated data is gone
 
 
 def test_pipelined_times_run_consecutive_steps_after_a_warm_up():

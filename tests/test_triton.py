@@ -121,13 +121,18 @@ def test_fused_kernel_keeps_float32_accuracy_where_tf32_is_off(monkeypatch):
     assert _triton.default_precision(tensor_cores=True, allow_tf32=False) == "tf32x3"   # fp32: float32 accuracy
     assert _triton.default_precision(tensor_cores=False, allow_tf32=True) == "ieee"     # no TF32 hardware
     assert not _triton.has_tf32_tensor_cores(torch.device("cpu"))                       # the interpreter
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert _triton.has_tf32_tensor_cores(torch.device("cuda")) == (torch.version.hip is None)
-    monkeypatch.setattr(torch.version, "hip", "6.2")                                    # ROCm: no tf32x3
-    assert not _triton.has_tf32_tensor_cores(torch.device("cuda"))
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))     # V100
-    assert not _triton.has_tf32_tensor_cores(torch.device("cuda"))
+
+    def asked(capability, hip):     # a fresh answer for a pretended GPU (the function caches)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        _triton.has_tf32_tensor_cores.cache_clear()
+        return _triton.has_tf32_tensor_cores(torch.device("cuda", 0))
+    try:
+        assert asked((9, 0), None)                  # H100/H200
+        assert not asked((9, 0), "6.2")             # ROCm: no tf32x3
+        assert not asked((7, 0), None)              # V100
+    finally:
+        _triton.has_tf32_tensor_cores.cache_clear()
 
 
 def test_cpu_tensors_use_the_plain_path():

@@ -67,8 +67,8 @@ def configure_backends(device: torch.device, deterministic: bool, precision: str
     products (matmuls, cuDNN convolutions, PER's fused kernel) for "tf32" and "bf16" only.
     "fp32" is IEEE float32 for matmuls and convolutions, as the references ran (pre-Ampere
     GPUs have no TF32; PyTorch's own default would take cuDNN convolutions in TF32); PER's
-    fused kernel then keeps float32 accuracy with three TF32 products
-    (`per._triton.default_precision`)."""
+    fused kernel then keeps float32 accuracy with three TF32 products on NVIDIA GPUs of
+    compute capability 8.0 or more, IEEE products elsewhere (`per._triton.default_precision`)."""
     check_precision(precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
