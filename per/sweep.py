@@ -203,17 +203,23 @@ def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | No
         if name not in tables:
             raise ValueError(f"no step-time table {name!r} in {directory}; valid: {', '.join(tables) or 'none'}")
         t = json.loads(tables[name].read_text())
-        return t, f"chosen table {name}: {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
+        return t, f"chosen table {name}: {t['device']} ({_measured_with(t)})"
     if not tables:
         return None, f"no tables in {directory}; run `make step-times` on the device"
     t = device_table(directory)
     if t is not None:
-        return t, f"this machine's {t['device']} (torch {t.get('torch', '?')}, {t.get('recorded', '?')})"
+        return t, f"this machine's {t['device']} ({_measured_with(t)})"
     here = runtime.device_info(runtime.resolve_device("auto"))
     stem = sorted(tables, key=lambda k: (not k.startswith("cuda"), k))[0]
     t = json.loads(tables[stem].read_text())
-    return t, (f"NOT this machine ({here['name']}): measured on {t['device']} "
-               f"(torch {t.get('torch', '?')}, {t.get('recorded', '?')})")
+    return t, f"NOT this machine ({here['name']}): measured on {t['device']} ({_measured_with(t)})"
+
+
+def _measured_with(table: dict) -> str:
+    """The versions a table was measured with, for its label (and, on a GPU, the products'
+    mode of PER's fused kernel then, which decides the PER rows)."""
+    kernel = f", PER kernel products {table['per_kernel_products']}" if "per_kernel_products" in table else ""
+    return f"torch {table.get('torch', '?')}, {table.get('recorded', '?')}{kernel}"
 
 
 # A larger count must beat the smaller ones' runs per hour by this factor to be chosen:

@@ -77,9 +77,15 @@ def main() -> int:
         names += [(ABLATION_SLICES, f"method.num_slices={s}") for s in grid]
     out = Path(args.out or STEP_TIMES_DIR / f"{info['slug']}.json")
     record = json.loads(out.read_text()) if out.exists() else {}
-    if record.get("device") != info["name"] or record.get("precision") != args.precision:
+    kernel = {}
+    if device.type == "cuda":     # the products' mode of PER's fused kernel at this precision
+        from per import _triton
+        kernel["per_kernel_products"] = _triton.default_precision(_triton.has_tf32_tensor_cores(device),
+                                                                  allow_tf32=args.precision != "fp32")
+    if (record.get("device") != info["name"] or record.get("precision") != args.precision
+            or record.get("per_kernel_products") != kernel.get("per_kernel_products")):
         record = {"device": info["name"], "device_type": device.type, "precision": args.precision,
-                  "s_per_step": {}}
+                  **kernel, "s_per_step": {}}     # rows measured otherwise are dropped
     record.update(torch=torch.__version__, recorded=datetime.date.today().isoformat())
     if names:   # the steps of the s_per_step rows (runs per hour record their own)
         record.update(steps=args.steps, warmup=args.warmup)

@@ -188,8 +188,30 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     sweep.print_plan(phases, "t", tmp_path, "cuda-some-card")
     out = capsys.readouterr().out
     assert "chosen table cuda-some-card: Some Card" in out and f"{4 * select56 * 0.01 / 3600:,.1f}" in out
+    assert "PER kernel" not in out
+    table = json.loads((tmp_path / "cuda-some-card.json").read_text())   # a GPU table names its kernel's mode
+    (tmp_path / "cuda-some-card.json").write_text(json.dumps({**table, "per_kernel_products": "ieee"}))
+    sweep.print_plan(phases, "t", tmp_path, "cuda-some-card")
+    assert "Some Card (torch x, 2020-01-01, PER kernel products ieee)" in capsys.readouterr().out
     with pytest.raises(ValueError, match=f"valid: {', '.join(sorted(['cuda-some-card', here['slug']]))}$"):
         sweep.print_plan(phases, "t", tmp_path, "cuda-other")
+
+
+@pytest.mark.slow   # one LM step time: about 20 s
+def test_step_times_start_a_fresh_table_when_the_kernels_products_changed(tmp_path):
+    """A table's rows were measured with one mode of PER's fused kernel (`per_kernel_products`,
+    GPU tables): rows of another mode are not mixed in, the table starts over."""
+    here = runtime.device_info(torch.device("cpu"))
+    out = tmp_path / "table.json"
+    old = {"device": here["name"], "device_type": "cpu", "precision": "fp32", "s_per_step": {"old|row": 1.0}}
+    for stored, kept in (({}, True), ({"per_kernel_products": "ieee"}, False)):
+        out.write_text(json.dumps({**old, **stored}))
+        subprocess.run([sys.executable, str(ROOT / "scripts/step_times.py"), "--device", "cpu", "--threads", "1",
+                        "--match", "^t3_ptb_lstm_vanilla$", "--steps", "1", "--warmup", "0", "--out", str(out)],
+                       check=True, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        table = json.loads(out.read_text())
+        assert ("old|row" in table["s_per_step"]) == kept and "ptb|lstm||vanilla||" in table["s_per_step"]
+        assert "per_kernel_products" not in table        # a CPU table: no fused kernel
 
 
 @pytest.mark.slow
