@@ -166,7 +166,7 @@ def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None
     the BN vanilla step compiled / eager, and the Fixup PER step compiled / the Fixup
     vanilla step compiled (PER's cost where launches no longer hide it), with the graph
     breaks torch.compile counted while compiling them."""
-    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    mode = compile_mode(args)
     batch = size["batch"]
     over = (f"model={model}", f"data.batch_size={batch}", *size["image"])
     n = pipelined_batches(size)
@@ -175,10 +175,7 @@ def bench_compiled_steps(report: Reporter, model: str, size: dict, args) -> None
              "bn compiled": build("t1_cifar10_resnet56_bn", (*over, *compiled), n, args),
              "vanilla compiled": build(STEP_CONFIGS["vanilla"][0], (*over, *compiled), n, args),
              "per channels compiled": build(STEP_CONFIGS["per channels"][0], (*over, *compiled), n, args)}
-    torch._dynamo.utils.counters.clear()
-    times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())   # over this model's three
-    report_compiled(report, f"compiled/{model}/batch{batch}", mode, steps, times, breaks, size,
+    report_compiled(report, f"compiled/{model}/batch{batch}", mode, steps, size,
                     (("bn compiled", "bn eager", "bn vanilla"), ("per channels compiled", "vanilla compiled", "fixup")))
 
 
@@ -190,13 +187,20 @@ def pipelined_batches(size: dict) -> int:
     return max(size["warmup"] + 2 + size["repeats"], 1 + PIPELINED_ROUNDS * size["repeats"])
 
 
-def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, TrainStep],
-                    times: dict[str, list[float]], breaks: int, size: dict,
+def compile_mode(args) -> str:
+    """`trainer.compile` of the compiled sections: CUDA graphs on a GPU, the default mode on a CPU."""
+    return "reduce-overhead" if args.device.type == "cuda" else "default"
+
+
+def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, TrainStep], size: dict,
                     pairs: tuple[tuple[str, str, str], ...]) -> None:
-    """Each (candidate, baseline, label) ratio of step times synchronized at every step
-    (`times`), then again from `pipelined_times` (no synchronization between steps, as the
-    training loop runs them): the host's per-step work only counts there where the device
-    waits for it."""
+    """Times `steps` (their first steps compile them, counting the graph breaks) and reports
+    each (candidate, baseline, label) ratio of step times synchronized at every step, then
+    again from `pipelined_times` (no synchronization between steps, as the training loop
+    runs them): the host's per-step work only counts there where the device waits for it."""
+    torch._dynamo.utils.counters.clear()
+    times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     for candidate, baseline, label in pairs:
         report(**ratio_result(f"{bench}/{label}", f"{candidate} ({mode})", baseline, times[candidate],
                               times[baseline]), graph_breaks=breaks)
@@ -210,17 +214,14 @@ def bench_compiled_lm(report: Reporter, size: dict, args) -> None:
     """The LM steps (2x650 LSTM, PTB sizes) under `trainer.compile` as `bench_compiled_steps`:
     vanilla compiled / eager, PER and recurrent BN compiled / vanilla compiled; then tokens/s
     of our compiled vanilla step / the word-language-model example's (eager) step."""
-    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    mode = compile_mode(args)
     n = pipelined_batches(size)
     compiled = (*size["lm"], f"trainer.compile={mode}")
     steps = {"vanilla eager": build("t3_ptb_lstm_vanilla", size["lm"], n, args),
              **{f"{m} compiled": build(f"t3_ptb_lstm_{m}", compiled, n, args) for m in ("vanilla", "per", "rbn")}}
-    torch._dynamo.utils.counters.clear()
-    times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     cfg = compose_preset("t3_ptb_lstm_vanilla", size["lm"])
     report_compiled(report, f"compiled/lstm{cfg['model']['hidden_size']}/batch{cfg['data']['batch_size']}"
-                    f"x{cfg['data']['bptt']}", mode, steps, times, breaks, size,
+                    f"x{cfg['data']['bptt']}", mode, steps, size,
                     (("vanilla compiled", "vanilla eager", "vanilla"), ("per compiled", "vanilla compiled", "per"),
                      ("rbn compiled", "vanilla compiled", "rbn")))
     bench_lm_reference(report, size, args, (f"trainer.compile={mode}",))
@@ -374,7 +375,7 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     evaluation times. A stop signal (the bench's time limit) ends the benchmark, as it
     stops the run."""
     epochs, n_train, n_test = size["epochs"]
-    mode = "reduce-overhead" if args.device.type == "cuda" else "default"
+    mode = compile_mode(args)
     name, model, batch = "t1_cifar10_resnet56_bn", size["models"][0], size["batch"]
     full = (n_train, n_test) == CIFAR10_SIZES
     over = (f"trainer.precision={args.precision}", f"trainer.channels_last={str(args.channels_last).lower()}",

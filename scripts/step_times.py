@@ -81,7 +81,7 @@ def main() -> int:
     if device.type == "cuda":     # the products' mode of PER's fused kernel at this precision
         from per import _triton
         kernel["per_kernel_products"] = _triton.default_precision(_triton.has_tf32_tensor_cores(device),
-                                                                  allow_tf32=args.precision != "fp32")
+                                                                  allow_tf32=runtime.allows_tf32(args.precision))
     if (record.get("device") != info["name"] or record.get("precision") != args.precision
             or record.get("per_kernel_products") != kernel.get("per_kernel_products")):
         record = {"device": info["name"], "device_type": device.type, "precision": args.precision,

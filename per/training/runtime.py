@@ -62,6 +62,11 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def allows_tf32(precision: str) -> bool:
+    """Whether `trainer.precision` lets a GPU take TF32 products: "tf32" and "bf16"."""
+    return precision != "fp32"
+
+
 def configure_backends(device: torch.device, deterministic: bool, precision: str) -> None:
     """On a GPU: cuDNN autotuning unless determinism is asked for, and TF32 tensor-core
     products (matmuls, cuDNN convolutions, PER's fused kernel) for "tf32" and "bf16" only.
@@ -72,7 +77,7 @@ def configure_backends(device: torch.device, deterministic: bool, precision: str
     check_precision(precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
-        tf32 = precision != "fp32"
+        tf32 = allows_tf32(precision)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
     if deterministic:
