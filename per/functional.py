@@ -9,8 +9,10 @@ Algorithm 1, which adds `lam * g_i` to each point's gradient with no `1/N`;
 "mean" is the `1/b` of the paper's eq. 5/6. The two differ by the factor `N`.
 
 Precision: float64 inputs are computed in float64; every other dtype (float32,
-bf16, fp16) projects in its own dtype, then evaluates `phi`/`erf` and all
-reductions in float32.
+bf16, fp16) evaluates `phi`/`erf` and all reductions in float32. bf16/fp16 points are
+projected in their own dtype by the plain paths (`project`, the CPU `per_grad`), but in
+float32 by the fused CUDA kernel and by `per_grad_subspace`: there the backward path and
+the autograd path (`per_loss`) agree to bf16/fp16 tolerance, not to float32's.
 """
 from __future__ import annotations
 
@@ -268,8 +270,8 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
     `R` is Bartlett's (`R_kk^2 ~ chi^2(d' - k)`, k from 0; `N(0, 1)` above the diagonal), with
     the column norms of `Z`. With `R m = O T` (QR), `Q O` is a Haar `N`-frame of the complement
     independent of `(a, R)`; it is drawn as the QR factor (positive diagonal, by Cholesky)
-    of a fresh Gaussian `y: (d, N)` projected off `E`. Random numbers: `N (s + d) + s^2 / 2`
-    against `d s`; products `O(d N^2 + s^2 N)` against `O(d N s)`.
+    of a fresh Gaussian `y: (d, N)` projected off `E`. Random numbers: `N (s + d) + s^2`
+    (`R` uses the `s^2 / 2` above the diagonal of an `s x s` draw) against `d s`; products `O(d N^2 + s^2 N)` against `O(d N s)`.
     """
     check_points(x)
     check_reduction(reduction)

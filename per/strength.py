@@ -66,7 +66,8 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
         loss_fn: computes the task loss of one fixed batch with a forward pass of `model`.
         kind: "per", "l1" or "l2" (the kinds with a closed-form site gradient).
         lams: one lambda or a list.
-        **regularizer_kwargs: passed to `Regularizer` (layout, reduction, num_slices, ...).
+        **regularizer_kwargs: passed to `Regularizer` (layout, reduction, num_slices, ...;
+            not `path`: the ratios are the backward path's).
 
     Returns: a `Strength` per lambda (a single one when `lams` is a float). Each lambda
     costs two forward/backward passes, plus one for the task gradient. The global RNG
@@ -74,6 +75,9 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
     """
     if kind not in ("per", "l1", "l2"):
         raise ValueError(f"measure_strength supports kinds per, l1, l2; got {kind!r}")
+    if "path" in regularizer_kwargs:
+        raise ValueError("measure_strength always uses path='backward' (its site ratios are the "
+                         "backward path's grad_ratio); drop the path argument")
     single = isinstance(lams, (int, float))
     lam_list = [float(lams)] if single else [float(x) for x in lams]
     saved = copy.deepcopy(model.state_dict())

@@ -29,19 +29,26 @@ def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
     return _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
 
 
-def _w1_normal_columns(p: torch.Tensor) -> torch.Tensor:
-    """Exact W1 between each column's empirical measure and N(0, 1): `p: (N, s)` -> `(s,)`."""
+def _w1_normal_columns(p: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Exact W1 between each column's empirical measure and N(0, 1): `p: (N, s)` -> `(s,)`
+    in `p`'s dtype.
+
+    Each cell's terms are O(1) while their sum is O(1/N): in float32 that cancellation costs
+    5e-3 relative error at N = 1e5. So the cells are summed in float64, `chunk` columns at a
+    time (the sort stays in `p`'s dtype: it is exact)."""
     n = p.shape[0]
-    a = p.sort(dim=0).values                                             # (N, s)
-    u = torch.arange(n + 1, dtype=p.dtype, device=p.device) / n          # (N+1,): i/N
+    u = torch.arange(n + 1, dtype=torch.float64, device=p.device) / n   # (N+1,): i/N
     z = torch.special.ndtri(u)                                           # z_0 = -inf, z_N = +inf
     u_lo, u_hi = u[:-1, None], u[1:, None]                               # (N, 1)
     z_lo, z_hi = z[:-1, None], z[1:, None]
-    m = torch.minimum(torch.maximum(a, z_lo), z_hi)                      # clamp(a, l, h)
-    cdf_m = torch.minimum(torch.maximum(torch.special.ndtr(a), u_lo), u_hi)
-    per_cell = (a * (2 * cdf_m - u_lo - u_hi)
-                + 2 * _normal_pdf(m) - _normal_pdf(z_lo) - _normal_pdf(z_hi))
-    return per_cell.sum(dim=0)
+    edges = -_normal_pdf(z_lo) - _normal_pdf(z_hi)                      # (N, 1)
+    out = []
+    for cols in p.split(chunk, dim=1):
+        a = cols.sort(dim=0).values.double()                             # (N, c)
+        m = torch.minimum(torch.maximum(a, z_lo), z_hi)                  # clamp(a, l, h)
+        cdf_m = torch.minimum(torch.maximum(torch.special.ndtr(a), u_lo), u_hi)
+        out.append((a * (2 * cdf_m - u_lo - u_hi) + 2 * _normal_pdf(m) + edges).sum(dim=0))
+    return torch.cat(out).to(p.dtype)
 
 
 def w1_normal_1d(x: torch.Tensor) -> torch.Tensor:

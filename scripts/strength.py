@@ -4,7 +4,8 @@ For each model family of the tables, at initialization and after a few hundred
 unregularized training steps under the family's protocol (the real runner, real data
 when present under the data root, generated data otherwise), and for each lambda of
 the family's preset grids: the median and range over sites of `grad_ratio` (the
-penalty's gradient norm over the task's at each site, what every run logs) and the
+penalty's gradient norm over the downstream gradient's at each site: the task's plus
+later sites' penalties, what every run logs) and the
 penalty's share of the parameter-gradient norm, for both reductions and both conv
 layouts. Batches are the protocols' (128 for the ResNets, 250 for the deep ELU net,
 20 x 35 tokens for the LSTMs): under `reduction=sum` the ratios grow with the batch.

@@ -68,6 +68,9 @@ def test_ratios_match_a_training_step_and_leave_the_model_unchanged(kind):
 def test_rejects_kinds_without_closed_form():
     with pytest.raises(ValueError, match="per, l1, l2"):
         measure_strength(nn.Sequential(per.Site("pre")), lambda: torch.zeros(()), "vcl", 0.1)
+    with pytest.raises(ValueError, match="path"):   # was a duplicate-keyword TypeError
+        measure_strength(nn.Sequential(per.Site("pre")), lambda: torch.zeros(()), "per", 0.1,
+                         path="autograd")
 
 
 @pytest.mark.parametrize("x, want", [(3.3e-4, 3e-4), (1.6e-4, 1e-4), (1.8e-4, 3e-4), (0.01, 0.01),

@@ -334,8 +334,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         run.append(METRICS, [row])   # before the checkpoint: a resume truncates extras
         if sink is not None:
             sink.log(row, step=state.step)
-        # Diagnostics may be infinite legitimately: a grad ratio where the task gradient is
-        # exactly zero (Fixup's zero-initialized branches).
+        # Diagnostics may be infinite legitimately: a grad ratio where the downstream gradient
+        # is exactly zero (Fixup's zero-initialized branches).
         if bad := [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]:
             return _diverged(", ".join(bad), f"after epoch {epoch + 1}"), state
         run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
