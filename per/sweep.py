@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from per.analysis.collect import collect_runs
+from per.analysis.collect import collect_runs, without_off_grid
 from per.analysis.tables import select_lambda
-from per.schema import DIVERGED, FINISHED
+from per.schema import CHANGES, DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
@@ -171,8 +171,8 @@ def chosen_lambda(phase: Phase) -> float:
     for p in problems:
         print(f"[reproduce] skipped run: {p}", file=sys.stderr)
     grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
-    if df is not None:
-        df = df[df.lam.isin(grid)]
+    if df is not None:   # the phase's lambdas are its grid, in the preset's grid or not
+        df = df[df.lam.isin(grid)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
         raise SystemExit(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):

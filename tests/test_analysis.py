@@ -29,12 +29,13 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
              num_slices: int = 256, reduction: str = "sum", epochs: int = 2,
              preset: str | None = None,
              protocol_epochs: int | None = None, max_steps: int | None = None,
-             earlier_test: float | None = None, changes: list[str] | None = None) -> Path:
+             earlier_test: float | None = None, changes: list[str] | None = None,
+             lam_grid: list[float] | None = None) -> Path:
     """A run directory as the runners write it: config.yaml, summary.json, metrics.jsonl.
 
     `protocol_epochs` (default `epochs`) is the protocol's length (`optim.epochs`);
     `earlier_test` is the test error of every epoch before the last; `changes` the
-    config's `protocol_changes`."""
+    config's `protocol_changes`; `lam_grid` its `method.lam_grid`."""
     cell = make_cell(dataset, model, method, norm, activation)
     name = preset or f"{dataset}_{model}_{cell['method']}_{layout}"
     run_dir = root / task / name / f"lam={lam},seed={seed},val={val_size}" / "-".join(changes or [])
@@ -48,6 +49,8 @@ def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
               "optim": {"epochs": protocol_epochs or epochs, "total_steps": None}}
     if changes is not None:
         config["protocol_changes"] = changes
+    if lam_grid is not None:
+        config["method"]["lam_grid"] = lam_grid
     final = final or {}
     summary = {"status": status, "task": task, "cell": cell, "lam": lam, "seed": seed,
                "epochs_completed": epochs, "steps": 10 * epochs, "wall_time_s": 1.5,
@@ -609,6 +612,63 @@ def test_runs_with_a_changed_protocol_get_their_own_row_not_compared_with_the_pa
         make_run(tmp_path, **PER, lam=1e-4, seed=seed, final=image(None, test), changes=["optim.epochs=30"])
     res = tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper)
     assert row(res, method="per").vs_baseline == pytest.approx(8.2 - 9.2)
+
+
+GRID = [3e-4, 1e-4, 3e-5, 1e-5]
+
+
+def test_off_grid_lambdas_get_their_own_row_and_never_the_papers(tmp_path, paper):
+    """An exploratory sweep beyond the preset's grid must not win the paper's cell (the
+    reproduce pipeline chooses among the grid only, `per.sweep.chosen_lambda`)."""
+    for lam, val in ((3e-3, 6.2), (1e-3, 5.5), *zip(GRID, (6.3, 5.9, 6.1, 6.4))):
+        make_run(tmp_path, **PER, **SEL, lam=lam, final=image(val, None), lam_grid=GRID)
+    for lam, tests in ((1e-3, (6.4, 6.5)), (1e-4, (6.8, 6.9))):
+        for seed, test in enumerate(tests):
+            make_run(tmp_path, **PER, lam=lam, seed=seed, final=image(None, test), lam_grid=GRID)
+    df, problems = collect.collect_runs(tmp_path)
+    assert problems == []
+    assert set(df.changes[df.lam > 5e-4]) == {"method.lam=0.003 (not in the grid)",
+                                             "method.lam=0.001 (not in the grid)"}
+    assert set(df.changes[df.lam < 5e-4]) == {""} and set(df.grid_size) == {4}
+    res = tables.cell_results(df, "cifar", paper)
+    grid_row = row(res, method="per", changes="")
+    assert grid_row.lam == 1e-4 and grid_row["mean"] == pytest.approx(6.85)
+    assert not math.isnan(grid_row["diff"]) and not grid_row.grid_incomplete
+    off = res[res.changes != ""]
+    assert off["diff"].isna().all() and 1e-3 not in set(res.lam[res.changes == ""])
+
+
+def test_an_incomplete_grid_is_marked_and_not_compared_with_the_paper(tmp_path, paper):
+    make_run(tmp_path, **PER, **SEL, lam=3e-5, final=image(6.7, None), lam_grid=GRID)
+    make_run(tmp_path, **PER, **SEL, lam=1e-5, final=image(6.9, None), lam_grid=GRID)
+    make_run(tmp_path, **PER, **SEL, lam=1e-4, status="running", lam_grid=GRID)
+    make_run(tmp_path, **PER, **SEL, lam=3e-4, status="failed", lam_grid=GRID)
+    for seed, test in enumerate([6.6, 6.8]):
+        make_run(tmp_path, **PER, lam=3e-5, seed=seed, final=image(None, test), lam_grid=GRID)
+    df, _ = collect.collect_runs(tmp_path)
+    scores = tables.lambda_scores(df, "cifar").set_index("lam")
+    assert scores.loc[1e-4, "n_interrupted"] == 1 and scores.loc[3e-4, "n_failed"] == 1
+    chosen = tables.select_lambda(df, "cifar")
+    assert chosen.lam.tolist() == [3e-5] and chosen.n_scored.tolist() == [2]
+    res = tables.cell_results(df, "cifar", paper)
+    per_row = row(res, method="per")
+    assert per_row.grid_incomplete and math.isnan(per_row["diff"])
+    text = tables.format_table(res, "T1", paper).to_string()
+    assert "grid incomplete: 2/4 λ scored" in text and "(not compared: grid incomplete)" in text
+    # Once every lambda has a finished run, the row is compared.
+    for lam in (1e-4, 3e-4):
+        make_run(tmp_path, **PER, **SEL, lam=lam, seed=1, final=image(7.5, None), lam_grid=GRID)
+    per_row = row(tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper), method="per")
+    assert not per_row.grid_incomplete and not math.isnan(per_row["diff"])
+
+
+def test_a_one_value_grid_reads_as_fixed_not_unvalidated(tmp_path, paper):
+    for seed, test in enumerate([7.0, 7.2]):
+        make_run(tmp_path, dataset="cifar10", model="elu_cnn11", method="vcl", activation="elu",
+                 lam=0.01, seed=seed, final=image(None, test), lam_grid=[0.01])
+    res = tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper)
+    text = tables.format_table(res, "T2", paper).to_string()
+    assert "λ=1e-02 (fixed)" in text and "not validated" not in text
 
 
 def test_selection_ranks_partial_runs_only_without_complete_ones(tmp_path, paper):

@@ -7,7 +7,10 @@ and, when monitored, `activations.jsonl` (one line per monitor step and site).
 Besides what `summary.json` says, each run's row carries:
 - `partial`: the run is shorter than its protocol (see `is_partial`);
 - `changes`: how the run departs from its preset's protocol (`key=value, ...` from the
-  config's `protocol_changes`; "" for none, and for runs written before it existed);
+  config's `protocol_changes`; "" for none, and for runs written before it existed), plus
+  `method.lam=<lam> (not in the grid)` for a nonzero lambda outside its config's
+  `method.lam_grid` (an exploratory sweep): tables keep such runs in rows of their own;
+- `grid_size`: the number of lambdas in the run's `method.lam_grid` (NA without one);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
   `metrics.jsonl` and its epoch, the "best test epoch" that the reference
   implementations report (image runs only). It is optimistic (test data pick the
@@ -34,17 +37,26 @@ log = logging.getLogger(__name__)
 METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
 RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
-    "experiment", "epochs_completed", "steps", "wall_time_s", "device",
+    "grid_size", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
     "partial", "min_test_epoch", "min_test_error",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
 RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
-_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
+_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64", "grid_size": "Int64",
            "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
            "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
            "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
+
+
+OFF_GRID = "(not in the grid)"   # the `changes` entry of a lambda outside its run's grid
+
+
+def without_off_grid(changes: str) -> str:
+    """`changes` without its off-grid lambda entry: for a sweep that chooses among its own
+    lambdas (`per.sweep.chosen_lambda`, `--lams`), inside or outside the preset's grid."""
+    return ", ".join(c for c in changes.split(", ") if c and not c.endswith(OFF_GRID))
 
 
 def is_partial(config: Mapping, summary: Mapping) -> bool:
@@ -97,12 +109,17 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         raise ValueError(f"unknown status {summary['status']!r}")
     final, best = summary["final"] or {}, summary["best"] or {}
     min_epoch, min_error = min_test(history)
+    lam = float(summary["lam"])
+    grid = [float(g) for g in (config.get("method") or {}).get("lam_grid") or []]
+    changes = list(config.get("protocol_changes") or [])
+    if lam != 0 and grid and not any(math.isclose(lam, g, rel_tol=1e-9) for g in grid):
+        changes.append(f"method.lam={lam:g} {OFF_GRID}")
     return {
         "run_dir": run_dir, "status": status, "task": summary["task"],
         **{k: summary["cell"][k] for k in CELL_KEYS},
-        "lam": float(summary["lam"]), "seed": int(summary["seed"]),
+        "lam": lam, "seed": int(summary["seed"]),
         "val_size": int((config.get("data") or {}).get("val_size") or 0),
-        **method_options(config), CHANGES: ", ".join(config.get("protocol_changes") or []),
+        **method_options(config), CHANGES: ", ".join(changes), "grid_size": len(grid) or None,
         "experiment": config.get("preset", config.get("experiment")),
         **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
         **{f"final_{m}": final.get(m) for m in METRICS},

@@ -91,16 +91,19 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     runs only in a cell without a finished complete one, as `cell_results` reports):
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged: evidence against
-    the lambda) and `n_failed` (runs that crashed: out of memory, a missing file; no
-    evidence about the lambda, and the same command resumes them)."""
+    the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
+    evidence about the lambda, and the same command resumes them) and `n_interrupted`
+    (killed or still running: no evidence yet)."""
     runs = _kept_runs(selection_runs(df, task), include_partial=False)
     runs = runs[runs.kept]
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
-        diverged=runs.status == DIVERGED, failed=runs.status == FAILED)
+        diverged=runs.status == DIVERGED, failed=runs.status == FAILED,
+        interrupted=runs.status == INTERRUPTED)
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
             .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
-                 n_diverged=("diverged", "sum"), n_failed=("failed", "sum"))
+                 n_diverged=("diverged", "sum"), n_failed=("failed", "sum"),
+                 n_interrupted=("interrupted", "sum"))
             .reset_index())
 
 
@@ -124,30 +127,36 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     refuses it for a final phase); a cell with several lambdas and no selection scores
     gets NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed,
     n_lams; the counts are those of the chosen lambda, or of the whole cell's selection
-    runs where none has a score.
+    runs where none has a score; `n_scored` (lambdas with a finished or diverged selection
+    run) and `grid_size` (lambdas in the cell's `method.lam_grid`, NA without one): where a
+    grid of several lambdas has unscored ones, the choice is among part of the grid.
     """
     runs = df[df.task == task]
-    cells = (runs.groupby(GROUP_KEYS, dropna=False).lam
-             .agg(n_lams="nunique", only_lam="first").reset_index())
+    cells = (runs.groupby(GROUP_KEYS, dropna=False)
+             .agg(n_lams=("lam", "nunique"), only_lam=("lam", "first"), grid_size=("grid_size", "max"))
+             .reset_index())
     all_scores = lambda_scores(df, task)
     scores = all_scores.dropna(subset=["score"])
     best = (scores.assign(unstable=scores.n_diverged > 0)
             .sort_values(["unstable", "score", "lam"])
             .drop_duplicates(GROUP_KEYS)
             .drop(columns="unstable"))
-    cell_totals = (all_scores.groupby(GROUP_KEYS, dropna=False)
-                   .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"))
+    cell_totals = (all_scores.assign(scored=(all_scores.n > 0) | (all_scores.n_diverged > 0))
+                   .groupby(GROUP_KEYS, dropna=False)
+                   .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"),
+                        n_scored=("scored", "sum"))
                    .reset_index())
     chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
     chosen["n_diverged"] = chosen.n_diverged.fillna(chosen.cell_diverged)
     chosen["n_failed"] = chosen.n_failed.fillna(chosen.cell_failed)
     chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
-    counts = ["n", "n_diverged", "n_failed"]
+    counts = ["n", "n_diverged", "n_failed", "n_scored"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
+    chosen["grid_size"] = chosen.grid_size.astype("Int64")
     # Grouping turns a key column without values (layout of vanilla-only runs) into
     # float NaN: restore the run table's dtypes so the result merges back onto runs.
     chosen = chosen.astype({k: runs[k].dtype for k in GROUP_KEYS})
-    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams"]]
+    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams", "grid_size"]]
 
 
 def baseline_method(method: str) -> str:
@@ -184,13 +193,17 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     (finished reported runs), n_diverged, n_failed (crashed), n_interrupted,
     n_partial_excluded (partial runs left out beside complete ones), partial (the
     row's runs are shorter than the protocol), paper, diff (mean - paper; NaN for a
-    partial row unless `include_partial`), best_test (images: mean over the same runs
+    partial row unless `include_partial`, or where the lambda was chosen among part of its
+    grid), n_scored, grid_size, grid_incomplete (`select_lambda`'s: a grid of several
+    lambdas with unscored ones), best_test (images: mean over the same runs
     of the best test epoch's error; NaN for language models), best_test_diff
     (best_test - paper), baseline, vs_baseline (mean - baseline mean), ci_low, ci_high
     (95% Welch interval of vs_baseline), task.
     """
     paper = load_paper_tables() if paper is None else paper
-    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score"]]
+    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size"]]
+    chosen = chosen.assign(grid_incomplete=(chosen.grid_size > 1).fillna(False).astype(bool)
+                           & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool))
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
@@ -226,7 +239,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
     is_test = out.split == PAPER_SPLIT[TEST]
     out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
-    compared = (include_partial | ~out.partial) & out[CHANGES].eq("")
+    compared = (include_partial | ~out.partial) & out[CHANGES].eq("") & ~out.grid_incomplete
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
 
@@ -296,7 +309,10 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
     if pd.isna(row.lam):
         text += " λ not selected"
     elif row.lam > 0:
-        text += f" λ={row.lam:.0e}" + (" (not validated)" if pd.isna(row.score) else "")
+        fixed = bool(row.grid_size == 1) if pd.notna(row.grid_size) else False   # VCL's weight
+        text += f" λ={row.lam:.0e}" + (" (fixed)" if fixed else " (not validated)" if pd.isna(row.score) else "")
+    if row.grid_incomplete:
+        text += f" · grid incomplete: {row.n_scored}/{row.grid_size} λ scored"
     total = row.n + row.n_diverged + row.n_failed + row.n_interrupted
     if row.n_diverged:
         text += f" · {row.n_diverged}/{total} diverged"
@@ -316,6 +332,8 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
             text += " (not compared: protocol changed)"
         elif row.partial:
             text += " (not compared: partial)"
+        elif row.grid_incomplete:
+            text += " (not compared: grid incomplete)"
     if pd.notna(row.ci_low):
         text += (f" · vs {row.baseline} {row.vs_baseline:+{f}}"
                  f" [{row.ci_low:+{f}}, {row.ci_high:+{f}}]")
@@ -400,7 +418,8 @@ def table_numbers(results: pd.DataFrame, table_id: str,
         **best, "baseline": "baseline", "vs_baseline": "ours - baseline",
         "ci_low": "95% CI low", "ci_high": "95% CI high", "n_diverged": "diverged",
         "n_failed": "failed", "n_interrupted": "interrupted", "partial": "partial",
-        "n_partial_excluded": "partial runs left out",
+        "n_partial_excluded": "partial runs left out", "n_scored": "lambdas scored",
+        "grid_size": "lambdas in grid",
     }
     return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
 
