@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SEEDS ?= 3
+SELECT_SEEDS ?= 1       # seeds per lambda on the images' 45k/5k selection split
+VAL_SIZE ?= 5000        # images held out for lambda selection
 GPUS ?= 0
 # auto: the count with the most runs/hour in `make step-times CONCURRENCY=1,2,4,8`'s table, else 1
 RUNS_PER_GPU ?= auto
@@ -14,7 +16,7 @@ EXPERIMENT ?=
 LAMS ?=
 RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml)
 OVERRIDES ?=
-REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
+REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) --val-size $(VAL_SIZE) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
         --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
