@@ -129,6 +129,7 @@ def test_missing_files_download_off(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     msg = str(err.value)
     assert "ptb.train.txt" in msg and "ptb.test.txt" in msg and "ptb.valid.txt" not in msg
     assert CORPORA["ptb"].url in msg and str((tmp_path / "ptb").resolve()) in msg
+    assert "simple-examples/data/ folder" in msg     # where in the archive the files are
     assert calls == []
 
 

@@ -83,6 +83,19 @@ def test_unknown_group_value_names_valid_choices(tmp_path):
     assert "per" in out.stderr and "vanilla" in out.stderr and "foo" in out.stderr
 
 
+@pytest.mark.parametrize("runner,overrides,message", [
+    ("train_cifar", ["experiment=t3_ptb_lstm_per"], "model.name='lstm': not for task 'cifar'"),
+    ("train_cifar", ["model=lstm"], "model.name='lstm': not for task 'cifar'"),
+    ("train_lm", ["data=cifar10"], "data.name='cifar10': not for task 'lm'"),
+])
+def test_a_config_for_the_other_runner_is_named(tmp_path, runner, overrides, message):
+    """Not an interpolation error from the run directory's name or the data group."""
+    out = subprocess.run([sys.executable, str(ROOT / f"experiments/{runner}.py"), *overrides,
+                          f"hydra.run.dir={tmp_path}"], env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert "InterpolationKeyError" not in out.stderr
+
+
 def test_unknown_layout_names_valid_choices(data_root, tmp_path):
     out = subprocess.run(_cmd(data_root, tmp_path, "method.layout=diagonal", "trainer.max_steps=1"),
                          env=_env(), capture_output=True, text=True)

@@ -121,6 +121,22 @@ def test_run_directory_contract(data_root, tmp_path):
     assert again == on_disk
 
 
+@pytest.mark.parametrize("kill_step,status,steps", [(12, schema.FINISHED, 12),    # last step: finishes
+                                                     (6, schema.INTERRUPTED, 6)])  # end of epoch 1
+def test_a_stop_at_the_end_of_the_last_epoch_finishes_the_run(data_root, tmp_path, monkeypatch,
+                                                             kill_step, status, steps):
+    """The last epoch's evaluation still runs: its records are complete (it was `interrupted`,
+    and a relaunch rebuilt everything only to say `finished`)."""
+    def kill_at(step):
+        if step == kill_step:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(run_mod, "fit", functools.partial(fit, on_step=kill_at))
+    out = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "data.val_size=64"),
+                build_image_experiment)                      # 6 steps per epoch
+    assert out["status"] == status and out["steps"] == steps
+    assert len(metrics(tmp_path)) == steps // 6
+
+
 @pytest.mark.slow
 def test_resume_after_sigterm_mid_epoch_is_exact(data_root, tmp_path, monkeypatch):
     overrides = ["model=resnet20", "method=per", "trainer.epochs=2", "data.mixup_alpha=1.0"]
@@ -147,7 +163,18 @@ def test_non_finite_loss_is_recorded_as_diverged(data_root, tmp_path):
     assert summary["status"] == schema.DIVERGED
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["status"] == "diverged"
+    assert on_disk["wall_time_s"] > 0          # a mid-epoch divergence keeps the epoch's time
     assert train(cfg, build_image_experiment) == on_disk   # a divergence is a result: not re-run
+
+
+@pytest.mark.parametrize("stdout,stderr,bar", [(True, True, True), (False, True, False),
+                                              (True, False, False), (False, False, False)])
+def test_a_bar_only_where_both_streams_are_a_terminal(monkeypatch, stdout, stderr, bar):
+    """`> run.log` from a terminal: the log lines go to the file, so progress lines must too."""
+    from per.training import run as run_mod
+    monkeypatch.setattr(run_mod.sys, "stdout", type("S", (), {"isatty": lambda self: stdout})())
+    monkeypatch.setattr(run_mod.sys, "stderr", type("S", (), {"isatty": lambda self: stderr})())
+    assert run_mod._on_terminal() is bar
 
 
 def test_missing_dataset_gives_clear_error_and_failed_record(tmp_path):
@@ -387,6 +414,28 @@ def test_a_kill_between_checkpoint_renames_resumes_from_the_newer_one(tmp_path):
     (tmp_path / "checkpoints/last.pt").rename(tmp_path / "checkpoints/last.pt.new")   # killed mid-rotation
     ckpt, name = run.load_checkpoint()
     assert ckpt == {"epoch": 2} and name == "checkpoints/last.pt.new"
+    # ... and finishes the rotation: a run resumed after its last save writes no other
+    # checkpoint, and `last.pt` is what users and scripts/strength.py read.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "prev.pt"]
+    assert run.load_checkpoint() == ({"epoch": 2}, "checkpoints/last.pt")
+
+
+def test_writes_cut_short_by_a_kill_leave_no_temporary_files(tmp_path):
+    run = RunDir(tmp_path)
+    run.save_checkpoint({"epoch": 1})
+    for leftover in (".last.pt.new.x1.tmp", ".best.pt.x2.tmp"):   # as `_atomic_write_bytes` names them
+        (tmp_path / "checkpoints" / leftover).write_bytes(b"partial")
+    assert run.load_checkpoint() == ({"epoch": 1}, "checkpoints/last.pt")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
+    (tmp_path / "checkpoints" / ".last.pt.x3.tmp").write_bytes(b"partial")
+    run.clear()                                      # resume=never
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_read_jsonl_skips_a_line_cut_short_by_a_kill(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "tra')
+    assert run.read_jsonl("metrics.jsonl") == [{"epoch": 1}]
 
 
 def test_a_fresh_start_removes_the_earlier_attempts_files(tmp_path):

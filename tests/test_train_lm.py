@@ -151,6 +151,15 @@ def test_a_non_finite_validation_perplexity_is_never_the_best_epoch(data_root, t
     assert logged == [1] and [r["epoch"] for r in metrics(tmp_path)] == [1]
 
 
+def test_an_eval_batch_wider_than_a_split_is_named_before_training(data_root, tmp_path):
+    """It was a ZeroDivisionError at the first evaluation, after a whole epoch."""
+    cfg = _cfg(data_root, tmp_path, "data.eval_batch_size=100000")
+    with pytest.raises(ValueError, match=r"val split .* data.eval_batch_size=100000"):
+        train(cfg, build_lm_experiment)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 0
+
+
 def test_limit_eval_batches(data_root, tmp_path):
     cfg = _cfg(data_root, tmp_path, "model=lstm", "trainer.limit_eval_batches=2")
     exp = build_lm_experiment(cfg, torch.device("cpu"), contextlib.nullcontext)

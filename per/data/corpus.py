@@ -114,7 +114,8 @@ class Corpus:
         self.directory = Path(root) / name
         missing = [f for f in spec.files.values() if _find(self.directory, f) is None]
         if missing:
-            ensure_files(self.directory, missing, url=spec.url, what=f"corpus {name!r}",
+            ensure_files(self.directory, missing, url=spec.url,
+                         what=f"corpus {name!r} (the archive's {spec.archive_dir}/ folder holds its files)",
                          download_fn=lambda: _fetch(spec, self.directory, verify_checksums),
                          download_enabled=download)
 

@@ -133,6 +133,11 @@ def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> 
     model = models.create(name, vocab_size=len(corpus.vocab), **mcfg).to(device)
     evals = {schema.VAL: batchify(corpus.val, data["eval_batch_size"], device),
              schema.TEST: batchify(corpus.test, data["eval_batch_size"], device)}
+    for split, tokens in evals.items():   # before training, not at the first evaluation
+        if tokens.size(0) < 2:            # an input and its next-token target per column
+            raise ValueError(f"the {split} split ({len(getattr(corpus, split))} tokens) holds less than "
+                             f"two tokens per column at data.eval_batch_size={data['eval_batch_size']}; "
+                             "lower data.eval_batch_size")
     task = LMTask(model, batchify(corpus.train, data["batch_size"], device), evals,
                   bptt=data["bptt"], autocast=autocast, eval_limit=cfg["trainer"]["limit_eval_batches"])
     return Experiment(model, task)

@@ -268,6 +268,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                 host = sums.read()
                 if not math.isfinite(host["total"]):
                     bar.close()
+                    state.wall_time_s += time.perf_counter() - t0
                     state.final = {**state.final, "diverged_at_step": state.step}
                     return _diverged("training loss", f"by step {state.step} (epoch {epoch + 1})"), state
                 rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
@@ -296,7 +297,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         if not math.isfinite(state.sums.get("total", 0.0)):
             state.final = {**state.final, "diverged_at_step": state.step}
             return _diverged("training loss", f"by step {state.step} (epoch {epoch + 1})"), state
-        if stop.requested and state.batch < steps_per_epoch:
+        if stop.requested and state.batch < steps_per_epoch and state.step < max_steps:
             # mid-epoch: the checkpoint continues at this very batch
             run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
             return _stopped(stop, f"at step {state.step} (epoch {epoch + 1}, batch {state.batch})"), state
@@ -341,6 +342,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
         shown = {k: v for k, v in metrics.items() if k not in (schema.EPOCH, schema.STEP)}
         log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
-        if stop.requested:
+        if stop.requested and state.epoch < settings.epochs and state.step < max_steps:
             return _stopped(stop, f"after epoch {epoch + 1} (step {state.step})"), state
+    # A stop that arrives during the last epoch's evaluation (or its last steps) lets the run
+    # finish: its records are complete, and a relaunch would only rebuild it to say so.
     return schema.FINISHED, state

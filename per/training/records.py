@@ -177,7 +177,13 @@ class RunDir:
         f = self.path / name
         if not f.exists():
             return []
-        return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        rows = []
+        for line in f.read_text().splitlines():
+            try:   # a kill mid-append leaves a partial last line (`truncate` drops it on resume)
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
     # --- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state: dict, name: str = CHECKPOINT) -> None:
@@ -193,15 +199,17 @@ class RunDir:
 
     def load_checkpoint(self, map_location=None) -> tuple[dict, str] | None:
         """The newest readable checkpoint and its name: `last.pt`, else the complete
-        `last.pt.new` that a kill between `save_checkpoint`'s two renames leaves, else
-        `prev.pt`; None when none exists. A damaged newer one is named in a warning and set
-        aside as `*.damaged` once an older one has loaded (so that the next save does not
-        rotate it into `prev.pt`).
+        `last.pt.new` that a kill between `save_checkpoint`'s two renames leaves (renamed to
+        `last.pt` here: a run resumed after its last save writes no other), else `prev.pt`;
+        None when none exists. A damaged newer one is named in a warning and set aside as
+        `*.damaged` once an older one has loaded (so that the next save does not rotate it
+        into `prev.pt`). Temporary files of writes that a kill cut short are removed.
 
         Raises:
             CheckpointError: checkpoints exist but none can be read; they stay in place, so
                 every relaunch says so (and checks its config) until `resume=never`.
         """
+        self._remove_partial_writes()
         damaged = []
         for name in CHECKPOINTS:
             f = self.path / name
@@ -216,6 +224,8 @@ class RunDir:
             for bad in damaged:
                 os.replace(bad, bad.with_name(bad.name + ".damaged"))
                 log.warning("kept %s as %s.damaged", bad, bad.name)
+            if name == f"{CHECKPOINT}.new" and not (self.path / CHECKPOINT).exists():
+                os.replace(f, self.path / CHECKPOINT)
             return loaded
         if damaged:
             raise CheckpointError(f"no readable checkpoint in {self.path}: {', '.join(map(str, damaged))} "
@@ -238,6 +248,13 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         for damaged in (self.path / CHECKPOINT).parent.glob("*.damaged"):
             damaged.unlink()
+        self._remove_partial_writes()
+
+    def _remove_partial_writes(self) -> None:
+        """Delete the checkpoint folder's `_atomic_write_bytes` temporaries (`.<name>.*.tmp`):
+        only a killed write leaves one, and the caller holds the run's lock."""
+        for tmp in (self.path / CHECKPOINT).parent.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         for old_run in (self.path / WANDB_DIR).glob("*run-*"):    # offline-run-*, run-* folders
             if old_run.is_dir():
                 shutil.rmtree(old_run)

@@ -187,6 +187,12 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
         run.unlock()
 
 
+def _on_terminal() -> bool:
+    """A bar only where both streams are a terminal: the bar draws on stderr, the log (and,
+    without a bar, its progress lines) goes to stdout, so `> run.log` keeps the progress."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: dict[str, str]) -> dict:
     previous = None
     if cfg["resume"] == "never":
@@ -220,7 +226,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             settings = LoopSettings(
                 epochs=epochs, max_steps=max_steps, clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
                 log_every=trainer["log_every"],
-                progress=sys.stderr.isatty() if trainer["progress"] is None else trainer["progress"])
+                progress=_on_terminal() if trainer["progress"] is None else trainer["progress"])
             log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
                      run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
                      "s" if epochs > 1 else "", task.batches_per_epoch(),
