@@ -662,6 +662,17 @@ def test_an_incomplete_grid_is_marked_and_not_compared_with_the_paper(tmp_path, 
     assert not per_row.grid_incomplete and not math.isnan(per_row["diff"])
 
 
+def test_selection_reads_one_held_out_size_per_cell(tmp_path, paper):
+    """A quick sweep held out on 64 images must not average into the 5000-image scores."""
+    make_run(tmp_path, **PER, val_size=64, lam=1e-4, final=image(1.0, None))
+    make_run(tmp_path, **PER, val_size=5000, lam=1e-4, final=image(6.0, None))
+    make_run(tmp_path, **PER, val_size=5000, lam=3e-5, final=image(5.0, None))
+    df, _ = collect.collect_runs(tmp_path)
+    scores = tables.lambda_scores(df, "cifar").set_index("lam")
+    assert scores.loc[1e-4, "score"] == 6.0 and scores.loc[1e-4, "n"] == 1
+    assert tables.select_lambda(df, "cifar").lam.tolist() == [3e-5]
+
+
 def test_a_one_value_grid_reads_as_fixed_not_unvalidated(tmp_path, paper):
     for seed, test in enumerate([7.0, 7.2]):
         make_run(tmp_path, dataset="cifar10", model="elu_cnn11", method="vcl", activation="elu",

@@ -75,9 +75,15 @@ def metric_column(task: str, metric: str) -> str:
 
 
 def selection_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    """The runs of `task` that lambda is chosen on (images: those with a held-out split)."""
+    """The runs of `task` that lambda is chosen on (images: those with a held-out split; where
+    a cell has runs held out at several sizes, e.g. a quick `--val-size 64` sweep beside the
+    protocol's 5000, only those of the largest: scores of different splits do not average)."""
     runs = df[df.task == task]
-    return runs[runs.val_size > 0] if task == "cifar" else runs
+    if task != "cifar":
+        return runs
+    runs = runs[runs.val_size > 0]
+    largest = runs.groupby(GROUP_KEYS, dropna=False).val_size.transform("max")
+    return runs[runs.val_size == largest]
 
 
 def report_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
