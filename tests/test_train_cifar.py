@@ -121,6 +121,34 @@ def test_run_directory_contract(data_root, tmp_path):
     assert again == on_disk
 
 
+def test_a_kill_between_last_and_best_checkpoint_is_repaired_on_resume(data_root, tmp_path, monkeypatch,
+                                                                      caplog):
+    """best.pt is written after last.pt; a resume from the end of the best epoch writes the
+    best.pt that the kill prevented, from the restored (that epoch's) weights."""
+    from per.training import records
+    save = records.RunDir.save_checkpoint
+
+    def killed_at_best(self, state, name=records.CHECKPOINT):
+        if name == records.BEST_CHECKPOINT:
+            raise KeyboardInterrupt("killed between last.pt and best.pt")
+        save(self, state, name)
+    monkeypatch.setattr(records.RunDir, "save_checkpoint", killed_at_best)
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "data.val_size=64")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, build_image_experiment)
+    assert (tmp_path / "checkpoints/last.pt").exists() and not (tmp_path / "checkpoints/best.pt").exists()
+    monkeypatch.undo()
+    weights_after_epoch_1 = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)["model"]
+    with caplog.at_level(logging.INFO, logger="per.training.loop"):
+        done = _relaunch_unfinished(cfg, tmp_path)
+    assert done["status"] == schema.FINISHED
+    assert "writing checkpoints/best.pt for epoch 1" in caplog.text   # the first epoch is always best
+    best = torch.load(tmp_path / "checkpoints/best.pt", weights_only=False)
+    assert best["epoch"] == done["best"]["epoch"]
+    if best["epoch"] == 1:
+        assert all(torch.equal(best["model"][k], v) for k, v in weights_after_epoch_1.items())
+
+
 @pytest.mark.parametrize("kill_step,status,steps", [(12, schema.FINISHED, 12),    # last step: finishes
                                                      (6, schema.INTERRUPTED, 6)])  # end of epoch 1
 def test_a_stop_at_the_end_of_the_last_epoch_finishes_the_run(data_root, tmp_path, monkeypatch,

@@ -222,6 +222,24 @@ def _stopped(stop: StopSignal, where: str) -> str:
     return schema.INTERRUPTED
 
 
+def _save_best(run: RunDir, model: nn.Module, epoch: int, extra: dict) -> None:
+    run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch, **extra}, BEST_CHECKPOINT)
+
+
+def _complete_best(run: RunDir, model: nn.Module, state: TrainState, extra: dict) -> None:
+    """On a resume from the end of the best epoch so far: write `best.pt` if a kill between
+    `last.pt` and `best.pt` left it missing or older (the restored weights are that epoch's)."""
+    if state.epoch == 0 or state.batch != 0 or state.best.get(schema.EPOCH) != state.epoch:
+        return
+    try:
+        if torch.load(run.path / BEST_CHECKPOINT, map_location="cpu", weights_only=False)["epoch"] == state.epoch:
+            return
+    except Exception:   # missing, or cut short by the kill: written anew below
+        pass
+    log.info("writing %s for epoch %d (the kill came before it)", BEST_CHECKPOINT, state.epoch)
+    _save_best(run, model, state.epoch, extra)
+
+
 def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule,
         run: RunDir, settings: LoopSettings, *, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         regularizer: Regularizer | None = None, sink: WandbSink | None = None, monitor: Monitor | None = None,
@@ -243,6 +261,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
     max_steps = math.inf if settings.max_steps is None else settings.max_steps
     if monitor is not None and state.step == 0:
         run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), 0, 0.0))
+    _complete_best(run, model, state, extra)
 
     while state.epoch < settings.epochs and state.step < max_steps:
         epoch = state.epoch
@@ -327,11 +346,10 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         metrics = {k: v for k, v in row.items() if not schema.is_diagnostic(k)}
         state.final = metrics
         metric = task.selection_metric
-        if metric is not None and row.get(metric) is not None and math.isfinite(row[metric]) and (
-                state.best.get(metric) is None or row[metric] < state.best[metric]):
+        is_best = metric is not None and row.get(metric) is not None and math.isfinite(row[metric]) and (
+            state.best.get(metric) is None or row[metric] < state.best[metric])
+        if is_best:
             state.best = {schema.EPOCH: epoch + 1, **{k: v for k, v in metrics.items() if k != schema.EPOCH}}
-            run.save_checkpoint({"model": _unwrap(model).state_dict(), "epoch": epoch + 1, **extra},
-                                BEST_CHECKPOINT)
         run.append(METRICS, [row])   # before the checkpoint: a resume truncates extras
         if sink is not None:
             sink.log(row, step=state.step)
@@ -340,6 +358,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
         if bad := [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]:
             return _diverged(", ".join(bad), f"after epoch {epoch + 1}"), state
         run.save_checkpoint(checkpoint_state(model, optimizer, schedule, regularizer, task, state, extra))
+        if is_best:   # after last.pt: a kill in between is repaired on resume (_complete_best)
+            _save_best(run, model, epoch + 1, extra)
         shown = {k: v for k, v in metrics.items() if k not in (schema.EPOCH, schema.STEP)}
         log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
         if stop.requested and state.epoch < settings.epochs and state.step < max_steps:
