@@ -106,6 +106,7 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
     preset = choices.get("experiment")
     summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
                     protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
-    if summary["status"] == schema.INTERRUPTED:
+    if summary["status"] == schema.INTERRUPTED or summary.get("signal"):
+        # A signal that came as the run finished still ends the process (and a multirun).
         sys.exit(128 + int(summary.get("signal") or 15))
     return summary

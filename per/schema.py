@@ -16,6 +16,7 @@ STATUSES = (RUNNING, FINISHED, DIVERGED, FAILED, INTERRUPTED)
 
 # Regularization methods (config group `method/`). `rbn` is the LM's recurrent BN cell.
 METHODS = ("vanilla", "l1", "l2", "per", "vcl", "rbn")
+REGULARIZED = ("l1", "l2", "per", "vcl")   # the methods with a lambda (`method.lam`, its grid)
 NORMS = ("none", "bn")
 
 # Splits. Run records and the corpus use these names; the corpus files on disk keep

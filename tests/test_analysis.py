@@ -638,6 +638,31 @@ def test_off_grid_lambdas_get_their_own_row_and_never_the_papers(tmp_path, paper
     assert off["diff"].isna().all() and 1e-3 not in set(res.lam[res.changes == ""])
 
 
+def test_only_a_regularizers_lambda_has_a_grid(tmp_path, paper):
+    """A lambda-0 PER control is off the grid; a VCL weight other than its grid's is too;
+    vanilla runs given a grid (scripts/demo.py passes one to every preset) have none."""
+    make_run(tmp_path, **PER, **SEL, lam=0.0, final=image(1.0, None), lam_grid=GRID)
+    make_run(tmp_path, method="vcl", model="elu_cnn11", activation="elu", lam=0.1, final=image(None, 7.0),
+             lam_grid=[0.01])
+    make_run(tmp_path, lam=0.0, final=image(None, 7.0), lam_grid=[1e-5, 1e-6])
+    df, _ = collect.collect_runs(tmp_path)
+    by_method = df.set_index("method")
+    assert by_method.loc["per", "changes"] == "method.lam=0 (not in the grid)"
+    assert by_method.loc["vcl", "changes"] == "method.lam=0.1 (not in the grid)"
+    assert by_method.loc["vanilla", "changes"] == "" and pd.isna(by_method.loc["vanilla", "grid_size"])
+    res = tables.cell_results(df, "cifar", paper)
+    assert not res.grid_incomplete.any()           # an off-grid row is its own, not a partial grid
+    assert res[res.method != "vanilla"]["diff"].isna().all()
+    assert not math.isnan(row(res, method="vanilla")["diff"])
+
+
+def test_the_largest_held_out_size_with_evidence_is_scored(tmp_path):
+    make_run(tmp_path, **PER, val_size=64, lam=1e-4, final=image(6.0, None))
+    make_run(tmp_path, **PER, val_size=5000, lam=1e-4, status="running")   # just launched
+    scores = tables.lambda_scores(collect.collect_runs(tmp_path)[0], "cifar")
+    assert scores.score.tolist() == [6.0]
+
+
 def test_an_incomplete_grid_is_marked_and_not_compared_with_the_paper(tmp_path, paper):
     make_run(tmp_path, **PER, **SEL, lam=3e-5, final=image(6.7, None), lam_grid=GRID)
     make_run(tmp_path, **PER, **SEL, lam=1e-5, final=image(6.9, None), lam_grid=GRID)

@@ -162,6 +162,7 @@ def test_a_stop_at_the_end_of_the_last_epoch_finishes_the_run(data_root, tmp_pat
     out = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "data.val_size=64"),
                 build_image_experiment)                      # 6 steps per epoch
     assert out["status"] == status and out["steps"] == steps
+    assert out["signal"] == signal.SIGTERM     # run_main exits 128 + 15 either way
     assert len(metrics(tmp_path)) == steps // 6
 
 
@@ -453,8 +454,11 @@ def test_writes_cut_short_by_a_kill_leave_no_temporary_files(tmp_path):
     run.save_checkpoint({"epoch": 1})
     for leftover in (".last.pt.new.x1.tmp", ".best.pt.x2.tmp"):   # as `_atomic_write_bytes` names them
         (tmp_path / "checkpoints" / leftover).write_bytes(b"partial")
+    wandb_run = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
+    wandb_run.mkdir(parents=True)
     assert run.load_checkpoint() == ({"epoch": 1}, "checkpoints/last.pt")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
+    assert wandb_run.is_dir()                        # a resume keeps the W&B run's files
     (tmp_path / "checkpoints" / ".last.pt.x3.tmp").write_bytes(b"partial")
     run.clear()                                      # resume=never
     assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -8,9 +8,11 @@ Besides what `summary.json` says, each run's row carries:
 - `partial`: the run is shorter than its protocol (see `is_partial`);
 - `changes`: how the run departs from its preset's protocol (`key=value, ...` from the
   config's `protocol_changes`; "" for none, and for runs written before it existed), plus
-  `method.lam=<lam> (not in the grid)` for a nonzero lambda outside its config's
-  `method.lam_grid` (an exploratory sweep): tables keep such runs in rows of their own;
-- `grid_size`: the number of lambdas in the run's `method.lam_grid` (NA without one);
+  `method.lam=<lam> (not in the grid)` for a regularizer's lambda outside its config's
+  `method.lam_grid` (an exploratory sweep, a lambda-0 control): tables keep such runs in
+  rows of their own;
+- `grid_size`: the number of lambdas in a regularized run's `method.lam_grid` (NA without
+  one, and for unregularized runs);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
   `metrics.jsonl` and its epoch, the "best test epoch" that the reference
   implementations report (image runs only). It is optimistic (test data pick the
@@ -28,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, RUNNING,
-                        STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
+from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, REGULARIZED,
+                        RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, VARIANT_KEYS, method_options)
 
 log = logging.getLogger(__name__)
@@ -110,9 +112,11 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     final, best = summary["final"] or {}, summary["best"] or {}
     min_epoch, min_error = min_test(history)
     lam = float(summary["lam"])
-    grid = [float(g) for g in (config.get("method") or {}).get("lam_grid") or []]
+    method = config.get("method") or {}
+    # Only a regularizer's lambda has a grid (unregularized runs record lam = 0).
+    grid = [float(g) for g in method.get("lam_grid") or []] if method.get("name") in REGULARIZED else []
     changes = list(config.get("protocol_changes") or [])
-    if lam != 0 and grid and not any(math.isclose(lam, g, rel_tol=1e-9) for g in grid):
+    if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
         changes.append(f"method.lam={lam:g} {OFF_GRID}")
     return {
         "run_dir": run_dir, "status": status, "task": summary["task"],

@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from per.analysis.collect import OFF_GRID
 from per.analysis.paper import load_paper_tables
 from per.schema import (CELL_KEYS, CHANGES, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
                         PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, TASKS,
@@ -77,12 +78,16 @@ def metric_column(task: str, metric: str) -> str:
 def selection_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """The runs of `task` that lambda is chosen on (images: those with a held-out split; where
     a cell has runs held out at several sizes, e.g. a quick `--val-size 64` sweep beside the
-    protocol's 5000, only those of the largest: scores of different splits do not average)."""
+    protocol's 5000, only those of the largest with a finished or diverged run: scores of
+    different splits do not average)."""
     runs = df[df.task == task]
     if task != "cifar":
         return runs
     runs = runs[runs.val_size > 0]
-    largest = runs.groupby(GROUP_KEYS, dropna=False).val_size.transform("max")
+    # The largest size with evidence (a finished or diverged run), else the largest.
+    evidence = runs.val_size.where(runs.status.isin((FINISHED, DIVERGED)))
+    by_cell = runs.assign(evidence=evidence).groupby(GROUP_KEYS, dropna=False)
+    largest = by_cell.evidence.transform("max").fillna(by_cell.val_size.transform("max"))
     return runs[runs.val_size == largest]
 
 
@@ -208,7 +213,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     """
     paper = load_paper_tables() if paper is None else paper
     chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size"]]
-    chosen = chosen.assign(grid_incomplete=(chosen.grid_size > 1).fillna(False).astype(bool)
+    off_grid = chosen[CHANGES].str.contains(OFF_GRID, regex=False)   # a row per off-grid lambda
+    chosen = chosen.assign(grid_incomplete=~off_grid & (chosen.grid_size > 1).fillna(False).astype(bool)
                            & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool))
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
@@ -462,8 +468,9 @@ LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validati
           "report the test perplexity at the best validation epoch, which is already "
           "the references' protocol, so they have no such column. Partial rows come "
           "from runs shorter than their protocol, {changed: key=value} rows from runs "
-          "whose command line changed their preset's protocol; neither is compared "
-          "with the paper.")
+          "whose command line changed their preset's protocol or whose λ is outside the "
+          "preset's grid, and \"grid incomplete\" rows from a λ chosen before every λ of "
+          "the grid had a finished or diverged selection run; none is compared with the paper.")
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:

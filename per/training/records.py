@@ -249,15 +249,15 @@ class RunDir:
         for damaged in (self.path / CHECKPOINT).parent.glob("*.damaged"):
             damaged.unlink()
         self._remove_partial_writes()
+        for old_run in (self.path / WANDB_DIR).glob("*run-*"):    # offline-run-*, run-* folders
+            if old_run.is_dir():
+                shutil.rmtree(old_run)
 
     def _remove_partial_writes(self) -> None:
         """Delete the checkpoint folder's `_atomic_write_bytes` temporaries (`.<name>.*.tmp`):
         only a killed write leaves one, and the caller holds the run's lock."""
         for tmp in (self.path / CHECKPOINT).parent.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        for old_run in (self.path / WANDB_DIR).glob("*run-*"):    # offline-run-*, run-* folders
-            if old_run.is_dir():
-                shutil.rmtree(old_run)
 
     def wandb_id(self) -> str:
         """The W&B run id of this attempt: kept across resumes, new after `clear()`."""

@@ -29,7 +29,6 @@ from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optim
                                 param_groups)
 from per.training.records import ACTIVATIONS, METRICS, RunDir
 
-REGULARIZED = ("l1", "l2", "per", "vcl")
 # Method config keys passed to Regularizer where present (absent: its default).
 REGULARIZER_OPTIONS = ("layout", "num_slices", "reduction", "path", "share_directions", "sampling")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"   # Hydra's job-log format
@@ -55,7 +54,7 @@ def build_regularizer(model, method: dict) -> Regularizer | None:
     """The Regularizer for `method.name` in l1/l2/per/vcl; None for vanilla and rbn."""
     if method["name"] not in schema.METHODS:
         raise ValueError(f"unknown method {method['name']!r}; valid: {', '.join(schema.METHODS)}")
-    if method["name"] not in REGULARIZED:
+    if method["name"] not in schema.REGULARIZED:
         return None
     options = {k: method[k] for k in REGULARIZER_OPTIONS if k in method}   # PER-only keys in per.yaml
     return Regularizer(model, method["name"], method["lam"], **options)
@@ -127,7 +126,7 @@ def _check_has_a_batch(cfg: dict, batches_per_epoch: int) -> None:
 def _summary(status: str, cfg: dict, state: TrainState, device: str, attempts: list[dict]) -> dict:
     method = cfg["method"]
     return {"status": status, "task": cfg["task"], "cell": schema.cell_of(cfg),
-            "lam": float(method.get("lam", 0.0)) if method["name"] in REGULARIZED else 0.0,
+            "lam": float(method.get("lam", 0.0)) if method["name"] in schema.REGULARIZED else 0.0,
             "seed": cfg["seed"], "epochs_completed": state.epoch, "steps": state.step,
             "wall_time_s": round(state.wall_time_s, 3), "device": device,
             "code_version": attempts[-1]["code_version"], "versions": runtime.versions(),
@@ -273,6 +272,6 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
     log.info("%s %s | %s%s | steps %d, epochs %d | wall %.1f s", status, run.path, _key_metrics(state.final),
              f" | best epoch {best['epoch']}: {_key_metrics(best)}" if best.get("epoch") else "",
              state.step, state.epoch, state.wall_time_s)
-    if status == schema.INTERRUPTED:
+    if stop.requested:   # also where the run finished first (a signal during its last evaluation)
         summary["signal"] = stop.signum
     return summary
