@@ -6,6 +6,8 @@ task's. `measure_strength` answers that for one batch, without changing the mode
 - `site_ratios`: per site, `||lam dL_site/dh|| / ||d(downstream loss)/dh||`, exactly the
   `grad_ratio/<site>` a training run logs (the downstream gradient includes the task and
   the penalties of later sites);
+- `task_site_ratios`: per site, `||lam dL_site/dh|| / ||d(task loss)/dh||`, the penalty
+  against the task alone (it takes a task-only backward pass, which a training step has not);
 - `param_share`: `||grad_params(lam * penalty)|| / ||grad_params(task loss)||`, the
   penalty's pull on the weights relative to the task's.
 
@@ -33,6 +35,7 @@ class Strength:
     """Result of `measure_strength` (plain floats)."""
     site_ratios: dict[str, float]   # site name -> grad_ratio at that site
     param_share: float              # ||penalty's parameter gradient|| / ||task's||
+    task_site_ratios: dict[str, float]   # site name -> the same over the task's gradient alone
 
 
 def _param_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], reg: Regularizer,
@@ -49,6 +52,35 @@ def _param_grads(model: nn.Module, loss_fn: Callable[[], torch.Tensor], reg: Reg
     (task_weight * loss_fn() + reg.penalty()).backward()
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
             for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _site_grad_norms(model: nn.Module, names: list[str]) -> Iterator[dict[str, list[float]]]:
+    """Record, per site and call, the norm of the gradient reaching the site's output in the
+    backward passes run in the block (before the site adds its own penalty's)."""
+    norms: dict[str, list[float]] = {n: [] for n in names}
+    sites = dict(model.named_modules())
+
+    def on_forward(name: str):
+        def hook(module: nn.Module, args, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(lambda g: norms[name].append(float(g.double().norm())))
+        return hook
+    handles = [sites[n].register_forward_hook(on_forward(n)) for n in names]
+    try:
+        yield norms
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _task_ratio(ratio: float, full: list[float], task: list[float]) -> float:
+    """`||lam g|| / ||task grad||` from the logged `ratio = ||lam g|| / ||downstream grad||`
+    of a site called once per forward (NaN otherwise: the logged ratio is a mean over calls)."""
+    if len(full) != 1 or len(task) != 1:
+        return math.nan
+    penalty = ratio * full[0]
+    return penalty / task[0] if task[0] > 0 else (math.inf if penalty > 0 else math.nan)
 
 
 def _norm(grads: list[torch.Tensor]) -> float:
@@ -70,7 +102,8 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
             not `path`: the ratios are the backward path's).
 
     Returns: a `Strength` per lambda (a single one when `lams` is a float). Each lambda
-    costs two forward/backward passes, plus one for the task gradient. The global RNG
+    costs two forward/backward passes, plus one for the task gradient (which also gives
+    the task-only gradient at each site). The global RNG
     (CPU and the model's CUDA devices) is left as it was.
     """
     if kind not in ("per", "l1", "l2"):
@@ -83,15 +116,19 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
     saved = copy.deepcopy(model.state_dict())
     reg = Regularizer(model, kind, 0.0, path="backward", **regularizer_kwargs)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    names = reg.site_names
     with torch.random.fork_rng(devices=cuda), _restored(model, reg, saved):
-        task = _norm(_param_grads(model, loss_fn, reg, 0.0, 1.0, seed, track=False))
+        with _site_grad_norms(model, names) as task_norms:
+            task = _norm(_param_grads(model, loss_fn, reg, 0.0, 1.0, seed, track=False))
         out = []
         for lam in lam_list:
             penalty = _norm(_param_grads(model, loss_fn, reg, lam, 0.0, seed, track=False))
-            _param_grads(model, loss_fn, reg, lam, 1.0, seed, track=True)
+            with _site_grad_norms(model, names) as full_norms:
+                _param_grads(model, loss_fn, reg, lam, 1.0, seed, track=True)
             ratios = {k.removeprefix(GRAD_RATIO_PREFIX): float(v)
                       for k, v in reg.site_stats().items() if k.startswith(GRAD_RATIO_PREFIX)}
-            out.append(Strength(ratios, penalty / task if task > 0 else math.nan))
+            task_ratios = {k: _task_ratio(v, full_norms[k], task_norms[k]) for k, v in ratios.items()}
+            out.append(Strength(ratios, penalty / task if task > 0 else math.nan, task_ratios))
     return out[0] if single else out
 
 

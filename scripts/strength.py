@@ -111,13 +111,15 @@ def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict
                 results = measure_strength(model, loss_fn, kind, grid, layout=layout,
                                            reduction=reduction, seed=cfg["seed"])
                 for lam, s in zip(grid, results):
-                    r = pd.Series(s.site_ratios)
+                    r, task_r = pd.Series(s.site_ratios), pd.Series(s.task_site_ratios)
                     out.append({"family": fam.name, "kind": kind,
                                 "layout": layout if conv else "-", "reduction": reduction,
                                 "lam": lam, "middle": lam == method["lam"],
                                 "when": when, "data": data, "sites": len(r),
                                 "ratio_median": r.median(), "ratio_min": r.min(),
-                                "ratio_max": r.max(), "param_share": s.param_share})
+                                "ratio_max": r.max(), "param_share": s.param_share,
+                                "task_ratio_median": task_r.median(), "task_ratio_min": task_r.min(),
+                                "task_ratio_max": task_r.max()})
     return out
 
 

@@ -40,6 +40,25 @@ def test_single_site_ratio_and_param_share_by_hand():
     assert mean.site_ratios["1"] == pytest.approx(got.site_ratios["1"] / 8, rel=1e-5)
 
 
+def test_task_only_ratios_by_hand_where_a_later_penalty_joins_the_downstream_gradient():
+    torch.manual_seed(2)
+    lin1, lin2 = nn.Linear(5, 4), nn.Linear(4, 3)
+    model = nn.Sequential(lin1, per.Site(), lin2, per.Site())
+    x, w = torch.randn(8, 5), torch.randn(8, 3)
+    lam = 0.5                                          # large: the later penalty matters
+    got = measure_strength(model, lambda: (model(x) * w).sum(), "l2", lam)
+    h1 = lin1(x).detach()
+    h2 = lin2(h1).detach()
+    g1, g2 = lam * 2 * h1, lam * 2 * h2               # each site's penalty gradient (sum, L2)
+    task1, full1 = w @ lin2.weight.detach(), (w + g2) @ lin2.weight.detach()
+    assert got.site_ratios["1"] == pytest.approx(float(g1.norm() / full1.norm()), rel=1e-5)
+    assert got.task_site_ratios["1"] == pytest.approx(float(g1.norm() / task1.norm()), rel=1e-5)
+    # The last site sees the task's gradient alone: both ratios agree there.
+    assert got.task_site_ratios["3"] == pytest.approx(got.site_ratios["3"], rel=1e-6)
+    assert got.site_ratios["3"] == pytest.approx(float(g2.norm() / w.norm()), rel=1e-5)
+    assert abs(got.task_site_ratios["1"] / got.site_ratios["1"] - 1) > 0.05   # the case differs
+
+
 @pytest.mark.parametrize("kind", ["per", "l1", "l2"])
 def test_ratios_match_a_training_step_and_leave_the_model_unchanged(kind):
     model, x, y = _bn_cnn(), torch.randn(6, 3, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
