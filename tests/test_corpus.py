@@ -120,6 +120,27 @@ def _no_network(url: str, dest: Path, *args, **kwargs) -> Path:
     raise urllib.error.URLError("no network in tests")
 
 
+def test_download_sends_a_user_agent_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `download` (its callers' tests fake it): a request with a User-Agent (the
+    WikiText mirror refuses urllib's), the file verified, then moved into place."""
+    import hashlib
+    from per.data import download as download_mod
+    payload = b"archive bytes"
+    seen = []
+
+    def fake_urlopen(request, timeout):
+        seen.append(request)
+        return io.BytesIO(payload)
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", fake_urlopen)
+    dest = download_mod.download(CORPORA["wikitext2"].url, tmp_path / "w.zip",
+                                 hashlib.sha256(payload).hexdigest())
+    assert dest.read_bytes() == payload and list(tmp_path.iterdir()) == [dest]
+    assert seen[0].full_url == CORPORA["wikitext2"].url and seen[0].get_header("User-agent")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_mod.download(CORPORA["wikitext2"].url, tmp_path / "x.zip", "0" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zip"]     # nothing left behind
+
+
 def test_missing_files_download_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(corpus_mod, "download", lambda *a, **k: calls.append(a))

@@ -328,6 +328,13 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad")], cwd=ROOT,
                          env={**env, "PARTS": "tests,step"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps, profile" in bad.stderr
+    groups = tmp_path / "groups"        # BENCH_ONLY groups: one bench process and limit each
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(groups)], cwd=ROOT,
+                          env={**env, "PARTS": "bench", "BENCH_ONLY": "per_grad@120;epoch@1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # epoch cut at 1 s
+    benches = [json.loads(line)["bench"] for line in (groups / "bench.jsonl").read_text().splitlines()]
+    assert benches and all(b.startswith("per_grad/") for b in benches)       # the first group's rows
     prof = tmp_path / "profile"
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(prof)], cwd=ROOT,
                           env={**env, "PARTS": "profile", "PROFILE_PRESETS": "t3_ptb_lstm_per:model.hidden_size=16",

@@ -67,7 +67,9 @@ CORPORA: dict[str, CorpusSpec] = {
             "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
             "wiki.test.tokens": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
         },
-        url="https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        # The original research.metamind.io bucket is gone (403); Smerity's mirror serves the
+        # same zip (the files' SHA-256 above are checked after extraction).
+        url="https://wikitext.smerity.com/wikitext-2-v1.zip",
         archive_dir="wikitext-2",
     ),
 }

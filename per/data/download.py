@@ -31,6 +31,9 @@ def verify_file(path: str | Path, expected: str, algorithm: str = "sha256") -> N
             "for a converted or generated copy.")
 
 
+USER_AGENT = "Mozilla/5.0 (per-repro dataset download)"
+
+
 def download(url: str, dest: str | Path, expected: str | None = None,
              algorithm: str = "sha256", timeout: float = 60.0) -> Path:
     """Download `url` to `dest` atomically (temp file, verify, rename)."""
@@ -39,7 +42,9 @@ def download(url: str, dest: str | Path, expected: str | None = None,
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, suffix=".part") as tmp:
         tmp_path = Path(tmp.name)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            # A browser-like agent: some mirrors (WikiText's) refuse urllib's default one.
+            request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 shutil.copyfileobj(resp, tmp)
         except BaseException:
             tmp_path.unlink(missing_ok=True)
