@@ -65,7 +65,8 @@ class RBNLSTMLayer(nn.Module):
 
     BN_x and BN_h have a gain only (their shift is `b`); BN_c has gain and shift.
     Gains start at 0.1, shifts at 0. In training, each time step is normalized with
-    its own batch statistics; population statistics are kept per time step
+    its own batch statistics; population statistics (moving averages, momentum 0.1, as
+    jihunchoi's; the paper averages over the training set) are kept per time step
     t = 0 .. max_length - 1 of the forward call (training steps beyond update the
     last slot). `trained_length` records the longest window trained on (at most
     max_length); in eval mode step t uses slot min(t, trained_length - 1), so steps
