@@ -125,6 +125,17 @@ def test_plot_sweep(tmp_path):
     assert_written(paths, 2)
 
 
+def test_sweep_draws_off_grid_lambdas_on_the_methods_curve_without_a_star():
+    rows = sweep_runs()
+    extra = rows[(rows.method == "per") & (rows.lam == 3e-4)].assign(
+        lam=3e-3, changes="method.lam=0.003 (not in the grid)")
+    extra = extra.assign(final_val_error=extra.final_val_error - 2)      # best, but off the grid
+    df = pd.concat([rows, extra], ignore_index=True)
+    view, chosen = figures.sweep_view(df, "cifar")
+    assert set(view.changes) == {""}                                   # one PER curve
+    assert chosen[chosen.method == "per"].lam.tolist() == [1e-4]       # the grid's star only
+
+
 def test_plot_training_curves(tmp_path):
     runs = sweep_runs()
     rows = [{**r, EPOCH: e, TRAIN_LOSS: 2.0 / e, TEST_ERROR: r["final_test_error"] + 5 / e}

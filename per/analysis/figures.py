@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 import per
 from per.analysis import tables
-from per.analysis.collect import METRICS
+from per.analysis.collect import METRICS, OFF_GRID, without_off_grid
 from per.analysis.paper import load_paper_tables
 from per.schema import (CHANGES, EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
                         SETTING_KEYS, TASKS, TEST)
@@ -166,6 +166,15 @@ def _lambda_panel(ax, frame: pd.DataFrame, mean: str, std: str, colors: dict[str
             ax.plot(picked.lam, picked[mean], "*", color=color, ms=14, mec="k")
 
 
+def sweep_view(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, chosen): the runs with their off-grid marks dropped, so a method's lambdas in
+    and beyond its grid draw as one curve, and the chosen lambda of each group (the grid's
+    choice only: an off-grid lambda, its own table row, gets no star)."""
+    chosen = tables.select_lambda(df, task)
+    chosen = chosen[~chosen[CHANGES].str.contains(OFF_GRID, regex=False)]
+    return df.assign(**{CHANGES: df[CHANGES].map(without_off_grid)}), chosen[[*tables.GROUP_KEYS, "lam"]]
+
+
 def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                paper: pd.DataFrame | None = None, name: str = "sweep") -> list[Path]:
     """Per cell, the selection metric (left; star = chosen lambda) and the reported
@@ -175,10 +184,10 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
     for task in TASKS:
         if not (df.task == task).any():
             continue
-        scores = tables.lambda_scores(df, task).dropna(subset=["score"])
-        reports = tables.lambda_reports(df, task)
-        chosen = tables.select_lambda(df, task)[[*tables.GROUP_KEYS, "lam"]]
-        for key, cell in df[df.task == task].groupby(CELL):
+        view, chosen = sweep_view(df, task)
+        scores = tables.lambda_scores(view, task).dropna(subset=["score"])
+        reports = tables.lambda_reports(view, task)
+        for key, cell in view[view.task == task].groupby(CELL):
             labels = cell[tables.GROUP_KEYS].drop_duplicates()
             labels["label"] = tables.row_labels(labels)
             labels = labels.sort_values("label", key=lambda s: s.map(tables.method_sort_key))
