@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,6 +116,38 @@ class Phase:
         """The entry point's multirun overrides."""
         return [f"experiment={self.preset.name}", "method.lam=" + ",".join(map(lam_arg, self.lams)),
                 "seed=" + ",".join(map(str, self.seeds)), *self.overrides]
+
+    def run_dir(self, lam: float, seed: int) -> Path:
+        """Where the run of (`lam`, `seed`) writes (configs/hydra/default.yaml's `lam=...,seed=...`,
+        with the value Hydra parses from `lam_arg`: `0` is an int there, `1e-04` a float)."""
+        arg = lam_arg(lam)
+        value = int(arg) if arg.lstrip("+-").isdigit() else float(arg)
+        return self.preset.cell_dir / f"lam={value},seed={seed}"
+
+    def done(self) -> set[tuple[float, int]]:
+        """The (lam, seed) runs that hold a result already (finished or diverged): a launch
+        would only skip them."""
+        out = set()
+        for lam in self.lams:
+            for seed in self.seeds:
+                summary = self.run_dir(lam, seed) / "summary.json"
+                try:
+                    if json.loads(summary.read_text()).get("status") in (FINISHED, DIVERGED):
+                        out.add((lam, seed))
+                except (OSError, ValueError):   # absent, or cut short by a kill
+                    continue
+        return out
+
+    def pending(self) -> list["Phase"]:
+        """This phase less its done runs, as few multiruns as the rest allows (lambdas that
+        lack the same seeds share one); [] when every run is done."""
+        done = self.done()
+        by_seeds: dict[tuple[int, ...], list[float]] = {}
+        for lam in self.lams:
+            seeds = tuple(s for s in self.seeds if (lam, s) not in done)
+            if seeds:
+                by_seeds.setdefault(seeds, []).append(lam)
+        return [dataclasses.replace(self, lams=lams, seeds=list(seeds)) for seeds, lams in by_seeds.items()]
 
 
 def plan(names: list[str], compose: Compose, seeds: list[int], select_seeds: list[int], val_size: int,
@@ -281,13 +314,19 @@ def phase_seconds(ph: Phase, table: dict) -> tuple[float | None, bool, bool]:
     return total, approx or e_approx, e is not None
 
 
+# Overrides that change the cost of a step but not `step_time_key` (the tables time each
+# preset's own settings): DRY_RUN says its hours are rough when a plan has them.
+STEP_COST_OVERRIDES = ("trainer.precision", "trainer.compile", "trainer.channels_last", "data.batch_size",
+                       "optim.batch_size", "data.bptt", "model.")
+
+
 def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_dir: Path,
                table_name: str | None = None) -> None:
     """Runs and optimizer steps per phase, per table and in total, with device-hours (training
     steps and evaluation) from the step-time table `table_name`, else this machine's device's
     (or another one, labelled)."""
     table, label = step_time_table(step_times_dir, table_name)
-    rows, tot_runs, tot_steps, tot_s = [], 0, 0, 0.0
+    rows, tot_runs, tot_steps, tot_s, tot_done = [], 0, 0, 0.0, 0
     unknown, substituted, no_eval = set(), set(), set()
     for ph in (ph for pair in phases for ph in pair if ph is not None):
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
@@ -306,9 +345,12 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         per_run = "?" if s is None or not ph.n_runs else f"{mark}{s / ph.n_runs / 3600:,.2f}"
         tot_runs += ph.n_runs
         tot_steps += steps
+        done = len(ph.done())          # a final phase's lambda is not chosen yet: 0
+        tot_done += done
         name = ph.preset.cfg.get("run_name") or ph.preset.name     # the slices preset: one per count
-        rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run))
-    print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps")
+        rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run, done))
+    print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps"
+          + (f"; {tot_done} runs hold a result already (skipped, not launched)" if tot_done else ""))
     by_table: dict[str, list[int]] = {}
     for name, _, n, steps, *_ in rows:
         t = by_table.setdefault(name.split("_")[0].upper(), [0, 0])
@@ -317,9 +359,15 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
     for t, (n, steps) in sorted(by_table.items()):
         print(f"   {t}: {n} runs, {steps:,} steps")
     print(f"   step times: {label}")
-    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13} {'per run':>8}")
-    for name, phase, n, steps, hours, per_run in rows:
-        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13} {per_run:>8}")
+    print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13} {'per run':>8}"
+          f" {'done':>5}")
+    for name, phase, n, steps, hours, per_run, done in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13} {per_run:>8} {done:>5}")
+    costly = sorted({o for pair in phases for ph in pair if ph is not None for o in ph.overrides
+                     if o.lstrip("+~").startswith(STEP_COST_OVERRIDES)})
+    if table is not None and costly:
+        print(f"   note: {', '.join(costly)} change what a step costs; the table's times are of the "
+              f"presets' own settings ({table.get('precision', 'fp32')}), so these hours are rough")
     if table is not None:
         print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"

@@ -92,10 +92,21 @@ def _runs_per_gpu_arg(value: str) -> str:
 def execute(phases: list, args) -> None:
     for select, final in phases:
         if select is not None:
-            _run(command(select, args))
+            _launch(select, args)
             final.lams = [sweep.chosen_lambda(select)]
             print(f"[reproduce] {select.preset.name}: lambda = {final.lams[0]:g} (validation)")
-        _run(command(final, args))
+        _launch(final, args)
+
+
+def _launch(phase: sweep.Phase, args) -> None:
+    """Run the phase's runs that hold no result yet (a relaunch queues no finished run)."""
+    todo = phase.pending()
+    done = phase.n_runs - sum(p.n_runs for p in todo)
+    if done:
+        print(f"[reproduce] {phase.preset.name} ({'select' if phase.selection else 'final'}): "
+              f"{done} of {phase.n_runs} runs done already", flush=True)
+    for part in todo:
+        _run(command(part, args))
 
 
 def _run(cmd: list[str]) -> None:

@@ -90,6 +90,25 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     again = subprocess.run(cmd + ["--no-report"], capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in runs.rglob("summary.json")} == mtimes
+    # The relaunch queued nothing: every run held its result, so no multirun started.
+    assert "2 of 2 runs done already" in again.stdout and "experiments/train_cifar.py" not in again.stdout
+
+
+def test_a_phase_launches_only_its_runs_without_a_result(tmp_path):
+    preset = sweep.Preset("t1_cifar10_resnet56_per", compose_preset("t1_cifar10_resnet56_per",
+                                                                  (f"paths.runs_dir={tmp_path}",)))
+    phase = sweep.Phase(preset, (), [1e-4, 3e-5, 0.0], [0, 1])
+    assert phase.run_dir(0.0, 1).name == "lam=0,seed=1"          # as Hydra names it: 0 is an int
+    assert phase.run_dir(1e-4, 0).name == "lam=0.0001,seed=0"
+    for (lam, seed), status in {(1e-4, 0): "finished", (1e-4, 1): "diverged", (3e-5, 0): "finished",
+                                (3e-5, 1): "running", (0.0, 0): "finished"}.items():
+        phase.run_dir(lam, seed).mkdir(parents=True)
+        (phase.run_dir(lam, seed) / "summary.json").write_text(json.dumps({"status": status}))
+    (phase.run_dir(0.0, 1).mkdir(parents=True))
+    (phase.run_dir(0.0, 1) / "summary.json").write_text('{"status": "fini')        # cut by a kill
+    todo = phase.pending()
+    assert [(p.lams, p.seeds) for p in todo] == [([3e-5, 0.0], [1])]          # one multirun
+    assert "method.lam=3e-05,0" in todo[0].hydra_args() and "seed=1" in todo[0].hydra_args()
 
 
 @pytest.mark.slow

@@ -220,6 +220,11 @@ def test_dry_run_prints_device_hours_from_the_shipped_tables():
         out = subprocess.run([sys.executable, str(ROOT / "scripts/reproduce.py"), "--task", task,
                               "--dry-run"], capture_output=True, text=True, check=True).stdout
         assert "step times: " in out and "device-hours on " in out, out
+        assert "note:" not in out                          # the presets' own settings
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/reproduce.py"), "--sweep", "t1_cifar10_resnet56_per",
+                          "--override", "trainer.precision=bf16", "--override", "data.val_size=64", "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "note: trainer.precision=bf16 change what a step costs" in out and "data.val_size" not in out.split("note:")[1]
 
 
 def test_untracked_backward_steps_skip_the_penalty_value(monkeypatch):
