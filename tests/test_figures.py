@@ -125,6 +125,17 @@ def test_plot_sweep(tmp_path):
     assert_written(paths, 2)
 
 
+def test_sweep_paper_lines_carry_their_methods_colour_and_label(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    lines, axhline = [], Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda ax, *a, **kw: lines.append((kw.get("label"), kw.get("color")))
+                        or axhline(ax, *a, **kw))
+    figures.plot_sweep(sweep_runs(), tmp_path, paper=load_paper_tables())
+    labels = {label: color for label, color in lines}
+    assert {"paper vanilla", "paper bn", "paper per"} <= set(labels)
+    assert len({labels["paper vanilla"], labels["paper bn"], labels["paper per"]}) == 3   # one colour each
+
+
 def test_sweep_draws_off_grid_lambdas_on_the_methods_curve_without_a_star():
     rows = sweep_runs()
     extra = rows[(rows.method == "per") & (rows.lam == 3e-4)].assign(

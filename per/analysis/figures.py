@@ -18,7 +18,7 @@ from per.analysis import tables
 from per.analysis.collect import METRICS, OFF_GRID, without_off_grid
 from per.analysis.paper import load_paper_tables
 from per.schema import (CHANGES, EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
-                        SETTING_KEYS, TASKS, TEST)
+                        SETTING_KEYS, TASKS, TEST, VAL)
 
 CELL = list(SETTING_KEYS)   # one figure per setting: the methods of a cell side by side
 FORMATS = ("png", "pdf")
@@ -197,12 +197,14 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
                           colors, chosen)
             _lambda_panel(rep_ax, _in_cell(reports, key).merge(labels), "mean", "std", colors)
-            published = _in_cell(paper[paper.split == PAPER_SPLIT[TEST]], key)
-            for method, value in zip(published.method, published.value):
-                if method in set(cell.method):
-                    rep_ax.axhline(value, color="0.3", ls=":", lw=1)
-                    rep_ax.text(1.0, value, f" paper {method}", va="center", fontsize=7,
-                                transform=rep_ax.get_yaxis_transform())
+            # The paper's values, dotted in each method's colour: test beside the reported
+            # metric, and (language models) validation beside the selection metric.
+            for ax, split in ((rep_ax, TEST), *(((sel_ax, VAL),) if task == "lm" else ())):
+                published = _in_cell(paper[paper.split == PAPER_SPLIT[split]], key)
+                for method, value in zip(published.method, published.value):
+                    if method in set(cell.method):
+                        ax.axhline(value, color=colors.get(method, "0.3"), ls=":", lw=1.2,
+                                   label=f"paper {method}")
             selection = tables.metric_label(SELECTION_METRIC[task])
             report = tables.metric_label(REPORT_METRIC[task])
             sel_ax.set(title=f"selection: {selection}", ylabel=selection)
