@@ -111,7 +111,10 @@ def _launch(phase: sweep.Phase, args) -> None:
 
 def _run(cmd: list[str]) -> None:
     print("[reproduce] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if (code := subprocess.run(cmd, cwd=ROOT).returncode) != 0:
+        # The run's own lines above say why; finished runs stay, and a rerun resumes the rest.
+        raise SystemExit(f"[reproduce] stopped: {Path(cmd[1]).name} exited with {code}; "
+                         "the same command resumes (finished runs are not run again)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,13 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     assert "2 of 2 runs done already" in again.stdout and "experiments/train_cifar.py" not in again.stdout
 
 
+def test_a_failed_phase_stops_with_one_line_not_a_traceback():
+    import runpy
+    run = runpy.run_path(str(ROOT / "scripts/reproduce.py"))["_run"]
+    with pytest.raises(SystemExit, match=r"stopped: -c exited with 3; the same command resumes"):
+        run([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
 def test_a_phase_launches_only_its_runs_without_a_result(tmp_path):
     preset = sweep.Preset("t1_cifar10_resnet56_per", compose_preset("t1_cifar10_resnet56_per",
                                                                   (f"paths.runs_dir={tmp_path}",)))

@@ -402,7 +402,8 @@ def test_damaged_last_checkpoint_resumes_from_the_previous_one(data_root, tmp_pa
     resumed = train(cfg, build_image_experiment)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"checkpoint {ckpts / 'last.pt'} is damaged") for m in messages)
-    assert any(m.startswith(f"resuming {tmp_path} from checkpoints/prev.pt at epoch 1") for m in messages)
+    assert any(m.startswith(f"resuming {tmp_path} from checkpoints/prev.pt in epoch 2 after batch 0")
+               for m in messages)
     assert resumed["status"] == schema.FINISHED and resumed["steps"] == ref["steps"]
     assert without_timing(resumed["final"]) == without_timing(ref["final"])
     assert [a["code_version"] for a in resumed["attempts"]] == ["v1", "v2"] and resumed["code_version"] == "v2"

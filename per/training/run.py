@@ -240,8 +240,9 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
                 attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
                                                "batch": state.batch, "step": state.step}
                 attempts = _earlier_attempts(previous) + attempts
-                log.info("resuming %s from %s at epoch %d, batch %d (step %d of %d)", run.path, ckpt_name,
-                         state.epoch, state.batch, state.step, planned)
+                # 1-based, as the stop and epoch lines count: batch 0 is the epoch's start.
+                log.info("resuming %s from %s in epoch %d after batch %d (step %d of %d)", run.path, ckpt_name,
+                         state.epoch + 1, state.batch, state.step, planned)
             else:
                 run.clear()
             run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
