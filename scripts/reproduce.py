@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
 from per import sweep
 from per.training.checks import validate
@@ -109,6 +111,14 @@ def _launch(phase: sweep.Phase, args) -> None:
         _run(command(part, args))
 
 
+def _unknown_gpus(gpus: str) -> list[str]:
+    """Ids in `gpus` that name no CUDA device of this machine (none checked without CUDA:
+    runs there take the CPU)."""
+    if not torch.cuda.is_available():
+        return []
+    return [g for g in gpus.split(",") if not (g.isdigit() and int(g) < torch.cuda.device_count())]
+
+
 def _run(cmd: list[str]) -> None:
     print("[reproduce] " + " ".join(cmd), flush=True)
     if (code := subprocess.run(cmd, cwd=ROOT).returncode) != 0:
@@ -143,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of this machine's device's table")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
+    if bad := _unknown_gpus(args.gpus):
+        ap.error(f"--gpus {args.gpus}: no GPU {', '.join(bad)} here; valid: "
+                 f"{', '.join(map(str, range(torch.cuda.device_count())))}")
     args.runs = str(Path(args.runs).resolve())
     seeds, select_seeds = list(range(args.seeds)), list(range(args.select_seeds))
     lams = args.lams

@@ -94,6 +94,16 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     assert "2 of 2 runs done already" in again.stdout and "experiments/train_cifar.py" not in again.stdout
 
 
+def test_gpu_ids_are_checked_where_cuda_is(monkeypatch):
+    import runpy
+    unknown = runpy.run_path(str(ROOT / "scripts/reproduce.py"))["_unknown_gpus"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert unknown("0,1") == [] and unknown("0,2,x") == ["2", "x"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert unknown("5") == []                      # no CUDA: runs take the CPU
+
+
 def test_a_failed_phase_stops_with_one_line_not_a_traceback():
     import runpy
     run = runpy.run_path(str(ROOT / "scripts/reproduce.py"))["_run"]
