@@ -54,8 +54,9 @@ def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
         acts = {label: load_activations(d) for label, d in zip(cell.label, cell.run_dir)}
         sites = list(pd.concat(acts.values()).site.unique())
         name = "_".join(key)
-        paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}")
-        paths += figures.plot_sw1(acts, sites, out, name=f"sw1_{name}")
+        title = " ".join(key)
+        paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}", title=title)
+        paths += figures.plot_sw1(acts, sites, out, name=f"sw1_{name}", title=title)
     return paths
 
 

@@ -91,6 +91,15 @@ def test_plot_sw1(tmp_path):
     assert_written(figures.plot_sw1(ACTS, ["layer3", "layer6"], tmp_path), 2)
 
 
+def test_activation_figures_name_their_cell(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    titles, suptitle = [], Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda fig, t, **kw: titles.append(t) or suptitle(fig, t, **kw))
+    figures.plot_activation_evolution(ACTS, ["layer3"], tmp_path, title="T2 cifar10 elu_cnn11 elu")
+    figures.plot_sw1(ACTS, ["layer3"], tmp_path, title="T2 cifar10 elu_cnn11 elu")
+    assert titles == ["T2 cifar10 elu_cnn11 elu"] * 2
+
+
 # --- sweeps, curves, ablation --------------------------------------------------------
 
 def run(method: str = "vanilla", lam: float = 0.0, seed: int = 0, val_size: int = 0,

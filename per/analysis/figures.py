@@ -88,11 +88,11 @@ def plot_losses_1d(out_dir: str | Path = "results/figures", name: str = "losses_
 # --- activation monitoring (the paper's Figures 3-4) --------------------------------
 
 def plot_activation_evolution(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
-                              out_dir: str | Path = "results/figures", units: int = 3,
-                              name: str = "activation_evolution") -> list[Path]:
+                              out_dir: str | Path = "results/figures", units: int = 4,
+                              name: str = "activation_evolution", title: str = "") -> list[Path]:
     """Per site (row groups: quartiles, mean, variance) and method (columns), the
-    first `units` monitored units over training steps; `acts_by_method` maps a
-    method label to its `collect.load_activations` frame."""
+    first `units` monitored units over training steps (the monitor records 4); `acts_by_method`
+    maps a method label to its `collect.load_activations` frame; `title` names the cell."""
     methods = list(acts_by_method)
     stats = ["quartiles", "mean", "variance"]
     fig = Figure(figsize=(3.8 * len(methods), 1.9 * len(stats) * len(sites)), layout="constrained")
@@ -119,12 +119,15 @@ def plot_activation_evolution(acts_by_method: dict[str, pd.DataFrame], sites: li
         axes[0, j].set_title(method)
         axes[-1, j].set_xlabel("training step")
     axes[0, 0].legend(title="median, 25-75%", fontsize="small")
+    if title:
+        fig.suptitle(title)
     return _save(fig, out_dir, name)
 
 
 def plot_sw1(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
-             out_dir: str | Path = "results/figures", name: str = "sw1") -> list[Path]:
-    """Sliced W1 of each site's activations to N(0, I) over training, one line per method."""
+             out_dir: str | Path = "results/figures", name: str = "sw1", title: str = "") -> list[Path]:
+    """Sliced W1 of each site's activations to N(0, I) over training, one line per method;
+    `title` names the cell."""
     fig = Figure(figsize=(4 * len(sites), 3.4), layout="constrained")
     axes = fig.subplots(1, len(sites), squeeze=False)[0]
     for ax, site in zip(axes, sites):
@@ -135,6 +138,8 @@ def plot_sw1(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
                yscale="log")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    if title:
+        fig.suptitle(title)
     return _save(fig, out_dir, name)
 
 
