@@ -145,6 +145,18 @@ def test_sweep_paper_lines_carry_their_methods_colour_and_label(tmp_path, monkey
     assert len({labels["paper vanilla"], labels["paper bn"], labels["paper per"]}) == 3   # one colour each
 
 
+def test_sweep_marks_a_lambda_whose_selection_run_diverged(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    marks, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **kw: marks.append((a, kw.get("label"))) or plot(ax, *a, **kw))
+    rows = sweep_runs()
+    diverged = (rows.method == "per") & (rows.lam == 3e-4) & (rows.val_size > 0)
+    rows.loc[diverged, "status"] = "diverged"
+    rows.loc[diverged, "final_val_error"] = np.nan
+    figures.plot_sweep(rows, tmp_path, paper=load_paper_tables())
+    assert [(args[:3], label) for args, label in marks if label == "diverged"] == [((3e-4, 0.96, "x"), "diverged")]
+
+
 def test_sweep_draws_off_grid_lambdas_on_the_methods_curve_without_a_star():
     rows = sweep_runs()
     extra = rows[(rows.method == "per") & (rows.lam == 3e-4)].assign(

@@ -182,15 +182,17 @@ def sweep_view(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]
 
 def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                paper: pd.DataFrame | None = None, name: str = "sweep") -> list[Path]:
-    """Per cell, the selection metric (left; star = chosen lambda) and the reported
-    metric (right; dotted = the paper's value) against lambda, mean +- std over seeds."""
+    """Per cell, the selection metric (left; star = chosen lambda, x = a lambda with a
+    diverged selection run) and the reported metric (right; dotted = the paper's value)
+    against lambda, mean +- std over seeds."""
     paper = load_paper_tables() if paper is None else paper
     paths = []
     for task in TASKS:
         if not (df.task == task).any():
             continue
         view, chosen = sweep_view(df, task)
-        scores = tables.lambda_scores(view, task).dropna(subset=["score"])
+        all_scores = tables.lambda_scores(view, task)
+        scores = all_scores.dropna(subset=["score"])
         reports = tables.lambda_reports(view, task)
         for key, cell in view[view.task == task].groupby(CELL):
             labels = cell[tables.GROUP_KEYS].drop_duplicates()
@@ -202,6 +204,11 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
                           colors, chosen)
             _lambda_panel(rep_ax, _in_cell(reports, key).merge(labels), "mean", "std", colors)
+            # A lambda with a diverged selection run ranks last: an x at the panel's top.
+            diverged = _in_cell(all_scores[(all_scores.n_diverged > 0) & (all_scores.lam > 0)], key).merge(labels)
+            for i, (label, lam) in enumerate(zip(diverged.label, diverged.lam)):
+                sel_ax.plot(lam, 0.96, "x", color=colors[label], ms=9, mew=2,
+                            transform=sel_ax.get_xaxis_transform(), label="diverged" if i == 0 else None)
             # The paper's values, dotted in each method's colour: test beside the reported
             # metric, and (language models) validation beside the selection metric.
             for ax, split in ((rep_ax, TEST), *(((sel_ax, VAL),) if task == "lm" else ())):
