@@ -36,6 +36,15 @@ def test_curves_side_by_side_with_paper(tmp_path):
     assert md.splitlines()[-1] == "| paper | 118.5 | 123.2 | - | - |"
 
 
+def test_selection_runs_get_no_paper_number(tmp_path):
+    _run(tmp_path / "sel", "per", [{"epoch": 1, "val_ppl": 300.0}])
+    (tmp_path / "sel" / "config.yaml").write_text("data:\n  val_size: 5000\n")
+    _run(tmp_path / "fin", "per", [{"epoch": 1, "val_ppl": 300.0}])
+    (tmp_path / "fin" / "config.yaml").write_text("data:\n  val_size: 0\n")
+    paper = paper_numbers({"sel": tmp_path / "sel", "fin": tmp_path / "fin"}, ["val_ppl"])
+    assert paper == {("val_ppl", "fin"): 118.5}
+
+
 def test_curves_script_writes_csv_and_markdown(tmp_path):
     _run(tmp_path / "v", "vanilla", [{"epoch": 1, "val_ppl": 300.0, "test_ppl": 290.0}])
     out = tmp_path / "out" / "ptb"

@@ -41,11 +41,15 @@ def epoch_curves(runs: dict[str, str | Path], metrics: list[str]) -> pd.DataFram
 
 def paper_numbers(runs: dict[str, str | Path], metrics: list[str],
                   paper: pd.DataFrame | None = None) -> dict[tuple[str, str], float]:
-    """(metric, run label) -> the paper's number for that run's cell and split, where it has one."""
+    """(metric, run label) -> the paper's number for that run's cell and split, where it has one
+    (not for a selection run, trained with images held out: not the paper's protocol)."""
     paper = load_paper_tables() if paper is None else paper
     out = {}
     for label, path in runs.items():
-        cell = (RunDir(path).read_summary() or {}).get("cell")
+        run = RunDir(path)
+        if ((run.read_config() or {}).get("data") or {}).get("val_size"):
+            continue
+        cell = (run.read_summary() or {}).get("cell")
         for m in metrics:
             if cell and m in METRIC_PAPER_SPLIT:
                 out[m, label] = paper_value(paper, cell["dataset"], cell["model"],
