@@ -10,13 +10,15 @@ directory are those of the composed config; nothing here imports Hydra.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import yaml
 
 from per.analysis.collect import collect_runs, without_off_grid
 from per.analysis.tables import select_lambda
@@ -125,17 +127,25 @@ class Phase:
         return self.preset.cell_dir / f"lam={value},seed={seed}"
 
     def done(self) -> set[tuple[float, int]]:
-        """The (lam, seed) runs that hold a result already (finished or diverged): a launch
-        would only skip them."""
+        """The (lam, seed) runs that hold a result already (finished or diverged) of this very
+        config: a launch would only skip them. With `resume=never`, or where the stored config
+        differs from the phase's (`checks.config_differences`), none: the entry point decides
+        (it runs again, or refuses naming the differences)."""
+        if self.preset.cfg.get("resume") == "never":
+            return set()
         out = set()
         for lam in self.lams:
             for seed in self.seeds:
-                summary = self.run_dir(lam, seed) / "summary.json"
+                run_dir = self.run_dir(lam, seed)
                 try:
-                    if json.loads(summary.read_text()).get("status") in (FINISHED, DIVERGED):
-                        out.add((lam, seed))
-                except (OSError, ValueError):   # absent, or cut short by a kill
+                    status = json.loads((run_dir / "summary.json").read_text()).get("status")
+                    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+                except (OSError, ValueError, yaml.YAMLError):   # absent, or cut short by a kill
                     continue
+                expected = {**self.preset.cfg, "seed": seed,
+                            "method": {**self.preset.cfg["method"], "lam": lam}}
+                if status in (FINISHED, DIVERGED) and not config_differences(stored, expected):
+                    out.add((lam, seed))
         return out
 
     def pending(self) -> list["Phase"]:
@@ -332,10 +342,11 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
         key = step_time_key(ph.preset.cfg)
         s, approx, with_eval = phase_seconds(ph, table or {})
+        done = len(ph.done())          # a final phase's lambda is not chosen yet: 0
         if s is None:
             unknown.add(key)
         else:
-            tot_s += s
+            tot_s += s * (ph.n_runs - done) / ph.n_runs if ph.n_runs else 0.0   # what is left
             if approx:
                 substituted.add(key)
             if not with_eval:
@@ -345,7 +356,6 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         per_run = "?" if s is None or not ph.n_runs else f"{mark}{s / ph.n_runs / 3600:,.2f}"
         tot_runs += ph.n_runs
         tot_steps += steps
-        done = len(ph.done())          # a final phase's lambda is not chosen yet: 0
         tot_done += done
         name = ph.preset.cfg.get("run_name") or ph.preset.name     # the slices preset: one per count
         rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run, done))
@@ -370,6 +380,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
               f"presets' own settings ({table.get('precision', 'fp32')}), so these hours are rough")
     if table is not None:
         print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
+              + (" for the runs without a result" if tot_done else "")
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
                  if substituted else "")
               + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else "")

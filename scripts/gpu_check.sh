@@ -59,11 +59,19 @@ if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
     # own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.
     IFS=';' read -r -a groups <<< "${BENCH_ONLY:-step,per_grad,lm,compiled,loader,compiled_lm,epoch}"
-    : > "$OUT/bench.log"
-    for group in "${groups[@]}"; do
+    runs=()
+    for group in "${groups[@]}"; do      # checked before anything runs: device time is scarce
+        group=${group//[[:space:]]/}
+        [[ -z $group ]] && continue
         sections=${group%@*}
         limit=$([[ $group == *@* ]] && echo "${group##*@}" || echo "${BENCH_S:-330}")
-        timeout -k 15 "$limit" "$PY" scripts/bench.py --only "$sections" --out "$OUT/bench.jsonl" \
+        [[ -n $sections && $limit =~ ^[0-9]+[smh]?$ ]] || {
+            echo "[gpu-check] bad BENCH_ONLY group '$group': expected sections[@seconds]" >&2; exit 2; }
+        runs+=("$sections@$limit")
+    done
+    : > "$OUT/bench.log"
+    for run in "${runs[@]}"; do
+        timeout -k 15 "${run##*@}" "$PY" scripts/bench.py --only "${run%@*}" --out "$OUT/bench.jsonl" \
             ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || status=1
     done
 fi

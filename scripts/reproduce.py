@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
 from per import sweep
 from per.training.checks import validate
@@ -108,23 +106,23 @@ def _launch(phase: sweep.Phase, args) -> None:
         print(f"[reproduce] {phase.preset.name} ({'select' if phase.selection else 'final'}): "
               f"{done} of {phase.n_runs} runs done already", flush=True)
     for part in todo:
-        _run(command(part, args))
+        _run(command(part, args), "the same command resumes (finished runs are not run again)")
 
 
 def _unknown_gpus(gpus: str) -> list[str]:
     """Ids in `gpus` that name no CUDA device of this machine (none checked without CUDA:
     runs there take the CPU)."""
+    import torch   # here: --help and DRY_RUN need no torch
     if not torch.cuda.is_available():
         return []
     return [g for g in gpus.split(",") if not (g.isdigit() and int(g) < torch.cuda.device_count())]
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], then: str = "its output above says why") -> None:
+    """Run `cmd`; a failure stops with one line (the command's own output says why)."""
     print("[reproduce] " + " ".join(cmd), flush=True)
     if (code := subprocess.run(cmd, cwd=ROOT).returncode) != 0:
-        # The run's own lines above say why; finished runs stay, and a rerun resumes the rest.
-        raise SystemExit(f"[reproduce] stopped: {Path(cmd[1]).name} exited with {code}; "
-                         "the same command resumes (finished runs are not run again)")
+        raise SystemExit(f"[reproduce] stopped: {Path(cmd[1]).name} exited with {code}; {then}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of this machine's device's table")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
-    if bad := _unknown_gpus(args.gpus):
+    if args.launcher == "joblib" and (bad := _unknown_gpus(args.gpus)):
+        import torch
         ap.error(f"--gpus {args.gpus}: no GPU {', '.join(bad)} here; valid: "
                  f"{', '.join(map(str, range(torch.cuda.device_count())))}")
     args.runs = str(Path(args.runs).resolve())

@@ -139,10 +139,13 @@ def test_sweep_paper_lines_carry_their_methods_colour_and_label(tmp_path, monkey
     lines, axhline = [], Axes.axhline
     monkeypatch.setattr(Axes, "axhline", lambda ax, *a, **kw: lines.append((kw.get("label"), kw.get("color")))
                         or axhline(ax, *a, **kw))
-    figures.plot_sweep(sweep_runs(), tmp_path, paper=load_paper_tables())
+    rows = sweep_runs()
+    variant = rows[rows.method == "per"].assign(layout="flatten")          # a second PER row label
+    figures.plot_sweep(pd.concat([rows, variant], ignore_index=True), tmp_path, paper=load_paper_tables())
     labels = {label: color for label, color in lines}
     assert {"paper vanilla", "paper bn", "paper per"} <= set(labels)
     assert len({labels["paper vanilla"], labels["paper bn"], labels["paper per"]}) == 3   # one colour each
+    assert "0.3" not in labels.values()                                   # none left grey
 
 
 def test_sweep_marks_a_lambda_whose_selection_run_diverged(tmp_path, monkeypatch):

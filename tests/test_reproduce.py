@@ -4,6 +4,7 @@ lambda selection, skipping of finished runs, the demo."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from experiments.common import compose_preset, preset_names
 from per import sweep
@@ -107,7 +109,7 @@ def test_gpu_ids_are_checked_where_cuda_is(monkeypatch):
 def test_a_failed_phase_stops_with_one_line_not_a_traceback():
     import runpy
     run = runpy.run_path(str(ROOT / "scripts/reproduce.py"))["_run"]
-    with pytest.raises(SystemExit, match=r"stopped: -c exited with 3; the same command resumes"):
+    with pytest.raises(SystemExit, match=r"stopped: -c exited with 3; its output above says why"):
         run([sys.executable, "-c", "import sys; sys.exit(3)"])
 
 
@@ -121,11 +123,20 @@ def test_a_phase_launches_only_its_runs_without_a_result(tmp_path):
                                 (3e-5, 1): "running", (0.0, 0): "finished"}.items():
         phase.run_dir(lam, seed).mkdir(parents=True)
         (phase.run_dir(lam, seed) / "summary.json").write_text(json.dumps({"status": status}))
+        stored = {**preset.cfg, "seed": seed, "method": {**preset.cfg["method"], "lam": lam}}
+        (phase.run_dir(lam, seed) / "config.yaml").write_text(yaml.safe_dump(stored))
     (phase.run_dir(0.0, 1).mkdir(parents=True))
     (phase.run_dir(0.0, 1) / "summary.json").write_text('{"status": "fini')        # cut by a kill
     todo = phase.pending()
     assert [(p.lams, p.seeds) for p in todo] == [([3e-5, 0.0], [1])]          # one multirun
     assert "method.lam=3e-05,0" in todo[0].hydra_args() and "seed=1" in todo[0].hydra_args()
+    # A run of another config, or resume=never, is left to the entry point (refuse, or rerun).
+    changed = {**preset.cfg, "seed": 0, "method": {**preset.cfg["method"], "lam": 1e-4},
+               "optim": {**preset.cfg["optim"], "lr": 0.5}}
+    (phase.run_dir(1e-4, 0) / "config.yaml").write_text(yaml.safe_dump(changed))
+    assert (1e-4, 0) not in phase.done() and (3e-5, 0) in phase.done()
+    never = sweep.Preset(preset.name, {**preset.cfg, "resume": "never"})
+    assert dataclasses.replace(phase, preset=never).done() == set()
 
 
 @pytest.mark.slow

@@ -333,9 +333,14 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad")], cwd=ROOT,
                          env={**env, "PARTS": "tests,step"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'step' in PARTS; valid: tests, bench, steps, profile" in bad.stderr
+    for bad_only in ("epoch@", "@200", "epoch@2x"):   # refused before anything runs
+        bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_only")], cwd=ROOT,
+                             env={**env, "PARTS": "bench", "BENCH_ONLY": bad_only}, capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode == 2 and "bad BENCH_ONLY group" in bad.stderr, bad_only
     groups = tmp_path / "groups"        # BENCH_ONLY groups: one bench process and limit each
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(groups)], cwd=ROOT,
-                          env={**env, "PARTS": "bench", "BENCH_ONLY": "per_grad@120;epoch@1"},
+                          env={**env, "PARTS": "bench", "BENCH_ONLY": " per_grad@120 ;; epoch@1"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # epoch cut at 1 s
     benches = [json.loads(line)["bench"] for line in (groups / "bench.jsonl").read_text().splitlines()]

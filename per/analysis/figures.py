@@ -199,6 +199,7 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             labels["label"] = tables.row_labels(labels)
             labels = labels.sort_values("label", key=lambda s: s.map(tables.method_sort_key))
             colors = {label: f"C{i % 10}" for i, label in enumerate(labels.label)}
+            method_colors = {m: colors[l] for m, l in zip(labels.method[::-1], labels.label[::-1])}  # first label
             fig = Figure(figsize=(11, 4), layout="constrained")
             sel_ax, rep_ax = fig.subplots(1, 2)
             _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
@@ -215,7 +216,7 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                 published = _in_cell(paper[paper.split == PAPER_SPLIT[split]], key)
                 for method, value in zip(published.method, published.value):
                     if method in set(cell.method):
-                        ax.axhline(value, color=colors.get(method, "0.3"), ls=":", lw=1.2,
+                        ax.axhline(value, color=method_colors.get(method, "0.3"), ls=":", lw=1.2,
                                    label=f"paper {method}")
             selection = tables.metric_label(SELECTION_METRIC[task])
             report = tables.metric_label(REPORT_METRIC[task])
