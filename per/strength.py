@@ -93,8 +93,9 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
     """Gradient ratios of a `kind` regularizer at each of `lams` on one batch.
 
     Args:
-        model: in train mode; its parameters and buffers (BN running statistics) are
-            restored afterwards, and no optimizer step is taken.
+        model: in train mode, the plain module (not a `torch.compile` wrapper); its
+            parameters and buffers (BN running statistics) are restored afterwards, and no
+            optimizer step is taken.
         loss_fn: computes the task loss of one fixed batch with a forward pass of `model`.
         kind: "per", "l1" or "l2" (the kinds with a closed-form site gradient).
         lams: one lambda or a list.
