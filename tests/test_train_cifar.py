@@ -149,6 +149,24 @@ def test_a_kill_between_last_and_best_checkpoint_is_repaired_on_resume(data_root
         assert all(torch.equal(best["model"][k], v) for k, v in weights_after_epoch_1.items())
 
 
+def test_a_second_stop_signal_stops_at_once_and_the_run_resumes(data_root, tmp_path, monkeypatch):
+    from per.training.loop import ForcedStop
+
+    def twice_at(step):
+        if step == 9:     # epoch 2 of 6-step epochs: the second signal comes before any checkpoint
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(run_mod, "fit", functools.partial(fit, on_step=twice_at))
+    cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2", "data.val_size=64")
+    with pytest.raises(ForcedStop) as stop:
+        train(cfg, build_image_experiment)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == schema.INTERRUPTED
+    monkeypatch.undo()
+    resumed = train(cfg, build_image_experiment)           # from the end of epoch 1
+    assert resumed["status"] == schema.FINISHED and resumed["steps"] == 12
+
+
 @pytest.mark.parametrize("kill_step,status,steps", [(12, schema.FINISHED, 12),    # last step: finishes
                                                      (6, schema.INTERRUPTED, 6)])  # end of epoch 1
 def test_a_stop_at_the_end_of_the_last_epoch_finishes_the_run(data_root, tmp_path, monkeypatch,

@@ -93,9 +93,15 @@ class TrainState:
     train_time_s: float = 0.0         # training time of the epoch in progress
 
 
+class ForcedStop(SystemExit):
+    """A second SIGTERM/SIGINT: stop now, without the clean stop's checkpoint (the run
+    resumes from its last one). Exits with 128 + the signal's number."""
+
+
 class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps:
-    `with StopSignal() as stop: ... if stop.requested: ...`."""
+    `with StopSignal() as stop: ... if stop.requested: ...`. A second signal raises
+    `ForcedStop` wherever the process is (a long compile, setup or evaluation)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -111,7 +117,12 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise ForcedStop(128 + signum)
         self.signum = signum
+        log.warning("%s: stopping after the current step with a checkpoint; send it again to stop "
+                    "at once (the run then resumes from its last checkpoint)", name)
 
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():

@@ -22,8 +22,8 @@ from per.regularizers import Regularizer
 from per.training import runtime
 from per.training.checks import ConfigMismatchError, config_differences, protocol_changes, validate
 from per.training.loggers import WandbSink, wandb_group, wandb_name
-from per.training.loop import (Experiment, LoopSettings, StopSignal, Task, TrainState, fit, format_metrics,
-                               restore)
+from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
+                               format_metrics, restore)
 from per.training.monitor import Monitor, default_monitor_sites
 from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optimizer, create_schedule,
                                 param_groups)
@@ -264,8 +264,14 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             sink.finish(summary, exit_code=0 if status in (schema.FINISHED, schema.DIVERGED) else 1)
             run.write_summary(summary)
         except BaseException as e:
-            run.write_summary(_summary(schema.FAILED, cfg, state, dev_name, attempts))
-            log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
+            forced = isinstance(e, ForcedStop)      # a second stop signal: no evidence of a fault
+            run.write_summary(_summary(schema.INTERRUPTED if forced else schema.FAILED, cfg, state,
+                                       dev_name, attempts))
+            if forced:
+                log.warning("stopped %s at once by a second signal; it resumes from its last "
+                            "checkpoint", run.path)
+            else:
+                log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
             if sink is not None:
                 sink.finish(exit_code=1)
             raise
