@@ -271,7 +271,8 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
     the column norms of `Z`. With `R m = O T` (QR), `Q O` is a Haar `N`-frame of the complement
     independent of `(a, R)`; it is drawn as the QR factor (positive diagonal, by Cholesky)
     of a fresh Gaussian `y: (d, N)` projected off `E`. Random numbers: `N (s + d) + s^2`
-    (`R` uses the `s^2 / 2` above the diagonal of an `s x s` draw) against `d s`; products `O(d N^2 + s^2 N)` against `O(d N s)`.
+    (`R` uses the `s^2 / 2` above the diagonal of an `s x s` draw) against `d s`; products
+    `O(d N^2 + s^2 N)` against `O(d N s)`.
     """
     check_points(x)
     check_reduction(reduction)

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from per.analysis.collect import collect_runs, without_off_grid
 from per.analysis.tables import select_lambda
 from per.schema import CHANGES, DIVERGED, FINISHED
@@ -27,6 +25,7 @@ from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.training import runtime
 from per.training.checks import config_differences
+from per.training.records import RunDir
 from per.training.run import run_length
 
 # The ablation (ResNet-56, CIFAR-10, PER): layout x reduction, the first shared with Table 1,
@@ -136,15 +135,13 @@ class Phase:
         out = set()
         for lam in self.lams:
             for seed in self.seeds:
-                run_dir = self.run_dir(lam, seed)
-                try:
-                    status = json.loads((run_dir / "summary.json").read_text()).get("status")
-                    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-                except (OSError, ValueError, yaml.YAMLError):   # absent, or cut short by a kill
+                run = RunDir(self.run_dir(lam, seed))
+                summary = run.read_summary()          # None: absent, or cut short by a kill
+                if summary is None or summary.get("status") not in (FINISHED, DIVERGED):
                     continue
                 expected = {**self.preset.cfg, "seed": seed,
                             "method": {**self.preset.cfg["method"], "lam": lam}}
-                if status in (FINISHED, DIVERGED) and not config_differences(stored, expected):
+                if not config_differences(run.read_config() or {}, expected):
                     out.add((lam, seed))
         return out
 

@@ -46,13 +46,18 @@ RUN_COLUMNS = (
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
 RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
-_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64", "grid_size": "Int64",
-           "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
+_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
+           "grid_size": "Int64", "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
            "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
            "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
 
 
 OFF_GRID = "(not in the grid)"   # the `changes` entry of a lambda outside its run's grid
+
+
+def is_off_grid(changes: pd.Series) -> pd.Series:
+    """Which rows' `changes` hold an off-grid lambda entry."""
+    return changes.str.contains(OFF_GRID, regex=False)
 
 
 def without_off_grid(changes: str) -> str:

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 import per
 from per.analysis import tables
-from per.analysis.collect import METRICS, OFF_GRID, without_off_grid
+from per.analysis.collect import METRICS, is_off_grid, without_off_grid
 from per.analysis.paper import load_paper_tables
 from per.schema import (CHANGES, EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
                         SETTING_KEYS, TASKS, TEST, VAL)
@@ -176,7 +176,7 @@ def sweep_view(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]
     and beyond its grid draw as one curve, and the chosen lambda of each group (the grid's
     choice only: an off-grid lambda, its own table row, gets no star)."""
     chosen = tables.select_lambda(df, task)
-    chosen = chosen[~chosen[CHANGES].str.contains(OFF_GRID, regex=False)]
+    chosen = chosen[~is_off_grid(chosen[CHANGES])]
     return df.assign(**{CHANGES: df[CHANGES].map(without_off_grid)}), chosen[[*tables.GROUP_KEYS, "lam"]]
 
 
@@ -199,7 +199,9 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             labels["label"] = tables.row_labels(labels)
             labels = labels.sort_values("label", key=lambda s: s.map(tables.method_sort_key))
             colors = {label: f"C{i % 10}" for i, label in enumerate(labels.label)}
-            method_colors = {m: colors[l] for m, l in zip(labels.method[::-1], labels.label[::-1])}  # first label
+            method_colors: dict[str, str] = {}    # a method's colour: that of its first row label
+            for method, label in zip(labels.method, labels.label):
+                method_colors.setdefault(method, colors[label])
             fig = Figure(figsize=(11, 4), layout="constrained")
             sel_ax, rep_ax = fig.subplots(1, 2)
             _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",

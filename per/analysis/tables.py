@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from per.analysis.collect import OFF_GRID
+from per.analysis.collect import is_off_grid
 from per.analysis.paper import load_paper_tables
 from per.schema import (CELL_KEYS, CHANGES, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
                         PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, TASKS,
@@ -213,9 +213,9 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     """
     paper = load_paper_tables() if paper is None else paper
     chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size"]]
-    off_grid = chosen[CHANGES].str.contains(OFF_GRID, regex=False)   # a row per off-grid lambda
-    chosen = chosen.assign(grid_incomplete=~off_grid & (chosen.grid_size > 1).fillna(False).astype(bool)
-                           & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool))
+    # An off-grid lambda is a row of its own, not part of a grid.
+    partial_grid = ((chosen.grid_size > 1) & (chosen.n_scored < chosen.grid_size)).fillna(False).astype(bool)
+    chosen = chosen.assign(grid_incomplete=partial_grid & ~is_off_grid(chosen[CHANGES]))
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
@@ -321,7 +321,7 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
     if pd.isna(row.lam):
         text += " λ not selected"
     elif row.lam > 0:
-        fixed = bool(row.grid_size == 1) if pd.notna(row.grid_size) else False   # VCL's weight
+        fixed = pd.notna(row.grid_size) and row.grid_size == 1   # a protocol constant: VCL's weight
         text += f" λ={row.lam:.0e}" + (" (fixed)" if fixed else " (not validated)" if pd.isna(row.score) else "")
     if row.grid_incomplete:
         text += f" · grid incomplete: {row.n_scored}/{row.grid_size} λ scored"

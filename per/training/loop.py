@@ -117,12 +117,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
         if self.signum is not None:
             raise ForcedStop(128 + signum)
         self.signum = signum
         log.warning("%s: stopping after the current step with a checkpoint; send it again to stop "
-                    "at once (the run then resumes from its last checkpoint)", name)
+                    "at once (the run then resumes from its last checkpoint)", signal.Signals(signum).name)
 
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
