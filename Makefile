@@ -9,6 +9,8 @@ GPUS ?= 0
 # auto: the count with the most runs/hour in `make step-times CONCURRENCY=1,2,4,8`'s table, else 1
 RUNS_PER_GPU ?= auto
 CONCURRENCY ?=
+# local: one Hydra multirun at a time here; pool: GPUS x RUNS_PER_GPU runs at once, all cells
+# together (logs in results/logs/); slurm: submitit multiruns
 LAUNCHER ?= local
 DRY_RUN ?=
 STEP_TABLE ?=           # DRY_RUN's device-hours from results/step_times/$(STEP_TABLE).json, e.g. cuda-nvidia-h200

@@ -321,6 +321,29 @@ def phase_seconds(ph: Phase, table: dict) -> tuple[float | None, bool, bool]:
     return total, approx or e_approx, e is not None
 
 
+def unit_seconds(table: dict | None) -> Callable[[Phase], float]:
+    """Expected device seconds of a phase (`phase_seconds`); where `table` cannot time its
+    configuration, or there is no table, its steps at the table's median step time (1 s
+    without one): an order of the phases, not an estimate."""
+    times = sorted((table or {}).get("s_per_step", {}).values())
+    fallback = times[len(times) // 2] if times else 1.0
+
+    def seconds(ph: Phase) -> float:
+        s = phase_seconds(ph, table or {})[0]
+        return s if s is not None else ph.n_runs * steps_per_run(ph.preset.cfg) * fallback
+    return seconds
+
+
+def concurrency_slowdown(table: dict | None, task: str, k: int) -> float | None:
+    """How much longer one run takes with `k` runs at once on a device than alone: `k` x
+    the runs per hour of 1 over those of `k` (`scripts/step_times.py --concurrency`), or
+    None where the table has no such pair for `task`."""
+    for r in (table or {}).get("runs_per_hour", {}).values():
+        if r["task"] == task and "1" in r and str(k) in r:
+            return k * r["1"] / r[str(k)]
+    return 1.0 if k == 1 else None
+
+
 # Overrides that change the cost of a step but not `step_time_key` (the tables time each
 # preset's own settings): DRY_RUN says its hours are rough when a plan has them.
 STEP_COST_OVERRIDES = ("trainer.precision", "trainer.compile", "trainer.channels_last", "data.batch_size",

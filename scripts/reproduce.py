@@ -6,8 +6,9 @@ held out (`data.val_size=5000`); the lambda with the lowest mean final validatio
 error is then trained on all 50k with `--seeds` seeds, and the table reports their
 final-epoch test error. Language models (Table 3): every lambda x seed; lambda is
 chosen on validation perplexity and the table reports the test perplexity of the
-best-validation checkpoint. Runs go through Hydra multirun (basic, joblib or
-submitit launcher); finished runs are skipped and interrupted ones resume.
+best-validation checkpoint. All cells run at once on the launcher's slots (`per.schedule`:
+one process per run on GPU slots, or Hydra multiruns through the basic or submitit
+launcher); finished runs are skipped and interrupted ones resume.
 
     python scripts/reproduce.py --task cifar [--dry-run]
     python scripts/reproduce.py --sweep t1_cifar10_resnet56_per --lams 1e-4,3e-5
@@ -21,12 +22,14 @@ import argparse
 import functools
 import math
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
-from per import sweep
+from per import schedule, sweep
 from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +49,13 @@ def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
         raise SystemExit(f"{name}: {e}") from None
 
 
-def command(phase: sweep.Phase, args) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "experiments" / f"{ENTRY[phase.preset.task]}.py"), "-m",
-           *phase.hydra_args()]
-    gpus = args.gpus.split(",")
-    if args.launcher == "joblib":
-        cmd += ["launcher=joblib", f"hydra.launcher.n_jobs={len(gpus) * runs_per_gpu(args, phase.preset.task)}",
-                "trainer.gpus=[" + ",".join(gpus) + "]"]
-    elif args.launcher == "slurm":
-        cmd.append("launcher=slurm")
-    return cmd
+def command(unit: sweep.Phase, args, gpu: str | None = None) -> list[str]:
+    """The entry point's command for `unit`: one run on GPU `gpu` (the pool), or a multirun
+    through Hydra's basic (local) or submitit (slurm) launcher."""
+    entry = [sys.executable, str(ROOT / "experiments" / f"{ENTRY[unit.preset.task]}.py")]
+    if gpu is not None:
+        return [*entry, *unit.hydra_args(), f"trainer.gpus=[{gpu}]"]
+    return [*entry, "-m", *unit.hydra_args(), *(["launcher=slurm"] if args.launcher == "slurm" else [])]
 
 
 def _lams_arg(text: str) -> list[float]:
@@ -89,24 +89,88 @@ def _runs_per_gpu_arg(value: str) -> str:
     return value
 
 
+def slots(args, task: str) -> list[str]:
+    """One label per unit running at once: each GPU of `--gpus` `runs_per_gpu` times (the
+    pool), `--slurm-multiruns` multiruns in flight (slurm), one multirun (local)."""
+    if args.launcher == "pool":
+        return [f"GPU {g}" for g in args.gpus.split(",") for _ in range(runs_per_gpu(args, task))]
+    if args.launcher == "slurm":
+        return ["SLURM"] * args.slurm_multiruns
+    return ["this machine"]
+
+
 def execute(phases: list, args) -> None:
-    for select, final in phases:
-        if select is not None:
-            _launch(select, args)
-            final.lams = [sweep.chosen_lambda(select)]
-            print(f"[reproduce] {select.preset.name}: lambda = {final.lams[0]:g} (validation)")
-        _launch(final, args)
+    """Run the plan's runs without a result, every cell at once on the slots (`per.schedule`):
+    a cell's final runs start once its selection has chosen lambda. A failed run ends its
+    cell only; the others go on, and the list of failures stops the reproduction at the end."""
+    table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
+    split = schedule.each_run if args.launcher == "pool" else schedule.each_multirun
+    sched = schedule.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
+    if args.launcher != "local":
+        print(f"[reproduce] each unit's output: {_logs(args)}/<task>/<cell>/lam=...,seed=....log", flush=True)
+    stop = schedule.launch(sched, slots(args, phases[0][1].preset.task), functools.partial(_start, args=args),
+                           say=lambda line: print(f"[reproduce] {time.strftime('%H:%M:%S')} {line}", flush=True),
+                           describe=_describe)
+    if stop:
+        raise SystemExit(f"[reproduce] stopped by {signal.Signals(stop).name}; the same command resumes "
+                         "(finished runs are not run again)")
+    if sched.failures:
+        raise SystemExit("[reproduce] stopped: " + "; ".join(sched.failures)
+                         + ". The other cells ran; the same command resumes (finished runs are not run again)")
 
 
-def _launch(phase: sweep.Phase, args) -> None:
-    """Run the phase's runs that hold no result yet (a relaunch queues no finished run)."""
-    todo = phase.pending()
-    done = phase.n_runs - sum(p.n_runs for p in todo)
-    if done:
-        print(f"[reproduce] {phase.preset.name} ({'select' if phase.selection else 'final'}): "
-              f"{done} of {phase.n_runs} runs done already", flush=True)
-    for part in todo:
-        _run(command(part, args), "the same command resumes (finished runs are not run again)")
+def print_wall_clock(phases: list, args) -> None:
+    """DRY_RUN's wall clock: the plan on `slots` as `execute` would order it (`schedule.simulate`),
+    each run's device time from the step-time table, stretched by the measured slowdown of
+    running `runs_per_gpu` at once on a GPU."""
+    table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
+    if table is None or args.launcher == "slurm":
+        return                                # SLURM's queue decides it
+    task = phases[0][1].preset.task
+    k = len(labels := slots(args, task))
+    at_once = labels.count(labels[0])         # runs at once per GPU
+    slowdown = sweep.concurrency_slowdown(table, task, at_once)
+    if any(sweep.phase_seconds(ph, table)[0] is None for pair in phases for ph in pair if ph is not None):
+        print("   wall clock: ? (configurations without a step time)")
+        return
+    seconds = sweep.unit_seconds(table)
+    wall = schedule.simulate(phases, k, lambda unit: seconds(unit) * (slowdown or 1.0))
+    how = (f"{at_once} runs at once per GPU: each {slowdown:.2f}x slower, measured" if slowdown and at_once > 1
+           else "no slowdown of runs at once measured: assumed none" if at_once > 1 else "")
+    print(f"   wall clock with {k} slot(s), all cells at once: {wall / 3600:,.1f} h"
+          + (f" ({how})" if how else ""))
+
+
+def _choose(select: sweep.Phase) -> float:
+    lam = sweep.chosen_lambda(select)
+    print(f"[reproduce] {select.preset.name}: lambda = {lam:g} (validation)", flush=True)
+    return lam
+
+
+def _describe(unit: sweep.Phase) -> str:
+    return (f"{unit.preset.cell_dir.name} lam={','.join(map(sweep.lam_arg, unit.lams))} "
+            f"seed={','.join(map(str, unit.seeds))}")
+
+
+def _logs(args) -> Path:
+    return Path(args.runs).parent / "logs"
+
+
+def _start(unit: sweep.Phase, slot: str, args) -> tuple[subprocess.Popen, str]:
+    """Start `unit` on `slot` in a session of its own (a Ctrl-C reaches it once, through
+    `schedule.launch`); its output goes to the terminal (local) or to a log file."""
+    cmd = command(unit, args, slot.removeprefix("GPU ") if args.launcher == "pool" else None)
+    if args.launcher == "local":
+        print("[reproduce] " + " ".join(cmd), flush=True)
+        return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True), "its output above"
+    log = (_logs(args) / unit.preset.task / unit.preset.cell_dir.name
+           / f"lam={','.join(map(sweep.lam_arg, unit.lams))},seed={','.join(map(str, unit.seeds))}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        out.flush()
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, str(log)
 
 
 def _unknown_gpus(gpus: str) -> list[str]:
@@ -135,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated lambdas (default: the preset's lam_grid)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the reported runs")
     ap.add_argument("--select-seeds", type=int, default=1, help="seeds per lambda on the 45k/5k split")
-    ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (joblib launcher)")
+    ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (pool launcher)")
     ap.add_argument("--runs-per-gpu", type=_runs_per_gpu_arg, default="auto",
-                    help="runs at once per GPU (joblib launcher); auto: the best count measured "
+                    help="runs at once per GPU (pool launcher); auto: the best count measured "
                          "on this device by `scripts/step_times.py --concurrency`, else 1")
-    ap.add_argument("--launcher", choices=["local", "joblib", "slurm"], default="local")
+    ap.add_argument("--launcher", choices=["local", "pool", "slurm"], default="local",
+                    help="local: one multirun at a time here; pool: --gpus x --runs-per-gpu runs at "
+                         "once here, one process each; slurm: --slurm-multiruns submitit multiruns at once")
+    ap.add_argument("--slurm-multiruns", type=int, default=8,
+                    help="multiruns in flight at once under --launcher slurm (each submits its runs)")
     ap.add_argument("--runs", default=PATHS["runs_dir"],
                     help="root of the run directories; tables and figures go beside it")
     ap.add_argument("--val-size", type=int, default=5000, help="images held out for lambda selection")
@@ -151,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of this machine's device's table")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
-    if args.launcher == "joblib" and (bad := _unknown_gpus(args.gpus)):
+    if args.launcher == "pool" and (bad := _unknown_gpus(args.gpus)):
         import torch
         ap.error(f"--gpus {args.gpus}: no GPU {', '.join(bad)} here; valid: "
                  f"{', '.join(map(str, range(torch.cuda.device_count())))}")
@@ -175,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep.print_plan(phases, title, STEP_TIMES_DIR, args.step_table)
     except ValueError as e:
         ap.error(str(e))
+    print_wall_clock(phases, args)
     if args.dry_run:
         return 0
     execute(phases, args)

@@ -170,3 +170,15 @@ def test_debug_smoke_writes_under_the_debug_root(data_root, tmp_path):
     summaries = list((tmp_path / "debug").rglob("summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 4
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_joblib_multirun_writes_one_run_folder_per_job(data_root, tmp_path):
+    """A user's own sweep (`-m launcher=joblib`), outside `reproduce.py`: each job in the
+    folder Hydra names after its lambda and seed, as `per.sweep.Phase.run_dir` expects."""
+    cmd = [c for c in _cmd(data_root, tmp_path) if not c.startswith("hydra.run.dir=")]
+    out = subprocess.run([*cmd[:2], "-m", *cmd[2:], "launcher=joblib", "method.lam=1e-2,0", "seed=0", "trainer.max_steps=2",
+                          "trainer.epochs=1", f"paths.runs_dir={tmp_path / 'runs'}"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "runs/cifar").rglob("summary.json"))
+    assert runs == ["lam=0,seed=0", "lam=0.01,seed=0"]

@@ -1,5 +1,5 @@
 """The results pipeline as a user drives it: DRY_RUN plans, the ablation's plan, planned
-steps against the built tasks, a real sweep through Hydra multirun (joblib launcher) with
+steps against the built tasks, a real sweep on a pool of slots (one process per run) with
 lambda selection, skipping of finished runs, the demo."""
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     data, runs = tmp_path / "data", tmp_path / "runs"
     write_fake_cifar(data, "cifar10", n_train=320, n_test=64, seed=0, noise=150.0)
     cmd = [*REPRO, "--sweep", "t1_cifar10_resnet56_per", "--lams", "1e-2,1e-4", "--seeds", "2",
-           "--val-size", "64", "--runs", str(runs), "--launcher", "joblib", "--gpus", "0",
+           "--val-size", "64", "--runs", str(runs), "--launcher", "pool", "--gpus", "0",
            "--runs-per-gpu", "2"]
     for o in ("model=resnet20", f"data.root={data}", "data.verify_checksums=false", "trainer.device=cpu",
               "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "data.eval_batch_size=64",
@@ -87,13 +87,34 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     assert [d.name for d in final] == [f"lam={chosen},seed=0", f"lam={chosen},seed=1"]
     assert all(json.loads((d / "summary.json").read_text())["status"] == "finished" for d in final)
     assert (tmp_path / "tables/T1.md").exists() and (tmp_path / "figures/losses_1d.png").exists()
+    # Each run's output is in its log; the pool ran both selection runs at once (2 slots).
+    logs = tmp_path / "logs/cifar"
+    assert (logs / "t1_cifar10_resnet56_per-val64/lam=0.01,seed=0.log").read_text().startswith("=== ")
+    assert (logs / f"t1_cifar10_resnet56_per/lam={float(chosen):g},seed=1.log").exists()
+    starts = [line for line in first.stdout.splitlines() if " start " in line]
+    assert len(starts) == 4 and "(2 of 2 slots busy)" in starts[1]
 
     mtimes = {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
     again = subprocess.run(cmd + ["--no-report"], capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in runs.rglob("summary.json")} == mtimes
-    # The relaunch queued nothing: every run held its result, so no multirun started.
-    assert "2 of 2 runs done already" in again.stdout and "experiments/train_cifar.py" not in again.stdout
+    # The relaunch started nothing: every run held its result.
+    assert " start " not in again.stdout
+
+
+@pytest.mark.slow
+def test_the_local_launcher_runs_a_multirun_in_this_terminal(tmp_path):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_fake_cifar(data, "cifar10", n_train=96, n_test=32, seed=0)
+    cmd = [*REPRO, "--sweep", "t1_cifar10_resnet56_vanilla", "--seeds", "2", "--runs", str(runs), "--no-report"]
+    for o in ("model=resnet20", f"data.root={data}", "data.verify_checksums=false", "trainer.device=cpu",
+              "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "trainer.progress=false"):
+        cmd += ["--override", o]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "experiments/train_cifar.py -m experiment=t1_cifar10_resnet56_vanilla method.lam=0 seed=0,1" in out.stdout
+    assert "epoch 1/1" in out.stdout                     # the runs' own lines, in this terminal
+    assert len(list(runs.rglob("summary.json"))) == 2 and not (tmp_path / "logs").exists()
 
 
 def test_gpu_ids_are_checked_where_cuda_is(monkeypatch):

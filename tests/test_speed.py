@@ -262,19 +262,21 @@ def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, 
     reproduce = _script_module("reproduce")
     monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
-    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="joblib")
-    assert "hydra.launcher.n_jobs=2" in reproduce.command(phase, args)     # no table: 1 per GPU
+    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool")
+    assert reproduce.slots(args, "cifar") == ["GPU 0", "GPU 1"]             # no table: 1 per GPU
     assert "no runs-per-hour measurement" in capsys.readouterr().out
     here = runtime.device_info(runtime.resolve_device("auto"))
     (tmp_path / f"{here['slug']}.json").write_text(json.dumps({
         "device": "This box", "s_per_step": {},
         "runs_per_hour": {"x": {"task": "cifar", "1": 1.0, "2": 1.9, "4": 3.0}}}))
     reproduce._auto_runs_per_gpu.cache_clear()     # read once per task and process
-    assert "hydra.launcher.n_jobs=8" in reproduce.command(phase, args)
-    assert "hydra.launcher.n_jobs=8" in reproduce.command(phase, args)
+    assert reproduce.slots(args, "cifar") == ["GPU 0"] * 4 + ["GPU 1"] * 4
+    assert len(reproduce.slots(args, "cifar")) == 8
     assert capsys.readouterr().out.count("runs per GPU for cifar: 4") == 1
     args.runs_per_gpu = "3"
-    assert "hydra.launcher.n_jobs=6" in reproduce.command(phase, args)
+    assert len(reproduce.slots(args, "cifar")) == 6
+    assert reproduce.command(phase, args, "1")[-1] == "trainer.gpus=[1]"    # one run, its GPU
+    assert "-m" not in reproduce.command(phase, args, "1")
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             reproduce.main(["--task", "cifar", "--dry-run", "--runs-per-gpu", bad])
