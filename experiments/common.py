@@ -2,6 +2,7 @@
 record, exit codes."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import sys
@@ -104,8 +105,13 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
     choices, name = dict(hydra_cfg.runtime.choices), hydra_cfg.job.config_name
     defaults = group_defaults(name, choices)
     preset = choices.get("experiment")
-    summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
-                    protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
+    plain = to_plain(cfg)
+    try:
+        summary = train(plain, build, records=hydra_record(cfg), defaults=defaults,
+                        protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
+    finally:   # a refused invocation leaves no empty folder behind (a run's folder never is empty)
+        with contextlib.suppress(OSError):
+            Path(plain["run_dir"]).rmdir()
     if summary["status"] == schema.INTERRUPTED or summary.get("signal"):
         # A signal that came as the run finished still ends the process (and a multirun).
         sys.exit(128 + int(summary.get("signal") or 15))

@@ -123,3 +123,21 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     defaults["method"]["sampling"] = "explicit"
     sampled = {**same, "method": {**same["method"], "sampling": "subspace"}}
     assert checks.protocol_changes(defaults, sampled) == []
+
+
+def test_online_logging_without_credentials_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))             # absent
+    cfg = compose_config("train_cifar", ["logger.mode=online"], "unused")
+    with pytest.raises(ConfigValueError, match=r"logger.mode='online' without W&B credentials: set "
+                                               r"WANDB_API_KEY or run `wandb login` \(no entry for api.wandb.ai"):
+        validate(cfg)
+    validate(compose_config("train_cifar", ["logger.mode=offline"], "unused"))   # offline needs none
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    validate(cfg)                                                  # `wandb login`'s entry
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    with pytest.raises(ConfigValueError, match="no entry for wandb.example.org"):
+        validate(cfg)                                              # an entry for another host
+    monkeypatch.setenv("WANDB_API_KEY", "abc123")
+    validate(cfg)

@@ -149,6 +149,13 @@ def test_refused_invocation_changes_nothing_in_the_run_directory(data_root, tmp_
                 if p.is_file() and p.suffix != ".log"} == before
 
 
+def test_refused_invocation_in_a_new_folder_leaves_nothing(data_root, tmp_path):
+    run_dir = tmp_path / "runs/new"
+    out = subprocess.run(_cmd(data_root, run_dir, "method.layout=diagonal"), env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0 and "method.layout='diagonal'" in out.stderr
+    assert not run_dir.exists()                    # no folder holding an empty job log
+
+
 def test_second_process_on_the_same_run_directory_exits_naming_the_holder(data_root, tmp_path):
     first = subprocess.Popen(_cmd(data_root, tmp_path), env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

@@ -16,7 +16,7 @@ from per.data.cifar import NORMALIZATIONS
 from per.data.corpus import CORPORA
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, SAMPLINGS, Regularizer, sampling_conflict
-from per.training.loggers import LOGGER_MODES
+from per.training.loggers import LOGGER_MODES, missing_credentials
 from per.training.optim import CLIP_MODES, SCHEDULES
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
@@ -187,6 +187,9 @@ def validate(cfg: dict) -> None:
             bad.append(f"{key}={value!r}: expected {allowed}")
     bad += _task_mismatches(cfg)
     bad += _sampling_conflicts(cfg)
+    logger = cfg.get("logger") if isinstance(cfg.get("logger"), dict) else {}
+    if problem := missing_credentials(logger.get("mode")):
+        bad.append(problem)
     if bad:
         raise ConfigValueError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  "
                                + "\n  ".join(bad))

@@ -10,8 +10,10 @@ starts, so each run starts its own service and stops it at `finish`.
 """
 from __future__ import annotations
 
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from per.training.records import WANDB_DIR
 
@@ -19,6 +21,25 @@ LOGGER_MODES = ("online", "offline", "disabled")
 # W&B's own folders (environment variable -> subfolder of `<run dir>/wandb/`).
 WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
 STEP_PREFIX = "step/"   # per-`log_every` rows, apart from the per-epoch metrics of the same name
+
+
+def missing_credentials(mode: str) -> str | None:
+    """Why `logger.mode=online` cannot log in, or None: it needs `WANDB_API_KEY` (or
+    `WANDB_IDENTITY_TOKEN_FILE`) or a `.netrc` entry for the W&B host (`wandb login` writes
+    one; `NETRC` names another file). W&B's global settings file is not read here: each run
+    keeps W&B's config folder in its own directory (`WANDB_FOLDERS`)."""
+    if mode != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (f"logger.mode='online' without W&B credentials: set WANDB_API_KEY or run `wandb login` "
+            f"(no entry for {host} in {path}); or use logger.mode=offline and `wandb sync` the "
+            f"run's wandb/ folder later")
 
 
 def run_phase(cfg: dict) -> str:
