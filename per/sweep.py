@@ -23,6 +23,7 @@ from per.analysis.tables import select_lambda
 from per.schema import CHANGES, DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
+from per.models.elu_cnn import ACTIVATIONS
 from per.training import runtime
 from per.training.checks import config_differences
 from per.training.records import RunDir
@@ -66,10 +67,13 @@ def steps_per_run(cfg: dict) -> int:
 
 
 def step_time_key(cfg: dict) -> str:
-    """What decides the cost of one step: the key of a step-time table."""
+    """What decides the cost of one step: the key of a step-time table,
+    `data|model|norm|method|layout|slices`, and `|activation` for a model that has one
+    (the deep ELU net: an ELU step costs more than a ReLU one)."""
     m, method = cfg["model"], cfg["method"]
-    return "|".join(str(x) for x in (cfg["data"]["name"], m["name"], m.get("norm", ""), method["name"],
-                                      method.get("layout", ""), method.get("num_slices", "")))
+    fields = [cfg["data"]["name"], m["name"], m.get("norm", ""), method["name"], method.get("layout", ""),
+              method.get("num_slices", "")] + ([m["activation"]] if "activation" in m else [])
+    return "|".join(map(str, fields))
 
 
 @dataclass
@@ -284,18 +288,24 @@ def best_runs_per_device(table: dict | None, task: str) -> tuple[int, str]:
 
 def _estimate(times: dict[str, float], key: str) -> float | None:
     """A step time for an unmeasured `key` from a measured configuration of the same method:
+    the deep ELU net with another activation (the same layers, another pointwise function),
     CIFAR-10 for CIFAR-100 (they differ in the classifier's width), the plain LSTM for its
     variants on the same corpus (tied embeddings, dropout), twice ResNet-56 for ResNet-110
     (54 blocks against 27)."""
     data, model, *rest = key.split("|")
-    candidates = [(f"cifar10|{model}", 1.0)] if data.startswith("cifar") else [(f"{data}|lstm", 1.0)]
+    candidates = [(f"{data}|{model}", 1.0)]
+    candidates.append((f"cifar10|{model}", 1.0) if data.startswith("cifar") else (f"{data}|lstm", 1.0))
     if model == "resnet110":
         candidates.append((f"{data}|resnet56", 2.0))
         candidates.append(("cifar10|resnet56", 2.0))
+    tails = [rest]
+    if len(rest) == 5:      # the key names an activation
+        tails += [[*rest[:-1], a] for a in ACTIVATIONS if a != rest[-1]]
     for prefix, factor in candidates:
-        other = "|".join([prefix, *rest])
-        if other in times:
-            return factor * times[other]
+        for tail in tails:
+            other = "|".join([prefix, *tail])
+            if other != key and other in times:
+                return factor * times[other]
     return None
 
 

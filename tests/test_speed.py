@@ -197,6 +197,19 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
         sweep.print_plan(phases, "t", tmp_path, "cuda-other")
 
 
+def test_the_step_time_key_names_the_activation_and_estimates_from_another():
+    elu, relu = (compose_preset(f"t2_cifar100_{a}_per") for a in ("elu", "relu"))
+    assert sweep.step_time_key(elu) == "cifar100|elu_cnn11|none|per|channels|256|elu"
+    assert sweep.step_time_key(relu) == "cifar100|elu_cnn11|none|per|channels|256|relu"
+    assert sweep.step_time_key(compose_preset("t1_cifar10_resnet56_per")) == "cifar10|resnet56|none|per|channels|256"
+    times = {"cifar100|elu_cnn11|none|per|channels|256|elu": 3.0, "cifar10|elu_cnn11|none|per|channels|256|relu": 2.0}
+    assert sweep.step_time(times, sweep.step_time_key(elu)) == (3.0, False)
+    # The same data with another activation before the same activation on CIFAR-10.
+    assert sweep.step_time(times, sweep.step_time_key(relu)) == (3.0, True)
+    assert sweep.step_time({"cifar10|elu_cnn11|none|per|channels|256|relu": 2.0}, sweep.step_time_key(relu)) == (2.0, True)
+    assert sweep.step_time({}, sweep.step_time_key(relu)) == (None, False)
+
+
 @pytest.mark.slow   # one LM step time: about 20 s
 def test_step_times_start_a_fresh_table_when_the_kernels_products_changed(tmp_path):
     """A table's rows were measured with one mode of PER's fused kernel (`per_kernel_products`,
