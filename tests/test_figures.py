@@ -182,23 +182,34 @@ def test_plot_training_curves(tmp_path):
 def test_plot_ablation(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
     labels, errorbar = [], Axes.errorbar
-    monkeypatch.setattr(Axes, "errorbar", lambda ax, *a, **kw: labels.append(kw.get("label")) or errorbar(ax, *a, **kw))
+    points = {}
+
+    def record(ax, x, *a, **kw):
+        labels.append(kw.get("label"))
+        points[(ax.get_title(), kw.get("label"))] = len(x)
+        return errorbar(ax, x, *a, **kw)
+    monkeypatch.setattr(Axes, "errorbar", record)
     rows = []
     for layout, reduction in (("channels", "sum"), ("flatten", "sum"), ("channels", "mean")):
         for lam in (1e-5, 1e-4, 1e-3):
             for s in range(2):
                 rows.append(run("per", lam, s, 5000, val=6 + lam * 1e3 + s * 0.1, test=6.5,
                                 layout=layout, num_slices=256, reduction=reduction))
+    chosen = {16: 1e-3, 64: 1e-4, 1024: 1e-5}           # the reported runs: each count at its own lambda
     for slices in (16, 64, 1024):
         for s in range(2):
-            rows.append(run("per", 1e-4, s, 5000, val=6 + 16 / slices, test=6.5,
-                            layout="channels", num_slices=slices))
-            rows.append(run("per", 1e-4, s, 0, test=6.4 + 16 / slices, layout="channels",
+            for lam in (1e-5, 1e-4, 1e-3):
+                rows.append(run("per", lam, s, 5000, val=6 + 16 / slices, test=6.5,
+                                layout="channels", num_slices=slices))
+            rows.append(run("per", chosen[slices], s, 0, test=6.4 + 16 / slices, layout="channels",
                             num_slices=slices))
     assert_written(figures.plot_ablation(runs_frame(rows), tmp_path), 2)
-    # One line per (layout, reduction) on the left; one per lambda on the right.
+    # One line per (layout, reduction) on the left; on the right one per lambda for the
+    # selection runs, and one through the reported runs' counts at their chosen lambdas.
     assert {l for l in labels if "," in l} == {"channels, sum", "flatten, sum", "channels, mean"}
-    assert {l for l in labels if "," not in l} == {"λ=1e-05", "λ=1e-04", "λ=1e-03"}
+    assert {l for l in labels if "," not in l} == {"λ=1e-05", "λ=1e-04", "λ=1e-03", "each at its chosen λ"}
+    assert points[("", "λ=1e-04")] == 4                  # selection: 16, 64, 256, 1024 slices
+    assert points[("", "each at its chosen λ")] == 3      # reported: 16, 64, 1024 joined
     assert figures.plot_ablation(sweep_runs(), tmp_path / "none") == []
     # Runs whose command line changed the protocol are not pooled with the presets' own.
     labels.clear()

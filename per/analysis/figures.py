@@ -279,7 +279,9 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
 
     Left: error against lambda, one line per (layout, reduction), at the number of slices
     where the most of those were run. Right: error against the number of slices, one
-    line per lambda, at the (layout, reduction) where the most slice counts were run.
+    line per lambda, at the (layout, reduction) where the most slice counts were run; where
+    each count has runs at one lambda only, its own (the reported runs, at each count's
+    chosen lambda), one line through them, each point labelled with its lambda.
     One row per metric: validation error of the selection runs, test error of the
     reported runs. Only runs of one protocol are drawn: the presets' own, else the most
     common `changes` (named in the title). Returns [] (nothing written) when the runs vary
@@ -311,9 +313,18 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
         variant = _most_varied(r, "variant", "num_slices")
         by_slices = (r[r.variant == variant].groupby(["lam", "num_slices"])[column]
                      .agg(["mean", "std"]).reset_index())
-        for lam, d in by_slices.groupby("lam"):
+        if by_slices.lam.nunique() > 1 and by_slices.groupby("num_slices").lam.nunique().max() == 1:
+            # Reported runs: each slice count at its own chosen lambda, one line through them.
+            d = by_slices.sort_values("num_slices")
             slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
-                               marker="o", capsize=3, label=f"λ={lam:.0e}")
+                               marker="o", capsize=3, label="each at its chosen λ")
+            for x, y, lam in zip(d.num_slices.astype(float), d["mean"], d.lam):
+                slices_ax.annotate(f"λ={lam:.0e}", (x, y), textcoords="offset points", xytext=(0, 7),
+                                   ha="center", fontsize="x-small")
+        else:
+            for lam, d in by_slices.groupby("lam"):
+                slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
+                                   marker="o", capsize=3, label=f"λ={lam:.0e}")
         ticks = sorted(by_slices.num_slices.unique())
         layout_ax.set(title=f"layout, reduction (s={slices})", xscale="log", xlabel="λ",
                       ylabel=tables.metric_label(metric))
