@@ -3,9 +3,12 @@
 Always the 1-D loss figure; per cell, activation statistics and sliced W1 over training
 (one monitored run per method: at the chosen lambda, finished, reported, lowest seed),
 lambda sweeps and training curves at the chosen lambdas; the PER layout / slices
-ablation when such runs exist. What cannot be drawn is named and skipped.
+ablation when such runs exist. What cannot be drawn is named and skipped. From a W&B
+project (`--wandb-project`), the sweeps and the ablation (the activation statistics and
+training curves read the run folders' files).
 
     python scripts/figures.py --runs results/runs --out results/figures
+    python scripts/figures.py --wandb-project per-repro --wandb-entity me
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from per.analysis import figures
 from per.analysis.collect import collect_runs, load_activations, load_run_metrics
 from per.analysis.tables import (GROUP_KEYS, method_sort_key, report_runs, row_labels,
                                  select_lambda, selection_runs)
+from per.analysis.wandb_source import collect_wandb
 from per.schema import FINISHED, TASKS
 
 
@@ -82,22 +86,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=paths["runs_dir"], help="root of the run directories (paths.runs_dir)")
     ap.add_argument("--out", default=paths["figures_dir"], help="folder for the figures (paths.figures_dir)")
+    ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
+    ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
     args = ap.parse_args(argv)
     out = Path(args.out)
 
     paths = figures.plot_losses_1d(out)
-    try:
-        df, problems = collect_runs(args.runs)
-    except FileNotFoundError as e:     # only the 1-D loss figure, below
-        df, problems = pd.DataFrame(), [str(e)]
+    if args.wandb_project:
+        df, problems = collect_wandb(args.wandb_project, args.wandb_entity)
+        source = f"W&B project {args.wandb_project}"
+    else:
+        try:
+            df, problems = collect_runs(args.runs)
+        except FileNotFoundError as e:     # only the 1-D loss figure, below
+            df, problems = pd.DataFrame(), [str(e)]
+        source = args.runs
     for problem in problems:
         print(f"[figures] {problem}", file=sys.stderr)
     if df.empty:
-        print(f"[figures] no runs under {args.runs}: only the 1-D loss figure")
+        print(f"[figures] no runs in {source}: only the 1-D loss figure")
     else:
-        paths += plot_activations(df, out)
+        if args.wandb_project:
+            print("[figures] from W&B: the sweeps and the ablation; the activation statistics and "
+                  "training curves need the run folders (--runs)")
+        else:
+            paths += plot_activations(df, out)
         paths += figures.plot_sweep(df, out)
-        paths += plot_curves(df, out)
+        if not args.wandb_project:
+            paths += plot_curves(df, out)
         ablation = figures.plot_ablation(df, out)
         if not ablation:
             print("[figures] skipped the PER ablation: no cifar10 resnet56 PER runs "

@@ -219,7 +219,7 @@ def test_plot_ablation(tmp_path, monkeypatch):
     assert "flatten, mean" not in labels
 
 
-def test_figures_script(tmp_path, capsys):
+def test_figures_script(tmp_path, capsys, monkeypatch):
     from test_analysis import make_run
 
     runs = tmp_path / "runs"
@@ -250,5 +250,17 @@ def test_figures_script(tmp_path, capsys):
     assert {p.name for p in out_dir.iterdir()} == expected
     out, err = capsys.readouterr()
     assert "skipped the PER ablation" in out and "broken: skipped" in err
+    # From a W&B project (the same table, run_dir "wandb:..."): the sweep, no file-based figures.
+    from per.analysis import collect, wandb_source
+    df, _ = collect.collect_runs(runs)
+    asked = []
+    monkeypatch.setattr(wandb_source, "collect_wandb", lambda project, entity: asked.append((project, entity))
+                        or (df.assign(run_dir="wandb:ent/proj/" + df.index.astype(str)), []))
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(tmp_path / "wb")]) == 0
+    assert asked == [("proj", "ent")]
+    stems = ["losses_1d", f"sweep_{cell}"]
+    assert {p.name for p in (tmp_path / "wb").iterdir()} == {f"{s}.{e}" for s in stems for e in ("png", "pdf")}
+    assert "from W&B: the sweeps and the ablation" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "only1d")]) == 0
     assert {p.name for p in (tmp_path / "only1d").iterdir()} == {"losses_1d.png", "losses_1d.pdf"}
