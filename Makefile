@@ -12,6 +12,7 @@ CONCURRENCY ?=
 # local: one Hydra multirun at a time here; pool: GPUS x RUNS_PER_GPU runs at once, all cells
 # together (logs in results/logs/); slurm: submitit multiruns
 LAUNCHER ?= local
+SLURM_MULTIRUNS ?= 8
 DRY_RUN ?=
 STEP_TABLE ?=           # DRY_RUN's device-hours from results/step_times/$(STEP_TABLE).json, e.g. cuda-nvidia-h200
 EXPERIMENT ?=
@@ -19,7 +20,7 @@ LAMS ?=
 RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml)
 OVERRIDES ?=
 REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) --val-size $(VAL_SIZE) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
-        --launcher $(LAUNCHER) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
+        --launcher $(LAUNCHER) --slurm-multiruns $(SLURM_MULTIRUNS) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
 .PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times gpu-check presets

@@ -37,7 +37,7 @@ def each_multirun(phase: Phase) -> list[Phase]:
 
 class Scheduler:
     """Which unit goes next. `choose(selection phase)` gives the lambda of its final runs
-    (a `SystemExit` from it fails that cell only); `seconds(unit)` is a unit's expected
+    (a `SystemExit` from it is a failure that holds back that cell's final runs); `seconds(unit)` is a unit's expected
     duration, for the order (any consistent unit: the ratio between models is what counts)."""
 
     def __init__(self, chains: list[Chain], split: Split, choose: Callable[[Phase], float],
@@ -47,8 +47,7 @@ class Scheduler:
         self._order = itertools.count()
         self._chain: dict[int, Chain] = {}                     # id(phase) -> the chain it is in
         self._parent: dict[int, Phase] = {}                    # id(unit) -> its phase, until back
-        self._left: dict[int, int] = {}                        # id(selection phase) -> units not back
-        self._dead: set[int] = set()                           # id(final phase) of failed cells
+        self._left: dict[int, int] = {}                        # id(selection phase) -> units without result
         self.failures: list[str] = []
         for chain in chains:
             if chain[1].selection or (chain[0] is not None and not chain[0].selection):
@@ -60,24 +59,18 @@ class Scheduler:
 
     def next(self) -> Phase | None:
         """The ready unit on the longest remaining path (None when none is ready)."""
-        while self._ready:
-            unit = heapq.heappop(self._ready)[2]
-            if id(self._final(unit)) not in self._dead:
-                return unit
-        return None
+        return heapq.heappop(self._ready)[2] if self._ready else None
 
     def finished(self, unit: Phase, ok: bool, why: str = "") -> None:
-        """`unit` is back: with a result (`ok`), or failed (`why`), which ends its cell."""
-        final = self._final(unit)
-        phase = self._parent.pop(id(unit))
+        """`unit` is back: with a result (`ok`), or failed (`why`). A failed selection unit
+        holds back its cell's final runs (they need every lambda's score); nothing else
+        waits on a unit."""
+        final, phase = self._final(unit), self._parent.pop(id(unit))
         if not ok:
-            if id(final) not in self._dead:
-                self._dead.add(id(final))
-                self.failures.append(why)
-            return
-        if phase.selection:
+            self.failures.append(why)
+        elif phase.selection:
             self._left[id(phase)] -= 1
-            if self._left[id(phase)] == 0 and id(final) not in self._dead:
+            if self._left[id(phase)] == 0:
                 self._selected(phase, final)
 
     def _enqueue(self, phase: Phase) -> None:
@@ -94,8 +87,7 @@ class Scheduler:
     def _selected(self, select: Phase, final: Phase) -> None:
         try:
             final.lams = [self._choose(select)]
-        except SystemExit as e:
-            self._dead.add(id(final))
+        except SystemExit as e:        # e.g. every selection run diverged: no final runs
             self.failures.append(str(e))
             return
         self._enqueue(final)
@@ -141,43 +133,57 @@ class Running:
     unit: Phase
     slot: str
     process: subprocess.Popen
-    output: str        # where its output goes, for a failure's message
+    output: str          # where its output goes, for a failure's message
     started: float
+    signalled: int = 0   # how many of the stop signals it has been sent
+
+
+# Stop signals `launch` passes on (SIGHUP, a closed terminal, as SIGTERM: the runs stop cleanly).
+STOP_SIGNALS = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
 
 
 def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tuple[subprocess.Popen, str]],
            say: Callable[[str], None], describe: Callable[[Phase], str], poll_s: float = 1.0) -> int:
     """Run `sched`'s units on `slots` (labels, e.g. GPU ids, one per concurrent unit) until
     none is left: `start(unit, slot)` starts a unit's process and says where its output goes;
-    exit 0 means it holds its results, anything else fails its cell (`sched.failures`).
-    SIGINT or SIGTERM starts no more units and passes the signal on to the running ones
-    once (a second one, once more: the runs stop at once); they stop cleanly and resume on
-    the next launch. An error here stops them cleanly too. Returns the signal number that
-    stopped it, or 0."""
+    exit 0 means it holds its results, anything else is a failure (`Scheduler.finished`).
+
+    A stop signal (SIGINT, SIGTERM, SIGHUP) starts no more units and is passed on, within
+    `poll_s`, once to each running unit, one started meanwhile included (SIGHUP as SIGTERM):
+    the runs stop cleanly and resume on the next launch. A second one is passed on once
+    more: the runs stop at once. An error here sends SIGTERM to the units not signalled
+    yet and waits for all. Returns the first stop signal's number, or 0."""
     running: list[Running] = []
-    stop = 0
+    stops: list[int] = []        # the stop signals received, in order (the handler only records)
 
     def on_signal(signum, _frame):
-        nonlocal stop
-        stop = signum
-        say(f"signal {signal.Signals(signum).name}: stopping {len(running)} running unit(s) "
-            "cleanly (a second one stops them at once); the same command resumes")
-        _send(running, signum)
+        stops.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    told = 0
     try:
         while True:
-            while not stop and len(running) < len(slots) and (unit := sched.next()) is not None:
+            while not stops and len(running) < len(slots) and (unit := sched.next()) is not None:
                 slot = _least_used(slots, [r.slot for r in running])
                 running.append(Running(unit, slot, *start(unit, slot), time.monotonic()))
                 say(f"start {describe(unit)} on {slot} ({len(running)} of {len(slots)} slots busy)")
             if not running:
-                return stop
+                return stops[0] if stops else 0
             time.sleep(poll_s)
+            if len(stops) > told:
+                told = len(stops)
+                how = "cleanly (a second one stops them at once)" if told == 1 else "at once"
+                say(f"signal {signal.Signals(stops[-1]).name}: stopping {len(running)} running unit(s) "
+                    f"{how}; the same command resumes")
+            for r in running:
+                for signum in stops[r.signalled:]:
+                    if r.process.poll() is None:
+                        r.process.send_signal(STOP_SIGNALS[signal.Signals(signum)])
+                r.signalled = len(stops)
             for r in [r for r in running if r.process.poll() is not None]:
                 running.remove(r)
                 code, took, name = r.process.returncode, _hms(time.monotonic() - r.started), describe(r.unit)
-                if stop and code != 0:
+                if stops and code != 0:
                     say(f"stopped {name} after {took} (exit {code})")
                     continue
                 say(f"done {name} in {took}" if code == 0 else
@@ -185,19 +191,15 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
                 sched.finished(r.unit, ok=code == 0,
                                why=f"{name} exited with {code}" + (f" (output: {r.output})" if r.output else ""))
     except BaseException:
-        _send(running, signal.SIGTERM)
+        for r in running:
+            if r.signalled == 0 and r.process.poll() is None:
+                r.process.send_signal(signal.SIGTERM)
         for r in running:
             r.process.wait()
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _send(running: list[Running], signum: int) -> None:
-    for r in running:
-        if r.process.poll() is None:
-            r.process.send_signal(signum)
 
 
 def _least_used(slots: list[str], busy: list[str]) -> str:

@@ -344,14 +344,24 @@ def unit_seconds(table: dict | None) -> Callable[[Phase], float]:
     return seconds
 
 
-def concurrency_slowdown(table: dict | None, task: str, k: int) -> float | None:
-    """How much longer one run takes with `k` runs at once on a device than alone: `k` x
-    the runs per hour of 1 over those of `k` (`scripts/step_times.py --concurrency`), or
-    None where the table has no such pair for `task`."""
-    for r in (table or {}).get("runs_per_hour", {}).values():
-        if r["task"] == task and "1" in r and str(k) in r:
-            return k * r["1"] / r[str(k)]
-    return 1.0 if k == 1 else None
+def concurrency_slowdown(table: dict | None, task: str, k: int) -> tuple[float | None, str]:
+    """(factor, how): how much longer one run takes with `k` runs at once on a device than
+    alone, `k` x the runs per hour of 1 over those of `k` (`scripts/step_times.py
+    --concurrency`). Where `k` was not measured, the largest smaller count that was, with no
+    gain in runs per hour assumed beyond it; None where `task` has no measurement at all."""
+    if k == 1:
+        return 1.0, ""
+    rates = next(({int(n): v for n, v in r.items() if n.isdigit()}
+                  for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task), {})
+    below = [m for m in rates if m <= k]
+    if 1 not in rates or not below:
+        return None, f"no runs-per-hour measurement for {task}"
+    m = max(below)
+    factor = k * rates[1] / rates[m]
+    if m == k:
+        return factor, f"{k} runs at once per GPU: each {factor:.2f}x slower, measured"
+    return factor, (f"{k} runs at once per GPU: each {factor:.2f}x slower, from {m} at once measured "
+                    f"and no gain assumed beyond")
 
 
 # Overrides that change the cost of a step but not `step_time_key` (the tables time each

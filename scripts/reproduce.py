@@ -69,16 +69,19 @@ def _lams_arg(text: str) -> list[float]:
 
 
 def runs_per_gpu(args, task: str) -> int:
-    """`--runs-per-gpu`, or for "auto" the best measured count for `task` on this machine's
-    device (`per.sweep.best_runs_per_device`; 1 without a measurement), said once per task."""
+    """`--runs-per-gpu`, or for "auto" the best measured count for `task` in this machine's
+    device's table, or `--step-table`'s where given (`per.sweep.best_runs_per_device`; 1
+    without a measurement), said once per task."""
     if args.runs_per_gpu != "auto":
         return int(args.runs_per_gpu)
-    return _auto_runs_per_gpu(task)
+    return _auto_runs_per_gpu(task, args.step_table)
 
 
 @functools.lru_cache(maxsize=None)
-def _auto_runs_per_gpu(task: str) -> int:
-    k, why = sweep.best_runs_per_device(sweep.device_table(STEP_TIMES_DIR), task)
+def _auto_runs_per_gpu(task: str, table_name: str | None = None) -> int:
+    table = (sweep.step_time_table(STEP_TIMES_DIR, table_name)[0] if table_name
+             else sweep.device_table(STEP_TIMES_DIR))
+    k, why = sweep.best_runs_per_device(table, task)
     print(f"[reproduce] runs per GPU for {task}: {k} ({why})", flush=True)
     return k
 
@@ -99,10 +102,11 @@ def slots(args, task: str) -> list[str]:
     return ["this machine"]
 
 
-def execute(phases: list, args) -> None:
+def execute(phases: list, args) -> list[str]:
     """Run the plan's runs without a result, every cell at once on the slots (`per.schedule`):
-    a cell's final runs start once its selection has chosen lambda. A failed run ends its
-    cell only; the others go on, and the list of failures stops the reproduction at the end."""
+    a cell's final runs start once its selection has chosen lambda. A failed run holds back
+    only its cell's final runs (if it was a selection run); the rest goes on. Returns the
+    failures; a stop signal exits."""
     table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
     split = schedule.each_run if args.launcher == "pool" else schedule.each_multirun
     sched = schedule.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
@@ -114,9 +118,7 @@ def execute(phases: list, args) -> None:
     if stop:
         raise SystemExit(f"[reproduce] stopped by {signal.Signals(stop).name}; the same command resumes "
                          "(finished runs are not run again)")
-    if sched.failures:
-        raise SystemExit("[reproduce] stopped: " + "; ".join(sched.failures)
-                         + ". The other cells ran; the same command resumes (finished runs are not run again)")
+    return sched.failures
 
 
 def print_wall_clock(phases: list, args) -> None:
@@ -126,19 +128,23 @@ def print_wall_clock(phases: list, args) -> None:
     table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
     if table is None or args.launcher == "slurm":
         return                                # SLURM's queue decides it
-    task = phases[0][1].preset.task
-    k = len(labels := slots(args, task))
-    at_once = labels.count(labels[0])         # runs at once per GPU
-    slowdown = sweep.concurrency_slowdown(table, task, at_once)
     if any(sweep.phase_seconds(ph, table)[0] is None for pair in phases for ph in pair if ph is not None):
         print("   wall clock: ? (configurations without a step time)")
         return
+    task = phases[0][1].preset.task
+    labels = slots(args, task)
+    slowdown, how = sweep.concurrency_slowdown(table, task, labels.count(labels[0]))
+    if slowdown is None:
+        print(f"   wall clock: ? ({how}; `make step-times CONCURRENCY=1,2,4,8` measures it)")
+        return
     seconds = sweep.unit_seconds(table)
-    wall = schedule.simulate(phases, k, lambda unit: seconds(unit) * (slowdown or 1.0))
-    how = (f"{at_once} runs at once per GPU: each {slowdown:.2f}x slower, measured" if slowdown and at_once > 1
-           else "no slowdown of runs at once measured: assumed none" if at_once > 1 else "")
-    print(f"   wall clock with {k} slot(s), all cells at once: {wall / 3600:,.1f} h"
-          + (f" ({how})" if how else ""))
+    wall = schedule.simulate(phases, len(labels), lambda unit: seconds(unit) * slowdown) / 3600
+    if args.launcher == "local":
+        print(f"   wall clock, one multirun at a time: {wall:,.1f} h")
+    else:
+        gpus = args.gpus.count(",") + 1
+        print(f"   wall clock on {len(labels)} slot{'s' * (len(labels) > 1)} ({gpus} GPU{'s' * (gpus > 1)}), "
+              f"all cells at once: {wall:,.1f} h" + (f" ({how})" if how else ""))
 
 
 def _choose(select: sweep.Phase) -> float:
@@ -246,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     print_wall_clock(phases, args)
     if args.dry_run:
         return 0
-    execute(phases, args)
-    if not args.no_report:
+    failures = execute(phases, args)
+    if not args.no_report:   # also after failures: the tables mark what they lack
         results = Path(args.runs).parent     # results/runs -> results/{tables,figures}
         for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures")):
             _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
                   "--out", str(results / dest)])
+    if failures:
+        raise SystemExit(f"[reproduce] {len(failures)} failure{'s' * (len(failures) > 1)}: "
+                         + "; ".join(failures) + ". Everything else ran" + ("" if args.no_report else
+                         ", and the tables and figures hold it") + "; the same command runs again what "
+                         "has no result (a lambda that diverged in every selection run stays so)")
     return 0
 
 

@@ -179,6 +179,17 @@ def test_plot_training_curves(tmp_path):
     assert_written(paths, 2)
 
 
+def test_plot_sweep_of_a_method_without_layout_alone(tmp_path, monkeypatch):
+    """Only vanilla runs (no layout, reduction or slices anywhere): the keys come back from
+    the groupbys as all-NaN floats, and still join the row labels."""
+    from matplotlib.axes import Axes
+    lines, axhline = [], Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda ax, *a, **kw: lines.append(kw.get("label")) or axhline(ax, *a, **kw))
+    frame = runs_frame([run("vanilla", 0.0, s, 0, test=7.0 + s) for s in range(2)])
+    assert_written(figures.plot_sweep(frame, tmp_path), 2)
+    assert "vanilla (λ=0)" in lines                       # the reported runs' line is drawn
+
+
 def test_plot_ablation(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
     labels, errorbar = [], Axes.errorbar

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -115,6 +116,33 @@ def test_the_local_launcher_runs_a_multirun_in_this_terminal(tmp_path):
     assert "experiments/train_cifar.py -m experiment=t1_cifar10_resnet56_vanilla method.lam=0 seed=0,1" in out.stdout
     assert "epoch 1/1" in out.stdout                     # the runs' own lines, in this terminal
     assert len(list(runs.rglob("summary.json"))) == 2 and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_run_does_not_stop_the_others_and_the_tables_are_written(tmp_path):
+    import fcntl
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_fake_cifar(data, "cifar10", n_train=96, n_test=32, seed=0)
+    cmd = [*REPRO, "--sweep", "t1_cifar10_resnet56_vanilla", "--seeds", "2", "--runs", str(runs),
+           "--launcher", "pool", "--runs-per-gpu", "1"]
+    for o in ("model=resnet20", f"data.root={data}", "data.verify_checksums=false", "trainer.device=cpu",
+              "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "trainer.progress=false"):
+        cmd += ["--override", o]
+    # Seed 0's folder is held by this process: that run is refused (exit 1); seed 1 trains.
+    held = runs / "cifar/t1_cifar10_resnet56_vanilla/lam=0,seed=0"
+    held.mkdir(parents=True)
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "[reproduce] 1 failure: t1_cifar10_resnet56_vanilla lam=0 seed=0 exited with 1" in out.stderr
+    assert "the tables and figures hold it" in out.stderr
+    assert json.loads((held.parent / "lam=0,seed=1/summary.json").read_text())["status"] == "finished"
+    assert (tmp_path / "tables/T1.md").exists()
+    log = tmp_path / "logs/cifar/t1_cifar10_resnet56_vanilla/lam=0,seed=0.log"
+    assert f"is in use by process {os.getpid()}" in log.read_text()
 
 
 def test_gpu_ids_are_checked_where_cuda_is(monkeypatch):

@@ -67,16 +67,25 @@ def test_selection_runs_come_first_then_the_chosen_lambdas_final_runs(tmp_path):
     assert long[1].lams == [1e-4]                     # the final phase carries its lambda
 
 
-def test_a_failure_ends_its_cell_only(tmp_path):
+def test_a_failed_selection_run_holds_back_only_its_cells_final_runs(tmp_path):
     a, b = _cell(tmp_path, "a", [1.0, 2.0], [0, 1], 3.0, 3.0), _cell(tmp_path, "b", [1.0], [0, 1], 1.0, 1.0)
     sched = schedule.Scheduler([a, b], schedule.each_run, lambda s: s.lams[0], _seconds)
     first = sched.next()
-    assert first.preset.name == "a"
+    assert (first.preset.name, first.selection) == ("a", True)
     sched.finished(first, ok=False, why="a lam=1 seed=0 exited with 1")
     rest = _drain(sched)
-    assert {n for n, _, _ in rest} == {"b"}           # a's other selection run and finals dropped
+    assert ("a", True, 2.0) in rest                   # a's other selection run still runs
+    assert not any(n == "a" and not sel for n, sel, _ in rest)     # a's final runs wait
     assert ("b", False, 1.0) in rest
     assert sched.failures == ["a lam=1 seed=0 exited with 1"]
+
+
+def test_a_failed_final_run_holds_back_nothing(tmp_path):
+    plain = (None, _phase(tmp_path, "p", [0.0], [0, 1, 2]))
+    sched = schedule.Scheduler([plain], schedule.each_run, lambda s: s.lams[0], _seconds)
+    first = sched.next()
+    sched.finished(first, ok=False, why="p seed=0 exited with 1")
+    assert len(_drain(sched)) == 2 and sched.failures == ["p seed=0 exited with 1"]
 
 
 def test_a_selection_that_cannot_choose_ends_its_cell_with_the_reason(tmp_path):
@@ -124,9 +133,18 @@ def record(event):
     with open(out, "a") as f:
         f.write(json.dumps({"name": name, "event": event, "t": time.time(),
                             "gpu": os.environ.get("GPU")}) + "\\n")
-signal.signal(signal.SIGTERM, lambda *_: (record("TERM"), sys.exit(143)))
+terms = []
+def on_term(*_):
+    record("TERM")
+    terms.append(1)
+signal.signal(signal.SIGTERM, on_term)
 record("start")
-time.sleep(wait)
+end = time.time() + wait
+while time.time() < end and not terms:
+    time.sleep(0.01)
+if terms:
+    time.sleep(0.5)          # a second SIGTERM meanwhile is recorded too
+    sys.exit(143)
 record("end")
 sys.exit(code)
 """
@@ -165,7 +183,8 @@ def test_launch_keeps_to_its_slots_and_spreads_them_over_the_gpus(tmp_path):
     assert stop == 0 and sched.failures == []
     starts = [r for r in rows if r["event"] == "start"]
     assert len(starts) == 2 + 2 + 3 and _most_at_once(rows) <= 4
-    assert sorted(r["gpu"] for r in starts[:2]) == ["GPU 0", "GPU 1"]   # the first two: one GPU each
+    first_two = [line.split(" on ")[1].split(" (")[0] for line in lines if line.startswith("start ")][:2]
+    assert first_two == ["GPU 0", "GPU 1"]                  # as launched: one run on each GPU first
     # a's final runs (chosen lambda 1; seed 1 is a final run only) start after both of its
     # selection runs (seed 0) ended.
     select_end = max(min(r["t"] for r in rows if r["name"] == n and r["event"] == "end")
@@ -175,22 +194,44 @@ def test_launch_keeps_to_its_slots_and_spreads_them_over_the_gpus(tmp_path):
 
 
 def test_launch_goes_on_after_a_failure_and_names_it(tmp_path):
-    chains = [_cell(tmp_path, "a", [1.0], [0, 1], 1.0, 1.0), (None, _phase(tmp_path, "b", [0.0], [0, 1]))]
+    chains = [_cell(tmp_path, "a", [1.0, 2.0], [0, 1], 1.0, 1.0), (None, _phase(tmp_path, "b", [0.0], [0, 1]))]
     sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0"], codes={"a:1:0": 3}, wait=0.05)
     assert stop == 0 and sched.failures == ["a:1:0 exited with 3"]
-    assert {r["name"] for r in rows} == {"a:1:0", "b:0:0", "b:0:1"}      # a's finals never ran
+    assert {r["name"] for r in rows} == {"a:1:0", "a:2:0", "b:0:0", "b:0:1"}      # a's finals never ran
     assert any(line.startswith("FAILED a:1:0") for line in lines)
 
 
-def test_a_signal_stops_launching_and_reaches_each_running_unit_once(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_launching_and_reaches_each_running_unit_once(tmp_path, signum):
     chains = [(None, _phase(tmp_path, "b", [0.0], [0, 1, 2, 3]))]
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    before = signal.getsignal(signum)
+    threading.Timer(1.0, os.kill, (os.getpid(), signum)).start()
     t0 = time.time()
     sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0", "GPU 1"], wait=30)
-    assert stop == signal.SIGTERM and time.time() - t0 < 20
-    assert sorted(r["event"] for r in rows) == ["TERM", "TERM", "start", "start"]   # 2 ran, 2 never started
-    assert any("stopping 2 running unit(s)" in line for line in lines)
-    assert signal.getsignal(signal.SIGTERM) is not None                # the handler is restored
+    assert stop == signum and time.time() - t0 < 20
+    # 2 ran and got one SIGTERM each (SIGHUP is passed on as SIGTERM); 2 never started.
+    assert sorted(r["event"] for r in rows) == ["TERM", "TERM", "start", "start"]
+    assert any("stopping 2 running unit(s) cleanly" in line for line in lines)
+    assert signal.getsignal(signum) == before                  # the handler is restored
+
+
+def test_a_signal_while_a_unit_starts_reaches_it(tmp_path):
+    events = tmp_path / "events.jsonl"
+
+    def start(unit, slot):
+        p = subprocess.Popen([sys.executable, "-c", CHILD, str(events), "b", "0", "30"])
+        while not events.exists():                       # its SIGTERM handler is in place
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)              # before `launch` knows of the unit
+        return p, ""
+
+    sched = schedule.Scheduler([(None, _phase(tmp_path, "b", [0.0], [0, 1]))], schedule.each_run,
+                               lambda s: s.lams[0], _seconds)
+    t0 = time.time()
+    stop = schedule.launch(sched, ["GPU 0"], start, say=lambda line: None, describe=str, poll_s=0.05)
+    assert stop == signal.SIGINT and time.time() - t0 < 10
+    # SIGINT is passed on as it came; the child's only handler is SIGTERM's, so it ends at once.
+    assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == ["start"]
 
 
 def test_an_error_in_the_launcher_stops_the_running_units_cleanly(tmp_path):

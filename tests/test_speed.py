@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import signal
 import subprocess
@@ -271,11 +272,42 @@ def _script_module(name: str):
     return module
 
 
+def test_the_slowdown_of_runs_at_once_is_measured_or_bounded_or_unknown():
+    table = {"runs_per_hour": {"x": {"task": "lm", "steps": 20, "1": 6.0, "2": 6.6, "4": 6.8}}}
+    assert sweep.concurrency_slowdown(table, "lm", 1) == (1.0, "")
+    factor, how = sweep.concurrency_slowdown(table, "lm", 4)
+    assert factor == pytest.approx(4 * 6.0 / 6.8) and how.endswith("measured")
+    factor, how = sweep.concurrency_slowdown(table, "lm", 8)       # 8 not measured: no gain beyond 4
+    assert factor == pytest.approx(8 * 6.0 / 6.8) and "from 4 at once measured" in how
+    assert sweep.concurrency_slowdown(table, "cifar", 2)[0] is None
+    assert sweep.concurrency_slowdown(None, "lm", 2)[0] is None
+
+
+@pytest.mark.slow   # three DRY_RUN plans: about 70 s
+def test_dry_run_prints_the_wall_clock_on_the_slots():
+    repro = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--task", "lm", "--dry-run",
+             "--step-table", "cuda-nvidia-h200", "--launcher", "pool"]
+    one = subprocess.run([*repro, "--gpus", "0", "--runs-per-gpu", "1"], capture_output=True, text=True, check=True)
+    total = float(re.search(r"estimated total: ([\d,.]+) device-hours", one.stdout).group(1).replace(",", ""))
+    wall = lambda out: float(re.search(r"all cells at once: ([\d,.]+) h", out).group(1).replace(",", ""))
+    assert wall(one.stdout) == pytest.approx(total, abs=0.1)
+    eight = subprocess.run([*repro, "--gpus", "0,1,2,3,4,5,6,7", "--runs-per-gpu", "1"], capture_output=True,
+                           text=True, check=True).stdout
+    assert total / 8 <= wall(eight) <= total / 8 * 1.05             # the pool is near the bound
+    crowded = subprocess.run([*repro, "--gpus", "0", "--runs-per-gpu", "8"], capture_output=True, text=True,
+                             check=True).stdout
+    # The LM's runs per hour at 4 at once (H200 table), none gained beyond: 8 at once on one GPU.
+    rates = json.loads((ROOT / "results/step_times/cuda-nvidia-h200.json").read_text())["runs_per_hour"]
+    lm = next(r for r in rates.values() if r["task"] == "lm")
+    assert "from 4 at once measured" in crowded
+    assert wall(crowded) == pytest.approx(total * lm["1"] / lm["4"], rel=0.02)
+
+
 def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, capsys):
     reproduce = _script_module("reproduce")
     monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
-    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool")
+    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool", step_table=None)
     assert reproduce.slots(args, "cifar") == ["GPU 0", "GPU 1"]             # no table: 1 per GPU
     assert "no runs-per-hour measurement" in capsys.readouterr().out
     here = runtime.device_info(runtime.resolve_device("auto"))
@@ -288,6 +320,13 @@ def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, 
     assert capsys.readouterr().out.count("runs per GPU for cifar: 4") == 1
     args.runs_per_gpu = "3"
     assert len(reproduce.slots(args, "cifar")) == 6
+    # A DRY_RUN from another device's table takes that table's count.
+    _table(tmp_path / "cuda-card.json", "Card", {})
+    table = json.loads((tmp_path / "cuda-card.json").read_text())
+    (tmp_path / "cuda-card.json").write_text(json.dumps(
+        {**table, "runs_per_hour": {"x": {"task": "cifar", "1": 1.0, "2": 1.5}}}))
+    args.runs_per_gpu, args.step_table = "auto", "cuda-card"
+    assert len(reproduce.slots(args, "cifar")) == 4
     assert reproduce.command(phase, args, "1")[-1] == "trainer.gpus=[1]"    # one run, its GPU
     assert "-m" not in reproduce.command(phase, args, "1")
     for bad in ("0", "two"):

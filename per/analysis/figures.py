@@ -154,6 +154,15 @@ def _in_cell(frame: pd.DataFrame, key: tuple) -> pd.DataFrame:
     return frame.merge(pd.DataFrame([dict(zip(CELL, key))]), on=CELL)
 
 
+def _join(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """`frame` joined with `other` on their shared columns, compared as objects: a key that
+    no run of a method fills, such as vanilla's `layout`, may come back from a groupby as an
+    all-NaN float column on one side and None on the other."""
+    keys = [c for c in other.columns if c in frame.columns]
+    as_object = {k: object for k in keys if k != "lam"}
+    return frame.astype(as_object).merge(other.astype(as_object), on=keys)
+
+
 def _lambda_panel(ax, frame: pd.DataFrame, mean: str, std: str, colors: dict[str, str],
                   chosen: pd.DataFrame | None = None) -> None:
     """Mean +- std against lambda for each `label` of `frame` (in the order of
@@ -167,7 +176,7 @@ def _lambda_panel(ax, frame: pd.DataFrame, mean: str, std: str, colors: dict[str
         for value in flat[mean]:
             ax.axhline(value, color=color, ls="--", label=f"{label} (λ=0)")
         if chosen is not None:
-            picked = swept.merge(chosen, on=[*tables.GROUP_KEYS, "lam"])
+            picked = _join(swept, chosen)
             ax.plot(picked.lam, picked[mean], "*", color=color, ms=14, mec="k")
 
 
@@ -204,11 +213,12 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
                 method_colors.setdefault(method, colors[label])
             fig = Figure(figsize=(11, 4), layout="constrained")
             sel_ax, rep_ax = fig.subplots(1, 2)
-            _lambda_panel(sel_ax, _in_cell(scores, key).merge(labels), "score", "score_std",
+            _lambda_panel(sel_ax, _join(_in_cell(scores, key), labels), "score", "score_std",
                           colors, chosen)
-            _lambda_panel(rep_ax, _in_cell(reports, key).merge(labels), "mean", "std", colors)
+            _lambda_panel(rep_ax, _join(_in_cell(reports, key), labels), "mean", "std", colors)
             # A lambda with a diverged selection run ranks last: an x at the panel's top.
-            diverged = _in_cell(all_scores[(all_scores.n_diverged > 0) & (all_scores.lam > 0)], key).merge(labels)
+            diverged = _join(_in_cell(all_scores[(all_scores.n_diverged > 0) & (all_scores.lam > 0)], key),
+                                    labels)
             for i, (label, lam) in enumerate(zip(diverged.label, diverged.lam)):
                 sel_ax.plot(lam, 0.96, "x", color=colors[label], ms=9, mew=2,
                             transform=sel_ax.get_xaxis_transform(), label="diverged" if i == 0 else None)
