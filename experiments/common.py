@@ -105,13 +105,12 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
     choices, name = dict(hydra_cfg.runtime.choices), hydra_cfg.job.config_name
     defaults = group_defaults(name, choices)
     preset = choices.get("experiment")
-    plain = to_plain(cfg)
     try:
-        summary = train(plain, build, records=hydra_record(cfg), defaults=defaults,
+        summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
                         protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
-    finally:   # a refused invocation leaves no empty folder behind (a run's folder never is empty)
+    finally:   # a refused invocation leaves no empty run folder (a run's folder never is empty)
         with contextlib.suppress(OSError):
-            Path(plain["run_dir"]).rmdir()
+            Path(hydra_cfg.runtime.output_dir).rmdir()
     if summary["status"] == schema.INTERRUPTED or summary.get("signal"):
         # A signal that came as the run finished still ends the process (and a multirun).
         sys.exit(128 + int(summary.get("signal") or 15))

@@ -151,8 +151,9 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
     A stop signal (SIGINT, SIGTERM, SIGHUP) starts no more units and is passed on, within
     `poll_s`, once to each running unit, one started meanwhile included (SIGHUP as SIGTERM):
     the runs stop cleanly and resume on the next launch. A second one is passed on once
-    more: the runs stop at once. An error here sends SIGTERM to the units not signalled
-    yet and waits for all. Returns the first stop signal's number, or 0."""
+    more: the runs stop at once. An error here stops them as a SIGTERM would (unless a stop
+    signal came first) and waits for them, passing on signals meanwhile, then raises.
+    Returns the first stop signal's number, or 0."""
     running: list[Running] = []
     stops: list[int] = []        # the stop signals received, in order (the handler only records)
 
@@ -175,11 +176,7 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
                 how = "cleanly (a second one stops them at once)" if told == 1 else "at once"
                 say(f"signal {signal.Signals(stops[-1]).name}: stopping {len(running)} running unit(s) "
                     f"{how}; the same command resumes")
-            for r in running:
-                for signum in stops[r.signalled:]:
-                    if r.process.poll() is None:
-                        r.process.send_signal(STOP_SIGNALS[signal.Signals(signum)])
-                r.signalled = len(stops)
+            _pass_on(running, stops)
             for r in [r for r in running if r.process.poll() is not None]:
                 running.remove(r)
                 code, took, name = r.process.returncode, _hms(time.monotonic() - r.started), describe(r.unit)
@@ -190,16 +187,26 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
                     f"FAILED {name} after {took}: exit {code}" + (f"; see {r.output}" if r.output else ""))
                 sched.finished(r.unit, ok=code == 0,
                                why=f"{name} exited with {code}" + (f" (output: {r.output})" if r.output else ""))
-    except BaseException:
-        for r in running:
-            if r.signalled == 0 and r.process.poll() is None:
-                r.process.send_signal(signal.SIGTERM)
-        for r in running:
-            r.process.wait()
+    except BaseException:          # stop the runs cleanly; signals meanwhile are passed on too
+        if not stops:
+            stops.append(signal.SIGTERM)
+        while any(r.process.poll() is None for r in running):
+            _pass_on(running, stops)
+            time.sleep(poll_s)
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _pass_on(running: list[Running], stops: list[int]) -> None:
+    """Send each running unit the stop signals it has not been sent yet."""
+    for r in running:
+        pending = stops[r.signalled:]
+        for signum in pending:
+            if r.process.poll() is None:
+                r.process.send_signal(STOP_SIGNALS[signal.Signals(signum)])
+        r.signalled += len(pending)
 
 
 def _least_used(slots: list[str], busy: list[str]) -> str:

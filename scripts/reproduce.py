@@ -188,11 +188,12 @@ def _unknown_gpus(gpus: str) -> list[str]:
     return [g for g in gpus.split(",") if not (g.isdigit() and int(g) < torch.cuda.device_count())]
 
 
-def _run(cmd: list[str], then: str = "its output above says why") -> None:
-    """Run `cmd`; a failure stops with one line (the command's own output says why)."""
+def _run(cmd: list[str]) -> str | None:
+    """Run `cmd`: None when it succeeds, else one line saying it failed (its own output says why)."""
     print("[reproduce] " + " ".join(cmd), flush=True)
     if (code := subprocess.run(cmd, cwd=ROOT).returncode) != 0:
-        raise SystemExit(f"[reproduce] stopped: {Path(cmd[1]).name} exited with {code}; {then}")
+        return f"{Path(cmd[1]).name} exited with {code} (its output above says why)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,16 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     failures = execute(phases, args)
+    report = []
     if not args.no_report:   # also after failures: the tables mark what they lack
         results = Path(args.runs).parent     # results/runs -> results/{tables,figures}
-        for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures")):
-            _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
-                  "--out", str(results / dest)])
+        report = [problem for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures"))
+                  if (problem := _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
+                                       "--out", str(results / dest)]))]
+    lines = []
     if failures:
-        raise SystemExit(f"[reproduce] {len(failures)} failure{'s' * (len(failures) > 1)}: "
-                         + "; ".join(failures) + ". Everything else ran" + ("" if args.no_report else
-                         ", and the tables and figures hold it") + "; the same command runs again what "
-                         "has no result (a lambda that diverged in every selection run stays so)")
+        lines.append(f"{len(failures)} run failure{'s' * (len(failures) > 1)}: " + "; ".join(failures)
+                     + ". Everything else ran; the same command runs again what has no result (a lambda "
+                     "that diverged in every selection run stays so)")
+    if report:
+        lines.append("report: " + "; ".join(report))
+    if lines:
+        raise SystemExit("[reproduce] stopped: " + "\n[reproduce] stopped: ".join(lines))
     return 0
 
 

@@ -131,13 +131,22 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))             # absent
     cfg = compose_config("train_cifar", ["logger.mode=online"], "unused")
     with pytest.raises(ConfigValueError, match=r"logger.mode='online' without W&B credentials: set "
-                                               r"WANDB_API_KEY or run `wandb login` \(no entry for api.wandb.ai"):
+                                               r"WANDB_API_KEY or run `wandb login` \(no key for 'api.wandb.ai'"):
         validate(cfg)
     validate(compose_config("train_cifar", ["logger.mode=offline"], "unused"))   # offline needs none
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
     validate(cfg)                                                  # `wandb login`'s entry
-    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
-    with pytest.raises(ConfigValueError, match="no entry for wandb.example.org"):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")  # `wandb server`: host and port
+    with pytest.raises(ConfigValueError, match="no key for 'localhost:8080'"):
         validate(cfg)                                              # an entry for another host
+    netrc_file.write_text("machine localhost:8080\n  login user\n  password abc123\n")
+    validate(cfg)
+    netrc_file.write_text("machine localhost:8080\n  login user\n  password \"\"\n")
+    with pytest.raises(ConfigValueError, match="without W&B credentials"):
+        validate(cfg)                                              # an entry without a key
     monkeypatch.setenv("WANDB_API_KEY", "abc123")
     validate(cfg)
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    with pytest.raises(ConfigValueError, match="both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE"):
+        validate(cfg)

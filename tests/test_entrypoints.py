@@ -154,6 +154,11 @@ def test_refused_invocation_in_a_new_folder_leaves_nothing(data_root, tmp_path):
     out = subprocess.run(_cmd(data_root, run_dir, "method.layout=diagonal"), env=_env(), capture_output=True, text=True)
     assert out.returncode != 0 and "method.layout='diagonal'" in out.stderr
     assert not run_dir.exists()                    # no folder holding an empty job log
+    # An unresolvable value, and Hydra's other job-logging choices, are refused the same way.
+    for extra in (["trainer.epochs=${oops}"], ["method.layout=diagonal", "hydra/job_logging=disabled"]):
+        out = subprocess.run(_cmd(data_root, run_dir, *extra), env=_env(), capture_output=True, text=True)
+        assert out.returncode != 0 and "Unable to configure handler" not in out.stderr
+        assert not run_dir.exists()
 
 
 def test_second_process_on_the_same_run_directory_exits_naming_the_holder(data_root, tmp_path):

@@ -234,21 +234,42 @@ def test_a_signal_while_a_unit_starts_reaches_it(tmp_path):
     assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == ["start"]
 
 
-def test_an_error_in_the_launcher_stops_the_running_units_cleanly(tmp_path):
+STUBBORN = """
+import json, signal, sys, time
+out = sys.argv[1]
+got = []
+def on(signum, _):
+    got.append(signal.Signals(signum).name)
+    with open(out, "a") as f:
+        f.write(json.dumps({"event": got[-1]}) + "\\n")
+signal.signal(signal.SIGTERM, on)
+signal.signal(signal.SIGINT, on)
+with open(out, "a") as f:
+    f.write(json.dumps({"event": "start"}) + "\\n")
+end = time.time() + 30
+while len(got) < 2 and time.time() < end:        # stops at the second signal
+    time.sleep(0.01)
+sys.exit(143)
+"""
+
+
+def test_an_error_in_the_launcher_stops_the_running_units_and_passes_on_signals_meanwhile(tmp_path):
     events = tmp_path / "events.jsonl"
     started = []
 
     def start(unit, slot):
         if started:
             raise OSError("cannot write the log")
-        started.append(subprocess.Popen([sys.executable, "-c", CHILD, str(events), "first", "0", "30"]))
-        while not events.exists():                       # its SIGTERM handler is in place
+        started.append(subprocess.Popen([sys.executable, "-c", STUBBORN, str(events)]))
+        while not events.exists():                       # its handlers are in place
             time.sleep(0.02)
         return started[0], ""
 
     sched = schedule.Scheduler([(None, _phase(tmp_path, "b", [0.0], [0, 1]))], schedule.each_run,
                                lambda s: s.lams[0], _seconds)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()   # a Ctrl-C while it waits
+    t0 = time.time()
     with pytest.raises(OSError, match="cannot write the log"):
         schedule.launch(sched, ["GPU 0", "GPU 1"], start, say=lambda line: None, describe=str, poll_s=0.05)
-    assert started[0].returncode == 143                  # stopped by SIGTERM, not left running
-    assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == ["start", "TERM"]
+    assert time.time() - t0 < 10 and started[0].returncode == 143
+    assert [json.loads(line)["event"] for line in events.read_text().splitlines()] == ["start", "SIGTERM", "SIGINT"]

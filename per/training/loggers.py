@@ -13,7 +13,7 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from per.training.records import WANDB_DIR
 
@@ -24,22 +24,31 @@ STEP_PREFIX = "step/"   # per-`log_every` rows, apart from the per-epoch metrics
 
 
 def missing_credentials(mode: str) -> str | None:
-    """Why `logger.mode=online` cannot log in, or None: it needs `WANDB_API_KEY` (or
-    `WANDB_IDENTITY_TOKEN_FILE`) or a `.netrc` entry for the W&B host (`wandb login` writes
-    one; `NETRC` names another file). W&B's global settings file is not read here: each run
-    keeps W&B's config folder in its own directory (`WANDB_FOLDERS`)."""
-    if mode != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+    """Why `logger.mode=online` cannot log in, or None. As wandb looks: `WANDB_API_KEY` or
+    `WANDB_IDENTITY_TOKEN_FILE` (not both), else a `.netrc` entry with a key for the
+    server's `host[:port]` (`WANDB_BASE_URL`; `wandb login` writes it; `NETRC` names another
+    file). W&B's global settings file is not read here: each run keeps W&B's config folder
+    in its own directory (`WANDB_FOLDERS`)."""
+    if mode != "online":
         return None
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    key, token = os.environ.get("WANDB_API_KEY"), os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+    if key and token:
+        return "logger.mode='online' with both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE set; W&B takes one"
+    if key or token:
+        return None
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    path = Path(os.environ["NETRC"]).expanduser() if os.environ.get("NETRC") else next(
+        (p for p in (Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()) if p.exists()),
+        Path("~/.netrc").expanduser())
     try:
-        if netrc.netrc(path).authenticators(host):
+        entries = netrc.netrc(path)
+        if any((entries.authenticators(m) or ("", "", ""))[2] for m in {url.netloc, url.hostname} if m):
             return None
     except (OSError, netrc.NetrcParseError):
         pass
     return (f"logger.mode='online' without W&B credentials: set WANDB_API_KEY or run `wandb login` "
-            f"(no entry for {host} in {path}); or use logger.mode=offline and `wandb sync` the "
-            f"run's wandb/ folder later")
+            f"(no key for {url.netloc or os.environ.get('WANDB_BASE_URL')!r} in {path}); or use "
+            f"logger.mode=offline and `wandb sync` the run's wandb/ folder later")
 
 
 def run_phase(cfg: dict) -> str:
