@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import re
 import signal
 import subprocess
@@ -112,7 +113,8 @@ def execute(phases: list, args) -> list[str]:
     sched = schedule.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
     if args.launcher != "local":
         print(f"[reproduce] each unit's output: {_logs(args)}/<task>/<cell>/lam=...,seed=....log", flush=True)
-    stop = schedule.launch(sched, slots(args, phases[0][1].preset.task), functools.partial(_start, args=args),
+    labels = slots(args, phases[0][1].preset.task)
+    stop = schedule.launch(sched, labels, functools.partial(_start, args=args, at_once=len(labels)),
                            say=lambda line: print(f"[reproduce] {time.strftime('%H:%M:%S')} {line}", flush=True),
                            describe=_describe)
     if stop:
@@ -162,20 +164,26 @@ def _logs(args) -> Path:
     return Path(args.runs).parent / "logs"
 
 
-def _start(unit: sweep.Phase, slot: str, args) -> tuple[subprocess.Popen, str]:
+def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess.Popen, str]:
     """Start `unit` on `slot` in a session of its own (a Ctrl-C reaches it once, through
-    `schedule.launch`); its output goes to the terminal (local) or to a log file."""
+    `schedule.launch`); its output goes to the terminal (local) or to a log file. The pool's
+    `at_once` runs share this machine's cores: each gets `OMP_NUM_THREADS` = cores / runs
+    (at least 1) unless the environment sets it."""
     cmd = command(unit, args, slot.removeprefix("GPU ") if args.launcher == "pool" else None)
+    env = dict(os.environ)
+    if args.launcher == "pool":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // at_once)))
     if args.launcher == "local":
         print("[reproduce] " + " ".join(cmd), flush=True)
-        return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True), "its output above"
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True), "its output above"
     log = (_logs(args) / unit.preset.task / unit.preset.cell_dir.name
            / f"lam={','.join(map(sweep.lam_arg, unit.lams))},seed={','.join(map(str, unit.seeds))}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         out.flush()
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     return process, str(log)
 
 

@@ -75,7 +75,8 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
               "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "data.eval_batch_size=64",
               "++method.num_slices=16", "trainer.progress=false"):
         cmd += ["--override", o]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     select = {lam: json.loads((runs / f"cifar/t1_cifar10_resnet56_per-val64/lam={lam},seed=0/summary.json")
@@ -90,7 +91,9 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     assert (tmp_path / "tables/T1.md").exists() and (tmp_path / "figures/losses_1d.png").exists()
     # Each run's output is in its log; the pool ran both selection runs at once (2 slots).
     logs = tmp_path / "logs/cifar"
-    assert (logs / "t1_cifar10_resnet56_per-val64/lam=0.01,seed=0.log").read_text().startswith("=== ")
+    log = (logs / "t1_cifar10_resnet56_per-val64/lam=0.01,seed=0.log").read_text()
+    assert log.startswith("=== ")
+    assert f", {max(1, os.cpu_count() // 2)} threads)" in log     # 2 runs at once share the cores
     assert (logs / f"t1_cifar10_resnet56_per/lam={float(chosen):g},seed=1.log").exists()
     starts = [line for line in first.stdout.splitlines() if " start " in line]
     assert len(starts) == 4 and "(2 of 2 slots busy)" in starts[1]
