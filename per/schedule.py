@@ -26,8 +26,7 @@ Split = Callable[[Phase], list[Phase]]
 
 def each_run(phase: Phase) -> list[Phase]:
     """The runs of `phase` that hold no result yet, one unit each."""
-    return [dataclasses.replace(part, lams=[lam], seeds=[seed])
-            for part in phase.pending() for lam in part.lams for seed in part.seeds]
+    return [unit for part in phase.pending() for unit in _all_runs(part)]
 
 
 def each_multirun(phase: Phase) -> list[Phase]:
@@ -36,26 +35,23 @@ def each_multirun(phase: Phase) -> list[Phase]:
 
 
 class Scheduler:
-    """Which unit goes next. `choose(selection phase)` gives the lambda of its final runs
-    (a `SystemExit` from it is a failure that holds back that cell's final runs); `seconds(unit)` is a unit's expected
-    duration, for the order (any consistent unit: the ratio between models is what counts)."""
+    """Which unit goes next. `choose(selection phase)` gives the lambda of its final runs (a
+    `SystemExit` from it is a failure that holds back that cell's final runs);
+    `seconds(unit)` is a unit's expected duration, for the order (any consistent unit: the
+    ratio between models is what counts)."""
 
     def __init__(self, chains: list[Chain], split: Split, choose: Callable[[Phase], float],
                  seconds: Callable[[Phase], float]):
         self._split, self._choose, self._seconds = split, choose, seconds
         self._ready: list[tuple[float, int, Phase]] = []       # (-priority, order, unit): a heap
         self._order = itertools.count()
-        self._chain: dict[int, Chain] = {}                     # id(phase) -> the chain it is in
-        self._parent: dict[int, Phase] = {}                    # id(unit) -> its phase, until back
+        self._chain: dict[int, Chain] = {}                     # id(unit) -> its chain, until back
         self._left: dict[int, int] = {}                        # id(selection phase) -> units without result
         self.failures: list[str] = []
         for chain in chains:
             if chain[1].selection or (chain[0] is not None and not chain[0].selection):
                 raise ValueError(f"{chain[1].preset.name}: a chain is (selection phase or None, final phase)")
-            for ph in chain:
-                if ph is not None:
-                    self._chain[id(ph)] = chain
-            self._enqueue(chain[0] if chain[0] is not None else chain[1])
+            self._enqueue(chain, chain[0] if chain[0] is not None else chain[1])
 
     def next(self) -> Phase | None:
         """The ready unit on the longest remaining path (None when none is ready)."""
@@ -65,32 +61,33 @@ class Scheduler:
         """`unit` is back: with a result (`ok`), or failed (`why`). A failed selection unit
         holds back its cell's final runs (they need every lambda's score); nothing else
         waits on a unit."""
-        final, phase = self._final(unit), self._parent.pop(id(unit))
+        chain = self._chain.pop(id(unit))
         if not ok:
             self.failures.append(why)
-        elif phase.selection:
-            self._left[id(phase)] -= 1
-            if self._left[id(phase)] == 0:
-                self._selected(phase, final)
+        elif unit.selection:
+            self._left[id(chain[0])] -= 1
+            if self._left[id(chain[0])] == 0:
+                self._selected(chain)
 
-    def _enqueue(self, phase: Phase) -> None:
+    def _enqueue(self, chain: Chain, phase: Phase) -> None:
         units = self._split(phase)
         if phase.selection:
             self._left[id(phase)] = len(units)
             if not units:                                      # every selection run done already
-                self._selected(phase, self._chain[id(phase)][1])
+                self._selected(chain)
                 return
         for unit in units:
-            self._parent[id(unit)] = phase
+            self._chain[id(unit)] = chain
             heapq.heappush(self._ready, (-self._path(unit), next(self._order), unit))
 
-    def _selected(self, select: Phase, final: Phase) -> None:
+    def _selected(self, chain: Chain) -> None:
+        select, final = chain
         try:
             final.lams = [self._choose(select)]
         except SystemExit as e:        # e.g. every selection run diverged: no final runs
             self.failures.append(str(e))
             return
-        self._enqueue(final)
+        self._enqueue(chain, final)
 
     def _path(self, unit: Phase) -> float:
         """Seconds from the unit's start to its cell's end with free slots: its own, plus a
@@ -98,11 +95,8 @@ class Scheduler:
         own = self._seconds(unit)
         if not unit.selection:
             return own
-        final = self._final(unit)
+        final = self._chain[id(unit)][1]
         return own + self._seconds(dataclasses.replace(final, lams=unit.lams[:1], seeds=final.seeds[:1]))
-
-    def _final(self, unit: Phase) -> Phase:
-        return self._chain[id(self._parent[id(unit)])][1]
 
 
 def simulate(chains: list[Chain], slots: int, seconds: Callable[[Phase], float]) -> float:

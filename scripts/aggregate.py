@@ -16,9 +16,8 @@ import argparse
 import sys
 
 from experiments.common import compose_plain
-from per.analysis.collect import collect_runs
 from per.analysis.tables import write_tables
-from per.analysis.wandb_source import collect_wandb
+from per.analysis.wandb_source import collect_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="treat runs shorter than their protocol as complete (compare them with the paper)")
     args = ap.parse_args(argv)
 
-    if args.wandb_project:
-        df, problems = collect_wandb(args.wandb_project, args.wandb_entity)
-        source = f"W&B project {args.wandb_project}"
-    else:
-        try:
-            df, problems = collect_runs(args.runs)
-        except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
-        source = args.runs
+    try:
+        df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if args.task != "all":
         df = df[df.task == args.task]
     print(f"{len(df)} runs from {source}")

@@ -20,10 +20,10 @@ import pandas as pd
 
 from experiments.common import compose_plain
 from per.analysis import figures
-from per.analysis.collect import collect_runs, load_activations, load_run_metrics
+from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import (GROUP_KEYS, method_sort_key, report_runs, row_labels,
                                  select_lambda, selection_runs)
-from per.analysis.wandb_source import collect_wandb
+from per.analysis.wandb_source import collect_source
 from per.schema import FINISHED, TASKS
 
 
@@ -92,15 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     paths = figures.plot_losses_1d(out)
-    if args.wandb_project:
-        df, problems = collect_wandb(args.wandb_project, args.wandb_entity)
-        source = f"W&B project {args.wandb_project}"
-    else:
-        try:
-            df, problems = collect_runs(args.runs)
-        except FileNotFoundError as e:     # only the 1-D loss figure, below
-            df, problems = pd.DataFrame(), [str(e)]
-        source = args.runs
+    try:
+        df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity)
+    except FileNotFoundError as e:     # only the 1-D loss figure, below
+        df, problems, source = pd.DataFrame(), [str(e)], args.runs
     for problem in problems:
         print(f"[figures] {problem}", file=sys.stderr)
     if df.empty:

@@ -155,9 +155,14 @@ def _choose(select: sweep.Phase) -> float:
     return lam
 
 
+def _lams_seeds(unit: sweep.Phase) -> tuple[str, str]:
+    """The unit's lambdas and seeds as its command line gives them."""
+    return ",".join(map(sweep.lam_arg, unit.lams)), ",".join(map(str, unit.seeds))
+
+
 def _describe(unit: sweep.Phase) -> str:
-    return (f"{unit.preset.cell_dir.name} lam={','.join(map(sweep.lam_arg, unit.lams))} "
-            f"seed={','.join(map(str, unit.seeds))}")
+    lams, seeds = _lams_seeds(unit)
+    return f"{unit.preset.cell_dir.name} lam={lams} seed={seeds}"
 
 
 def _logs(args) -> Path:
@@ -176,8 +181,7 @@ def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess
     if args.launcher == "local":
         print("[reproduce] " + " ".join(cmd), flush=True)
         return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True), "its output above"
-    log = (_logs(args) / unit.preset.task / unit.preset.cell_dir.name
-           / f"lam={','.join(map(sweep.lam_arg, unit.lams))},seed={','.join(map(str, unit.seeds))}.log")
+    log = _logs(args) / unit.preset.task / unit.preset.cell_dir.name / "lam={},seed={}.log".format(*_lams_seeds(unit))
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")

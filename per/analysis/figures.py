@@ -218,7 +218,7 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
             _lambda_panel(rep_ax, _join(_in_cell(reports, key), labels), "mean", "std", colors)
             # A lambda with a diverged selection run ranks last: an x at the panel's top.
             diverged = _join(_in_cell(all_scores[(all_scores.n_diverged > 0) & (all_scores.lam > 0)], key),
-                                    labels)
+                             labels)
             for i, (label, lam) in enumerate(zip(diverged.label, diverged.lam)):
                 sel_ax.plot(lam, 0.96, "x", color=colors[label], ms=9, mew=2,
                             transform=sel_ax.get_xaxis_transform(), label="diverged" if i == 0 else None)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from per.analysis.collect import run_table
+from per.analysis.collect import collect_runs, run_table
 from per.schema import EPOCH, TEST_ERROR
 
 SUMMARY_KEY = "summary"
@@ -40,6 +41,15 @@ def collect_wandb(project: str, entity: str | None = None,
     path = f"{entity}/{project}" if entity else project
     return run_table(((f"wandb:{'/'.join(run.path)}", partial(_read_run, run)) for run in api.runs(path)),
                      (KeyError, ValueError, TypeError, AttributeError))
+
+
+def collect_source(runs: str | Path, project: str | None = None,
+                   entity: str | None = None) -> tuple[pd.DataFrame, list[str], str]:
+    """(run table, problems, where from): W&B `project` when given, else the run directories
+    under `runs` (`FileNotFoundError` when that folder does not exist)."""
+    if project:
+        return (*collect_wandb(project, entity), f"W&B project {project}")
+    return (*collect_runs(runs), str(runs))
 
 
 def _read_run(run: Any) -> tuple[dict, dict, Iterable[dict]]:
