@@ -174,7 +174,7 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
             for r in [r for r in running if r.process.poll() is not None]:
                 running.remove(r)
                 code, took, name = r.process.returncode, _hms(time.monotonic() - r.started), describe(r.unit)
-                if stops and code != 0:
+                if _stopped_by(code, stops[:r.signalled]):
                     say(f"stopped {name} after {took} (exit {code})")
                     continue
                 say(f"done {name} in {took}" if code == 0 else
@@ -201,6 +201,13 @@ def _pass_on(running: list[Running], stops: list[int]) -> None:
             if r.process.poll() is None:
                 r.process.send_signal(STOP_SIGNALS[signal.Signals(signum)])
         r.signalled += len(pending)
+
+
+def _stopped_by(code: int, sent: list[int]) -> bool:
+    """Whether exit `code` is that of a run stopped by one of the signals `sent` to it:
+    128 + the signal passed on (the runners' clean or forced stop) or killed by it."""
+    passed = {int(STOP_SIGNALS[signal.Signals(s)]) for s in sent}
+    return any(code in (128 + s, -s) for s in passed)
 
 
 def _least_used(slots: list[str], busy: list[str]) -> str:

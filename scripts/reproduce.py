@@ -118,8 +118,9 @@ def execute(phases: list, args) -> list[str]:
                            say=lambda line: print(f"[reproduce] {time.strftime('%H:%M:%S')} {line}", flush=True),
                            describe=_describe)
     if stop:
+        failed = "".join(f"\n[reproduce] failed meanwhile: {why}" for why in sched.failures)
         raise SystemExit(f"[reproduce] stopped by {signal.Signals(stop).name}; the same command resumes "
-                         "(finished runs are not run again)")
+                         "(finished runs are not run again)" + failed)
     return sched.failures
 
 

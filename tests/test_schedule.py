@@ -129,6 +129,7 @@ def test_simulated_wall_clock_by_hand(tmp_path):
 CHILD = """
 import json, os, signal, sys, time
 out, name, code, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+term_code = int(sys.argv[5])     # the exit code after a SIGTERM (143: a clean stop)
 def record(event):
     with open(out, "a") as f:
         f.write(json.dumps({"name": name, "event": event, "t": time.time(),
@@ -144,21 +145,23 @@ while time.time() < end and not terms:
     time.sleep(0.01)
 if terms:
     time.sleep(0.5)          # a second SIGTERM meanwhile is recorded too
-    sys.exit(143)
+    sys.exit(term_code)
 record("end")
 sys.exit(code)
 """
 
 
-def _launch_units(tmp_path, chains, slots, codes=None, wait=0.3):
-    """Launch `chains` with a child process per unit that logs to events.jsonl."""
+def _launch_units(tmp_path, chains, slots, codes=None, wait=0.3, term_codes=None):
+    """Launch `chains` with a child process per unit that logs to events.jsonl; a unit
+    exits with `codes[name]` (0), or `term_codes[name]` (143) after a SIGTERM."""
     events = tmp_path / "events.jsonl"
     lines = []
 
     def start(unit, slot):
         name = f"{unit.preset.name}:{unit.lams[0]:g}:{unit.seeds[0]}"
         code = (codes or {}).get(name, 0)
-        cmd = [sys.executable, "-c", CHILD, str(events), name, str(code), str(wait)]
+        cmd = [sys.executable, "-c", CHILD, str(events), name, str(code), str(wait),
+               str((term_codes or {}).get(name, 143))]
         return subprocess.Popen(cmd, env={**os.environ, "GPU": slot}), ""
 
     sched = schedule.Scheduler(chains, schedule.each_run, lambda s: s.lams[0], _seconds)
@@ -208,19 +211,32 @@ def test_a_signal_stops_launching_and_reaches_each_running_unit_once(tmp_path, s
     threading.Timer(1.0, os.kill, (os.getpid(), signum)).start()
     t0 = time.time()
     sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0", "GPU 1"], wait=30)
-    assert stop == signum and time.time() - t0 < 20
+    assert stop == signum and time.time() - t0 < 20 and sched.failures == []
     # 2 ran and got one SIGTERM each (SIGHUP is passed on as SIGTERM); 2 never started.
     assert sorted(r["event"] for r in rows) == ["TERM", "TERM", "start", "start"]
     assert any("stopping 2 running unit(s) cleanly" in line for line in lines)
+    assert sum(line.startswith("stopped b:0:") for line in lines) == 2
     assert signal.getsignal(signum) == before                  # the handler is restored
+
+
+def test_a_unit_that_fails_during_a_stop_is_a_failure_not_a_stop(tmp_path):
+    """Exit 143 after the SIGTERM passed on is a clean stop; any other code is a failure."""
+    chains = [(None, _phase(tmp_path, "b", [0.0], [0, 1]))]
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0", "GPU 1"], wait=30,
+                                             term_codes={"b:0:1": 1})
+    assert stop == signal.SIGTERM and sched.failures == ["b:0:1 exited with 1"]
+    assert any(line.startswith("stopped b:0:0") for line in lines)
+    assert any(line.startswith("FAILED b:0:1") for line in lines)
 
 
 def test_a_signal_while_a_unit_starts_reaches_it(tmp_path):
     events = tmp_path / "events.jsonl"
 
     def start(unit, slot):
-        p = subprocess.Popen([sys.executable, "-c", CHILD, str(events), "b", "0", "30"])
+        p = subprocess.Popen([sys.executable, "-c", CHILD, str(events), "b", "0", "30", "143"])
         while not events.exists():                       # its SIGTERM handler is in place
+            assert p.poll() is None, "the child died before it started"
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)              # before `launch` knows of the unit
         return p, ""
