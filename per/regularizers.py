@@ -16,6 +16,10 @@ Both draw each site's directions in the forward pass from the global torch RNG, 
 with the same seed they use the same directions and give the same gradients
 (`sampling="subspace"` draws them in the backward instead: same distribution, other numbers).
 
+The backward path adds its gradient to what reaches the site, so it must know any factor
+the loss is multiplied by before `backward()` (a GradScaler's scale, `1/k` over k
+accumulated micro-batches): `begin_step(loss_scale=...)`.
+
 Example:
     reg = Regularizer(model, "per", lam=1e-4)
     for x, y in loader:
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -138,8 +143,7 @@ class _GradNormProbe(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, penalty: torch.Tensor, penalty_grad_norm: torch.Tensor,
                 stats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         ctx.penalty, ctx.penalty_grad_norm, ctx.stats, ctx.name = penalty, penalty_grad_norm, stats, name
-        # A copy, not a view: in-place ops after the site stay legal on tracked steps, as
-        # on the others (the autograd path saves no activation of its own).
+        # A copy, not a view, so that the probe's output is a tensor of its own.
         return h.clone()
 
     @staticmethod
@@ -178,7 +182,10 @@ class Regularizer(nn.Module):
 
     The penalty acts only while `torch.is_grad_enabled()` and `model.training`.
     Call `begin_step()` before each training forward. A site's activation is saved for
-    the backward pass, so it must not be modified in place afterwards.
+    the backward pass, so it must not be modified in place afterwards. Activation
+    checkpointing: the backward path works under both kinds; the autograd path needs
+    `use_reentrant=False` (a reentrant checkpoint runs the forward without grad, so no
+    term is made).
     """
 
     def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
@@ -198,9 +205,9 @@ class Regularizer(nn.Module):
             raise ValueError(conflict)
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        if vcl_chunk < 2:
-            raise ValueError(f"vcl_chunk must be >= 2 (a variance needs 2 samples), "
-                             f"got {vcl_chunk}")
+        if isinstance(vcl_chunk, bool) or not isinstance(vcl_chunk, numbers.Integral) or vcl_chunk < 2:
+            raise ValueError(f"vcl_chunk must be an integer >= 2 (a variance needs 2 samples), "
+                             f"got {vcl_chunk!r}")
         available = list_sites(model, _ROLE[kind])
         if not available:
             raise ValueError(f"model has no Site(role={_ROLE[kind]!r}) for regularizer {kind!r}")
@@ -226,6 +233,7 @@ class Regularizer(nn.Module):
         self.betas = nn.ParameterDict()  # VCL: site name ('.' -> '__') -> beta (h.shape[1:])
         self._materializing = False
         self._track = False
+        self._loss_scale = 1.0                         # begin_step(loss_scale=...)
         self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
         self._stats: dict[str, torch.Tensor] = {}      # site -> (3,) sums, autograd path and VCL
         self._probes: dict[str, torch.Tensor] = {}     # site -> (3,) statistics leaf, backward path
@@ -239,9 +247,28 @@ class Regularizer(nn.Module):
                 f"num_slices={self.num_slices}, reduction={self.reduction!r}, path={self.path!r}, "
                 f"sampling={self.sampling!r}, sites={len(self.site_names)}")
 
-    def begin_step(self, track: bool = False) -> None:
-        """Start a training step: reset accumulators; `track` computes per-site statistics."""
-        self._track = track
+    def begin_step(self, track: bool = False, loss_scale: float = 1.0) -> None:
+        """Start a training step: reset accumulators; `track` computes per-site statistics.
+
+        `loss_scale`: the factor the loss is multiplied by before `backward()` this step
+        (`scaler.get_scale()` under a `torch.amp.GradScaler`, `1/k` when each of k
+        accumulated micro-batch losses is divided by k). The backward path multiplies
+        the gradient it adds by it, as autograd does with `penalty()`'s term; the logged
+        `grad_ratio` is then the unscaled one on both paths.
+
+        Raises:
+            ValueError: `loss_scale` is not a finite number > 0.
+        Warns when terms of the autograd path were never handed out by `penalty()`
+        (it was called before the forward, or not at all): those penalties are lost.
+        """
+        if (isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real)
+                or not math.isfinite(loss_scale) or loss_scale <= 0):
+            raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
+        if self._terms:
+            warnings.warn(f"{len(self._terms)} penalty term(s) of the last step were never added to a "
+                          "loss: call reg.penalty() after the model's forward and add it to the loss",
+                          stacklevel=2)
+        self._track, self._loss_scale = track, float(loss_scale)
         self._terms = []
         self._stats = {}
         self._shared = {}
@@ -296,9 +323,10 @@ class Regularizer(nn.Module):
             self._materializing = False
 
     def remove(self) -> None:
-        """Detach from the model's sites."""
+        """Detach from the model's sites (those another regularizer has since taken stay its)."""
         for site in self._sites.values():
-            site.penalty_fn, site.site_name = None, ""
+            if site.penalty_fn == self._apply:
+                site.penalty_fn, site.site_name = None, ""
 
     def _apply(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """`Site.penalty_fn`: `h` of shape `(B, d)`, `(B, C, H, W)` or `(T, B, d)` -> same."""
@@ -316,17 +344,17 @@ class Regularizer(nn.Module):
         directions = self._directions(d, h) if explicit else None
         if self.path == "backward":
             probe = self._probes.get(name) if h.requires_grad else None   # no gradient, no statistics
-            return _AddPenaltyGrad.apply(h, directions, probe, self.kind, self.lam, self.layout,
-                                         self.reduction, self.num_slices)
+            return _AddPenaltyGrad.apply(h, directions, probe, self.kind, self.lam * self._loss_scale,
+                                         self.layout, self.reduction, self.num_slices)
         x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
-        self._terms.append(self.lam * value)
+        self._add_term(self.lam * value)
         if not self._track:
             return h
         with torch.no_grad():
             per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
-            grad_norm = self.lam * _site_grad(self.kind, x, directions,
-                                              self.reduction).float().norm()
+            grad_norm = self.lam * self._loss_scale * _site_grad(self.kind, x, directions,
+                                                                 self.reduction).float().norm()
         return _GradNormProbe.apply(h, per_point, grad_norm, self._stats, name)
 
     def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:
@@ -362,8 +390,14 @@ class Regularizer(nn.Module):
         hf = h.float()
         var1, var2 = hf[:c].var(dim=0), hf[c:2 * c].var(dim=0)
         value = (1 - var1 / (var2 + beta)).square().mean()
-        self._terms.append(self.lam * value)
+        self._add_term(self.lam * value)
         if not (self._track and h.requires_grad):
             return h
         (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)
-        return _GradNormProbe.apply(h, value.detach(), grad.float().norm(), self._stats, name)
+        return _GradNormProbe.apply(h, value.detach(), self._loss_scale * grad.float().norm(), self._stats, name)
+
+    def _add_term(self, term: torch.Tensor) -> None:
+        """Keep `term` for `penalty()`, unless this forward runs inside a backward pass (an
+        activation checkpoint's recompute, whose first forward already made it)."""
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+            self._terms.append(term)

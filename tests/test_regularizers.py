@@ -609,3 +609,88 @@ def test_subspace_sampling_rejects_what_it_cannot_do(kwargs, match):
         per.Regularizer(_cnn(), "per", 0.3, **kwargs)
     with pytest.raises(ValueError, match="kind='l2'"):
         per.Regularizer(_cnn(), "l2", 0.3, sampling="subspace")
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+@pytest.mark.parametrize("kind", ["per", "l2"])
+def test_a_scaled_loss_gives_the_gradient_of_the_unscaled_one_times_the_scale(kind, path):
+    """GradScaler (scale 2^16) and accumulation (1/4): with `begin_step(loss_scale=)`, the
+    backward path's penalty is scaled with the task's gradient, as autograd scales the
+    autograd path's term; the logged grad ratio is the unscaled one."""
+    model, x = _mlp(), _input((8, 6))
+    reg = per.Regularizer(model, kind, lam=0.05, num_slices=SLICES, path=path)
+    plain = _grads(model, x, reg, track=True)
+    ratios = {k: v for k, v in reg.site_stats().items() if k.startswith("grad_ratio")}
+    for scale in (2.0 ** 16, 0.25):
+        model.zero_grad()
+        torch.manual_seed(2)
+        reg.begin_step(track=True, loss_scale=scale)
+        (scale * (model(x).square().mean() + reg.penalty())).backward()
+        for p, g in zip(model.parameters(), plain):
+            torch.testing.assert_close(p.grad / scale, g, rtol=1e-5, atol=1e-7)
+        for k, v in ratios.items():
+            torch.testing.assert_close(reg.site_stats()[k], v, rtol=1e-5, atol=0)
+
+
+def test_loss_scale_must_be_a_positive_number():
+    reg = per.Regularizer(_mlp(), "per", lam=0.1)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+            reg.begin_step(loss_scale=bad)
+
+
+def test_a_stale_remove_leaves_the_sites_new_regularizer_attached():
+    model = _mlp()
+    first = per.Regularizer(model, "per", lam=0.1)
+    first.remove()
+    second = per.Regularizer(model, "l2", lam=1.0)
+    first.remove()
+    assert all(s.penalty_fn == second._apply for s in per.list_sites(model).values())
+
+
+def test_autograd_path_under_activation_checkpointing_equals_the_plain_model():
+    """A non-reentrant checkpoint recomputes the sites inside backward: the recompute
+    makes no second term (nothing is left over for the next penalty())."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+    model, x = _mlp(), _input((8, 6))
+    reg = per.Regularizer(model, "per", lam=0.05, num_slices=SLICES, path="autograd")
+    plain = _grads(model, x, reg)
+    model.zero_grad()
+    torch.manual_seed(2)
+    reg.begin_step()
+    with set_checkpoint_early_stop(False):
+        out = checkpoint(model, x, use_reentrant=False)
+        (out.square().mean() + reg.penalty()).backward()
+    for p, g in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, g)
+    assert reg._terms == []
+
+
+def test_terms_never_handed_out_warn_at_the_next_step():
+    model, x = _mlp(), _input((8, 6))
+    reg = per.Regularizer(model, "per", lam=0.05, num_slices=SLICES, path="autograd")
+    reg.begin_step()
+    (reg.penalty() + model(x).square().mean()).backward()      # penalty() before the forward
+    with pytest.warns(UserWarning, match="never added to a loss"):
+        reg.begin_step()
+
+
+def test_vcl_chunk_must_be_an_integer():
+    for bad in (2.5, "5", True):
+        with pytest.raises(ValueError, match="vcl_chunk must be an integer >= 2"):
+            per.Regularizer(_vcl_cnn(), "vcl", lam=0.1, vcl_chunk=bad)
+
+
+def test_vcl_grad_ratio_under_a_scaled_loss_is_the_unscaled_one():
+    model, x = _vcl_cnn(), _input((12, 3, 5, 5))
+    reg = per.Regularizer(model, "vcl", 0.5)
+    reg.materialize(lambda: model(x))
+    ratios = []
+    for scale in (1.0, 2.0 ** 10):
+        model.zero_grad()
+        reg.begin_step(track=True, loss_scale=scale)
+        (scale * (model(x).square().mean() + reg.penalty())).backward()
+        ratios.append({k: v for k, v in reg.site_stats().items() if k.startswith("grad_ratio")})
+    assert ratios[0].keys() == ratios[1].keys() and len(ratios[0]) == 2
+    for k, v in ratios[0].items():
+        torch.testing.assert_close(ratios[1][k], v, rtol=1e-5, atol=0)
