@@ -21,16 +21,17 @@ import pandas as pd
 from experiments.common import compose_plain
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
-from per.analysis.tables import (GROUP_KEYS, method_sort_key, report_runs, row_labels,
-                                 select_lambda, selection_runs)
+from per.analysis.tables import (GROUP_KEYS, drop_partial_beside_complete, method_sort_key, report_runs,
+                                 row_labels, select_lambda, selection_runs)
 from per.analysis.wandb_source import collect_source
 from per.schema import FINISHED, TASKS
 
 
 def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
-    """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks."""
-    frames = [runs_of(df, task).merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]],
-                                      on=[*GROUP_KEYS, "lam"])
+    """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks (partial runs
+    only where their cell has no finished complete one, as the tables average)."""
+    frames = [drop_partial_beside_complete(runs_of(df, task))
+              .merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]], on=[*GROUP_KEYS, "lam"])
               for task in TASKS if (df.task == task).any()]
     return pd.concat(frames, ignore_index=True)
 

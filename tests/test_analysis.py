@@ -396,6 +396,20 @@ def test_partial_runs_are_compared_only_when_asked(collected, paper):
     assert r110["diff"] == pytest.approx(31.0 - 6.90)
 
 
+def test_figures_average_what_the_tables_average(collected):
+    """The sweep figure's reported metric and the curves at the chosen lambda leave out
+    a partial run beside complete ones, as the table row does."""
+    df, _ = collected
+    reports = tables.lambda_reports(df, "cifar")
+    vanilla = row(reports, method="vanilla", model="resnet56", lam=0.0)
+    assert vanilla.n == 3 and vanilla["mean"] == pytest.approx((7.0 + 7.2 + 7.4) / 3)
+    assert row(reports, method="vanilla", model="resnet110", lam=0.0).n == 2   # partial alone: kept
+    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
+    curves = runpy.run_path(str(script))["at_chosen_lambda"](df, tables.report_runs)
+    r56 = curves[(curves.method == "vanilla") & (curves.model == "resnet56")]
+    assert len(r56) == 3 and not r56.partial.any()
+
+
 PROTOCOL = {"epochs": 200, "total_steps": None}
 HE = {"epochs": 164, "total_steps": 64000}
 

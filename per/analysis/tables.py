@@ -105,8 +105,7 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
     evidence about the lambda, and the same command resumes them) and `n_interrupted`
     (killed or still running: no evidence yet)."""
-    runs = _kept_runs(selection_runs(df, task), include_partial=False)
-    runs = runs[runs.kept]
+    runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
         diverged=runs.status == DIVERGED, failed=runs.status == FAILED,
@@ -120,8 +119,9 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 def lambda_reports(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """The reported metric of every (cell, lambda) among the task's report runs: `mean`,
-    `std`, `n` over finished runs (for sweep plots; tables use the chosen lambda only)."""
-    runs = report_runs(df, task)
+    `std`, `n` over finished runs (for sweep plots; tables use the chosen lambda only);
+    partial runs only in a cell without a finished complete one, as `cell_results`."""
+    runs = drop_partial_beside_complete(report_runs(df, task))
     return (runs[runs.status == FINISHED]
             .groupby([*GROUP_KEYS, "lam"], dropna=False)[metric_column(task, REPORT_METRIC[task])]
             .agg(mean="mean", std="std", n="count")
@@ -194,6 +194,13 @@ def _kept_runs(runs: pd.DataFrame, include_partial: bool) -> pd.DataFrame:
     has_complete = runs.has_complete.eq(True)
     return runs.drop(columns="has_complete").assign(
         kept=include_partial | ~runs.partial | ~has_complete)
+
+
+def drop_partial_beside_complete(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` without the partial runs of groups (cell and variant) that have a finished
+    complete run: what tables and figures average."""
+    runs = _kept_runs(runs, include_partial=False)
+    return runs[runs.kept].drop(columns="kept")
 
 
 def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
