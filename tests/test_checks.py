@@ -123,6 +123,11 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     defaults["method"]["sampling"] = "explicit"
     sampled = {**same, "method": {**same["method"], "sampling": "subspace"}}
     assert checks.protocol_changes(defaults, sampled) == []
+    # Training past the protocol's epochs is a change; a step protocol caps the steps.
+    longer = {**same, "trainer": {**same["trainer"], "epochs": 300}}
+    assert checks.protocol_changes(defaults, longer) == ["trainer.epochs=300"]
+    steps = {**longer, "optim": {**same["optim"], "total_steps": 64000}}
+    assert checks.protocol_changes({**defaults, "optim": {**defaults["optim"], "total_steps": 64000}}, steps) == []
 
 
 def test_online_logging_without_credentials_is_refused_before_anything_is_built(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table
 # Keys that do not change a preset's protocol (`protocol_changes`), though a resume
 # compares them: what a sweep sets per run (`per.sweep.Phase.hydra_args`, its selection
 # split), the method options that make a cell's variants (`schema.METHOD_OPTIONS`, in
-# the tables' row keys), the run's length (`per.analysis.collect.is_partial` judges it),
+# the tables' row keys), the run's length (`per.analysis.collect.is_partial` judges a
+# shorter one; `protocol_changes` names a longer one),
 # what is logged how often, and how the same computation runs (equal up to float
 # rounding: the gradient path, evaluation batch, compilation, memory format; or in
 # distribution: how PER's directions are drawn).
@@ -278,11 +279,17 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
 def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     """How a run departs from the protocol its groups (its preset) give: `key=value` for
     each key that decides the result and was set on the command line (e.g.
-    `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys. Tables
+    `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys, plus
+    `trainer.epochs` where it runs past an epoch protocol's `optim.epochs` (a shorter run
+    is partial: `per.analysis.collect.is_partial`; a step protocol caps the steps). Tables
     keep such runs in rows of their own and do not compare them with the paper."""
     a, b = _flatten(defaults), _flatten(cfg)
-    return [f"{key}={b[key]}" for key in sorted(b)
-            if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]]
+    changes = {f"{key}={b[key]}" for key in b
+               if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]}
+    epochs, protocol, steps = (b.get(k) for k in ("trainer.epochs", "optim.epochs", "optim.total_steps"))
+    if not steps and _is_int(epochs) and _is_int(protocol) and epochs > protocol:
+        changes.add(f"trainer.epochs={epochs}")
+    return sorted(changes)
 
 
 def _show(value: Any) -> str:
