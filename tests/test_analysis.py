@@ -743,3 +743,18 @@ def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, c
     with pytest.raises(SystemExit, match="at lambda 0.0003; the same command resumes them"):
         sweep.chosen_lambda(phase([1e-4, 3e-4]))
     assert sweep.chosen_lambda(phase([1e-4])) == 1e-4       # 1e-2 scores better but is not in the grid
+
+
+def test_of_two_finished_copies_of_a_run_the_newest_attempt_counts(tmp_path):
+    """E.g. a W&B run redone with resume=never beside the old one: which is kept must not
+    depend on the (random) run ids; the problem line names both statuses."""
+    for name, test, started in (("b_new", 6.0, "2026-11-02T10:00:00+0000"),
+                                ("a_old", 9.0, "2026-11-01T10:00:00+0000")):
+        run = make_run(tmp_path, preset=name, final={TEST_ERROR: test})
+        summary = json.loads((run / "summary.json").read_text())
+        summary["attempts"] = [{"code_version": "x", "started": started, "resumed_from": None}]
+        (run / "summary.json").write_text(json.dumps(summary))
+    df, problems = collect.collect_runs(tmp_path)
+    assert len(df) == 1 and df.final_test_error.iloc[0] == 6.0
+    assert problems == [f"{tmp_path / 'cifar' / 'a_old'}/lam=0.0,seed=0,val=0 (finished): same run as "
+                        f"{tmp_path / 'cifar' / 'b_new'}/lam=0.0,seed=0,val=0 (finished); not counted"]

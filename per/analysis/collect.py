@@ -16,7 +16,8 @@ Besides what `summary.json` says, each run's row carries:
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
   `metrics.jsonl` and its epoch, the "best test epoch" that the reference
   implementations report (image runs only). It is optimistic (test data pick the
-  epoch), so it is reported beside the final-epoch number and never used to select.
+  epoch), so it is reported beside the final-epoch number and never used to select;
+- `started`: when the run's last attempt started (of two copies of a run, the newer counts).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
     "grid_size", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
-    "partial", "min_test_epoch", "min_test_error",
+    "partial", "min_test_epoch", "min_test_error", "started",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
@@ -135,6 +136,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         "best_epoch": best.get(EPOCH),
         **{f"best_{m}": best.get(m) for m in METRICS},
         "partial": is_partial(config, summary), "min_test_epoch": min_epoch, "min_test_error": min_error,
+        "started": (summary.get("attempts") or [{}])[-1].get("started"),
     }
 
 
@@ -144,20 +146,25 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     frame["partial"] = frame.partial.eq(True)
     frame[CHANGES] = frame[CHANGES].fillna("")
+    frame["started"] = pd.to_datetime(frame.started, utc=True, errors="coerce", format="ISO8601")
     return frame.astype(_DTYPES)
 
 
 def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Keep one run per `RUN_IDENTITY` (a finished one if any, complete before partial,
-    else the first folder): the same seed of the same configuration is not an
-    independent sample. Returns the remaining runs and one problem line per dropped run."""
+    then the one whose last attempt started last: e.g. a W&B run redone with
+    `resume=never` beside the old one; else the first folder): the same seed of the
+    same configuration is not an independent sample. Returns the remaining runs and one
+    problem line per dropped run, with both runs' statuses."""
     ordered = (df.assign(unfinished=df.status != FINISHED)
-               .sort_values(["unfinished", "partial", "run_dir"]))
+               .sort_values(["unfinished", "partial", "started", "run_dir"],
+                            ascending=[True, True, False, True], na_position="last"))
     duplicate = ordered.duplicated(RUN_IDENTITY)
-    dropped = ordered[duplicate].merge(ordered.loc[~duplicate, [*RUN_IDENTITY, "run_dir"]],
+    dropped = ordered[duplicate].merge(ordered.loc[~duplicate, [*RUN_IDENTITY, "run_dir", "status"]],
                                        on=RUN_IDENTITY, suffixes=("", "_kept"))
-    problems = [f"{dup}: same run as {kept}; not counted"
-                for dup, kept in zip(dropped.run_dir, dropped.run_dir_kept)]
+    problems = [f"{dup} ({status}): same run as {kept} ({status_kept}); not counted"
+                for dup, status, kept, status_kept in
+                zip(dropped.run_dir, dropped.status, dropped.run_dir_kept, dropped.status_kept)]
     kept = ordered[~duplicate].drop(columns="unfinished")
     return kept.sort_values("run_dir", ignore_index=True), problems
 
