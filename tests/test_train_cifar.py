@@ -10,6 +10,7 @@ import re
 import runpy
 import signal
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from per.training import runtime
 from per.training.checks import ConfigValueError
 from per.training.image_task import build_image_experiment
 from per.training.loop import fit
-from per.training.records import CheckpointError, RunDir, RunLockedError
+from per.training.records import BEST_CHECKPOINT, CheckpointError, RunDir, RunLockedError
 from per.training.run import ConfigMismatchError, train
 from runner_utils import CPU_SMOKE, ROOT, compose_config, metrics, without_timing
 
@@ -466,6 +467,43 @@ def test_a_kill_between_checkpoint_renames_resumes_from_the_newer_one(tmp_path):
     # checkpoint, and `last.pt` is what users and scripts/strength.py read.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "prev.pt"]
     assert run.load_checkpoint() == ({"epoch": 2}, "checkpoints/last.pt")
+
+
+def test_a_kill_before_the_checkpoint_renames_resumes_from_the_complete_new_one(tmp_path):
+    run = RunDir(tmp_path)
+    for epoch in (1, 2):
+        run.save_checkpoint({"epoch": epoch})   # last.pt = 2, prev.pt = 1
+    (tmp_path / "checkpoints/last.pt.new").write_bytes((tmp_path / "checkpoints/last.pt").read_bytes())
+    torch.save({"epoch": 3}, tmp_path / "checkpoints/last.pt.new")   # written, not yet rotated in
+    assert run.load_checkpoint() == ({"epoch": 3}, "checkpoints/last.pt.new")
+    assert run.load_checkpoint() == ({"epoch": 3}, "checkpoints/last.pt")   # the rotation is finished
+    assert torch.load(tmp_path / "checkpoints/prev.pt") == {"epoch": 2}
+
+
+@pytest.mark.parametrize("killed_at", range(1, 9))
+def test_a_kill_while_clearing_never_leaves_a_result_without_its_history(tmp_path, monkeypatch, killed_at):
+    """resume=never clears the earlier attempt; a kill after any deletion leaves a run that
+    either resumes or is done with its metric history, or holds nothing to resume."""
+    run = RunDir(tmp_path)
+    for epoch in (1, 2):
+        run.save_checkpoint({"epoch": epoch})
+    run.save_checkpoint({"epoch": 2}, BEST_CHECKPOINT)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    deleted, unlink = [], Path.unlink
+
+    def kill_after(path, missing_ok=False):
+        unlink(path, missing_ok=missing_ok)
+        deleted.append(path.name)
+        if len(deleted) == killed_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", kill_after)
+    with contextlib.suppress(KeyboardInterrupt):
+        run.clear()
+    monkeypatch.undo()
+    if run.holds_result_or_progress():
+        assert run.read_jsonl("metrics.jsonl") == [{"epoch": 1}, {"epoch": 2}]
 
 
 def test_writes_cut_short_by_a_kill_leave_no_temporary_files(tmp_path):

@@ -26,9 +26,9 @@ PREVIOUS_CHECKPOINT = "checkpoints/prev.pt"   # the checkpoint before `last.pt`
 BEST_CHECKPOINT = "checkpoints/best.pt"
 WANDB_ID = "wandb_id.txt"
 WANDB_DIR = "wandb"       # W&B's files of the run (`loggers.WandbSink`)
-# The checkpoints to resume from, newest first: a kill between `save_checkpoint`'s two
-# renames leaves a complete `last.pt.new` and no `last.pt`.
-CHECKPOINTS = (CHECKPOINT, f"{CHECKPOINT}.new", PREVIOUS_CHECKPOINT)
+# The checkpoints to resume from, newest first: `last.pt.new` exists only complete (written
+# atomically) and newer than `last.pt`, which a kill before `save_checkpoint`'s renames left.
+CHECKPOINTS = (f"{CHECKPOINT}.new", CHECKPOINT, PREVIOUS_CHECKPOINT)
 METRICS = "metrics.jsonl"   # one row per epoch
 ACTIVATIONS = "activations.jsonl"   # the monitor's rows
 SUMMARY = "summary.json"
@@ -198,10 +198,10 @@ class RunDir:
             _atomic_write_bytes(path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, map_location=None) -> tuple[dict, str] | None:
-        """The newest readable checkpoint and its name: `last.pt`, else the complete
-        `last.pt.new` that a kill between `save_checkpoint`'s two renames leaves (renamed to
-        `last.pt` here: a run resumed after its last save writes no other), else `prev.pt`;
-        None when none exists. A damaged newer one is named in a warning and set aside as
+        """The newest readable checkpoint and its name: the complete `last.pt.new` that a
+        kill before `save_checkpoint`'s renames leaves (the renames are finished here: a run
+        resumed after its last save writes no other), else `last.pt`, else `prev.pt`; None
+        when none exists. A damaged newer one is named in a warning and set aside as
         `*.damaged` once an older one has loaded (so that the next save does not rotate it
         into `prev.pt`). Temporary files of writes that a kill cut short are removed.
 
@@ -224,7 +224,9 @@ class RunDir:
             for bad in damaged:
                 os.replace(bad, bad.with_name(bad.name + ".damaged"))
                 log.warning("kept %s as %s.damaged", bad, bad.name)
-            if name == f"{CHECKPOINT}.new" and not (self.path / CHECKPOINT).exists():
+            if name == f"{CHECKPOINT}.new":
+                if (self.path / CHECKPOINT).exists():
+                    os.replace(self.path / CHECKPOINT, self.path / PREVIOUS_CHECKPOINT)
                 os.replace(f, self.path / CHECKPOINT)
             return loaded
         if damaged:
@@ -232,19 +234,25 @@ class RunDir:
                                   "damaged; resume=never starts the run over")
         return None
 
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint to resume from exists (readable or not)."""
+        return any((self.path / name).exists() for name in CHECKPOINTS)
+
     def holds_result_or_progress(self) -> bool:
         """Whether resuming would keep something: a checkpoint, or a finished or diverged
         summary. A run that failed before its first checkpoint (a bad value, a missing
         file) holds neither: a new attempt starts it over, whatever its config."""
-        if any((self.path / name).exists() for name in CHECKPOINTS):
+        if self.has_checkpoint():
             return True
         summary = self.read_summary()
         return summary is not None and summary.get("status") in (schema.FINISHED, schema.DIVERGED)
 
     def clear(self) -> None:
         """Remove the records of an earlier attempt (resume=never, or no checkpoint to
-        resume from), its local W&B runs included: the new attempt is a new W&B run."""
-        for name in (METRICS, ACTIVATIONS, SUMMARY, *CHECKPOINTS, BEST_CHECKPOINT, WANDB_ID):
+        resume from), its local W&B runs included: the new attempt is a new W&B run. What
+        makes a run resumable or done goes first, its history last: a kill in between
+        leaves a run that resumes whole or starts over, never a result without its history."""
+        for name in (SUMMARY, *CHECKPOINTS, BEST_CHECKPOINT, WANDB_ID, METRICS, ACTIVATIONS):
             (self.path / name).unlink(missing_ok=True)
         for damaged in (self.path / CHECKPOINT).parent.glob("*.damaged"):
             damaged.unlink()
