@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
-from per.training.checks import DATASETS
+from per.training.checks import DATASETS, protocol_fingerprint
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.run import train
@@ -64,6 +64,15 @@ def compose_preset(name: str, overrides: tuple[str, ...] = (), run_dir: str | Pa
     """Preset `name` resolved as its runs see it, under its task's entry config (`run_dir`
     as in `compose_plain`)."""
     return compose_plain(ENTRY[preset_task(name)], [f"experiment={name}", *overrides], run_dir)
+
+
+@functools.cache
+def preset_fingerprint(name: str) -> str | None:
+    """The protocol fingerprint of preset `name` as it is now (`checks.protocol_fingerprint`
+    of what it composes to alone, as `run_main` records it); None where no such preset exists."""
+    if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
+        return None
+    return protocol_fingerprint(compose_preset(name))
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -63,6 +63,7 @@ def is_diagnostic(key: str) -> bool:
     return "/" in key
 
 SELECTION_METRIC = {"cifar": VAL_ERROR, "lm": VAL_PPL}   # lambda is chosen on this
+SELECTION_VAL_SIZE = 5000   # training images held out to choose lambda on (the protocol's 45k/5k)
 REPORT_METRIC = {"cifar": TEST_ERROR, "lm": TEST_PPL}     # the table reports this
 # Where the reported metric is read from: images report the final epoch, LMs the
 # best-validation checkpoint (DESIGN.md section 4, honest selection).

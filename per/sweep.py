@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from per.analysis.collect import collect_runs, without_off_grid
+from per.analysis.collect import Fingerprints, collect_runs, is_stale, without_off_grid
 from per.analysis.tables import select_lambda
 from per.schema import CHANGES, DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
@@ -206,17 +206,19 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
     return phases
 
 
-def chosen_lambda(phase: Phase) -> float:
+def chosen_lambda(phase: Phase, fingerprints: Fingerprints | None = None) -> float:
     """The lambda with the best validation score among the selection phase's runs, once
     every lambda of its grid has a finished or diverged run (runs of other lambdas in the
-    folder, left by earlier `--lams` sweeps, take no part)."""
+    folder, left by earlier `--lams` sweeps, take no part; nor, given the presets' present
+    `fingerprints`, do runs of an older version of the preset)."""
     cell_dir = phase.preset.cell_dir
-    df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
+    df, problems = collect_runs(cell_dir, fingerprints) if cell_dir.is_dir() else (None, [])
     for p in problems:
-        print(f"[reproduce] skipped run: {p}", file=sys.stderr)
+        print(f"[reproduce] {p}", file=sys.stderr)
     grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
     if df is not None:   # the phase's lambdas are its grid, in the preset's grid or not
-        df = df[df.lam.isin(grid)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
+        df = df[df.lam.isin(grid) & ~is_stale(df[CHANGES])]
+        df = df.assign(**{CHANGES: df[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
         raise SystemExit(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import compose_plain
+from experiments.common import compose_plain, preset_fingerprint
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import (GROUP_KEYS, drop_partial_beside_complete, method_sort_key, report_runs,
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = figures.plot_losses_1d(out)
     try:
-        df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity)
+        df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity,
+                                              fingerprints=preset_fingerprint)
     except FileNotFoundError as e:     # only the 1-D loss figure, below
         df, problems, source = pd.DataFrame(), [str(e)], args.runs
     for problem in problems:

@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
+from experiments.common import ENTRY, compose_plain, compose_preset, preset_fingerprint, preset_names, preset_task
 from per import schedule, sweep
+from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def print_wall_clock(phases: list, args) -> None:
 
 
 def _choose(select: sweep.Phase) -> float:
-    lam = sweep.chosen_lambda(select)
+    lam = sweep.chosen_lambda(select, preset_fingerprint)
     print(f"[reproduce] {select.preset.name}: lambda = {lam:g} (validation)", flush=True)
     return lam
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="multiruns in flight at once under --launcher slurm (each submits its runs)")
     ap.add_argument("--runs", default=PATHS["runs_dir"],
                     help="root of the run directories; tables and figures go beside it")
-    ap.add_argument("--val-size", type=int, default=5000, help="images held out for lambda selection")
+    ap.add_argument("--val-size", type=int, default=SELECTION_VAL_SIZE,
+                    help="images held out for lambda selection (another size: rows not compared with the paper)")
     ap.add_argument("--override", action="append", default=[],
                     help="Hydra override passed to every run (repeatable), e.g. trainer.precision=bf16")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")

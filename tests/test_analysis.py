@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -694,11 +695,20 @@ def test_an_incomplete_grid_is_marked_and_not_compared_with_the_paper(tmp_path, 
     assert per_row.grid_incomplete and math.isnan(per_row["diff"])
     text = tables.format_table(res, "T1", paper).to_string()
     assert "grid incomplete: 2/4 λ scored" in text and "(not compared: grid incomplete)" in text
-    # Once every lambda has a finished run, the row is compared.
+    # Once every lambda has a finished run, the grid is complete; the row is compared once
+    # the selection's other runs (interrupted, failed) have a result too.
     for lam in (1e-4, 3e-4):
         make_run(tmp_path, **PER, **SEL, lam=lam, seed=1, final=image(7.5, None), lam_grid=GRID)
     per_row = row(tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper), method="per")
-    assert not per_row.grid_incomplete and not math.isnan(per_row["diff"])
+    assert not per_row.grid_incomplete and per_row.choice_unsettled and per_row.n_unsettled == 2
+    assert math.isnan(per_row["diff"])
+    for lam in (1e-4, 3e-4):
+        run = make_run(tmp_path / "redo", **PER, **SEL, lam=lam, final=image(7.5, None), lam_grid=GRID)
+        old = tmp_path / run.relative_to(tmp_path / "redo")
+        shutil.rmtree(old)
+        shutil.move(run, old)
+    per_row = row(tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper), method="per")
+    assert not per_row.choice_unsettled and not math.isnan(per_row["diff"])
 
 
 def test_selection_reads_one_held_out_size_per_cell(tmp_path, paper):
@@ -758,3 +768,69 @@ def test_of_two_finished_copies_of_a_run_the_newest_attempt_counts(tmp_path):
     assert len(df) == 1 and df.final_test_error.iloc[0] == 6.0
     assert problems == [f"{tmp_path / 'cifar' / 'a_old'}/lam=0.0,seed=0,val=0 (finished): same run as "
                         f"{tmp_path / 'cifar' / 'b_new'}/lam=0.0,seed=0,val=0 (finished); not counted"]
+
+
+def _record_fingerprint(run: Path, fingerprint: str) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "protocol_fingerprint": fingerprint}))
+
+
+def test_a_run_of_an_older_version_of_its_preset_is_never_reported_as_the_presets(tmp_path, paper):
+    """Given the presets' present fingerprints, a run that recorded another one gets a row of
+    its own, is not compared with the paper and takes no part in a reproduction's choice;
+    runs that recorded none, and presets that no longer exist, are not judged."""
+    from per import sweep
+    now = {"p": "new"}.get
+    for seed, fingerprint in ((0, "new"), (1, "new"), (2, "old"), (3, None)):
+        run = make_run(tmp_path, preset="p", seed=seed, final=image(None, 7.0 + seed))
+        if fingerprint:
+            _record_fingerprint(run, fingerprint)
+    _record_fingerprint(make_run(tmp_path, preset="gone", seed=4, final=image(None, 7.0)), "old")
+    df, problems = collect.collect_runs(tmp_path, fingerprints=now)
+    stale = df[collect.is_stale(df.changes)]
+    assert stale.seed.tolist() == [2] and stale.changes.tolist() == ["preset=p (changed since the run)"]
+    assert [p for p in problems if "changed since the run" in p] == [
+        f"{tmp_path}/cifar/p/lam=0.0,seed=2,val=0: its preset p has changed since the run; "
+        "reported in a row of its own, not compared with the paper"]
+    res = tables.cell_results(df, "cifar", paper)
+    assert row(res, changes="").n == 4 and row(res, changes="").paper == 7.21
+    old = row(res, changes="preset=p (changed since the run)")
+    assert old.n == 1 and math.isnan(old["diff"])
+    # A reproduction's choice of lambda ignores the old run (it scores best here).
+    for lam, val, fingerprint in ((1e-4, 6.0, "new"), (3e-4, 5.0, "new"), (1e-4, 1.0, "old")):
+        seed = 1 if val == 1.0 else 0
+        _record_fingerprint(make_run(tmp_path / "sel", **PER, **SEL, preset="q", lam=lam, seed=seed,
+                                     final=image(val, None)), fingerprint)
+    cell_dir = tmp_path / "sel" / "cifar" / "q"
+    phase = sweep.Phase(sweep.Preset("q", {"task": "cifar", "run_dir": str(cell_dir / "x")}),
+                        (), [1e-4, 3e-4], [0], selection=True)
+    assert sweep.chosen_lambda(phase, {"q": "new"}.get) == 3e-4
+    assert sweep.chosen_lambda(phase) == 1e-4       # without: the old run's 1.0 enters 1e-4's mean
+
+
+@pytest.mark.parametrize("case", ["other_split", "unsettled"])
+def test_a_choice_made_off_protocol_is_shown_and_not_compared(tmp_path, paper, case):
+    """A grid's lambda chosen on another held-out size than the protocol's 5000 images (the
+    5000-image runs were all interrupted), or while selection runs lack a result."""
+    grid = {**PER, "lam_grid": [1e-4, 3e-4]}
+    if case == "other_split":
+        for lam, val in ((1e-4, 6.0), (3e-4, 5.0)):
+            make_run(tmp_path, **grid, lam=lam, val_size=64, final=image(val, None))
+            make_run(tmp_path, **grid, **SEL, lam=lam, status="interrupted", final=image(None, None))
+    else:
+        make_run(tmp_path, **grid, **SEL, lam=1e-4, final=image(6.0, None))
+        make_run(tmp_path, **grid, **SEL, lam=1e-4, seed=1, status="interrupted", final=image(None, None))
+        make_run(tmp_path, **grid, **SEL, lam=3e-4, final=image(5.0, None))
+    for seed in range(2):
+        make_run(tmp_path, **grid, lam=3e-4, seed=seed, final=image(None, 6.5 + seed / 10))
+    df, _ = collect.collect_runs(tmp_path)
+    res = tables.cell_results(df, "cifar", paper)
+    per = row(res, method="per")
+    assert per.lam == 3e-4 and per.n == 2 and per.paper == 6.72 and math.isnan(per["diff"])
+    text = tables._cell_text(per, 2)
+    if case == "other_split":
+        assert per.off_protocol_split and not per.choice_unsettled and per.select_val_size == 64
+        assert "λ chosen on 64 held-out images (protocol: 5000)" in text and "other held-out size" in text
+    else:
+        assert per.choice_unsettled and not per.off_protocol_split and per.n_unsettled == 1
+        assert "selection: 1 run without a result" in text and "selection unsettled" in text

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments.common import preset_fingerprint
 from per.data.cifar import write_fake_cifar
 from runner_utils import ROOT, without_timing
 
@@ -121,10 +122,14 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
 def test_a_group_chosen_over_a_presets_is_a_protocol_change(data_root, tmp_path):
     cmd = [*_cmd(data_root, tmp_path / "run"), "experiment=t1_cifar10_resnet56_per", "trainer.max_steps=1"]
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
-    changes = yaml.safe_load((tmp_path / "run/config.yaml").read_text())["protocol_changes"]
+    config = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    changes = config["protocol_changes"]
     # model=resnet20 replaces the preset's resnet56; method=per is the preset's own group.
     assert "model.name=resnet20" in changes and "data.batch_size=32" in changes
     assert not any(c.startswith("method.") for c in changes)
+    # The run records its preset's protocol as the tables compute it now (not the changes).
+    assert config["protocol_fingerprint"] == preset_fingerprint("t1_cifar10_resnet56_per")
+    assert preset_fingerprint("t1_cifar10_resnet56_per") != preset_fingerprint("t1_cifar10_resnet110_per")
 
 
 def test_plain_python_call_shows_lines(data_root, tmp_path):

@@ -265,11 +265,12 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     from per.analysis import collect, wandb_source
     df, _ = collect.collect_runs(runs)
     asked = []
-    monkeypatch.setattr(wandb_source, "collect_wandb", lambda project, entity: asked.append((project, entity))
+    monkeypatch.setattr(wandb_source, "collect_wandb", lambda project, entity, fingerprints:
+                        asked.append((project, entity, fingerprints is not None))
                         or (df.assign(run_dir="wandb:ent/proj/" + df.index.astype(str)), []))
     main = runpy.run_path(str(script))["main"]
     assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(tmp_path / "wb")]) == 0
-    assert asked == [("proj", "ent")]
+    assert asked == [("proj", "ent", True)]
     stems = ["losses_1d", f"sweep_{cell}"]
     assert {p.name for p in (tmp_path / "wb").iterdir()} == {f"{s}.{e}" for s in stems for e in ("png", "pdf")}
     assert "from W&B: the sweeps and the ablation" in capsys.readouterr().out

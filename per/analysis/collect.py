@@ -9,8 +9,10 @@ Besides what `summary.json` says, each run's row carries:
 - `changes`: how the run departs from its preset's protocol (`key=value, ...` from the
   config's `protocol_changes`; "" for none, and for runs written before it existed), plus
   `method.lam=<lam> (not in the grid)` for a regularizer's lambda outside its config's
-  `method.lam_grid` (an exploratory sweep, a lambda-0 control): tables keep such runs in
-  rows of their own;
+  `method.lam_grid` (an exploratory sweep, a lambda-0 control), and
+  `preset=<name> (changed since the run)` where the collector is given the presets'
+  present fingerprints and the run recorded another (`checks.protocol_fingerprint`: a
+  run of an older version of its preset): tables keep such runs in rows of their own;
 - `grid_size`: the number of lambdas in a regularized run's `method.lam_grid` (NA without
   one, and for unregularized runs);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
@@ -54,6 +56,14 @@ _DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices
 
 
 OFF_GRID = "(not in the grid)"   # the `changes` entry of a lambda outside its run's grid
+STALE = "(changed since the run)"   # the `changes` entry of a run of an older version of its preset
+# A preset's present protocol fingerprint (None: unknown, e.g. a preset that no longer exists).
+Fingerprints = Callable[[str], "str | None"]
+
+
+def is_stale(changes: pd.Series) -> pd.Series:
+    """Which rows' `changes` say the run's preset has changed since the run."""
+    return changes.str.contains(STALE, regex=False)
 
 
 def is_off_grid(changes: pd.Series) -> pd.Series:
@@ -101,9 +111,11 @@ def min_test(history: Iterable[Mapping]) -> tuple[int | None, float | None]:
 
 
 def run_record(config: Mapping, summary: Mapping, run_dir: str,
-               history: Iterable[Mapping] = ()) -> dict:
+               history: Iterable[Mapping] = (), fingerprints: Fingerprints | None = None) -> dict:
     """One row of the run table from a resolved config, a `summary.json` dict and the
-    run's per-epoch rows (`metrics.jsonl`; for `min_test_*`).
+    run's per-epoch rows (`metrics.jsonl`; for `min_test_*`); `fingerprints` gives a
+    preset's present protocol fingerprint, to mark runs of an older version of it
+    (runs that recorded none are not judged).
 
     Raises KeyError or ValueError when the summary lacks a key or has an unknown status.
     A `running` status is read as `interrupted` (the collector cannot see the process).
@@ -124,6 +136,9 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     changes = list(config.get("protocol_changes") or [])
     if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
         changes.append(f"method.lam={lam:g} {OFF_GRID}")
+    preset, recorded = config.get("preset"), config.get("protocol_fingerprint")
+    if fingerprints is not None and preset and recorded and fingerprints(preset) not in (None, recorded):
+        changes.append(f"preset={preset} {STALE}")
     return {
         "run_dir": run_dir, "status": status, "task": summary["task"],
         **{k: summary["cell"][k] for k in CELL_KEYS},
@@ -172,22 +187,26 @@ def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 RunReader = Callable[[], tuple[Mapping, Mapping, Iterable[Mapping]]]
 
 
-def run_table(runs: Iterable[tuple[str, RunReader]],
-              errors: tuple[type[Exception], ...]) -> tuple[pd.DataFrame, list[str]]:
+def run_table(runs: Iterable[tuple[str, RunReader]], errors: tuple[type[Exception], ...],
+              fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The run table from (name, read) pairs, `read()` giving the run's config, summary
     and per-epoch rows, plus the problems list: a run whose reading or record raises
     one of `errors` is skipped, one left `running` is kept (read as `interrupted`), and
-    duplicates of another run are dropped (`drop_duplicate_runs`), each with one line."""
+    duplicates of another run are dropped (`drop_duplicate_runs`), each with one line;
+    runs of an older version of their preset (`fingerprints`, see `run_record`) get a line too."""
     rows, problems = [], []
     for name, read in runs:
         try:
             config, summary, history = read()
-            rows.append(run_record(config, summary, name, history))
+            rows.append(run_record(config, summary, name, history, fingerprints))
         except errors as err:
             problems.append(f"{name}: skipped ({type(err).__name__}: {err})")
             continue
         if summary["status"] == RUNNING:
             problems.append(f"{name}: status 'running' read as 'interrupted'")
+        if STALE in rows[-1][CHANGES]:
+            problems.append(f"{name}: its preset {config['preset']} has changed since the run; "
+                            "reported in a row of its own, not compared with the paper")
     kept, duplicates = drop_duplicate_runs(runs_frame(rows))
     return kept, problems + duplicates
 
@@ -198,8 +217,9 @@ def _read_run_dir(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     return config, summary, _read_jsonl(run_dir / "metrics.jsonl")
 
 
-def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Every run under `root` (found by its `summary.json`), one row per run.
+def collect_runs(root: str | Path, fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Every run under `root` (found by its `summary.json`), one row per run
+    (`fingerprints`: see `run_record`).
 
     Returns the run table and a list of problems: unreadable or incomplete runs
     (skipped), duplicates of another run (skipped, see `drop_duplicate_runs`) and
@@ -212,7 +232,7 @@ def collect_runs(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
         raise FileNotFoundError(f"no runs folder {root} (check --runs / paths.runs_dir)")
     run_dirs = sorted(path.parent for path in Path(root).rglob("summary.json"))
     return run_table(((str(d), partial(_read_run_dir, d)) for d in run_dirs),
-                     (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError))
+                     (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError), fingerprints)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

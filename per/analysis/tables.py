@@ -34,8 +34,8 @@ from scipy import stats
 from per.analysis.collect import is_off_grid
 from per.analysis.paper import load_paper_tables
 from per.schema import (CELL_KEYS, CHANGES, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
-                        PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, TASKS,
-                        TEST, TRAIN, VAL, VARIANT_KEYS)
+                        PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, SELECTION_VAL_SIZE,
+                        TASKS, TEST, TRAIN, VAL, VARIANT_KEYS)
 
 # What runs are grouped by: a cell of the paper and its ablation variant.
 GROUP_KEYS = list(VARIANT_KEYS)
@@ -140,7 +140,9 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     n_lams; the counts are those of the chosen lambda, or of the whole cell's selection
     runs where none has a score; `n_scored` (lambdas with a finished or diverged selection
     run) and `grid_size` (lambdas in the cell's `method.lam_grid`, NA without one): where a
-    grid of several lambdas has unscored ones, the choice is among part of the grid.
+    grid of several lambdas has unscored ones, the choice is among part of the grid;
+    `n_unsettled` (the cell's selection runs without a result: failed or interrupted) and
+    `select_val_size` (images: the held-out size the choice was made on; NA for LMs).
     """
     runs = df[df.task == task]
     cells = (runs.groupby(GROUP_KEYS, dropna=False)
@@ -152,22 +154,26 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
             .sort_values(["unstable", "score", "lam"])
             .drop_duplicates(GROUP_KEYS)
             .drop(columns="unstable"))
-    cell_totals = (all_scores.assign(scored=(all_scores.n > 0) | (all_scores.n_diverged > 0))
+    cell_totals = (all_scores.assign(scored=(all_scores.n > 0) | (all_scores.n_diverged > 0),
+                                     unsettled=all_scores.n_failed + all_scores.n_interrupted)
                    .groupby(GROUP_KEYS, dropna=False)
                    .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"),
-                        n_scored=("scored", "sum"))
+                        n_scored=("scored", "sum"), n_unsettled=("unsettled", "sum"))
                    .reset_index())
-    chosen = cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
+    split = selection_runs(df, task).groupby(GROUP_KEYS, dropna=False).val_size.max().rename("select_val_size")
+    chosen = (cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
+              .merge(split.reset_index(), on=GROUP_KEYS, how="left"))
     chosen["n_diverged"] = chosen.n_diverged.fillna(chosen.cell_diverged)
     chosen["n_failed"] = chosen.n_failed.fillna(chosen.cell_failed)
     chosen["lam"] = chosen.lam.where(chosen.lam.notna() | (chosen.n_lams > 1), chosen.only_lam)
-    counts = ["n", "n_diverged", "n_failed", "n_scored"]
+    counts = ["n", "n_diverged", "n_failed", "n_scored", "n_unsettled"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
     chosen["grid_size"] = chosen.grid_size.astype("Int64")
+    chosen["select_val_size"] = chosen.select_val_size.astype("Int64") if task == "cifar" else pd.NA
     # Grouping turns a key column without values (layout of vanilla-only runs) into
     # float NaN: restore the run table's dtypes so the result merges back onto runs.
     chosen = chosen.astype({k: runs[k].dtype for k in GROUP_KEYS})
-    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams", "grid_size"]]
+    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams", "grid_size", "select_val_size"]]
 
 
 def baseline_method(method: str) -> str:
@@ -211,18 +217,26 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     (finished reported runs), n_diverged, n_failed (crashed), n_interrupted,
     n_partial_excluded (partial runs left out beside complete ones), partial (the
     row's runs are shorter than the protocol), paper, diff (mean - paper; NaN for a
-    partial row unless `include_partial`, or where the lambda was chosen among part of its
-    grid), n_scored, grid_size, grid_incomplete (`select_lambda`'s: a grid of several
-    lambdas with unscored ones), best_test (images: mean over the same runs
+    partial row unless `include_partial`, where the lambda was chosen among part of its
+    grid, while selection runs lack a result, or on another held-out size than the
+    protocol's), n_scored, grid_size, grid_incomplete (`select_lambda`'s: a grid of several
+    lambdas with unscored ones), n_unsettled, select_val_size (`select_lambda`'s),
+    choice_unsettled (a grid of several lambdas whose selection has runs without a
+    result), off_protocol_split (images: a grid's lambda chosen on another held-out size
+    than `SELECTION_VAL_SIZE`), best_test (images: mean over the same runs
     of the best test epoch's error; NaN for language models), best_test_diff
     (best_test - paper), baseline, vs_baseline (mean - baseline mean), ci_low, ci_high
     (95% Welch interval of vs_baseline), task.
     """
     paper = load_paper_tables() if paper is None else paper
-    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size"]]
+    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size", "n_unsettled",
+                                      "select_val_size"]]
     # An off-grid lambda is a row of its own, not part of a grid.
-    partial_grid = ((chosen.grid_size > 1) & (chosen.n_scored < chosen.grid_size)).fillna(False).astype(bool)
-    chosen = chosen.assign(grid_incomplete=partial_grid & ~is_off_grid(chosen[CHANGES]))
+    grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
+    other_split = (chosen.select_val_size != SELECTION_VAL_SIZE).fillna(False).astype(bool)
+    chosen = chosen.assign(grid_incomplete=grid & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool),
+                           choice_unsettled=grid & (chosen.n_unsettled > 0),
+                           off_protocol_split=grid & other_split)
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
@@ -258,7 +272,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
     is_test = out.split == PAPER_SPLIT[TEST]
     out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
-    compared = (include_partial | ~out.partial) & out[CHANGES].eq("") & ~out.grid_incomplete
+    compared = ((include_partial | ~out.partial) & out[CHANGES].eq("") & ~out.grid_incomplete
+                & ~out.choice_unsettled & ~out.off_protocol_split)
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
 
@@ -332,6 +347,10 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += f" λ={row.lam:.0e}" + (" (fixed)" if fixed else " (not validated)" if pd.isna(row.score) else "")
     if row.grid_incomplete:
         text += f" · grid incomplete: {row.n_scored}/{row.grid_size} λ scored"
+    if row.choice_unsettled:
+        text += f" · selection: {row.n_unsettled} run{'s' if row.n_unsettled > 1 else ''} without a result"
+    if row.off_protocol_split:
+        text += f" · λ chosen on {row.select_val_size} held-out images (protocol: {SELECTION_VAL_SIZE})"
     total = row.n + row.n_diverged + row.n_failed + row.n_interrupted
     if row.n_diverged:
         text += f" · {row.n_diverged}/{total} diverged"
@@ -353,6 +372,10 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
             text += " (not compared: partial)"
         elif row.grid_incomplete:
             text += " (not compared: grid incomplete)"
+        elif row.choice_unsettled:
+            text += " (not compared: selection unsettled)"
+        elif row.off_protocol_split:
+            text += " (not compared: other held-out size)"
     if pd.notna(row.ci_low):
         text += (f" · vs {row.baseline} {row.vs_baseline:+{f}}"
                  f" [{row.ci_low:+{f}}, {row.ci_high:+{f}}]")
@@ -438,7 +461,8 @@ def table_numbers(results: pd.DataFrame, table_id: str,
         "ci_low": "95% CI low", "ci_high": "95% CI high", "n_diverged": "diverged",
         "n_failed": "failed", "n_interrupted": "interrupted", "partial": "partial",
         "n_partial_excluded": "partial runs left out", "n_scored": "lambdas scored",
-        "grid_size": "lambdas in grid",
+        "grid_size": "lambdas in grid", "n_unsettled": "selection runs without a result",
+        "select_val_size": "held-out images of the selection",
     }
     return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
 

@@ -5,7 +5,9 @@ Plain dicts in, errors that name the dotted key, the bad value and what is allow
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 from typing import Any, Callable
 
@@ -33,7 +35,7 @@ METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
 VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table",
             "trainer.device", "trainer.gpus", "trainer.progress",
             "data.root", "data.download", "data.verify_checksums",
-            "method.lam_grid", "method.slices_grid", "protocol_changes")
+            "method.lam_grid", "method.slices_grid", "protocol_changes", "protocol_fingerprint")
 # Keys that do not change a preset's protocol (`protocol_changes`), though a resume
 # compares them: what a sweep sets per run (`per.sweep.Phase.hydra_args`, its selection
 # split), the method options that make a cell's variants (`schema.METHOD_OPTIONS`, in
@@ -290,6 +292,16 @@ def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     if not steps and _is_int(epochs) and _is_int(protocol) and epochs > protocol:
         changes.add(f"trainer.epochs={epochs}")
     return sorted(changes)
+
+
+def protocol_fingerprint(protocol: dict) -> str:
+    """A short hash of what a preset's protocol fixes: the values of `protocol` (the config
+    the preset composes to alone) on the keys that decide a result, `NOT_PROTOCOL` keys
+    aside. A run records it; the tables compare it with the preset's present one, so a run
+    of an older version of its preset is never reported as the preset's."""
+    items = sorted((k, v) for k, v in _flatten(protocol).items()
+                   if _decides_result(k) and not _under(k, NOT_PROTOCOL))
+    return hashlib.sha256(json.dumps(items, default=repr).encode()).hexdigest()[:16]
 
 
 def _show(value: Any) -> str:

@@ -20,7 +20,8 @@ import torch.nn as nn
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
-from per.training.checks import ConfigMismatchError, config_differences, protocol_changes, validate
+from per.training.checks import (ConfigMismatchError, config_differences, protocol_changes, protocol_fingerprint,
+                                 validate)
 from per.training.loggers import WandbSink, wandb_group, wandb_name
 from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
                                format_metrics, restore)
@@ -163,13 +164,14 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     `records` (name -> text) are written into the run directory once the run starts
     (the entry points' `.hydra/` record). With `protocol` (the config its preset gives
     alone; else `defaults`), the stored config also lists the run's `protocol_changes`
-    (`checks.protocol_changes`).
+    and holds the protocol's `protocol_fingerprint` (`per.training.checks`).
     """
     console_logging()
     validate(cfg)
     protocol = protocol if protocol is not None else defaults
     if protocol is not None:
-        cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg)}
+        cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg),
+               "protocol_fingerprint": protocol_fingerprint(protocol)}
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
     if (cfg["resume"] == "auto" and run.holds_result_or_progress()
@@ -268,8 +270,9 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             run.write_summary(_summary(schema.INTERRUPTED if forced else schema.FAILED, cfg, state,
                                        dev_name, attempts))
             if forced:
-                log.warning("stopped %s at once by a second signal; it resumes from its last "
-                            "checkpoint", run.path)
+                log.warning("stopped %s at once by a second signal; %s", run.path,
+                            "it resumes from its last checkpoint" if run.has_checkpoint()
+                            else "no checkpoint yet: the next launch starts it over")
             else:
                 log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
             if sink is not None:
