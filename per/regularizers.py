@@ -89,12 +89,17 @@ class _AddPenaltyGrad(torch.autograd.Function):
     On a tracked step `probe` is a `(3,)` leaf that requires grad, and the backward returns
     the site's statistics as its gradient: `probe.grad += [L_site per point, grad ratio, 1]`
     (in the probe's dtype and on its device; the 1 counts the calls). No state is written,
-    here or in the forward, so torch.compile traces tracked steps as one graph too."""
+    here or in the forward, so torch.compile traces tracked steps as one graph too.
+
+    `scale` (a loss scale other than 1, `Regularizer.begin_step`) is a 0-d tensor, so that a
+    compiled step takes each new value as data (a float would be specialized or lifted);
+    the penalty's gradient and the ratio are multiplied by it."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, directions: torch.Tensor | None, probe: torch.Tensor | None,
-                kind: str, lam: float, layout: str, reduction: str, num_slices: int) -> torch.Tensor:
-        ctx.save_for_backward(h, directions)
+                scale: torch.Tensor | None, kind: str, lam: float, layout: str, reduction: str,
+                num_slices: int) -> torch.Tensor:
+        ctx.save_for_backward(h, directions, scale)
         ctx.kind, ctx.lam, ctx.layout, ctx.reduction = kind, lam, layout, reduction
         ctx.num_slices = num_slices
         ctx.probe_like = (probe.dtype, probe.device) if probe is not None else None
@@ -104,15 +109,15 @@ class _AddPenaltyGrad(torch.autograd.Function):
     @once_differentiable     # the closed form has no graph: create_graph=True needs path="autograd"
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # This is where lambda acts on the backward path: lam * g_i joins dL/dh_i.
-        h, directions = ctx.saved_tensors
+        h, directions, scale = ctx.saved_tensors
         track = ctx.needs_input_grad[2]
-        none = (None,) * 5
+        none = (None,) * 6
         if ctx.kind == "per" and directions is None:
             d = point_dim(h.shape, ctx.layout)
             if not subspace_applies(h.numel() // d if d else 0, d, ctx.num_slices):
                 directions = sample_directions(d, ctx.num_slices, device=h.device, dtype=compute_dtype(h))
         implicit = ctx.kind == "per" and directions is None
-        if ctx.kind == "per" and not implicit and not track:
+        if ctx.kind == "per" and not implicit and not track and scale is None:
             grad = add_per_grad(grad_output, h, directions, ctx.lam, layout=ctx.layout,
                                 reduction=ctx.reduction)
             return grad, None, None, *none
@@ -124,6 +129,8 @@ class _AddPenaltyGrad(torch.autograd.Function):
             points_grad = _site_grad(ctx.kind, x, directions, ctx.reduction)
             value = lambda: _site_value(ctx.kind, x, directions, "mean")
         site_grad = from_points(points_grad, h.shape, ctx.layout)
+        if scale is not None:
+            site_grad = site_grad * scale.to(site_grad.dtype)
         stats = None
         if track:
             ratio = ctx.lam * site_grad.float().norm() / grad_output.float().norm()
@@ -185,7 +192,7 @@ class Regularizer(nn.Module):
     the backward pass, so it must not be modified in place afterwards. Activation
     checkpointing: the backward path works under both kinds; the autograd path needs
     `use_reentrant=False` (a reentrant checkpoint runs the forward without grad, so no
-    term is made).
+    term is made; the recompute in backward warns).
     """
 
     def __init__(self, model: nn.Module, kind: str, lam: float, *, layout: str = "channels",
@@ -233,8 +240,9 @@ class Regularizer(nn.Module):
         self.betas = nn.ParameterDict()  # VCL: site name ('.' -> '__') -> beta (h.shape[1:])
         self._materializing = False
         self._track = False
-        self._loss_scale = 1.0                         # begin_step(loss_scale=...)
+        self._scale: torch.Tensor | None = None        # begin_step's loss_scale (0-d), None for 1
         self._terms: list[torch.Tensor] = []           # lam * L_site, autograd path
+        self._made: set[str] = set()                   # sites that made a term since begin_step
         self._stats: dict[str, torch.Tensor] = {}      # site -> (3,) sums, autograd path and VCL
         self._probes: dict[str, torch.Tensor] = {}     # site -> (3,) statistics leaf, backward path
         self._shared: dict[int, torch.Tensor] = {}     # d -> directions, share_directions
@@ -268,15 +276,18 @@ class Regularizer(nn.Module):
             warnings.warn(f"{len(self._terms)} penalty term(s) of the last step were never added to a "
                           "loss: call reg.penalty() after the model's forward and add it to the loss",
                           stacklevel=2)
-        self._track, self._loss_scale = track, float(loss_scale)
+        self._track = track
         self._terms = []
+        self._made = set()
         self._stats = {}
         self._shared = {}
         self._probes = {}
-        if track and self.path == "backward":    # made here, outside any compiled forward
-            param = next(self.model.parameters(), None)
-            device = param.device if param is not None else self._device
-            dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+        # Tensors made here, outside any compiled forward.
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else self._device
+        dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+        self._scale = None if loss_scale == 1 else torch.tensor(float(loss_scale), dtype=dtype, device=device)
+        if track and self.path == "backward":
             self._probes = {name: torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
                             for name in self.site_names}
 
@@ -344,17 +355,16 @@ class Regularizer(nn.Module):
         directions = self._directions(d, h) if explicit else None
         if self.path == "backward":
             probe = self._probes.get(name) if h.requires_grad else None   # no gradient, no statistics
-            return _AddPenaltyGrad.apply(h, directions, probe, self.kind, self.lam * self._loss_scale,
+            return _AddPenaltyGrad.apply(h, directions, probe, self._scale, self.kind, self.lam,
                                          self.layout, self.reduction, self.num_slices)
         x = to_points(h, self.layout)
         value = _site_value(self.kind, x, directions, self.reduction)
-        self._add_term(self.lam * value)
+        self._add_term(name, self.lam * value)
         if not self._track:
             return h
         with torch.no_grad():
             per_point = value.detach() / (x.shape[0] if self.reduction == "sum" else 1)
-            grad_norm = self.lam * self._loss_scale * _site_grad(self.kind, x, directions,
-                                                                 self.reduction).float().norm()
+            grad_norm = self._scaled(self.lam * _site_grad(self.kind, x, directions, self.reduction).float().norm())
         return _GradNormProbe.apply(h, per_point, grad_norm, self._stats, name)
 
     def _directions(self, d: int, h: torch.Tensor) -> torch.Tensor:
@@ -390,14 +400,25 @@ class Regularizer(nn.Module):
         hf = h.float()
         var1, var2 = hf[:c].var(dim=0), hf[c:2 * c].var(dim=0)
         value = (1 - var1 / (var2 + beta)).square().mean()
-        self._add_term(self.lam * value)
+        self._add_term(name, self.lam * value)
         if not (self._track and h.requires_grad):
             return h
         (grad,) = torch.autograd.grad(self.lam * value, h, retain_graph=True)
-        return _GradNormProbe.apply(h, value.detach(), self._loss_scale * grad.float().norm(), self._stats, name)
+        return _GradNormProbe.apply(h, value.detach(), self._scaled(grad.float().norm()), self._stats, name)
 
-    def _add_term(self, term: torch.Tensor) -> None:
-        """Keep `term` for `penalty()`, unless this forward runs inside a backward pass (an
-        activation checkpoint's recompute, whose first forward already made it)."""
+    def _scaled(self, norm: torch.Tensor) -> torch.Tensor:
+        """A penalty gradient's norm times this step's loss scale (it is compared with the
+        scaled gradient reaching the site)."""
+        return norm if self._scale is None else norm * self._scale.to(norm.device, norm.dtype)
+
+    def _add_term(self, name: str, term: torch.Tensor) -> None:
+        """Keep site `name`'s `term` for `penalty()`, unless this forward runs inside a
+        backward pass: an activation checkpoint's recompute, whose first forward made it
+        (a reentrant checkpoint's first forward ran without grad and made none: warns)."""
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self._terms.append(term)
+            self._made.add(name)
+        elif name not in self._made:
+            warnings.warn(f"site {name!r} ran its forward without grad, then again inside backward (a "
+                          "reentrant activation checkpoint): path='autograd' adds no penalty there; use "
+                          "use_reentrant=False or path='backward'", stacklevel=2)

@@ -694,3 +694,39 @@ def test_vcl_grad_ratio_under_a_scaled_loss_is_the_unscaled_one():
     assert ratios[0].keys() == ratios[1].keys() and len(ratios[0]) == 2
     for k, v in ratios[0].items():
         torch.testing.assert_close(ratios[1][k], v, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+def test_a_compiled_step_takes_each_new_loss_scale_as_data(path):
+    """A GradScaler changes its scale now and then: a compiled step must neither fail nor
+    recompile for each value (a float argument would), and give the unscaled gradient."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, x = _mlp(), _input((8, 6))
+    reg = per.Regularizer(model, "per", lam=0.05, num_slices=SLICES, path=path)
+    step = torch.compile(lambda inp: model(inp).square().mean() + reg.penalty(), backend="aot_eager")
+    grads, ratios, frames = [], [], []
+    for scale in (1.0, 2.0, 4.0, 2.0 ** 16, 0.25):
+        model.zero_grad()
+        torch.manual_seed(0)                 # the same directions (compiled RNG) each time
+        reg.begin_step(track=True, loss_scale=scale)
+        (scale * step(x)).backward()
+        grads.append([p.grad / scale for p in model.parameters()])
+        ratios.append(reg.site_stats())
+        frames.append(torch._dynamo.utils.counters["frames"]["total"])
+    for g, r in zip(grads[1:], ratios[1:]):
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r, ratios[0], rtol=1e-5, atol=0)
+    assert frames[1] == frames[-1]          # compiled for scale 1, then once for any other
+
+
+def test_autograd_path_under_a_reentrant_checkpoint_warns_that_it_adds_nothing():
+    from torch.utils.checkpoint import checkpoint
+    model, x = _mlp(), _input((8, 6)).requires_grad_()
+    reg = per.Regularizer(model, "per", lam=0.05, num_slices=SLICES, path="autograd")
+    reg.begin_step()
+    out = checkpoint(model, x, use_reentrant=True)
+    with pytest.warns(UserWarning, match="reentrant activation checkpoint"):
+        (out.square().mean() + reg.penalty()).backward()
