@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
-from per.training.checks import DATASETS, protocol_fingerprint
+from per.training.checks import DATASETS, protocol_of
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.run import train
@@ -67,12 +68,18 @@ def compose_preset(name: str, overrides: tuple[str, ...] = (), run_dir: str | Pa
 
 
 @functools.cache
-def preset_fingerprint(name: str) -> str | None:
-    """The protocol fingerprint of preset `name` as it is now (`checks.protocol_fingerprint`
-    of what it composes to alone, as `run_main` records it); None where no such preset exists."""
+def preset_protocol(name: str) -> dict | None:
+    """The protocol of preset `name` as it is now (`checks.protocol_of` what it composes to
+    alone, as `run_main` records it); None where no such preset exists, or it does not
+    compose (named in a warning: its runs are then not judged)."""
     if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
         return None
-    return protocol_fingerprint(compose_preset(name))
+    try:
+        return protocol_of(compose_preset(name))
+    except Exception as e:      # a broken preset file must not stop a report
+        warnings.warn(f"preset {name} does not compose ({type(e).__name__}: {e}); its runs are not "
+                      "checked against it", stacklevel=2)
+        return None
 
 
 def to_plain(cfg: DictConfig) -> dict:

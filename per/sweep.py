@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from per.analysis.collect import Fingerprints, collect_runs, is_stale, without_off_grid
+from per.analysis.collect import collect_runs, without_off_grid
 from per.analysis.tables import select_lambda
 from per.schema import CHANGES, DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
@@ -139,15 +139,18 @@ class Phase:
         out = set()
         for lam in self.lams:
             for seed in self.seeds:
-                run = RunDir(self.run_dir(lam, seed))
-                summary = run.read_summary()          # None: absent, or cut short by a kill
+                summary = RunDir(self.run_dir(lam, seed)).read_summary()   # None: absent, or cut short by a kill
                 if summary is None or summary.get("status") not in (FINISHED, DIVERGED):
                     continue
-                expected = {**self.preset.cfg, "seed": seed,
-                            "method": {**self.preset.cfg["method"], "lam": lam}}
-                if not config_differences(run.read_config() or {}, expected):
+                if self.holds_own_run(self.run_dir(lam, seed), lam, seed):
                     out.add((lam, seed))
         return out
+
+    def holds_own_run(self, run_dir: str | Path, lam: float, seed: int) -> bool:
+        """Whether `run_dir` holds a run of this phase's config at (`lam`, `seed`): its stored
+        config differs from it on nothing that decides the result (`checks.config_differences`)."""
+        expected = {**self.preset.cfg, "seed": int(seed), "method": {**self.preset.cfg["method"], "lam": lam}}
+        return not config_differences(RunDir(run_dir).read_config() or {}, expected)
 
     def pending(self) -> list["Phase"]:
         """This phase less its done runs, as few multiruns as the rest allows (lambdas that
@@ -206,19 +209,24 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
     return phases
 
 
-def chosen_lambda(phase: Phase, fingerprints: Fingerprints | None = None) -> float:
+def chosen_lambda(phase: Phase) -> float:
     """The lambda with the best validation score among the selection phase's runs, once
-    every lambda of its grid has a finished or diverged run (runs of other lambdas in the
-    folder, left by earlier `--lams` sweeps, take no part; nor, given the presets' present
-    `fingerprints`, do runs of an older version of the preset)."""
+    every lambda of its grid has a finished or diverged run. Only runs of the phase's own
+    config count, by the rule `Phase.done` applies, at any seed in the folder: runs of
+    other lambdas (earlier `--lams` sweeps) and runs of another config (an older version
+    of the preset) take no part; the latter are named."""
     cell_dir = phase.preset.cell_dir
-    df, problems = collect_runs(cell_dir, fingerprints) if cell_dir.is_dir() else (None, [])
+    df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
         print(f"[reproduce] {p}", file=sys.stderr)
     grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
     if df is not None:   # the phase's lambdas are its grid, in the preset's grid or not
-        df = df[df.lam.isin(grid) & ~is_stale(df[CHANGES])]
-        df = df.assign(**{CHANGES: df[CHANGES].map(without_off_grid)})
+        df = df[df.lam.isin(grid)]
+        other = [d for d, lam, seed in zip(df.run_dir, df.lam, df.seed) if not phase.holds_own_run(d, lam, seed)]
+        for d in other:
+            print(f"[reproduce] {d}: another config than this selection's; not used to choose lambda "
+                  "(move it away, or OVERRIDES=resume=never to run it again)", file=sys.stderr)
+        df = df[~df.run_dir.isin(other)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
         raise SystemExit(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):

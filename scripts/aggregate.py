@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import compose_plain, preset_fingerprint
+from experiments.common import compose_plain, preset_protocol
 from per.analysis.tables import write_tables
 from per.analysis.wandb_source import collect_source
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity,
-                                              fingerprints=preset_fingerprint)
+                                              protocols=preset_protocol)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     if args.task != "all":

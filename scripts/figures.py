@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import compose_plain, preset_fingerprint
+from experiments.common import compose_plain, preset_protocol
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import (GROUP_KEYS, drop_partial_beside_complete, method_sort_key, report_runs,
@@ -30,8 +30,8 @@ from per.schema import FINISHED, TASKS
 def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
     """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks (partial runs
     only where their cell has no finished complete one, as the tables average)."""
-    frames = [drop_partial_beside_complete(runs_of(df, task))
-              .merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]], on=[*GROUP_KEYS, "lam"])
+    frames = [drop_partial_beside_complete(runs_of(df, task).merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]],
+                                                                   on=[*GROUP_KEYS, "lam"]))
               for task in TASKS if (df.task == task).any()]
     return pd.concat(frames, ignore_index=True)
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = figures.plot_losses_1d(out)
     try:
         df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity,
-                                              fingerprints=preset_fingerprint)
+                                              protocols=preset_protocol)
     except FileNotFoundError as e:     # only the 1-D loss figure, below
         df, problems, source = pd.DataFrame(), [str(e)], args.runs
     for problem in problems:

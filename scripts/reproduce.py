@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import ENTRY, compose_plain, compose_preset, preset_fingerprint, preset_names, preset_task
+from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
 from per import schedule, sweep
 from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
@@ -152,7 +152,7 @@ def print_wall_clock(phases: list, args) -> None:
 
 
 def _choose(select: sweep.Phase) -> float:
-    lam = sweep.chosen_lambda(select, preset_fingerprint)
+    lam = sweep.chosen_lambda(select)
     print(f"[reproduce] {select.preset.name}: lambda = {lam:g} (validation)", flush=True)
     return lam
 

@@ -1,6 +1,7 @@
 """Run collection, honest lambda selection and tables, on generated run directories."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import runpy
@@ -329,10 +330,8 @@ def test_a_lone_diverged_lambda_is_counted_but_gets_no_final_runs(tmp_path, pape
     l2 = row(chosen, method="l2")
     assert (l2.lam, l2.n_failed, l2.n_diverged) == (1e-4, 1, 0)
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
-    phase = sweep.Phase(sweep.Preset("p", {"task": "cifar", "run_dir": str(cell_dir / "x")}), (), [1e30], [0],
-                        selection=True)
     with pytest.raises(SystemExit, match="diverged in every selection run"):
-        sweep.chosen_lambda(phase)
+        sweep.chosen_lambda(_own_phase(cell_dir, [1e30]))
     t3 = tables.format_table(tables.cell_results(df, "lm", paper), "T3")
     assert all("3/3 diverged" in text for text in t3.iloc[0])
 
@@ -748,8 +747,7 @@ def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, c
     make_run(tmp_path, **PER, **SEL, lam=3e-4, status="failed", final=image(None, None))
     make_run(tmp_path, **PER, **SEL, lam=1e-2, final=image(1.0, None))      # an earlier --lams sweep
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
-    phase = lambda lams: sweep.Phase(sweep.Preset("p", {"task": "cifar", "run_dir": str(cell_dir / "x")}),  # noqa: E731
-                                     (), lams, [0], selection=True)
+    phase = functools.partial(_own_phase, cell_dir)
     with pytest.raises(SystemExit, match="at lambda 0.0003; the same command resumes them"):
         sweep.chosen_lambda(phase([1e-4, 3e-4]))
     assert sweep.chosen_lambda(phase([1e-4])) == 1e-4       # 1e-2 scores better but is not in the grid
@@ -770,23 +768,31 @@ def test_of_two_finished_copies_of_a_run_the_newest_attempt_counts(tmp_path):
                         f"{tmp_path / 'cifar' / 'b_new'}/lam=0.0,seed=0,val=0 (finished); not counted"]
 
 
-def _record_fingerprint(run: Path, fingerprint: str) -> None:
+def _record_protocol(run: Path, protocol: dict) -> None:
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "protocol_fingerprint": fingerprint}))
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "protocol": protocol}))
+
+
+def _own_phase(cell_dir: Path, lams: list[float]):
+    """A selection phase whose config is that of the cell's first run (as `reproduce` composes it)."""
+    from per import sweep
+    cfg = yaml.safe_load(next(cell_dir.rglob("config.yaml")).read_text())
+    return sweep.Phase(sweep.Preset("p", {**cfg, "run_dir": str(cell_dir / "x")}), (), lams, [0], selection=True)
 
 
 def test_a_run_of_an_older_version_of_its_preset_is_never_reported_as_the_presets(tmp_path, paper):
-    """Given the presets' present fingerprints, a run that recorded another one gets a row of
-    its own, is not compared with the paper and takes no part in a reproduction's choice;
-    runs that recorded none, and presets that no longer exist, are not judged."""
-    from per import sweep
-    now = {"p": "new"}.get
-    for seed, fingerprint in ((0, "new"), (1, "new"), (2, "old"), (3, None)):
+    """Given the presets' present protocols, a run that recorded another one gets a row of
+    its own and is not compared with the paper; runs that recorded none, presets that no
+    longer exist, and a key added since at the run's value are not judged."""
+    now = {"p": {"optim.lr": 0.1, "model.depth": 56, "optim.new_key": 1}}.get
+    recorded = {0: {"optim.lr": 0.1, "model.depth": 56}, 1: {"optim": {"lr": 0.1}, "model": {"depth": 56}},
+                2: {"optim.lr": 0.2, "model.depth": 56}, 3: None}
+    for seed, protocol in recorded.items():
         run = make_run(tmp_path, preset="p", seed=seed, final=image(None, 7.0 + seed))
-        if fingerprint:
-            _record_fingerprint(run, fingerprint)
-    _record_fingerprint(make_run(tmp_path, preset="gone", seed=4, final=image(None, 7.0)), "old")
-    df, problems = collect.collect_runs(tmp_path, fingerprints=now)
+        if protocol:
+            _record_protocol(run, protocol)
+    _record_protocol(make_run(tmp_path, preset="gone", seed=4, final=image(None, 7.0)), {"optim.lr": 0.2})
+    df, problems = collect.collect_runs(tmp_path, protocols=now)
     stale = df[collect.is_stale(df.changes)]
     assert stale.seed.tolist() == [2] and stale.changes.tolist() == ["preset=p (changed since the run)"]
     assert [p for p in problems if "changed since the run" in p] == [
@@ -796,16 +802,22 @@ def test_a_run_of_an_older_version_of_its_preset_is_never_reported_as_the_preset
     assert row(res, changes="").n == 4 and row(res, changes="").paper == 7.21
     old = row(res, changes="preset=p (changed since the run)")
     assert old.n == 1 and math.isnan(old["diff"])
-    # A reproduction's choice of lambda ignores the old run (it scores best here).
-    for lam, val, fingerprint in ((1e-4, 6.0, "new"), (3e-4, 5.0, "new"), (1e-4, 1.0, "old")):
-        seed = 1 if val == 1.0 else 0
-        _record_fingerprint(make_run(tmp_path / "sel", **PER, **SEL, preset="q", lam=lam, seed=seed,
-                                     final=image(val, None)), fingerprint)
-    cell_dir = tmp_path / "sel" / "cifar" / "q"
-    phase = sweep.Phase(sweep.Preset("q", {"task": "cifar", "run_dir": str(cell_dir / "x")}),
-                        (), [1e-4, 3e-4], [0], selection=True)
-    assert sweep.chosen_lambda(phase, {"q": "new"}.get) == 3e-4
-    assert sweep.chosen_lambda(phase) == 1e-4       # without: the old run's 1.0 enters 1e-4's mean
+
+
+def test_a_reproductions_choice_uses_only_runs_of_its_own_config(tmp_path, capsys):
+    """A run at another seed with another config (an older preset) takes no part, as the
+    runner would not count it either (`Phase.holds_own_run`); it is named."""
+    from per import sweep
+    for lam, val in ((1e-4, 6.0), (3e-4, 5.0)):
+        make_run(tmp_path, **PER, **SEL, lam=lam, final=image(val, None))
+    old = make_run(tmp_path, **PER, **SEL, lam=1e-4, seed=1, final=image(1.0, None))
+    phase = _own_phase(next((tmp_path / "cifar").glob("*_per_*")), [1e-4, 3e-4])
+    assert sweep.chosen_lambda(phase) == 1e-4            # the seed-1 run's 1.0 counts: same config
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    config["model"]["norm"] = "bn"                       # as if the preset had changed since
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    assert sweep.chosen_lambda(phase) == 3e-4
+    assert f"{old}: another config than this selection's" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["other_split", "unsettled"])
@@ -834,3 +846,20 @@ def test_a_choice_made_off_protocol_is_shown_and_not_compared(tmp_path, paper, c
     else:
         assert per.choice_unsettled and not per.off_protocol_split and per.n_unsettled == 1
         assert "selection: 1 run without a result" in text and "selection unsettled" in text
+
+
+def test_a_partial_run_is_left_out_only_beside_a_complete_one_at_its_lambda(tmp_path, paper):
+    """Figures draw per lambda: a complete run at another lambda does not hide the chosen
+    lambda's partial run, which the table row shows (marked partial)."""
+    grid = {**PER, "lam_grid": [1e-4, 3e-4]}
+    for lam, val in ((1e-4, 6.0), (3e-4, 5.0)):
+        make_run(tmp_path, **grid, **SEL, lam=lam, final=image(val, None))
+    make_run(tmp_path, **grid, lam=1e-4, final=image(None, 7.0))
+    make_run(tmp_path, **grid, lam=3e-4, max_steps=5, final=image(None, 6.8))      # partial
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert per.lam == 3e-4 and per.n == 1 and per.partial
+    assert row(tables.lambda_reports(df, "cifar"), lam=3e-4)["mean"] == 6.8
+    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
+    curves = runpy.run_path(str(script))["at_chosen_lambda"](df, tables.report_runs)
+    assert curves.lam.tolist() == [3e-4] and curves.partial.tolist() == [True]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.common import preset_fingerprint
+from experiments.common import preset_protocol
 from per.data.cifar import write_fake_cifar
 from runner_utils import ROOT, without_timing
 
@@ -127,9 +127,10 @@ def test_a_group_chosen_over_a_presets_is_a_protocol_change(data_root, tmp_path)
     # model=resnet20 replaces the preset's resnet56; method=per is the preset's own group.
     assert "model.name=resnet20" in changes and "data.batch_size=32" in changes
     assert not any(c.startswith("method.") for c in changes)
-    # The run records its preset's protocol as the tables compute it now (not the changes).
-    assert config["protocol_fingerprint"] == preset_fingerprint("t1_cifar10_resnet56_per")
-    assert preset_fingerprint("t1_cifar10_resnet56_per") != preset_fingerprint("t1_cifar10_resnet110_per")
+    # The run records its preset's protocol as the tables compose it now (not the changes).
+    assert config["protocol"] == preset_protocol("t1_cifar10_resnet56_per")
+    assert config["protocol"]["model.name"] == "resnet56" and "seed" not in config["protocol"]
+    assert preset_protocol("t1_cifar10_resnet110_per")["model.name"] == "resnet110"
 
 
 def test_plain_python_call_shows_lines(data_root, tmp_path):

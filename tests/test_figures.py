@@ -265,8 +265,8 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     from per.analysis import collect, wandb_source
     df, _ = collect.collect_runs(runs)
     asked = []
-    monkeypatch.setattr(wandb_source, "collect_wandb", lambda project, entity, fingerprints:
-                        asked.append((project, entity, fingerprints is not None))
+    monkeypatch.setattr(wandb_source, "collect_wandb", lambda project, entity, protocols:
+                        asked.append((project, entity, protocols is not None))
                         or (df.assign(run_dir="wandb:ent/proj/" + df.index.astype(str)), []))
     main = runpy.run_path(str(script))["main"]
     assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(tmp_path / "wb")]) == 0

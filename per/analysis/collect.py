@@ -11,8 +11,8 @@ Besides what `summary.json` says, each run's row carries:
   `method.lam=<lam> (not in the grid)` for a regularizer's lambda outside its config's
   `method.lam_grid` (an exploratory sweep, a lambda-0 control), and
   `preset=<name> (changed since the run)` where the collector is given the presets'
-  present fingerprints and the run recorded another (`checks.protocol_fingerprint`: a
-  run of an older version of its preset): tables keep such runs in rows of their own;
+  present protocols and the one the run recorded differs (`checks.protocol_differences`:
+  a run of an older version of its preset): tables keep such runs in rows of their own;
 - `grid_size`: the number of lambdas in a regularized run's `method.lam_grid` (NA without
   one, and for unregularized runs);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from per.training.checks import protocol_differences
 from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, REGULARIZED,
                         RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, VARIANT_KEYS, method_options)
@@ -57,8 +58,8 @@ _DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices
 
 OFF_GRID = "(not in the grid)"   # the `changes` entry of a lambda outside its run's grid
 STALE = "(changed since the run)"   # the `changes` entry of a run of an older version of its preset
-# A preset's present protocol fingerprint (None: unknown, e.g. a preset that no longer exists).
-Fingerprints = Callable[[str], "str | None"]
+# A preset's present protocol (`checks.protocol_of`; None: unknown, e.g. no such preset now).
+Protocols = Callable[[str], "dict | None"]
 
 
 def is_stale(changes: pd.Series) -> pd.Series:
@@ -111,11 +112,11 @@ def min_test(history: Iterable[Mapping]) -> tuple[int | None, float | None]:
 
 
 def run_record(config: Mapping, summary: Mapping, run_dir: str,
-               history: Iterable[Mapping] = (), fingerprints: Fingerprints | None = None) -> dict:
+               history: Iterable[Mapping] = (), protocols: Protocols | None = None) -> dict:
     """One row of the run table from a resolved config, a `summary.json` dict and the
-    run's per-epoch rows (`metrics.jsonl`; for `min_test_*`); `fingerprints` gives a
-    preset's present protocol fingerprint, to mark runs of an older version of it
-    (runs that recorded none are not judged).
+    run's per-epoch rows (`metrics.jsonl`; for `min_test_*`); `protocols` gives a
+    preset's present protocol, to mark runs of an older version of it (runs that recorded
+    none are not judged).
 
     Raises KeyError or ValueError when the summary lacks a key or has an unknown status.
     A `running` status is read as `interrupted` (the collector cannot see the process).
@@ -136,8 +137,9 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     changes = list(config.get("protocol_changes") or [])
     if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
         changes.append(f"method.lam={lam:g} {OFF_GRID}")
-    preset, recorded = config.get("preset"), config.get("protocol_fingerprint")
-    if fingerprints is not None and preset and recorded and fingerprints(preset) not in (None, recorded):
+    preset, recorded = config.get("preset"), config.get("protocol")
+    if (protocols is not None and preset and isinstance(recorded, Mapping)
+            and (present := protocols(preset)) is not None and protocol_differences(dict(recorded), present)):
         changes.append(f"preset={preset} {STALE}")
     return {
         "run_dir": run_dir, "status": status, "task": summary["task"],
@@ -188,17 +190,17 @@ RunReader = Callable[[], tuple[Mapping, Mapping, Iterable[Mapping]]]
 
 
 def run_table(runs: Iterable[tuple[str, RunReader]], errors: tuple[type[Exception], ...],
-              fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str]]:
+              protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The run table from (name, read) pairs, `read()` giving the run's config, summary
     and per-epoch rows, plus the problems list: a run whose reading or record raises
     one of `errors` is skipped, one left `running` is kept (read as `interrupted`), and
     duplicates of another run are dropped (`drop_duplicate_runs`), each with one line;
-    runs of an older version of their preset (`fingerprints`, see `run_record`) get a line too."""
+    runs of an older version of their preset (`protocols`, see `run_record`) get a line too."""
     rows, problems = [], []
     for name, read in runs:
         try:
             config, summary, history = read()
-            rows.append(run_record(config, summary, name, history, fingerprints))
+            rows.append(run_record(config, summary, name, history, protocols))
         except errors as err:
             problems.append(f"{name}: skipped ({type(err).__name__}: {err})")
             continue
@@ -217,9 +219,9 @@ def _read_run_dir(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     return config, summary, _read_jsonl(run_dir / "metrics.jsonl")
 
 
-def collect_runs(root: str | Path, fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str]]:
+def collect_runs(root: str | Path, protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every run under `root` (found by its `summary.json`), one row per run
-    (`fingerprints`: see `run_record`).
+    (`protocols`: see `run_record`).
 
     Returns the run table and a list of problems: unreadable or incomplete runs
     (skipped), duplicates of another run (skipped, see `drop_duplicate_runs`) and
@@ -232,7 +234,7 @@ def collect_runs(root: str | Path, fingerprints: Fingerprints | None = None) -> 
         raise FileNotFoundError(f"no runs folder {root} (check --runs / paths.runs_dir)")
     run_dirs = sorted(path.parent for path in Path(root).rglob("summary.json"))
     return run_table(((str(d), partial(_read_run_dir, d)) for d in run_dirs),
-                     (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError), fingerprints)
+                     (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError), protocols)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -307,7 +307,7 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
         return []
     sources = [(SELECTION_METRIC["cifar"], tables.selection_runs(runs, "cifar")),
                (REPORT_METRIC["cifar"], tables.report_runs(runs, "cifar"))]
-    sources = [(m, tables.drop_partial_beside_complete(r)) for m, r in sources]
+    sources = [(m, tables.drop_partial_beside_complete(r, [*tables.GROUP_KEYS, "lam"])) for m, r in sources]
     sources = [(m, r) for m, r in sources if r[tables.metric_column("cifar", m)].notna().any()]
     if not sources:
         return []

@@ -120,8 +120,8 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
 def lambda_reports(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """The reported metric of every (cell, lambda) among the task's report runs: `mean`,
     `std`, `n` over finished runs (for sweep plots; tables use the chosen lambda only);
-    partial runs only in a cell without a finished complete one, as `cell_results`."""
-    runs = drop_partial_beside_complete(report_runs(df, task))
+    partial runs only at a (cell, lambda) without a finished complete one, as `cell_results`."""
+    runs = drop_partial_beside_complete(report_runs(df, task), [*GROUP_KEYS, "lam"])
     return (runs[runs.status == FINISHED]
             .groupby([*GROUP_KEYS, "lam"], dropna=False)[metric_column(task, REPORT_METRIC[task])]
             .agg(mean="mean", std="std", n="count")
@@ -191,21 +191,22 @@ def welch_interval(a: Sequence[float], b: Sequence[float],
     return float(ci.low), float(ci.high)
 
 
-def _kept_runs(runs: pd.DataFrame, include_partial: bool) -> pd.DataFrame:
-    """`runs` with `kept`: a run counts unless it is partial and its group has a
+def _kept_runs(runs: pd.DataFrame, include_partial: bool, keys: Sequence[str] = tuple(GROUP_KEYS)) -> pd.DataFrame:
+    """`runs` with `kept`: a run counts unless it is partial and its group (`keys`) has a
     finished complete run (every run counts with `include_partial`)."""
-    complete = (runs[(runs.status == FINISHED) & ~runs.partial][GROUP_KEYS]
+    keys = list(keys)
+    complete = (runs[(runs.status == FINISHED) & ~runs.partial][keys]
                 .drop_duplicates().assign(has_complete=True))
-    runs = runs.merge(complete, on=GROUP_KEYS, how="left")
+    runs = runs.merge(complete, on=keys, how="left")
     has_complete = runs.has_complete.eq(True)
     return runs.drop(columns="has_complete").assign(
         kept=include_partial | ~runs.partial | ~has_complete)
 
 
-def drop_partial_beside_complete(runs: pd.DataFrame) -> pd.DataFrame:
-    """`runs` without the partial runs of groups (cell and variant) that have a finished
-    complete run: what tables and figures average."""
-    runs = _kept_runs(runs, include_partial=False)
+def drop_partial_beside_complete(runs: pd.DataFrame, keys: Sequence[str] = tuple(GROUP_KEYS)) -> pd.DataFrame:
+    """`runs` without the partial runs of groups (`keys`: cell and variant; add "lam" for
+    what a figure draws per lambda) that have a finished complete run: what tables average."""
+    runs = _kept_runs(runs, include_partial=False, keys=keys)
     return runs[runs.kept].drop(columns="kept")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from per.analysis.collect import Fingerprints, collect_runs, run_table
+from per.analysis.collect import Protocols, collect_runs, run_table
 from per.schema import EPOCH, TEST_ERROR
 
 SUMMARY_KEY = "summary"
@@ -28,10 +28,10 @@ def _plain(value: Any) -> Any:
 
 
 def collect_wandb(project: str, entity: str | None = None, api: Any = None,
-                  fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str]]:
+                  protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every run of a W&B project as the run table of `collect.collect_runs`
     (`run_dir` is `wandb:<entity>/<project>/<run id>`), plus the problems list
-    (`fingerprints`: see `collect.run_record`).
+    (`protocols`: see `collect.run_record`).
 
     `api` defaults to `wandb.Api()`; tests pass a stand-in with `runs(path)` whose
     runs have `path`, `config`, `summary` and `scan_history(keys)`.
@@ -41,17 +41,17 @@ def collect_wandb(project: str, entity: str | None = None, api: Any = None,
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     return run_table(((f"wandb:{'/'.join(run.path)}", partial(_read_run, run)) for run in api.runs(path)),
-                     (KeyError, ValueError, TypeError, AttributeError), fingerprints)
+                     (KeyError, ValueError, TypeError, AttributeError), protocols)
 
 
 def collect_source(runs: str | Path, project: str | None = None, entity: str | None = None,
-                   fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, list[str], str]:
+                   protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str], str]:
     """(run table, problems, where from): W&B `project` when given, else the run directories
-    under `runs` (`FileNotFoundError` when that folder does not exist); `fingerprints`: see
+    under `runs` (`FileNotFoundError` when that folder does not exist); `protocols`: see
     `collect.run_record`."""
     if project:
-        return (*collect_wandb(project, entity, fingerprints=fingerprints), f"W&B project {project}")
-    return (*collect_runs(runs, fingerprints), str(runs))
+        return (*collect_wandb(project, entity, protocols=protocols), f"W&B project {project}")
+    return (*collect_runs(runs, protocols), str(runs))
 
 
 def _read_run(run: Any) -> tuple[dict, dict, Iterable[dict]]:

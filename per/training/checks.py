@@ -5,9 +5,7 @@ Plain dicts in, errors that name the dotted key, the bad value and what is allow
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 from typing import Any, Callable
 
@@ -35,7 +33,7 @@ METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
 VOLATILE = ("resume", "logger", "run_dir", "paths", "preset", "run_name", "table",
             "trainer.device", "trainer.gpus", "trainer.progress",
             "data.root", "data.download", "data.verify_checksums",
-            "method.lam_grid", "method.slices_grid", "protocol_changes", "protocol_fingerprint")
+            "method.lam_grid", "method.slices_grid", "protocol_changes", "protocol")
 # Keys that do not change a preset's protocol (`protocol_changes`), though a resume
 # compares them: what a sweep sets per run (`per.sweep.Phase.hydra_args`, its selection
 # split), the method options that make a cell's variants (`schema.METHOD_OPTIONS`, in
@@ -294,14 +292,21 @@ def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     return sorted(changes)
 
 
-def protocol_fingerprint(protocol: dict) -> str:
-    """A short hash of what a preset's protocol fixes: the values of `protocol` (the config
-    the preset composes to alone) on the keys that decide a result, `NOT_PROTOCOL` keys
-    aside. A run records it; the tables compare it with the preset's present one, so a run
-    of an older version of its preset is never reported as the preset's."""
-    items = sorted((k, v) for k, v in _flatten(protocol).items()
-                   if _decides_result(k) and not _under(k, NOT_PROTOCOL))
-    return hashlib.sha256(json.dumps(items, default=repr).encode()).hexdigest()[:16]
+def protocol_of(config: dict) -> dict[str, Any]:
+    """What a preset's protocol fixes, `{dotted key: value}`: `config` (what the preset
+    composes to alone; or such a mapping, nested or dotted) on the keys that decide a
+    result, `NOT_PROTOCOL` keys aside. A run records it as `protocol`."""
+    return {k: v for k, v in _flatten(config).items() if _decides_result(k) and not _under(k, NOT_PROTOCOL)}
+
+
+def protocol_differences(recorded: dict, present: dict) -> list[str]:
+    """How a preset's `present` protocol differs from the one a run `recorded`
+    (`protocol_of` both), with the runner's tolerance (`config_differences` with the
+    present protocol as defaults: a key added since is accepted, unless `ADDED` says the
+    run did otherwise): one `key: recorded -> present` line per key. The tables mark a
+    run with differences as a run of an older version of its preset."""
+    now = protocol_of(present)
+    return config_differences(protocol_of(recorded), now, now)
 
 
 def _show(value: Any) -> str:

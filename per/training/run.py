@@ -20,7 +20,7 @@ import torch.nn as nn
 from per import schema
 from per.regularizers import Regularizer
 from per.training import runtime
-from per.training.checks import (ConfigMismatchError, config_differences, protocol_changes, protocol_fingerprint,
+from per.training.checks import (ConfigMismatchError, config_differences, protocol_changes, protocol_of,
                                  validate)
 from per.training.loggers import WandbSink, wandb_group, wandb_name
 from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
@@ -164,14 +164,14 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     `records` (name -> text) are written into the run directory once the run starts
     (the entry points' `.hydra/` record). With `protocol` (the config its preset gives
     alone; else `defaults`), the stored config also lists the run's `protocol_changes`
-    and holds the protocol's `protocol_fingerprint` (`per.training.checks`).
+    and holds the protocol itself as `protocol` (`per.training.checks.protocol_of`).
     """
     console_logging()
     validate(cfg)
     protocol = protocol if protocol is not None else defaults
     if protocol is not None:
         cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg),
-               "protocol_fingerprint": protocol_fingerprint(protocol)}
+               "protocol": protocol_of(protocol)}
     cell = schema.cell_of(cfg)
     run = RunDir(cfg["run_dir"])
     if (cfg["resume"] == "auto" and run.holds_result_or_progress()
