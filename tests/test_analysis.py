@@ -863,3 +863,10 @@ def test_a_partial_run_is_left_out_only_beside_a_complete_one_at_its_lambda(tmp_
     script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
     curves = runpy.run_path(str(script))["at_chosen_lambda"](df, tables.report_runs)
     assert curves.lam.tolist() == [3e-4] and curves.partial.tolist() == [True]
+
+
+def test_a_run_trained_past_its_protocol_is_a_change_even_if_it_did_not_record_it(tmp_path):
+    make_run(tmp_path, epochs=300, protocol_epochs=200, changes=[], final=image(None, 7.0))
+    make_run(tmp_path, seed=1, epochs=200, protocol_epochs=200, changes=[], final=image(None, 7.0))
+    df, _ = collect.collect_runs(tmp_path)
+    assert df.sort_values("seed").changes.tolist() == ["trainer.epochs=300", ""]

@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from per.training.checks import protocol_differences
+from per.training.checks import longer_than_protocol, protocol_differences
 from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, REGULARIZED,
                         RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, VARIANT_KEYS, method_options)
@@ -135,6 +135,8 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     # Only a regularizer's lambda has a grid (unregularized runs record lam = 0).
     grid = [float(g) for g in method.get("lam_grid") or []] if method.get("name") in REGULARIZED else []
     changes = list(config.get("protocol_changes") or [])
+    if (longer := longer_than_protocol(dict(config))) and longer not in changes:   # a run recorded before it counted
+        changes.append(longer)
     if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
         changes.append(f"method.lam={lam:g} {OFF_GRID}")
     preset, recorded = config.get("preset"), config.get("protocol")

@@ -286,10 +286,17 @@ def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     a, b = _flatten(defaults), _flatten(cfg)
     changes = {f"{key}={b[key]}" for key in b
                if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]}
-    epochs, protocol, steps = (b.get(k) for k in ("trainer.epochs", "optim.epochs", "optim.total_steps"))
-    if not steps and _is_int(epochs) and _is_int(protocol) and epochs > protocol:
-        changes.add(f"trainer.epochs={epochs}")
+    if longer := longer_than_protocol(cfg):
+        changes.add(longer)
     return sorted(changes)
+
+
+def longer_than_protocol(cfg: dict) -> str | None:
+    """`trainer.epochs=<n>` where the run trains past its epoch protocol's `optim.epochs`
+    (a step protocol, `optim.total_steps`, caps the steps), else None."""
+    b = _flatten(cfg)
+    epochs, protocol, steps = (b.get(k) for k in ("trainer.epochs", "optim.epochs", "optim.total_steps"))
+    return f"trainer.epochs={epochs}" if not steps and _is_int(epochs) and _is_int(protocol) and epochs > protocol else None
 
 
 def protocol_of(config: dict) -> dict[str, Any]:
