@@ -139,10 +139,11 @@ class Phase:
         out = set()
         for lam in self.lams:
             for seed in self.seeds:
-                summary = RunDir(self.run_dir(lam, seed)).read_summary()   # None: absent, or cut short by a kill
+                run_dir = self.run_dir(lam, seed)
+                summary = RunDir(run_dir).read_summary()          # None: absent, or cut short by a kill
                 if summary is None or summary.get("status") not in (FINISHED, DIVERGED):
                     continue
-                if self.holds_own_run(self.run_dir(lam, seed), lam, seed):
+                if self.holds_own_run(run_dir, lam, seed):
                     out.add((lam, seed))
         return out
 

@@ -62,11 +62,6 @@ STALE = "(changed since the run)"   # the `changes` entry of a run of an older v
 Protocols = Callable[[str], "dict | None"]
 
 
-def is_stale(changes: pd.Series) -> pd.Series:
-    """Which rows' `changes` say the run's preset has changed since the run."""
-    return changes.str.contains(STALE, regex=False)
-
-
 def is_off_grid(changes: pd.Series) -> pd.Series:
     """Which rows' `changes` hold an off-grid lambda entry."""
     return changes.str.contains(OFF_GRID, regex=False)
