@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the README's Speed section in one call of under 10 minutes, each
+# Every GPU measurement of docs/speed.md in one call of under 10 minutes, each
 # part writing under OUT as it goes (a part cut at its time limit keeps what it has):
 #   1. the CUDA tests: tests/test_triton.py (fused kernel against the plain path, a
 #      training step) first, then tests/test_precision.py (bf16 against fp32, CUDA graphs);
