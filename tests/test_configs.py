@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from per import models, schema
 from per.data.cifar import NORMALIZATIONS
 from per.training.checks import config_differences
-from per.training.run import build_regularizer
+from per.training.run import build_regularizer, run_length
 from runner_utils import ROOT, compose_config
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs/experiment").glob("*.yaml"))
@@ -134,6 +134,19 @@ def test_method_rbn_sets_the_model_flag_and_lstm_configs_their_variant():
             net = models.create(model, vocab_size=20, **kwargs)
             assert (net.tied, net.drop.p, net.rbn) == (tied, dropout, method == "rbn")
             assert cfg["model"]["hidden_size"] == 8 and cfg["model"]["num_layers"] == 2
+
+
+def test_trainer_epochs_shortens_a_step_protocol_only_below_its_epochs():
+    """He et al.'s 64k steps set the epochs a split needs (164 of 391 batches, 182 of
+    352); `trainer.epochs` below the protocol's 164 shortens the run, not silently ignored."""
+    def length(overrides, batches):
+        return run_length(compose_config("train_cifar", ["experiment=t1_cifar10_resnet56_bn", *overrides], "x"),
+                          batches)
+    assert length([], 391) == (164, 64000, 64000)
+    assert length([], 352) == (182, 64000, 64000)            # a selection run on 45k images
+    assert length(["trainer.epochs=2"], 391) == (2, 64000, 782)
+    assert length(["trainer.epochs=2", "trainer.max_steps=100"], 391) == (2, 100, 100)
+    assert length(["trainer.epochs=300"], 391) == (164, 64000, 64000)   # the steps cap it
 
 
 def test_protocols_match_design():

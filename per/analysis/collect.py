@@ -78,17 +78,19 @@ def is_partial(config: Mapping, summary: Mapping) -> bool:
     `optim.total_steps` steps when set (He et al.), else `optim.epochs` epochs.
 
     Partial: a `trainer.max_steps` below the protocol's steps (any `max_steps` under an
-    epoch protocol: smoke and debug runs), fewer `trainer.epochs` than the protocol's,
-    or a finished run that completed fewer steps / epochs than the protocol. Records
-    whose config has no `optim` group are not judged (False).
+    epoch protocol: smoke and debug runs), fewer `trainer.epochs` than the protocol's
+    `optim.epochs` (under either kind: `per.training.run.run_length`), or a finished run
+    that completed fewer steps / epochs than the protocol. Records whose config has no
+    `optim` group are not judged (False).
     """
     trainer, optim = config.get("trainer") or {}, config.get("optim") or {}
     max_steps, total_steps, epochs = trainer.get("max_steps"), optim.get("total_steps"), optim.get("epochs")
+    fewer_epochs = bool(epochs) and (trainer.get("epochs") or epochs) < epochs
     if total_steps:
-        planned_short = bool(max_steps) and max_steps < total_steps
+        planned_short = (bool(max_steps) and max_steps < total_steps) or fewer_epochs
         done_short = summary["steps"] < total_steps
     elif epochs:
-        planned_short = bool(max_steps) or (trainer.get("epochs") or epochs) < epochs
+        planned_short = bool(max_steps) or fewer_epochs
         done_short = summary["epochs_completed"] < epochs
     else:
         return False

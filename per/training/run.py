@@ -103,11 +103,14 @@ def create_monitor(cfg: dict, model: nn.Module) -> Monitor | None:
 def run_length(cfg: dict, batches_per_epoch: int) -> tuple[int, int | None, int]:
     """(epochs, max_steps, planned steps) of the run: `optim.total_steps` (step-based
     protocols, He et al.'s 64k iterations) sets the epochs it needs and caps the steps,
-    as does `trainer.max_steps`."""
+    as does `trainer.max_steps`. There, `trainer.epochs` below the protocol's
+    `optim.epochs` shortens the run to that many epochs (a partial run); at or above it,
+    the steps decide."""
     trainer, optim = cfg["trainer"], cfg["optim"]
     epochs = trainer["epochs"]
     if optim.get("total_steps"):
-        epochs = -(-optim["total_steps"] // batches_per_epoch)
+        needed = -(-optim["total_steps"] // batches_per_epoch)
+        epochs = min(epochs, needed) if epochs < optim.get("epochs", epochs) else needed
     limits = [s for s in (trainer["max_steps"], optim.get("total_steps")) if s]
     max_steps = min(limits) if limits else None
     planned = epochs * batches_per_epoch
