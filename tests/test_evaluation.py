@@ -23,3 +23,18 @@ def test_eval_mode_restores_the_mode_on_error() -> None:
     with pytest.raises(RuntimeError), eval_mode(model):
         raise RuntimeError("boom")
     assert model.training and torch.is_grad_enabled()
+
+
+def test_image_task_evaluates_with_its_default_precision_context() -> None:
+    """ImageTask built without `autocast` (the library's own use) evaluates in full precision."""
+    from per.data.cifar import DeviceLoader
+    from per.training.image_task import ImageTask
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    y = torch.arange(8) % 2
+    loader = DeviceLoader(x, y, 4, device="cpu", train=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    task = ImageTask(loader, {"test": loader}, probe=None)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))
+    out = task.evaluate(model)
+    assert set(out) == {"test_error", "test_loss"} and 0.0 <= out["test_error"] <= 100.0

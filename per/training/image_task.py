@@ -1,6 +1,7 @@
 """Image classification on CIFAR-10/100: the task object and its builder."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Iterator
 
@@ -16,12 +17,15 @@ from per.training.loop import Experiment
 
 
 class ImageTask:
-    """Cross-entropy training on device-resident CIFAR; errors in percent."""
+    """Cross-entropy training on device-resident CIFAR; errors in percent.
+
+    `autocast`: a no-argument factory of the precision context for forward passes
+    (default: none)."""
     name = "cifar"
     items = "images"
 
     def __init__(self, train: DeviceLoader, evals: dict[str, DeviceLoader], probe: torch.Tensor | None,
-                 *, mixup_alpha: float = 0.0, autocast: Callable = torch.autocast,
+                 *, mixup_alpha: float = 0.0, autocast: Callable = contextlib.nullcontext,
                  eval_limit: int | None = None) -> None:
         self.train = train
         self.evals = evals            # schema.VAL (optional) and schema.TEST
