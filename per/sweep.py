@@ -282,13 +282,19 @@ def _measured_with(table: dict) -> str:
 RUNS_PER_DEVICE_MARGIN = 1.05
 
 
+def runs_per_hour(table: dict | None, task: str) -> dict[int, float]:
+    """{runs at once: runs per hour} for `task` ("cifar" or "lm") in a step-time table's
+    `runs_per_hour` (`scripts/step_times.py --concurrency`: one preset per task; where a
+    table holds several, the first measured), {} without a measurement."""
+    return next(({int(n): v for n, v in r.items() if n.isdigit()}
+                 for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task), {})
+
+
 def best_runs_per_device(table: dict | None, task: str) -> tuple[int, str]:
     """(k, why): the number of runs at once with the most runs per hour for `task`
-    ("cifar" or "lm") in a step-time table's `runs_per_hour` (`scripts/step_times.py
-    --concurrency`), the smallest one within `RUNS_PER_DEVICE_MARGIN` of the best; (1, why)
-    when the table has no such measurement."""
-    rates = {int(k): v for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task
-             for k, v in r.items() if k.isdigit()}
+    (`runs_per_hour`), the smallest one within `RUNS_PER_DEVICE_MARGIN` of the best;
+    (1, why) when the table has no such measurement."""
+    rates = runs_per_hour(table, task)
     if not rates:
         return 1, f"no runs-per-hour measurement for {task}; run `scripts/step_times.py --concurrency 1,2,4,8`"
     top = max(rates.values())
@@ -362,8 +368,7 @@ def concurrency_slowdown(table: dict | None, task: str, k: int) -> tuple[float |
     gain in runs per hour assumed beyond it; None where `task` has no measurement at all."""
     if k == 1:
         return 1.0, ""
-    rates = next(({int(n): v for n, v in r.items() if n.isdigit()}
-                  for r in (table or {}).get("runs_per_hour", {}).values() if r["task"] == task), {})
+    rates = runs_per_hour(table, task)
     below = [m for m in rates if m <= k]
     if 1 not in rates or not below:
         return None, f"no runs-per-hour measurement for {task}"

@@ -93,7 +93,7 @@ def test_sweep_selects_on_validation_then_trains_seeds_and_skips_finished(tmp_pa
     logs = tmp_path / "logs/cifar"
     log = (logs / "t1_cifar10_resnet56_per-val64/lam=0.01,seed=0.log").read_text()
     assert log.startswith("=== ")
-    assert f", {max(1, os.cpu_count() // 2)} threads)" in log     # 2 runs at once share the cores
+    assert f", {max(1, os.cpu_count() // 2)} torch threads)" in log     # 2 runs at once share the cores
     assert (logs / f"t1_cifar10_resnet56_per/lam={float(chosen):g},seed=1.log").exists()
     starts = [line for line in first.stdout.splitlines() if " start " in line]
     assert len(starts) == 4 and "(2 of 2 slots busy)" in starts[1]

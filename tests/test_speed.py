@@ -264,6 +264,16 @@ def test_best_runs_per_device_takes_the_smallest_count_near_the_best():
     assert sweep.best_runs_per_device(None, "lm")[0] == 1
 
 
+def test_the_choice_and_the_slowdown_read_the_same_measurement_of_a_task():
+    """A table holding two presets of a task: both readers take the first measured one."""
+    table = {"device": "Card", "runs_per_hour": {
+        "t3_ptb_lstm_per": {"task": "lm", "1": 6.0, "2": 6.9, "4": 6.8},
+        "t3_ptb_lstm_rbn": {"task": "lm", "1": 1.0, "4": 30.0}}}
+    assert sweep.runs_per_hour(table, "lm") == {1: 6.0, 2: 6.9, 4: 6.8}
+    assert sweep.best_runs_per_device(table, "lm")[0] == 2
+    assert sweep.concurrency_slowdown(table, "lm", 4)[0] == pytest.approx(4 * 6.0 / 6.8)
+
+
 def _script_module(name: str):
     """scripts/<name>.py as a module (its functions can be patched)."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"scripts/{name}.py")

@@ -222,7 +222,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             runtime.seed_everything(cfg["seed"])
             device = runtime.resolve_device(trainer["device"])
             runtime.configure_backends(device, trainer["deterministic"], trainer["precision"])
-            dev_name = runtime.device_name(device)
+            dev_name = runtime.device_info(device)["name"]
             setup = build_setup(cfg, build, device)
             model, task = setup.model, setup.task
             _check_has_a_batch(cfg, task.batches_per_epoch())

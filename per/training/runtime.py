@@ -84,12 +84,6 @@ def configure_backends(device: torch.device, deterministic: bool, precision: str
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def device_info(device: torch.device) -> dict[str, str]:
     """`name` (the card, or the CPU model with its cores and torch threads) and `slug`
     (`cuda-<card>` or `cpu-<model>`: the stem of the device's step-time table)."""
