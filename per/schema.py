@@ -1,7 +1,7 @@
 """The run-record vocabulary: one place for split names, the keys of a `metrics.jsonl`
 row (metrics, per-site diagnostics), the table cell and its labels, and run statuses.
 
-`summary.json` (DESIGN.md section 4) and `paper_tables.csv` share this vocabulary, so
+`summary.json` (README, "What lands in a run directory") and `paper_tables.csv` share this vocabulary, so
 aggregation can join our runs with the paper's numbers on
 (`table`, `dataset`, `model`, `activation`, `method`).
 """
@@ -66,7 +66,7 @@ SELECTION_METRIC = {"cifar": VAL_ERROR, "lm": VAL_PPL}   # lambda is chosen on t
 SELECTION_VAL_SIZE = 5000   # training images held out to choose lambda on (the protocol's 45k/5k)
 REPORT_METRIC = {"cifar": TEST_ERROR, "lm": TEST_PPL}     # the table reports this
 # Where the reported metric is read from: images report the final epoch, LMs the
-# best-validation checkpoint (DESIGN.md section 4, honest selection).
+# best-validation checkpoint (docs/protocols.md, "Selection and reporting").
 REPORT_FROM = {"cifar": "final", "lm": "best"}
 
 # Which paper table a model belongs to.

@@ -1,4 +1,4 @@
-"""Speed benchmark (DESIGN.md section 5): every ratio against its baseline, measured in
+"""Speed benchmark (docs/speed.md): every ratio against its baseline, measured in
 the same run on this machine's device, the quick sections first, then the compiling ones.
 Each result is one JSON line, printed (and appended to `--out`) as soon as it is measured,
 so a run cut short still reports what it has; a section that fails reports its error and the others run

@@ -1,5 +1,5 @@
-"""The Fixup reference training loop (hongyi-zhang/Fixup `cifar/cifar_train.py`, REFERENCES.md
-section 1), written out plainly, to run side by side with our image runner on the same files:
+"""The Fixup reference training loop (hongyi-zhang/Fixup `cifar/cifar_train.py`;
+docs/protocols.md, Table 1), written out plainly, to run side by side with our image runner on the same files:
 torchvision's CIFAR-10 reader, RandomCrop(32, padding=4) + flip + Normalize(Fixup's
 constants), a shuffled DataLoader of 128 (last partial batch kept), SGD momentum 0.9 at
 lr 0.1 with biases and scales at lr/10, weight decay 1e-4 on all, cross-entropy, no mixup;

@@ -21,6 +21,19 @@ def test_no_references_outside_the_repository(page):
     assert "../shared" not in text
 
 
+SHIPPED = [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / "environment.yml",
+           *(f for d in ("per", "experiments", "scripts", "configs")
+             for f in sorted((ROOT / d).rglob("*")) if f.suffix in (".py", ".yaml", ".sh"))]
+
+
+def test_shipped_code_and_configs_cite_only_what_ships():
+    """Code and configs point to the README and docs/, not to the team's own notes."""
+    for path in SHIPPED:
+        text = path.read_text()
+        for outside in ("DESIGN.md", "REFERENCES.md", "shared/"):
+            assert outside not in text, f"{path.relative_to(ROOT)} cites {outside}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_relative_links_resolve(page):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):

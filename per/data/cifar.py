@@ -10,8 +10,9 @@
   batched there. Its iteration is stateless: `epoch(e, start_batch=k)` is a pure
   function of (seed, e), so a resumed run sees exactly the batches it would have seen.
 - `write_fake_cifar` writes a small learnable dataset in the official layout
-  (tests, CPU demos); `convert_jpeg_npz_to_pickles` turns the JPEG copy of
-  CIFAR-10 in `shared/data/cifar10` into that layout.
+  (tests, CPU demos); `convert_jpeg_npz_to_pickles` turns a JPEG-compressed copy of
+  CIFAR-10 (an `.npz` of JPEG bytes, offsets, labels and class names, as the development
+  machines carry) into that layout.
 """
 from __future__ import annotations
 
@@ -450,7 +451,8 @@ def write_fake_cifar(root: str | Path, name: str = "cifar10", n_train: int = 100
 
 
 def decode_jpeg_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode the JPEG copy (shared/data/README.md): -> uint8 (N, 32, 32, 3), int64 labels, names."""
+    """Decode a JPEG-compressed CIFAR copy (`.npz`: `jpeg` bytes, `offsets` (N + 1,), `labels`,
+    `class_names`) -> uint8 (N, 32, 32, 3), int64 labels, names."""
     from PIL import Image
 
     with np.load(path) as z:

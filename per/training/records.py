@@ -83,7 +83,7 @@ def _clean(value: Any) -> Any:
 
 
 class RunDir:
-    """One run's directory and its records (DESIGN.md section 4)."""
+    """One run's directory and its records (README, "What lands in a run directory")."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)    # created by `lock()` or the first write, not here
