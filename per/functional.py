@@ -305,11 +305,9 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
     return grad.to(x.dtype), p
 
 
-# Points per block on the CPU path (1 MiB of float32 projections at s = 256). Measured on
-# the 19 sites of a Fixup ResNet-20 PER step (batch 32, one thread), add_per_grad eager:
-# 108 / 97 / 94 / 93 / 132 ms at 256 / 512 / 1024 / 2048 / 4096 rows; with PER_CPU_COMPILE=1
-# (before the shifted projections): 89 / 89-91 / 95 ms at 512 / 1024 / 2048 rows; 200 ms
-# unblocked.
+# Points per block on the CPU path (1 MiB of float32 projections at s = 256): the fastest
+# of 256 to 4096 rows over a ResNet-20 PER step's sites, eager and compiled (docs/speed.md,
+# "Blocks").
 PER_GRAD_BLOCK_ROWS = 1024
 FUSED_MAX_DIM = 256
 
@@ -449,9 +447,8 @@ def _scaled_erf_cpu(q: torch.Tensor, scale: float, *, out: torch.Tensor,
 def _per_grad_cpu_compiled(x: torch.Tensor, theta: torch.Tensor, scale: float,
                            block_rows: int) -> torch.Tensor:
     """`_per_grad_blocked` through `torch.compile` (`PER_CPU_COMPILE=1`, float32 on CPU):
-    Inductor's vectorized C++ `erf` and no per-block Python. Measured on the 19 sites of a
-    Fixup ResNet-20 step at batch 32 (one thread): 89-91 ms against 93-96 ms eager
-    (`_per_grad_cpu`); max abs error of its `erf` 5e-7 against float64.
+    Inductor's vectorized C++ `erf` and no per-block Python; max abs error of its `erf`
+    5e-7 against float64. Its time against the eager `_per_grad_cpu`: docs/speed.md.
 
     Compiled per point-cloud shape (`dynamic=False`: the block loop unrolls; a ResNet run
     has one per stage, twice with the epoch's last partial batch); past torch's recompile

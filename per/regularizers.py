@@ -22,7 +22,7 @@ accumulated micro-batches): `begin_step(loss_scale=...)`.
 
 Example:
     reg = Regularizer(model, "per", lam=1e-4)
-    for x, y in loader:
+    for step, (x, y) in enumerate(loader):
         reg.begin_step(track=step % 100 == 0)
         loss = F.cross_entropy(model(x), y) + reg.penalty()
         loss.backward()

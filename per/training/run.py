@@ -192,8 +192,10 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
 
 
 def _on_terminal() -> bool:
-    """A bar only where both streams are a terminal: the bar draws on stderr, the log (and,
-    without a bar, its progress lines) goes to stdout, so `> run.log` keeps the progress."""
+    """A bar only where both streams are a terminal: the bar draws on stderr, and the log
+    (and, without a bar, its progress lines) goes to stdout under Hydra's config
+    (`configs/hydra`), to stderr through `console_logging` otherwise; so redirecting
+    either stream to a file (`> run.log`, `2> run.log`) gives progress lines, not a bar."""
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
