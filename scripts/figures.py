@@ -25,6 +25,7 @@ from per.analysis.tables import (GROUP_KEYS, drop_partial_beside_complete, metho
                                  row_labels, select_lambda, selection_runs)
 from per.analysis.wandb_source import collect_source
 from per.schema import FINISHED, TASKS
+from per.training.records import ACTIVATIONS
 
 
 def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
@@ -39,7 +40,7 @@ def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
 def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One run with `activations.jsonl` per cell and row label, preferring the chosen
     lambda, finished runs, reported runs and low seeds."""
-    runs = df[[(Path(d) / "activations.jsonl").is_file() for d in df.run_dir]]
+    runs = df[[(Path(d) / ACTIVATIONS).is_file() for d in df.run_dir]]
     chosen = at_chosen_lambda(df, lambda d, task: d[d.task == task])[["run_dir"]]
     runs = runs.assign(label=row_labels(runs),
                        other_lam=~runs.run_dir.isin(chosen.run_dir),

@@ -36,6 +36,7 @@ from per.data.corpus import write_fake_corpus
 from per.functional import LAYOUTS, REDUCTIONS
 from per.strength import measure_strength
 from per.training import runtime
+from per.training.records import CHECKPOINT
 from per.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def measure_family(fam: Family, steps: int, root: Path, work: Path,
     cfg = _config(fam, fam.base, data_root, run_dir, steps, overrides)
     rows = _rows(fam, cfg, build, "init", data, None, overrides, data_root, run_dir)
     summary = train(cfg, build)          # the real runner; a finished run is reused
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
     rows += _rows(fam, cfg, build, f"step {summary['steps']}", data, ckpt["model"], overrides,
                   data_root, run_dir)
     return rows

@@ -110,7 +110,7 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
         subprocess.run(_cmd(data_root, run_dir, "trainer.epochs=1", "trainer.max_steps=3"), env=_env(),
                        check=True, stdout=out, stderr=subprocess.STDOUT)
     for text in ((tmp_path / "out.txt").read_text(), (run_dir / "train_cifar.log").read_text()):
-        assert f"run {run_dir} | device cpu" in text and "3 steps planned" in text
+        assert f"run {run_dir} | device " in text and "torch threads) |" in text and "3 steps planned" in text
         assert "epoch 1/1 step 3 | lr=" in text and f"finished {run_dir} | train_loss=" in text
     # Command-line values that change the protocol are recorded (where and how the run
     # runs, its length and method options are not; without a preset, group choices such

@@ -300,7 +300,7 @@ def test_console_lines_go_through_logging(data_root, tmp_path, caplog):
     cfg = _cfg(data_root, tmp_path, "model=resnet20", "trainer.epochs=2")
     train(cfg, build_image_experiment)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("per")]
-    assert lines[0].startswith(f"run {tmp_path} | device cpu")
+    assert lines[0].startswith(f"run {tmp_path} | device {runtime.device_info(torch.device('cpu'))['name']} |")
     assert "parameters | 16 steps planned (2 epochs of 8 batches)" in lines[0]
     assert [l.split(" |")[0] for l in lines[1:3]] == ["epoch 1/2 step 8", "epoch 2/2 step 16"]
     assert "test_error=" in lines[1] and "train_loss=" in lines[1]

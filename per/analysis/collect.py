@@ -24,7 +24,6 @@ Besides what `summary.json` says, each run's row carries:
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -34,11 +33,11 @@ import pandas as pd
 import yaml
 
 from per.training.checks import longer_than_protocol, protocol_differences
+from per.training import records
 from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, REGULARIZED,
                         RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, VARIANT_KEYS, method_options)
 
-log = logging.getLogger(__name__)
 
 METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
 RUN_COLUMNS = (
@@ -213,9 +212,9 @@ def run_table(runs: Iterable[tuple[str, RunReader]], errors: tuple[type[Exceptio
 
 
 def _read_run_dir(run_dir: Path) -> tuple[dict, dict, list[dict]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return config, summary, _read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / records.SUMMARY).read_text())
+    config = yaml.safe_load((run_dir / records.CONFIG).read_text())
+    return config, summary, records.read_jsonl(run_dir / records.METRICS)
 
 
 def collect_runs(root: str | Path, protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -231,30 +230,15 @@ def collect_runs(root: str | Path, protocols: Protocols | None = None) -> tuple[
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"no runs folder {root} (check --runs / paths.runs_dir)")
-    run_dirs = sorted(path.parent for path in Path(root).rglob("summary.json"))
+    run_dirs = sorted(path.parent for path in Path(root).rglob(records.SUMMARY))
     return run_table(((str(d), partial(_read_run_dir, d)) for d in run_dirs),
                      (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError), protocols)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a jsonl file; unreadable lines (a run killed mid-write) are skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s:%d: unreadable line skipped", path, number)
-    return records
 
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """`metrics.jsonl` as a frame, one row per epoch (per-site keys such as
     `grad_ratio/<site>` stay columns); empty when the file is missing."""
-    return pd.DataFrame(_read_jsonl(Path(run_dir) / "metrics.jsonl"))
+    return pd.DataFrame(records.read_jsonl(Path(run_dir) / records.METRICS))
 
 
 def load_activations(run_dir: str | Path) -> pd.DataFrame:
@@ -264,10 +248,10 @@ def load_activations(run_dir: str | Path) -> pd.DataFrame:
     position among the model's post-activation sites), `site` is "layer <k>", so
     models whose site names differ (BN vs Fixup ResNets) line up."""
     per_unit = ["unit", "mean", "var", "q25", "q50", "q75"]
-    records = _read_jsonl(Path(run_dir) / "activations.jsonl")
-    if not records:
+    rows = records.read_jsonl(Path(run_dir) / records.ACTIVATIONS)
+    if not rows:
         return pd.DataFrame(columns=["step", "epoch", "site", *per_unit, "sw1"])
-    wide = pd.DataFrame(records).rename(columns={"units": "unit"})
+    wide = pd.DataFrame(rows).rename(columns={"units": "unit"})
     if "layer" in wide:
         wide["site"] = "layer " + wide.layer.astype(int).astype(str)
     long = wide.explode(per_unit, ignore_index=True)

@@ -29,12 +29,30 @@ WANDB_DIR = "wandb"       # W&B's files of the run (`loggers.WandbSink`)
 # The checkpoints to resume from, newest first: `last.pt.new` exists only complete (written
 # atomically) and newer than `last.pt`, which a kill before `save_checkpoint`'s renames left.
 CHECKPOINTS = (f"{CHECKPOINT}.new", CHECKPOINT, PREVIOUS_CHECKPOINT)
+CONFIG = "config.yaml"      # the resolved config
 METRICS = "metrics.jsonl"   # one row per epoch
 ACTIVATIONS = "activations.jsonl"   # the monitor's rows
 SUMMARY = "summary.json"
 LOCK = ".lock"
 
 log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a jsonl record, [] when it is missing. A line that is not JSON (a kill
+    mid-append leaves a partial last one, which a resume truncates) is skipped with a
+    warning naming it."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line skipped", path, number)
+    return rows
 
 
 class RunLockedError(RuntimeError):
@@ -125,10 +143,10 @@ class RunDir:
 
     # --- config -------------------------------------------------------------
     def write_config(self, config: dict) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict | None:
-        f = self.path / "config.yaml"
+        f = self.path / CONFIG
         return yaml.safe_load(f.read_text()) if f.exists() else None
 
     # --- summary ------------------------------------------------------------
@@ -174,16 +192,7 @@ class RunDir:
         atomic_write_text(f, "".join(l + "\n" for l in keep))
 
     def read_jsonl(self, name: str) -> list[dict]:
-        f = self.path / name
-        if not f.exists():
-            return []
-        rows = []
-        for line in f.read_text().splitlines():
-            try:   # a kill mid-append leaves a partial last line (`truncate` drops it on resume)
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        return read_jsonl(self.path / name)
 
     # --- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, state: dict, name: str = CHECKPOINT) -> None:
