@@ -2,6 +2,7 @@
 record, exit codes."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import functools
@@ -59,6 +60,21 @@ def preset_task(name: str) -> str:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         dataset = compose(ENTRY["cifar"], overrides=[f"experiment={name}"]).data.name
     return next(task for task, names in DATASETS.items() if dataset in names)
+
+
+@functools.cache
+def suite_paths() -> dict:
+    """The suite's folders and files (`configs/paths`: runs, tables, figures, step times,
+    strength, data), resolved; the scripts take their defaults from here."""
+    return compose_plain(ENTRY["cifar"], [])["paths"]
+
+
+def add_run_source_arguments(ap: argparse.ArgumentParser) -> None:
+    """`--runs` (default `paths.runs_dir`), `--wandb-project`, `--wandb-entity`: where a
+    report (tables, figures) reads the runs (`per.analysis.wandb_source.collect_source`)."""
+    ap.add_argument("--runs", default=suite_paths()["runs_dir"], help="root of the run directories (paths.runs_dir)")
+    ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
+    ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
 
 
 def compose_preset(name: str, overrides: tuple[str, ...] = (), run_dir: str | Path | None = None) -> dict:

@@ -329,7 +329,7 @@ def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,
     `compute_dtype(x)`. Traced by torch.compile, the concatenated blocks become products
     written straight into one buffer.
     """
-    (n, d), s = x.shape, theta.shape[1]
+    n, d = x.shape
     cdtype = compute_dtype(x)
     # Fold 1/sqrt 2 and `scale` into the smaller operand: the directions (d x s, once) when
     # d <= N, else each block's projections (rows x s).

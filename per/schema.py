@@ -163,3 +163,6 @@ def method_options(cfg: dict) -> dict:
 
 SUMMARY_KEYS = ("status", "task", "cell", "lam", "seed", "epochs_completed", "steps",
                 "wall_time_s", "device", "code_version", "versions", "final", "best")
+# The W&B run summary's key holding the `summary.json` dict (written by the W&B sink,
+# read by `per.analysis.wandb_source`).
+WANDB_SUMMARY_KEY = "summary"

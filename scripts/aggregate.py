@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import compose_plain, preset_protocol
+from experiments.common import add_run_source_arguments, preset_protocol, suite_paths
 from per.analysis.tables import write_tables
 from per.analysis.wandb_source import collect_source
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = compose_plain("train_cifar", [])["paths"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default=paths["runs_dir"], help="root of the run directories (paths.runs_dir)")
-    ap.add_argument("--out", default=paths["tables_dir"], help="folder for the tables (paths.tables_dir)")
+    add_run_source_arguments(ap)
+    ap.add_argument("--out", default=suite_paths()["tables_dir"], help="folder for the tables (paths.tables_dir)")
     ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
-    ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
-    ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
     ap.add_argument("--include-partial", action="store_true",
                     help="treat runs shorter than their protocol as complete (compare them with the paper)")
     args = ap.parse_args(argv)

@@ -18,23 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import compose_plain, preset_protocol
+from experiments.common import add_run_source_arguments, preset_protocol, suite_paths
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
-from per.analysis.tables import (GROUP_KEYS, drop_partial_beside_complete, method_sort_key, report_runs,
-                                 row_labels, select_lambda, selection_runs)
+from per.analysis.tables import at_chosen_lambda, method_sort_key, report_runs, row_labels, selection_runs
 from per.analysis.wandb_source import collect_source
-from per.schema import FINISHED, TASKS
+from per.schema import FINISHED
 from per.training.records import ACTIVATIONS
-
-
-def at_chosen_lambda(df: pd.DataFrame, runs_of) -> pd.DataFrame:
-    """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks (partial runs
-    only where their cell has no finished complete one, as the tables average)."""
-    frames = [drop_partial_beside_complete(runs_of(df, task).merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]],
-                                                                   on=[*GROUP_KEYS, "lam"]))
-              for task in TASKS if (df.task == task).any()]
-    return pd.concat(frames, ignore_index=True)
 
 
 def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -84,12 +74,9 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = compose_plain("train_cifar", [])["paths"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default=paths["runs_dir"], help="root of the run directories (paths.runs_dir)")
-    ap.add_argument("--out", default=paths["figures_dir"], help="folder for the figures (paths.figures_dir)")
-    ap.add_argument("--wandb-project", help="read the runs from this W&B project instead")
-    ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
+    add_run_source_arguments(ap)
+    ap.add_argument("--out", default=suite_paths()["figures_dir"], help="folder for the figures (paths.figures_dir)")
     args = ap.parse_args(argv)
     out = Path(args.out)
 

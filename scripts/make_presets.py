@@ -20,12 +20,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from experiments.common import suite_paths
 from per import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 OUT = CONFIGS / "experiment"
-ABLATION_GRIDS = ROOT / "results" / "strength" / "ablation_grids.json"
+ABLATION_GRIDS = ROOT / suite_paths()["strength_dir"] / "ablation_grids.json"
 
 PER_GRID = [3e-4, 1e-4, 3e-5, 1e-5]
 PER_GRID_C100_RELU = [3e-6, 1e-6, 3e-7, 1e-7]     # ReLU/LeakyReLU on CIFAR-100 (Table 2)

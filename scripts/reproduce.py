@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import ENTRY, compose_plain, compose_preset, preset_names, preset_task
+from experiments.common import ENTRY, compose_preset, preset_names, preset_task, suite_paths
 from per import schedule, sweep
 from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = compose_plain("train_cifar", [])["paths"]
+PATHS = suite_paths()
 STEP_TIMES_DIR = ROOT / PATHS["step_times_dir"]   # <device slug>.json, written by scripts/step_times.py
 TABLE_PRESET = re.compile(r"t\d+_")                 # t1_..., t2_..., t3_...: the paper's table cells
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import BUILD, compose_plain, compose_preset, preset_names
+from experiments.common import BUILD, compose_preset, preset_names, suite_paths
 from per.sweep import ABLATION_SLICES, best_runs_per_device, step_time_key
 from per.training import runtime
 from per.training.speed import (
     on_generated_data, preset_step, runs_per_hour, seconds_per_eval_batch, seconds_per_step)
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_TIMES_DIR = ROOT / compose_plain("train_cifar", [])["paths"]["step_times_dir"]
+STEP_TIMES_DIR = ROOT / suite_paths()["step_times_dir"]
 CONCURRENCY_PRESETS = ("t1_cifar10_resnet56_per", "t3_ptb_lstm_per")
 EVAL_BATCHES = 2   # evaluation batches per split timed per configuration
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.common import BUILD, compose_plain, compose_preset, preset_task
+from experiments.common import BUILD, compose_preset, preset_task, suite_paths
 from per.analysis.strength import ablation_grids, markdown, summary
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import write_fake_corpus
@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--families", nargs="*", default=[f.name for f in FAMILIES],
                     help="subset of: " + ", ".join(f.name for f in FAMILIES))
     ap.add_argument("--data-root", default=None, help="default: $PER_DATA_ROOT or data/")
-    ap.add_argument("--out", default=str(ROOT / "results" / "strength"))
+    ap.add_argument("--out", default=str(ROOT / suite_paths()["strength_dir"]))
     ap.add_argument("--work", default=None, help="training runs and generated data "
                     "(default: <out>/work, not committed)")
     for task in BUILD:
@@ -158,7 +158,7 @@ def main() -> int:
         ap.error(f"unknown families {sorted(unknown)}; valid: {', '.join(f.name for f in FAMILIES)}")
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
-    root = Path(args.data_root or compose_plain("train_lm", [])["paths"]["data_root"]).resolve()
+    root = Path(args.data_root or suite_paths()["data_root"]).resolve()
     csv = out / "strength.csv"
     df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
     by_name = {f.name: f for f in FAMILIES}

@@ -404,8 +404,7 @@ def test_figures_average_what_the_tables_average(collected):
     vanilla = row(reports, method="vanilla", model="resnet56", lam=0.0)
     assert vanilla.n == 3 and vanilla["mean"] == pytest.approx((7.0 + 7.2 + 7.4) / 3)
     assert row(reports, method="vanilla", model="resnet110", lam=0.0).n == 2   # partial alone: kept
-    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
-    curves = runpy.run_path(str(script))["at_chosen_lambda"](df, tables.report_runs)
+    curves = tables.at_chosen_lambda(df, tables.report_runs)
     r56 = curves[(curves.method == "vanilla") & (curves.model == "resnet56")]
     assert len(r56) == 3 and not r56.partial.any()
 
@@ -861,8 +860,7 @@ def test_a_partial_run_is_left_out_only_beside_a_complete_one_at_its_lambda(tmp_
     per = row(tables.cell_results(df, "cifar", paper), method="per")
     assert per.lam == 3e-4 and per.n == 1 and per.partial
     assert row(tables.lambda_reports(df, "cifar"), lam=3e-4)["mean"] == 6.8
-    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
-    curves = runpy.run_path(str(script))["at_chosen_lambda"](df, tables.report_runs)
+    curves = tables.at_chosen_lambda(df, tables.report_runs)
     assert curves.lam.tolist() == [3e-4] and curves.partial.tolist() == [True]
 
 

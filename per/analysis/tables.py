@@ -25,7 +25,7 @@ their own, labelled with the changes and never compared with the paper.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -208,6 +208,16 @@ def drop_partial_beside_complete(runs: pd.DataFrame, keys: Sequence[str] = tuple
     what a figure draws per lambda) that have a finished complete run: what tables average."""
     runs = _kept_runs(runs, include_partial=False, keys=keys)
     return runs[runs.kept].drop(columns="kept")
+
+
+def at_chosen_lambda(df: pd.DataFrame, runs_of: Callable[[pd.DataFrame, str], pd.DataFrame]
+                     ) -> pd.DataFrame:
+    """The runs `runs_of(df, task)` at each cell's chosen lambda, all tasks (partial runs
+    only where their cell has no finished complete one, as the tables average)."""
+    frames = [drop_partial_beside_complete(runs_of(df, task).merge(select_lambda(df, task)[[*GROUP_KEYS, "lam"]],
+                                                                   on=[*GROUP_KEYS, "lam"]))
+              for task in TASKS if (df.task == task).any()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,

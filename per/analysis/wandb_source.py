@@ -15,9 +15,7 @@ from typing import Any
 import pandas as pd
 
 from per.analysis.collect import Protocols, collect_runs, run_table
-from per.schema import EPOCH, TEST_ERROR
-
-SUMMARY_KEY = "summary"
+from per.schema import EPOCH, TEST_ERROR, WANDB_SUMMARY_KEY
 
 
 def _plain(value: Any) -> Any:
@@ -56,6 +54,6 @@ def collect_source(runs: str | Path, project: str | None = None, entity: str | N
 
 def _read_run(run: Any) -> tuple[dict, dict, Iterable[dict]]:
     """A W&B run's config, summary and (image runs) per-epoch test errors."""
-    summary = _plain(run.summary[SUMMARY_KEY])
+    summary = _plain(run.summary[WANDB_SUMMARY_KEY])
     history = run.scan_history(keys=[EPOCH, TEST_ERROR]) if summary["task"] == "cifar" else ()
     return _plain(run.config), summary, history

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from per.schema import WANDB_SUMMARY_KEY
 from per.training.records import WANDB_DIR
 
 LOGGER_MODES = ("online", "offline", "disabled")
@@ -123,7 +124,7 @@ class WandbSink:
         run, self.run = self.run, None     # once: a failed finish is not retried on this run
         try:
             if summary is not None:
-                run.summary["summary"] = summary
+                run.summary[WANDB_SUMMARY_KEY] = summary
             run.finish(exit_code=exit_code)
         finally:
             wandb.teardown()   # stop the service, whose logs live in this run's folder
