@@ -442,6 +442,23 @@ def test_is_partial_on_real_configs(tmp_path):
     assert collect.is_partial(he, {**finished, "steps": 640, "epochs_completed": 2})
 
 
+def test_a_language_model_grid_is_compared_with_the_paper(tmp_path, paper):
+    """An LM's lambda is chosen on validation perplexity, with no held-out split: a
+    complete grid's row is compared, not marked as chosen on another split."""
+    ptb = {"task": "lm", "dataset": "ptb", "model": "lstm", "epochs": 5}
+    grid = [1e-4, 3e-5]
+    for seed in range(2):
+        make_run(tmp_path, **ptb, seed=seed, final=lm(125 + seed, 122 + seed))
+        for lam in grid:
+            make_run(tmp_path, **ptb, method="per", lam=lam, seed=seed, lam_grid=grid,
+                     final=lm(118 + (lam > 5e-5) + seed, 114 + seed))
+    df, _ = collect.collect_runs(tmp_path)
+    res = tables.cell_results(df, "lm", paper)
+    test = row(res, method="per", split="test")
+    assert test.lam == 3e-5 and not test.off_protocol_split and not test.grid_incomplete
+    assert test["diff"] == pytest.approx(0.0) and "held-out" not in tables._cell_text(test, 1)   # 114.5
+
+
 def test_cell_results_language_model(collected, paper):
     df, _ = collected
     res = tables.cell_results(df, "lm", paper)

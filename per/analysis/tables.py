@@ -244,7 +244,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
                                       "select_val_size"]]
     # An off-grid lambda is a row of its own, not part of a grid.
     grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
-    other_split = (chosen.select_val_size != SELECTION_VAL_SIZE).fillna(False).astype(bool)
+    # NA (language models, whose choice has no held-out split) is no other split.
+    other_split = chosen.select_val_size.astype("Int64").ne(SELECTION_VAL_SIZE).fillna(False).astype(bool)
     chosen = chosen.assign(grid_incomplete=grid & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool),
                            choice_unsettled=grid & (chosen.n_unsettled > 0),
                            off_protocol_split=grid & other_split)
