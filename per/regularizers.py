@@ -16,9 +16,10 @@ Both draw each site's directions in the forward pass from the global torch RNG, 
 with the same seed they use the same directions and give the same gradients
 (`sampling="subspace"` draws them in the backward instead: same distribution, other numbers).
 
-The backward path adds its gradient to what reaches the site, so it must know any factor
-the loss is multiplied by before `backward()` (a GradScaler's scale, `1/k` over k
-accumulated micro-batches): `begin_step(loss_scale=...)`.
+The backward path adds its gradient to what reaches the site, so it must know the factor
+the penalty carries in the loss given to `backward()` (a GradScaler's scale; over k
+accumulated micro-batches `1/k` under reduction="mean", 1 under "sum", whose penalty
+sums over points): `begin_step(loss_scale=...)`.
 
 Example:
     reg = Regularizer(model, "per", lam=1e-4)
@@ -258,11 +259,13 @@ class Regularizer(nn.Module):
     def begin_step(self, track: bool = False, loss_scale: float = 1.0) -> None:
         """Start a training step: reset accumulators; `track` computes per-site statistics.
 
-        `loss_scale`: the factor the loss is multiplied by before `backward()` this step
-        (`scaler.get_scale()` under a `torch.amp.GradScaler`, `1/k` when each of k
-        accumulated micro-batch losses is divided by k). The backward path multiplies
-        the gradient it adds by it, as autograd does with `penalty()`'s term; the logged
-        `grad_ratio` is then the unscaled one on both paths.
+        `loss_scale`: the factor the penalty carries in the loss given to `backward()`
+        this step, i.e. what the autograd path's `penalty()` is multiplied by
+        (`scaler.get_scale()` under a `torch.amp.GradScaler`; for k accumulated
+        micro-batches as one batch, `1/k` under reduction="mean" and 1 under "sum",
+        whose penalty sums over points). The backward path multiplies the gradient it
+        adds by it, as autograd does with `penalty()`'s term; the logged `grad_ratio` is
+        then the unscaled one on both paths.
 
         Raises:
             ValueError: `loss_scale` is not a finite number > 0.

@@ -632,6 +632,26 @@ def test_a_scaled_loss_gives_the_gradient_of_the_unscaled_one_times_the_scale(ki
             torch.testing.assert_close(reg.site_stats()[k], v, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("path", ["backward", "autograd"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_accumulated_micro_batches_give_the_whole_batch_by_the_documented_recipe(reduction, path):
+    """k micro-batches as one batch of their union (the README's recipe): the mean task
+    loss is divided by k; under `sum` the penalty sums over points, so it is added whole
+    (`loss_scale=1`); under `mean` it is divided by k as well (`loss_scale=1/k`). L2:
+    no random directions, so the gradients must be equal."""
+    x, k = _input((8, 6)), 4
+    model = _mlp()
+    reg = per.Regularizer(model, "l2", lam=0.05, reduction=reduction, path=path)
+    whole = _grads(model, x, reg)
+    model.zero_grad()
+    scale = 1.0 if reduction == "sum" else 1.0 / k
+    reg.begin_step(loss_scale=scale)
+    for xb in x.chunk(k):
+        (model(xb).square().mean() / k + scale * reg.penalty()).backward()
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_scale_must_be_a_positive_number():
     reg = per.Regularizer(_mlp(), "per", lam=0.1)
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
