@@ -53,7 +53,7 @@ reproduce-lm: ## Table 3: every lambda x SEEDS seeds, lambda chosen on validatio
 
 sweep: ## one cell's lambda sweep: make sweep EXPERIMENT=t1_cifar10_resnet56_per [LAMS=1e-4,3e-5] [SEEDS=3]
 	$(if $(EXPERIMENT),,$(error make sweep needs EXPERIMENT=<preset>, e.g. EXPERIMENT=t1_cifar10_resnet56_per; presets: ls configs/experiment))
-	$(REPRO) --sweep $(EXPERIMENT) $(if $(LAMS),--lams $(LAMS))
+	$(REPRO) --sweep $(EXPERIMENT) $(if $(LAMS),--lams=$(LAMS))
 
 ablation: ## ResNet-56/CIFAR-10 PER: layout (channels, flatten) x reduction (sum, mean), 16/64/256/1024 slices
 	$(REPRO) --ablation

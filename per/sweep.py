@@ -252,7 +252,8 @@ def device_table(directory: Path) -> dict | None:
 def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | None, str]:
     """(table, label): the step-time table `directory/<name>.json` when `name` is given (a
     ValueError naming the tables there if it is missing), else this machine's device's, else
-    one measured elsewhere (a GPU's first), labelled as such; (None, reason) when there is none."""
+    one measured elsewhere on a device of this machine's kind (CPU or GPU) if any, labelled
+    as such; (None, reason) when there is none."""
     tables = {p.stem: p for p in sorted(directory.glob("*.json"))}
     if name is not None:
         if name not in tables:
@@ -265,7 +266,8 @@ def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | No
     if t is not None:
         return t, f"this machine's {t['device']} ({_measured_with(t)})"
     here = runtime.device_info(runtime.resolve_device("auto"))
-    stem = sorted(tables, key=lambda k: (not k.startswith("cuda"), k))[0]
+    kind = here["slug"].split("-")[0] + "-"                       # "cpu-" or "cuda-"
+    stem = sorted(tables, key=lambda k: (not k.startswith(kind), k))[0]
     t = json.loads(tables[stem].read_text())
     return t, f"NOT this machine ({here['name']}): measured on {t['device']} ({_measured_with(t)})"
 

@@ -163,6 +163,13 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     out = capsys.readouterr().out
     assert "NOT this machine" in out and "Some Card" in out
     here = runtime.device_info(runtime.resolve_device("auto"))
+    # Another device of this machine's kind goes before one of the other kind.
+    other, same = ("cuda-a-card", "cpu-other-cpu") if here["slug"].startswith("cpu") else ("cpu-a-cpu", "cuda-z-card")
+    (kinds := tmp_path / "kinds").mkdir()
+    _table(kinds / f"{other}.json", "Other kind", {"cifar10|resnet56|none|per|channels|256": 0.02})
+    _table(kinds / f"{same}.json", "Same kind", {"cifar10|resnet56|none|per|channels|256": 0.5})
+    sweep.print_plan(phases, "t", kinds)
+    assert "NOT this machine" in (out := capsys.readouterr().out) and "Same kind" in out
     _table(tmp_path / f"{here['slug']}.json", "This box", {"cifar10|resnet56|none|per|channels|256": 1.0})
     sweep.print_plan(phases, "t", tmp_path)
     out = capsys.readouterr().out
