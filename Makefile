@@ -17,7 +17,7 @@ DRY_RUN ?=
 STEP_TABLE ?=           # DRY_RUN's device-hours from results/step_times/$(STEP_TABLE).json, e.g. cuda-nvidia-h200
 EXPERIMENT ?=
 LAMS ?=
-RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml)
+RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml); logs/, tables/, figures/ go beside it
 OVERRIDES ?=
 REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) --val-size $(VAL_SIZE) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
         --launcher $(LAUNCHER) --slurm-multiruns $(SLURM_MULTIRUNS) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
@@ -61,11 +61,11 @@ ablation: ## ResNet-56/CIFAR-10 PER: layout (channels, flatten) x reduction (sum
 strength: ## per-site gradient ratios of every family x lambda grid x layout x reduction -> results/strength/
 	$(PY) scripts/strength.py
 
-tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); folders from configs/paths
-	$(PY) scripts/aggregate.py $(if $(RUNS),--runs $(RUNS))
+tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); folders from configs/paths (RUNS=: beside it)
+	$(PY) scripts/aggregate.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../tables)
 
-figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths
-	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS))
+figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths (RUNS=: beside it)
+	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../figures)
 
 step-times: ## s/step and s/eval batch of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
 	$(PY) scripts/step_times.py $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(ARGS)

@@ -147,6 +147,16 @@ class Phase:
                     out.add((lam, seed))
         return out
 
+    def foreign(self) -> list[Path]:
+        """The folders of this phase's runs that hold a run of another config (another
+        `OVERRIDES`, a trial run with `trainer.max_steps`, an older preset): a launch would
+        refuse them, naming the differences (unless `resume=never`, which starts them over)."""
+        if self.preset.cfg.get("resume") == "never":
+            return []
+        return [d for lam in self.lams for seed in self.seeds
+                if RunDir(d := self.run_dir(lam, seed)).read_config() is not None
+                and not self.holds_own_run(d, lam, seed)]
+
     def holds_own_run(self, run_dir: str | Path, lam: float, seed: int) -> bool:
         """Whether `run_dir` holds a run of this phase's config at (`lam`, `seed`): its stored
         config differs from it on nothing that decides the result (`checks.config_differences`)."""
@@ -395,8 +405,9 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
     (or another one, labelled)."""
     table, label = step_time_table(step_times_dir, table_name)
     rows, tot_runs, tot_steps, tot_s, tot_done = [], 0, 0, 0.0, 0
-    unknown, substituted, no_eval = set(), set(), set()
+    unknown, substituted, no_eval, foreign = set(), set(), set(), []
     for ph in (ph for pair in phases for ph in pair if ph is not None):
+        foreign += ph.foreign()
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
         key = step_time_key(ph.preset.cfg)
         s, approx, with_eval = phase_seconds(ph, table or {})
@@ -426,6 +437,11 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         t[1] += steps
     for t, (n, steps) in sorted(by_table.items()):
         print(f"   {t}: {n} runs, {steps:,} steps")
+    if foreign:
+        shown = ", ".join(str(d) for d in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        print(f"   WARNING: {len(foreign)} run folders hold a run of another config, which a launch refuses "
+              f"(e.g. trial runs with other OVERRIDES): {shown}. Move them away, launch with "
+              "OVERRIDES=resume=never to start them over, or use another RUNS folder")
     print(f"   step times: {label}")
     print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13} {'per run':>8}"
           f" {'done':>5}")

@@ -165,7 +165,7 @@ def test_a_failed_report_script_is_named_in_one_line_not_a_traceback():
     assert run([sys.executable, "-c", "pass"]) is None
 
 
-def test_a_phase_launches_only_its_runs_without_a_result(tmp_path):
+def test_a_phase_launches_only_its_runs_without_a_result(tmp_path, capsys):
     preset = sweep.Preset("t1_cifar10_resnet56_per", compose_preset("t1_cifar10_resnet56_per",
                                                                   (f"paths.runs_dir={tmp_path}",)))
     phase = sweep.Phase(preset, (), [1e-4, 3e-5, 0.0], [0, 1])
@@ -189,6 +189,11 @@ def test_a_phase_launches_only_its_runs_without_a_result(tmp_path):
     assert (1e-4, 0) not in phase.done() and (3e-5, 0) in phase.done()
     never = sweep.Preset(preset.name, {**preset.cfg, "resume": "never"})
     assert dataclasses.replace(phase, preset=never).done() == set()
+    # DRY_RUN names the folders a launch would refuse (the run of another config).
+    assert phase.foreign() == [phase.run_dir(1e-4, 0)] and dataclasses.replace(phase, preset=never).foreign() == []
+    sweep.print_plan([(None, phase)], "t", tmp_path / "no-tables")
+    out = capsys.readouterr().out
+    assert "WARNING: 1 run folders hold a run of another config" in out and str(phase.run_dir(1e-4, 0)) in out
 
 
 @pytest.mark.slow
