@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from experiments.common import ENTRY, compose_preset, preset_names, preset_task, suite_paths
 from per import schedule, sweep
 from per.schema import SELECTION_VAL_SIZE
@@ -49,6 +52,8 @@ def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
         return sweep.Preset(name, cfg)
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None
+    except (HydraException, OmegaConfBaseException) as e:   # a misspelt key or group in OVERRIDES
+        raise SystemExit(f"{name} with overrides {' '.join(overrides) or '(none)'}: {e}") from None
 
 
 def command(unit: sweep.Phase, args, gpu: str | None = None) -> list[str]:
