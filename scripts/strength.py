@@ -78,8 +78,7 @@ def _data_root(task: str, root: Path, work: Path) -> tuple[Path, str]:
     return gen, "generated"
 
 
-def _config(fam: Family, preset: str, root: Path, run_dir: Path, steps: int,
-            overrides: list[str]) -> dict:
+def _config(preset: str, root: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
     return compose_preset(preset, (
         f"data.root={root}", "data.verify_checksums=false", "trainer.device=cpu", "trainer.progress=false",
         "trainer.monitor.every=0", "logger.mode=disabled", f"trainer.max_steps={steps}", *overrides), run_dir)
@@ -105,7 +104,7 @@ def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict
     conv = fam.task == "cifar"
     out = []
     for kind, preset in fam.grids.items():
-        method = _config(fam, preset, root, run_dir, 1, overrides)["method"]
+        method = _config(preset, root, run_dir, 1, overrides)["method"]
         grid = method["lam_grid"]
         for layout in (LAYOUTS if conv else ("channels",)):
             for reduction in REDUCTIONS:
@@ -130,7 +129,7 @@ def measure_family(fam: Family, steps: int, root: Path, work: Path,
     build = BUILD[fam.task]
     data_root, data = _data_root(fam.task, root, work)
     run_dir = work / "runs" / fam.base
-    cfg = _config(fam, fam.base, data_root, run_dir, steps, overrides)
+    cfg = _config(fam.base, data_root, run_dir, steps, overrides)
     rows = _rows(fam, cfg, build, "init", data, None, overrides, data_root, run_dir)
     summary = train(cfg, build)          # the real runner; a finished run is reused
     ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
