@@ -17,9 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
-from per.training.checks import DATASETS, protocol_of
+from per.data.download import DatasetMissingError
+from per.training.checks import DATASETS, ConfigMismatchError, ConfigValueError, protocol_of
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
+from per.training.records import RunLockedError
 from per.training.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -127,8 +129,16 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
             f"{HYDRA_RECORD}/overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task))}
 
 
+# Errors whose message names what to change (a config value, a run folder holding another
+# config or locked by another process, a missing or damaged dataset): the entry points
+# print that message alone and exit with USER_ERROR_EXIT.
+USER_ERRORS = (ConfigValueError, ConfigMismatchError, RunLockedError, DatasetMissingError)
+USER_ERROR_EXIT = 2
+
+
 def run_main(cfg: DictConfig, build: Callable) -> dict:
-    """Train; a stop signal exits with 128+signal so schedulers see the interruption.
+    """Train; a stop signal exits with 128+signal so schedulers see the interruption, a
+    `USER_ERRORS` error with `USER_ERROR_EXIT` after printing its message alone.
 
     The run's protocol is what its preset (`experiment=`) composes to alone, so a group
     chosen on the command line (`optim=he_bn`) is a change of it; without a preset, what
@@ -140,6 +150,9 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
     try:
         summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
                         protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
+    except USER_ERRORS as e:   # the message says what to change: no traceback
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     finally:   # a refused invocation leaves no empty run folder (a run's folder never is empty)
         with contextlib.suppress(OSError):
             Path(hydra_cfg.runtime.output_dir).rmdir()

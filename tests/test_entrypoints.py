@@ -158,7 +158,8 @@ def test_refused_invocation_changes_nothing_in_the_run_directory(data_root, tmp_
 def test_refused_invocation_in_a_new_folder_leaves_nothing(data_root, tmp_path):
     run_dir = tmp_path / "runs/new"
     out = subprocess.run(_cmd(data_root, run_dir, "method.layout=diagonal"), env=_env(), capture_output=True, text=True)
-    assert out.returncode != 0 and "method.layout='diagonal'" in out.stderr
+    assert out.returncode == 2 and "method.layout='diagonal'" in out.stderr
+    assert out.stderr.startswith("ConfigValueError: ") and "Traceback" not in out.stderr   # the message alone
     assert not run_dir.exists()                    # no folder holding an empty job log
     # An unresolvable value, and Hydra's other job-logging choices, are refused the same way.
     for extra in (["trainer.epochs=${oops}"], ["method.layout=diagonal", "hydra/job_logging=disabled"]):
