@@ -443,8 +443,8 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
     over = (f"model={model_name}", f"data.batch_size={batch}")
     graphs = ("trainer.compile=reduce-overhead",) if cuda else ()
     ours = build(STEP_CONFIGS["vanilla"][0], (*over, *graphs), n_steps + warmup, args)
-    m = dict(compose_preset(STEP_CONFIGS["vanilla"][0], over)["model"])
-    plain_model = models.create(m.pop("name"), num_classes=10, **m).to(args.device)
+    plain_model = models.from_config(compose_preset(STEP_CONFIGS["vanilla"][0], over)["model"],
+                                     num_classes=10).to(args.device)
     opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
     rng = np.random.default_rng(0)
     data = _ArrayDataset(rng.integers(0, 256, (batch * (n_steps + warmup), 32, 32, 3), dtype=np.uint8),

@@ -10,8 +10,7 @@ from runner_utils import compose_config
 
 def _build(config_name: str, overrides: list[str], **extra) -> nn.Module:
     cfg = compose_config(config_name, overrides, "unused")
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"} | extra
-    return models.create(cfg["model"]["name"], **kwargs)
+    return models.from_config(cfg["model"], **extra)
 
 
 @pytest.mark.parametrize("overrides,slope", [([], 0.01), (["model.leaky_slope=0.1"], 0.1)])

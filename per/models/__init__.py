@@ -1,4 +1,5 @@
-"""Model registry: `create(name, **kwargs)` builds a model by its registry key.
+"""Model registry: `create(name, **kwargs)` builds a model by its registry key,
+`from_config(cfg["model"], ...)` from a config's model group.
 
 Configs name registry keys (never import paths). Each model module registers its
 variants with `@register("name", task=...)`.
@@ -33,6 +34,14 @@ def create(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
+
+
+def from_config(model_cfg: dict, **kwargs) -> nn.Module:
+    """Build the model a config's `model` group names (`name` plus its options), with
+    what the data decides (`num_classes`, `vocab_size`) in `kwargs`, which take
+    precedence over the group's options."""
+    options = {k: v for k, v in model_cfg.items() if k != "name"}
+    return create(model_cfg["name"], **{**options, **kwargs})
 
 
 from . import resnet, elu_cnn, lstm  # noqa: E402,F401  (registration side effects)

@@ -94,7 +94,7 @@ class ImageTask:
 
 def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) -> Experiment:
     """Data, model and task from the plain config dict (see configs/train_cifar.yaml)."""
-    data, mcfg = cfg["data"], dict(cfg["model"])
+    data, mcfg = cfg["data"], cfg["model"]
     arrays = load_cifar(data["name"], data["root"], download=data["download"],
                         verify_checksums=data["verify_checksums"])
     train_x, train_y, val_x, val_y = split_train_val(arrays.train_x, arrays.train_y,
@@ -115,8 +115,7 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
     probe = next(iter(loader(arrays.test_x[:data["probe_size"]], arrays.test_y[:data["probe_size"]],
                              data["probe_size"], False).epoch(0)))[0]
 
-    name = mcfg.pop("name")
-    model = models.create(name, num_classes=arrays.num_classes, **mcfg).to(device)
+    model = models.from_config(mcfg, num_classes=arrays.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = ImageTask(loader(train_x, train_y, data["batch_size"], True), evals, probe,

@@ -126,11 +126,10 @@ class LMTask:
 
 def build_lm_experiment(cfg: dict, device: torch.device, autocast: Callable) -> Experiment:
     """Corpus, model and task from the plain config dict (see configs/train_lm.yaml)."""
-    data, mcfg = cfg["data"], dict(cfg["model"])
+    data, mcfg = cfg["data"], cfg["model"]
     corpus = Corpus(data["root"], data["name"], download=data["download"],
                     verify_checksums=data["verify_checksums"])
-    name = mcfg.pop("name")
-    model = models.create(name, vocab_size=len(corpus.vocab), **mcfg).to(device)
+    model = models.from_config(mcfg, vocab_size=len(corpus.vocab)).to(device)
     evals = {schema.VAL: batchify(corpus.val, data["eval_batch_size"], device),
              schema.TEST: batchify(corpus.test, data["eval_batch_size"], device)}
     for split, tokens in evals.items():   # before training, not at the first evaluation
