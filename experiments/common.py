@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
@@ -138,7 +139,8 @@ USER_ERROR_EXIT = 2
 
 def run_main(cfg: DictConfig, build: Callable) -> dict:
     """Train; a stop signal exits with 128+signal so schedulers see the interruption, a
-    `USER_ERRORS` error with `USER_ERROR_EXIT` after printing its message alone.
+    `USER_ERRORS` error with `USER_ERROR_EXIT` after printing its message alone (in a
+    multirun it is raised, so Hydra fails that job and goes on with the others).
 
     The run's protocol is what its preset (`experiment=`) composes to alone, so a group
     chosen on the command line (`optim=he_bn`) is a change of it; without a preset, what
@@ -151,6 +153,8 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
         summary = train(to_plain(cfg), build, records=hydra_record(cfg), defaults=defaults,
                         protocol=group_defaults(name, {"experiment": preset}) if preset else defaults)
     except USER_ERRORS as e:   # the message says what to change: no traceback
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise          # Hydra records the job as failed and runs the others
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     finally:   # a refused invocation leaves no empty run folder (a run's folder never is empty)

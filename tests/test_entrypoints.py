@@ -191,6 +191,18 @@ def test_debug_smoke_writes_under_the_debug_root(data_root, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_refused_job_of_a_multirun_leaves_the_others_running(data_root, tmp_path):
+    """In a multirun a user error fails its own job only (Hydra goes on, then exits
+    non-zero); a single run prints it and exits 2 (`test_refused_invocation_...`)."""
+    cmd = [c for c in _cmd(data_root, tmp_path) if not c.startswith("hydra.run.dir=")]
+    out = subprocess.run([*cmd[:2], "-m", *cmd[2:], "method.layout=diagonal,channels", "trainer.max_steps=2",
+                          "trainer.epochs=1", f"paths.runs_dir={tmp_path / 'runs'}"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "method.layout='diagonal'" in out.stderr
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs/cifar").rglob("summary.json")]
+    assert [s["status"] for s in summaries] == ["finished"]      # the channels job ran after the refusal
+
+
 def test_a_joblib_multirun_writes_one_run_folder_per_job(data_root, tmp_path):
     """A user's own sweep (`-m launcher=joblib`), outside `reproduce.py`: each job in the
     folder Hydra names after its lambda and seed, as `per.sweep.Phase.run_dir` expects."""

@@ -133,7 +133,7 @@ def test_a_failed_run_does_not_stop_the_others_and_the_tables_are_written(tmp_pa
     for o in ("model=resnet20", f"data.root={data}", "data.verify_checksums=false", "trainer.device=cpu",
               "logger.mode=disabled", "trainer.epochs=1", "data.batch_size=32", "trainer.progress=false"):
         cmd += ["--override", o]
-    # Seed 0's folder is held by this process: that run is refused (exit 1); seed 1 trains.
+    # Seed 0's folder is held by this process: that run is refused (exit 2, a user error); seed 1 trains.
     held = runs / "cifar/t1_cifar10_resnet56_vanilla/lam=0,seed=0"
     held.mkdir(parents=True)
     with open(held / ".lock", "w") as lock:
@@ -142,7 +142,7 @@ def test_a_failed_run_does_not_stop_the_others_and_the_tables_are_written(tmp_pa
         lock.flush()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0
-    assert "[reproduce] stopped: 1 run failure: t1_cifar10_resnet56_vanilla lam=0 seed=0 exited with 1" in out.stderr
+    assert "[reproduce] stopped: 1 run failure: t1_cifar10_resnet56_vanilla lam=0 seed=0 exited with 2" in out.stderr
     assert "report:" not in out.stderr                     # the tables and figures were written
     assert json.loads((held.parent / "lam=0,seed=1/summary.json").read_text())["status"] == "finished"
     assert (tmp_path / "tables/T1.md").exists()
