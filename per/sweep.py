@@ -78,9 +78,12 @@ def step_time_key(cfg: dict) -> str:
 
 @dataclass
 class Preset:
-    """A preset as its runs see it: the resolved config, with `run_dir` (of `method.lam`, `seed`)."""
+    """A preset as its runs see it: the resolved config, with `run_dir` (of `method.lam`, `seed`);
+    `alone`: makes the preset composed without command-line values (what a resume accepts a
+    key missing from an older run's config at; called only where a run folder exists), or None."""
     name: str
     cfg: dict
+    alone: Callable[[], dict] | None = None
 
     @property
     def task(self) -> str:
@@ -159,9 +162,11 @@ class Phase:
 
     def holds_own_run(self, run_dir: str | Path, lam: float, seed: int) -> bool:
         """Whether `run_dir` holds a run of this phase's config at (`lam`, `seed`): its stored
-        config differs from it on nothing that decides the result (`checks.config_differences`)."""
+        config differs from it on nothing that decides the result (`checks.config_differences`,
+        with the preset alone as defaults, as the runner compares)."""
         expected = {**self.preset.cfg, "seed": int(seed), "method": {**self.preset.cfg["method"], "lam": lam}}
-        return not config_differences(RunDir(run_dir).read_config() or {}, expected)
+        return not config_differences(RunDir(run_dir).read_config() or {}, expected,
+                                      self.preset.alone() if self.preset.alone else None)
 
     def pending(self) -> list["Phase"]:
         """This phase less its done runs, as few multiruns as the rest allows (lambdas that

@@ -43,13 +43,19 @@ STEP_TIMES_DIR = ROOT / PATHS["step_times_dir"]   # <device slug>.json, written 
 TABLE_PRESET = re.compile(r"t\d+_")                 # t1_..., t2_..., t3_...: the paper's table cells
 
 
+@functools.cache
+def _alone(name: str) -> dict:
+    """Preset `name` without command-line values (a resume's defaults)."""
+    return compose_preset(name)
+
+
 def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
     """Preset `name` with `overrides`, every value checked as a run would check it (so a
     bad value stops a `DRY_RUN` plan too); an error exits naming it."""
     try:
         cfg = compose_preset(name, overrides)
         validate(cfg)
-        return sweep.Preset(name, cfg)
+        return sweep.Preset(name, cfg, alone=functools.partial(_alone, name))
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None
     except (HydraException, OmegaConfBaseException) as e:   # a misspelt key or group in OVERRIDES

@@ -191,6 +191,15 @@ def test_a_phase_launches_only_its_runs_without_a_result(tmp_path, capsys):
     assert (1e-4, 0) not in phase.done() and (3e-5, 0) in phase.done()
     never = sweep.Preset(preset.name, {**preset.cfg, "resume": "never"})
     assert dataclasses.replace(phase, preset=never).done() == set()
+    # A run written before a key existed is its own where the key's value is the preset's
+    # (with the preset's defaults, as the runner compares), not foreign.
+    older = {**preset.cfg, "seed": 0, "method": {**preset.cfg["method"], "lam": 3e-5},
+             "trainer": {k: v for k, v in preset.cfg["trainer"].items() if k != "limit_eval_batches"}}
+    (phase.run_dir(3e-5, 0) / "config.yaml").write_text(yaml.safe_dump(older))
+    assert phase.run_dir(3e-5, 0) in phase.foreign()                       # without defaults
+    phase = dataclasses.replace(phase, preset=sweep.Preset(preset.name, preset.cfg,
+                                                           alone=lambda: compose_preset(preset.name)))
+    assert (3e-5, 0) in phase.done() and phase.run_dir(3e-5, 0) not in phase.foreign()
     # DRY_RUN names the folders a launch would refuse (the run of another config).
     assert phase.foreign() == [phase.run_dir(1e-4, 0)] and dataclasses.replace(phase, preset=never).foreign() == []
     sweep.print_plan([(None, phase)], "t", tmp_path / "no-tables")
