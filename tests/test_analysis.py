@@ -423,6 +423,8 @@ HE = {"epochs": 164, "total_steps": 64000}
     ({"epochs": 164, "max_steps": 100}, HE, "finished", 100, 0, True),
     ({"epochs": 164, "max_steps": 64000}, HE, "finished", 64000, 164, False),
     ({"epochs": 2, "max_steps": None}, HE, "finished", 782, 2, True),             # fewer epochs
+    ({"epochs": 2, "max_steps": None}, HE, "diverged", 500, 1, True),             # planned short
+    ({"epochs": 2, "max_steps": None}, HE, "finished", 64000, 164, False),        # an older run: all steps
     ({"epochs": 1}, None, "finished", 1, 1, False),                              # no protocol recorded
 ])
 def test_is_partial(trainer, optim, status, steps, epochs, partial):

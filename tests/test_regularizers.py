@@ -614,7 +614,7 @@ def test_subspace_sampling_rejects_what_it_cannot_do(kwargs, match):
 @pytest.mark.parametrize("path", ["backward", "autograd"])
 @pytest.mark.parametrize("kind", ["per", "l2"])
 def test_a_scaled_loss_gives_the_gradient_of_the_unscaled_one_times_the_scale(kind, path):
-    """GradScaler (scale 2^16) and accumulation (1/4): with `begin_step(loss_scale=)`, the
+    """GradScaler (scale 2^16) and a loss scale of 1/4: with `begin_step(loss_scale=)`, the
     backward path's penalty is scaled with the task's gradient, as autograd scales the
     autograd path's term; the logged grad ratio is the unscaled one."""
     model, x = _mlp(), _input((8, 6))

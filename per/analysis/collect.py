@@ -86,7 +86,10 @@ def is_partial(config: Mapping, summary: Mapping) -> bool:
     max_steps, total_steps, epochs = trainer.get("max_steps"), optim.get("total_steps"), optim.get("epochs")
     fewer_epochs = bool(epochs) and (trainer.get("epochs") or epochs) < epochs
     if total_steps:
-        planned_short = (bool(max_steps) and max_steps < total_steps) or fewer_epochs
+        # fewer epochs shorten a step protocol only since `run_length` honours them: an
+        # older run that did all its steps anyway is complete.
+        planned_short = ((bool(max_steps) and max_steps < total_steps)
+                         or (fewer_epochs and summary["steps"] < total_steps))
         done_short = summary["steps"] < total_steps
     elif epochs:
         planned_short = bool(max_steps) or fewer_epochs
