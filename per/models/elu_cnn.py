@@ -14,10 +14,10 @@ PER paper: "an extra scalar bias after ReLU/LeakyReLU" (Fixup style): with
 those activations each hidden layer adds a learnable scalar `act_bias` (init 0)
 after the activation, and the post site follows it; with ELU the post site
 follows the ELU. Leaky slope (`leaky_slope`, config `model.leaky_slope`)
-default 0.01: the Table 2 protocol is Littwin & Wolf's (avirambh/vcl_pytorch),
+default 0.01, our choice: the Table 2 protocol is Littwin & Wolf's (avirambh/vcl_pytorch),
 whose `--activation lrelu` selects `nn.LeakyReLU` with PyTorch's default slope
-0.01 (its ELU-11 builder itself only builds ELUs); Clevert et al.'s LReLU
-comparison (alpha 0.1, recalled) is the other candidate.
+0.01, but its ELU-11 builder itself only builds ELUs, so no source fixes it;
+Clevert et al.'s LReLU comparison (alpha 0.1) is the other candidate.
 
 Sites: hidden layer i (1..10) is submodule `layer{i}` with post site
 `layer{i}.site` and pre site `layer{i}.pre_site` (conv output, or BN output
