@@ -7,18 +7,19 @@ so a run cut short still reports what it has; a section that fails reports its e
 1. `step`: training step, PER (channels and flatten layouts, flatten also with
    `method.sampling=subspace`) and L2 / vanilla, Fixup ResNets.
 2. `per_grad` on single sites: blocked (CPU) or fused Triton (CUDA) / the unblocked product.
-3. `lm`: LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
+3. `optimizer`: the runner's fused SGD update / torch's default update, BN ResNet and LM presets.
+4. `lm`: LM step, PER and recurrent BN / vanilla (2x650 LSTM, PTB sizes); tokens/s, ours /
    the PyTorch word-language-model example's training step at the same sizes and precision.
-4. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
+5. `compiled`: training step under `trainer.compile` (reduce-overhead, i.e. CUDA graphs, on
    a GPU): BN vanilla / eager, and Fixup PER / Fixup vanilla, both compiled. Each ratio
    synchronized at every step, then pipelined (as the training loop runs steps).
-5. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
+6. `loader`: training throughput, the project's device-resident loader + step / a plain DataLoader +
    torchvision-transforms trainer of the same model.
-6. `compiled_lm`: section 4 for the LM: vanilla / eager, PER and recurrent BN / vanilla, all
+7. `compiled_lm`: section 5 for the LM: vanilla / eager, PER and recurrent BN / vanilla, all
    compiled; then tokens/s of the compiled LM step / the example's.
-7. `epoch`: a real run of the BN ResNet preset for a few epochs (the runner's whole loop,
+8. `epoch`: a real run of the BN ResNet preset for a few epochs (the runner's whole loop,
    evaluation included), and on a GPU the minutes of its full 164-epoch run.
-8. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
+9. `runs`: runs per hour with k runs at once on the device (one process each) / one run, for a
    ResNet and an LM preset (`make step-times CONCURRENCY=...` records them for
    `RUNS_PER_GPU=auto`).
 
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from experiments.common import BUILD, compose_preset
 from per import functional, models, schema
-from per.training import runtime
+from per.training import optim, runtime
 from per.training.loop import TrainStep
 from per.data.cifar import write_fake_cifar
 from per.training import run as runner
@@ -74,7 +75,7 @@ PIPELINED_ROUNDS = 3   # runs of `repeats` consecutive steps per configuration (
 CIFAR10_SIZES = (50000, 10000)
 # In the order they run: the quick ones first, then the compiling ones (a GPU run cut at
 # its time limit keeps what came first).
-SECTIONS = ("step", "per_grad", "lm", "compiled", "loader", "compiled_lm", "epoch", "runs")
+SECTIONS = ("step", "per_grad", "optimizer", "lm", "compiled", "loader", "compiled_lm", "epoch", "runs")
 STEP_CONFIGS = {  # label -> (preset, overrides); the image model and batch are overridden too
     "vanilla": ("t1_cifar10_resnet56_vanilla", ()),
     "per channels": ("t1_cifar10_resnet56_per", ()),
@@ -363,6 +364,26 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
                    rel_error_vs_float64=float(f"{err:.3g}"))
 
 
+def bench_optimizer(report: Reporter, size: dict, args) -> None:
+    """The runner's SGD update (fused on CPU and CUDA: `per.training.optim.FUSED_DEVICES`) /
+    torch's default update (foreach on CUDA, a loop over the tensors on CPU) of the same
+    parameters and gradients: the BN ResNet preset (momentum, weight decay) and
+    the LM preset (plain SGD). The loop runs the update outside the compiled graphs, so on a
+    GPU its host time is part of each step."""
+    cuda = args.device.type == "cuda"
+    image = (f"model={size['models'][0]}", f"data.batch_size={size['batch']}", *size["image"])
+    for name, over in (("t1_cifar10_resnet56_bn", image), ("t3_ptb_lstm_vanilla", size["lm"])):
+        step = build(name, over, size["warmup"] + size["repeats"], args)
+        step(next(endless_batches(step.task)))                # gradients and momentum buffers
+        fused = step.optimizer
+        default = torch.optim.SGD([{k: v for k, v in g.items() if k not in optim.KERNEL_KEYS}
+                                   for g in fused.param_groups], lr=fused.defaults["lr"])
+        times = _median_time({"fused": fused.step, "default": default.step}, size["repeats"], cuda)
+        tensors = sum(len(g["params"]) for g in fused.param_groups)
+        report(**ratio_result(f"optimizer/{name}/{over[0] if over else 'preset'}", "fused SGD",
+                              "torch default SGD", times["fused"], times["default"]), tensors=tensors)
+
+
 def bench_epochs(report: Reporter, size: dict, args) -> None:
     """A real run (`per.training.run.train`: the runner's loop with its data, steps, device
     reads, evaluation and checkpoints) of the BN ResNet preset (the benchmark's first model
@@ -525,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[], Any]] = {   # run in the order of SECTIONS
         "step": lambda: [bench_image_steps(report, model, size, args) for model in size["models"]],
         "per_grad": lambda: bench_per_grad(report, size, args),
+        "optimizer": lambda: bench_optimizer(report, size, args),
         "lm": lambda: (bench_lm_steps(report, size, args), bench_lm_reference(report, size, args)),
         "compiled": lambda: [bench_compiled_steps(report, model, size, args) for model in size["models"]],
         "compiled_lm": lambda: bench_compiled_lm(report, size, args),

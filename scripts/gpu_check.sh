@@ -2,7 +2,8 @@
 # Every GPU measurement of docs/speed.md in one call of under 10 minutes, each
 # part writing under OUT as it goes (a part cut at its time limit keeps what it has):
 #   1. the CUDA tests: tests/test_triton.py (fused kernel against the plain path, a
-#      training step) first, then tests/test_precision.py (bf16 against fp32, CUDA graphs);
+#      training step) first, then tests/test_precision.py (bf16 against fp32, CUDA graphs),
+#      tests/test_optim.py (the fused SGD update against torch's default);
 #   2. `scripts/bench.py` at this device's full size, most important first, the sections
 #      BENCH_ONLY names (default all but `runs`: its runs per hour are step 3's);
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration, then runs per
@@ -54,7 +55,7 @@ done
 status=0
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
 [[ $PARTS == *,tests,* ]] && { timeout -k 15 "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
-    tests/test_triton.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
+    tests/test_triton.py tests/test_precision.py tests/test_optim.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
 if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
     # own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.

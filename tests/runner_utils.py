@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,14 @@ TIMING_KEYS = ("images_per_s", "tokens_per_s", "epoch_time_s", "eval_time_s")
 def without_timing(row: dict) -> dict:
     """A metrics row without its wall-clock entries (which differ between equal runs)."""
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def script_module(name: str):
+    """scripts/<name>.py as a module (its functions can be called and patched)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def metrics(run_dir: Path) -> list[dict]:

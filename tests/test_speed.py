@@ -2,7 +2,6 @@
 estimates pick the right step-time table, and untracked steps skip the penalty value."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import os
@@ -20,7 +19,7 @@ from experiments.common import BUILD, compose_preset
 from per import sweep
 from per.training import runtime
 from per.training.speed import concurrent_steps_per_s, on_generated_data
-from runner_utils import ROOT, restored_backend_flags
+from runner_utils import ROOT, restored_backend_flags, script_module
 
 
 @pytest.mark.slow   # ~10 s of CPU; longer on a loaded machine
@@ -39,7 +38,9 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
             ("compiled", "vanilla compiled (default)"), ("compiled", "rbn compiled (default)"),
             ("epoch", "runner loop (default)"), ("trainer", "word-language-model example"),
             ("per_grad", f"blocked {per.functional.PER_GRAD_BLOCK_ROWS} rows"), ("per_grad", "erf only"),
-            ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once")} <= got
+            ("trainer", "dataloader+torchvision"), ("runs_per_hour", "2 at once"), ("optimizer", "fused SGD")} <= got
+    assert sorted(r["bench"].split("/")[1] for r in rows if r["bench"].startswith("optimizer/")) == [
+        "t1_cifar10_resnet56_bn", "t3_ptb_lstm_vanilla"]
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
     assert {r["graph_breaks"] for r in rows if r["bench"].startswith("compiled/")} == {0}   # PER traced whole
@@ -56,7 +57,7 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
 
 
 def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeypatch):
-    bench = _script_module("bench")
+    bench = script_module("bench")
 
     def broken(*args):
         raise RuntimeError("inductor fell over")
@@ -69,7 +70,7 @@ def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeyp
 
 
 def test_bench_epoch_estimates_the_full_run_on_data_of_the_real_size(tmp_path, monkeypatch):
-    bench = _script_module("bench")
+    bench = script_module("bench")
     monkeypatch.setattr(bench, "CIFAR10_SIZES", bench.SIZES["tiny"]["epochs"][1:])   # tiny counts as full
     out = tmp_path / "bench.jsonl"
     assert bench.main(["--tiny", "--device", "cpu", "--only", "epoch", "--out", str(out)]) == 0
@@ -84,7 +85,7 @@ def test_bench_epoch_estimates_the_full_run_on_data_of_the_real_size(tmp_path, m
 
 
 def test_bench_epoch_reports_a_run_that_did_not_finish_as_an_error(tmp_path, monkeypatch):
-    bench = _script_module("bench")
+    bench = script_module("bench")
     monkeypatch.setattr(bench.runner, "train", lambda cfg, build: {"status": "diverged", "steps": 3})
     out = tmp_path / "bench.jsonl"
     assert bench.main(["--tiny", "--device", "cpu", "--only", "epoch", "--out", str(out)]) == 1
@@ -138,7 +139,7 @@ def test_pipelined_times_run_consecutive_steps_after_a_warm_up():
 
 
 def test_bench_times_the_plain_product_with_tf32_off_and_restores_the_flag():
-    bench = _script_module("bench")
+    bench = script_module("bench")
     seen = []
     with restored_backend_flags():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -281,14 +282,6 @@ def test_the_choice_and_the_slowdown_read_the_same_measurement_of_a_task():
     assert sweep.concurrency_slowdown(table, "lm", 4)[0] == pytest.approx(4 * 6.0 / 6.8)
 
 
-def _script_module(name: str):
-    """scripts/<name>.py as a module (its functions can be patched)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_slowdown_of_runs_at_once_is_measured_or_bounded_or_unknown():
     table = {"runs_per_hour": {"x": {"task": "lm", "steps": 20, "1": 6.0, "2": 6.6, "4": 6.8}}}
     assert sweep.concurrency_slowdown(table, "lm", 1) == (1.0, "")
@@ -321,7 +314,7 @@ def test_dry_run_prints_the_wall_clock_on_the_slots():
 
 
 def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, capsys):
-    reproduce = _script_module("reproduce")
+    reproduce = script_module("reproduce")
     monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
     args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool", step_table=None)
@@ -428,7 +421,7 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
 
 
 def test_profile_step_lists_the_ops_with_the_most_time(tmp_path):
-    profile = _script_module("profile_step")
+    profile = script_module("profile_step")
     out = tmp_path / "profile.jsonl"
     over = ["model=resnet20", "data.batch_size=4", "++method.num_slices=16"]
     for _ in range(2):      # appends

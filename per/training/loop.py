@@ -25,7 +25,7 @@ from per.regularizers import Regularizer
 from per.training import runtime
 from per.training.loggers import WandbSink
 from per.training.monitor import Monitor
-from per.training.optim import clip_gradients, set_lr
+from per.training.optim import clip_gradients, load_optimizer_state, set_lr
 from per.training.records import ACTIVATIONS, BEST_CHECKPOINT, METRICS, RunDir
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def restore(ckpt: dict, model: nn.Module, optimizer, schedule, regularizer: Regu
     _unwrap(model).load_state_dict(ckpt["model"])
     if regularizer is not None and ckpt["regularizer"] is not None:
         regularizer.load_state_dict(ckpt["regularizer"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     task.load_state_dict(ckpt["task"])
     runtime.set_rng_state(ckpt["rng"])

@@ -86,7 +86,8 @@ def build_setup(cfg: dict, build: Callable[[dict, torch.device, Callable], Exper
     groups = param_groups(model, list(regularizer.parameters()) if regularizer else None,
                           weight_decay=optim["weight_decay"], bias_lr_mult=optim["bias_lr_mult"],
                           bias_weight_decay=optim["bias_weight_decay"])
-    optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"])
+    optimizer = create_optimizer(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"],
+                                 device=device)
     schedule = create_schedule(optim["schedule"], **optim["schedule_args"])
     return Setup(model, task, regularizer, optimizer, schedule, autocast)
 
