@@ -52,14 +52,33 @@ def preset_names(pattern: str = "*") -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "experiment").glob(f"{pattern}.yaml"))
 
 
+def unknown_preset(name: str) -> str:
+    """The error message for a preset name that has no file, with the closest names."""
+    close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.8)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return (f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml "
+            f"(`make help`, or `ls configs/experiment`)")
+
+
+def check_presets(argv: list[str]) -> None:
+    """Exit with `USER_ERROR_EXIT` and `unknown_preset`'s message where an `experiment=`
+    argument (a multirun's comma-separated list included) names no preset, before Hydra,
+    whose own error lists all presets without the closest ones."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "experiment" or not value or "(" in value or value == "null":
+            continue       # Hydra's sweep functions (glob(...), choice(...)) it resolves itself
+        for name in value.split(","):
+            if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
+                print(f"ValueError: {unknown_preset(name)}", file=sys.stderr)
+                sys.exit(USER_ERROR_EXIT)
+
+
 @functools.cache
 def preset_task(name: str) -> str:
     """The task of preset `name`: the one whose builder loads the dataset the preset names."""
     if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
-        close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.8)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml "
-                         f"(`make help`, or `ls configs/experiment`)")
+        raise ValueError(unknown_preset(name))
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         dataset = compose(ENTRY["cifar"], overrides=[f"experiment={name}"]).data.name
     return next(task for task, names in DATASETS.items() if dataset in names)

@@ -3,10 +3,12 @@
     python experiments/train_cifar.py model=resnet56 method=per method.lam=1e-4 data=cifar10 seed=0
     python experiments/train_cifar.py experiment=t1_cifar10_resnet56_per
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import run_main
+from experiments.common import check_presets, run_main
 from per.training.image_task import build_image_experiment
 
 
@@ -16,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_presets(sys.argv[1:])
     main()

@@ -3,10 +3,12 @@
     python experiments/train_lm.py model=vd_lstm method=per method.lam=1e-4 data=ptb seed=0
     python experiments/train_lm.py experiment=t3_ptb_vd_lstm_per
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import run_main
+from experiments.common import check_presets, run_main
 from per.training.lm_task import build_lm_experiment
 
 
@@ -16,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_presets(sys.argv[1:])
     main()

@@ -84,6 +84,21 @@ def test_unknown_group_value_names_valid_choices(tmp_path):
     assert "per" in out.stderr and "vanilla" in out.stderr and "foo" in out.stderr
 
 
+@pytest.mark.parametrize("runner, args", [
+    ("train_cifar", ["experiment=t1_cifar10_resnet56_pr"]),
+    ("train_lm", ["-m", "++experiment=t3_ptb_lstm_per,t1_cifar10_resnet56_pr"]),   # one of a multirun's
+])
+def test_a_misspelt_preset_is_named_with_the_closest_ones(tmp_path, runner, args):
+    """Hydra's own error lists all 88 presets; ours names the closest and exits before any job."""
+    out = subprocess.run([sys.executable, str(ROOT / f"experiments/{runner}.py"), *args,
+                          f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}"],
+                         env=_env(), capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("ValueError: unknown preset 't1_cifar10_resnet56_pr'; did you mean "
+                                 "t1_cifar10_resnet56_per"), out.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("runner,overrides,message", [
     ("train_cifar", ["experiment=t3_ptb_lstm_per"], "model.name='lstm': not for task 'cifar'"),
     ("train_cifar", ["model=lstm"], "model.name='lstm': not for task 'cifar'"),
