@@ -18,7 +18,7 @@ import subprocess
 import time
 from typing import Callable
 
-from per.sweep import Phase
+from per.sweep import Phase, SelectionError
 
 Chain = tuple[Phase | None, Phase]
 Split = Callable[[Phase], list[Phase]]
@@ -36,7 +36,7 @@ def each_multirun(phase: Phase) -> list[Phase]:
 
 class Scheduler:
     """Which unit goes next. `choose(selection phase)` gives the lambda of its final runs (a
-    `SystemExit` from it is a failure that holds back that cell's final runs);
+    `sweep.SelectionError` from it is a failure that holds back that cell's final runs);
     `seconds(unit)` is a unit's expected duration, for the order (any consistent unit: the
     ratio between models is what counts)."""
 
@@ -84,7 +84,7 @@ class Scheduler:
         select, final = chain
         try:
             final.lams = [self._choose(select)]
-        except SystemExit as e:        # e.g. every selection run diverged: no final runs
+        except SelectionError as e:    # e.g. every selection run diverged: no final runs
             self.failures.append(str(e))
             return
         self._enqueue(chain, final)

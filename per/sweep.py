@@ -225,12 +225,21 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
     return phases
 
 
+class SelectionError(RuntimeError):
+    """A selection phase that cannot give a lambda (runs missing, or all diverged); the
+    message says which and what to do."""
+
+
 def chosen_lambda(phase: Phase) -> float:
     """The lambda with the best validation score among the selection phase's runs, once
     every lambda of its grid has a finished or diverged run. Only runs of the phase's own
     config count, by the rule `Phase.done` applies, at any seed in the folder: runs of
     other lambdas (earlier `--lams` sweeps) and runs of another config (an older version
-    of the preset) take no part; the latter are named."""
+    of the preset) take no part; the latter are named.
+
+    Raises:
+        SelectionError: a lambda of the grid has no finished or diverged run, or every run
+            of the best one diverged."""
     cell_dir = phase.preset.cell_dir
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
@@ -244,16 +253,16 @@ def chosen_lambda(phase: Phase) -> float:
                   "(move it away, or OVERRIDES=resume=never to run it again)", file=sys.stderr)
         df = df[~df.run_dir.isin(other)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
-        raise SystemExit(f"no selection runs under {cell_dir}")
+        raise SelectionError(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):
-        raise SystemExit(f"no finished or diverged selection run under {cell_dir} at lambda "
+        raise SelectionError(f"no finished or diverged selection run under {cell_dir} at lambda "
                          f"{', '.join(map(lam_arg, missing))}; the same command resumes them")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):
-        raise SystemExit(f"could not choose lambda from {cell_dir}:\n{chosen}")
+        raise SelectionError(f"could not choose lambda from {cell_dir}:\n{chosen}")
     if chosen.n.iloc[0] == 0 and chosen.n_diverged.iloc[0] > 0:   # a lone lambda that diverged
-        raise SystemExit(f"lambda {lam:g} diverged in every selection run under {cell_dir}; "
+        raise SelectionError(f"lambda {lam:g} diverged in every selection run under {cell_dir}; "
                          "no final runs at it")
     return float(lam)
 

@@ -330,7 +330,7 @@ def test_a_lone_diverged_lambda_is_counted_but_gets_no_final_runs(tmp_path, pape
     l2 = row(chosen, method="l2")
     assert (l2.lam, l2.n_failed, l2.n_diverged) == (1e-4, 1, 0)
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
-    with pytest.raises(SystemExit, match="diverged in every selection run"):
+    with pytest.raises(sweep.SelectionError, match="diverged in every selection run"):
         sweep.chosen_lambda(_own_phase(cell_dir, [1e30]))
     t3 = tables.format_table(tables.cell_results(df, "lm", paper), "T3")
     assert all("3/3 diverged" in text for text in t3.iloc[0])
@@ -767,7 +767,7 @@ def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, c
     make_run(tmp_path, **PER, **SEL, lam=1e-2, final=image(1.0, None))      # an earlier --lams sweep
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
     phase = functools.partial(_own_phase, cell_dir)
-    with pytest.raises(SystemExit, match="at lambda 0.0003; the same command resumes them"):
+    with pytest.raises(sweep.SelectionError, match="at lambda 0.0003; the same command resumes them"):
         sweep.chosen_lambda(phase([1e-4, 3e-4]))
     assert sweep.chosen_lambda(phase([1e-4])) == 1e-4       # 1e-2 scores better but is not in the grid
 

@@ -90,7 +90,7 @@ def test_a_failed_final_run_holds_back_nothing(tmp_path):
 
 def test_a_selection_that_cannot_choose_ends_its_cell_with_the_reason(tmp_path):
     def choose(select):
-        raise SystemExit(f"lambda diverged in every selection run under {select.preset.name}")
+        raise sweep.SelectionError(f"lambda diverged in every selection run under {select.preset.name}")
     a = _cell(tmp_path, "a", [1.0], [0], 1.0, 1.0)
     sched = schedule.Scheduler([a], schedule.each_run, choose, _seconds)
     assert [(n, s) for n, s, _ in _drain(sched)] == [("a", True)]
