@@ -250,6 +250,58 @@ def _complete_best(run: RunDir, model: nn.Module, state: TrainState, extra: dict
     _save_best(run, model, state.epoch, extra)
 
 
+class _EpochProgress:
+    """An epoch's progress bar over its `batches` (the steps that will run), and, without
+    a bar, a progress line at most every `PROGRESS_LINE_S` seconds."""
+
+    def __init__(self, settings: LoopSettings, items: str, epoch: int, state: TrainState, batches: int) -> None:
+        self.settings, self.items, self.epoch, self.batches = settings, items, epoch, batches
+        self.t0 = self.last_line = time.perf_counter()
+        self.first_batch = state.batch
+        self.bar = tqdm(total=batches, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+                        disable=not settings.progress, leave=False, dynamic_ncols=True)
+
+    def show(self, state: TrainState, so_far: dict[str, float], rate: float) -> None:
+        """The metrics so far and the throughput (`items` per second) on the bar or in a line."""
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()}, f"{self.items}/s": f"{rate:.0f}"})
+        now = time.perf_counter()
+        if self.settings.progress or now - self.last_line < PROGRESS_LINE_S:
+            return
+        self.last_line = now
+        left = (self.batches - state.batch) * (now - self.t0) / (state.batch - self.first_batch)
+        log.info("epoch %d/%d batch %d/%d step %d | %s | %.0f %s/s | epoch done in %.1f min",
+                 self.epoch + 1, self.settings.epochs, state.batch, self.batches, state.step,
+                 format_metrics(so_far), rate, self.items, left / 60)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _epoch_row(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, regularizer: Regularizer | None,
+              state: TrainState, settings: LoopSettings) -> dict[str, Any]:
+    """The metrics row of the epoch just trained (`state.sums`, `state.train_time_s`):
+    training metrics, the regularizer's site averages over tracked steps (penalty = the sum
+    of the unscaled L_site), then the evaluation (its time added to `state.wall_time_s`)."""
+    t_eval = time.perf_counter()
+    epoch = state.epoch
+    row = {schema.EPOCH: epoch + 1, schema.STEP: state.step, schema.LR: optimizer.param_groups[0]["lr"]}
+    row.update(task.train_metrics(state.sums))
+    if regularizer is not None:
+        site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items()
+                     if schema.is_diagnostic(k)}
+        row[schema.PENALTY] = sum(v for k, v in site_avgs.items() if k.startswith(schema.PENALTY_PREFIX))
+        row.update(site_avgs)
+    bar = tqdm(total=task.eval_batches(), desc=f"epoch {epoch + 1}/{settings.epochs} eval",
+               disable=not settings.progress, leave=False, dynamic_ncols=True)
+    row.update(task.evaluate(model, on_batch=lambda: bar.update(1)))
+    bar.close()
+    row[schema.throughput_key(task.items)] = state.sums["items"] / max(state.train_time_s, 1e-9)
+    row[schema.EPOCH_TIME] = state.train_time_s
+    row[schema.EVAL_TIME] = time.perf_counter() - t_eval
+    state.wall_time_s += time.perf_counter() - t_eval
+    return row
+
+
 def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule,
         run: RunDir, settings: LoopSettings, *, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         regularizer: Regularizer | None = None, sink: WandbSink | None = None, monitor: Monitor | None = None,
@@ -276,11 +328,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
     while state.epoch < settings.epochs and state.step < max_steps:
         epoch = state.epoch
         sums = EpochSums(state.sums)
-        t0 = time.perf_counter()
-        epoch_batches = min(steps_per_epoch, state.batch + max_steps - state.step)
-        bar = tqdm(total=epoch_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
-                   disable=not settings.progress, leave=False, dynamic_ncols=True)
-        first_batch, last_line = state.batch, t0
+        progress = _EpochProgress(settings, task.items, epoch, state,
+                                 min(steps_per_epoch, state.batch + max_steps - state.step))
         for batch in task.train_batches(epoch, state.batch):
             set_lr(optimizer, schedule.base_lr(epoch, state.step))
             track = state.step % settings.log_every == 0
@@ -296,32 +345,25 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             if track or state.batch == steps_per_epoch:
                 host = sums.read()
                 if not math.isfinite(host["total"]):
-                    bar.close()
-                    state.wall_time_s += time.perf_counter() - t0
+                    progress.close()
+                    state.wall_time_s += time.perf_counter() - progress.t0
                     state.final = {**state.final, "diverged_at_step": state.step}
                     return _diverged("training loss", f"by step {state.step} (epoch {epoch + 1})"), state
-                rate = host["items"] / (state.train_time_s + time.perf_counter() - t0)
+                rate = host["items"] / (state.train_time_s + time.perf_counter() - progress.t0)
                 so_far = task.train_metrics(host)
-                bar.set_postfix({**{k: f"{v:.4g}" for k, v in so_far.items()}, f"{task.items}/s": f"{rate:.0f}"})
-                now = time.perf_counter()
-                if not settings.progress and now - last_line >= PROGRESS_LINE_S:
-                    last_line = now
-                    left = (epoch_batches - state.batch) * (now - t0) / (state.batch - first_batch)
-                    log.info("epoch %d/%d batch %d/%d step %d | %s | %.0f %s/s | epoch done in %.1f min",
-                             epoch + 1, settings.epochs, state.batch, epoch_batches, state.step,
-                             format_metrics(so_far), rate, task.items, left / 60)
+                progress.show(state, so_far, rate)
                 if sink is not None:
                     sink.log_step({**so_far, schema.LR: optimizer.param_groups[0]["lr"],
                                    schema.throughput_key(task.items): rate}, step=state.step)
-            bar.update(1)
+            progress.bar.update(1)
             if monitor is not None and monitor.due(state.step):
                 run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), state.step,
                                                          epoch + state.batch / steps_per_epoch))
             if stop.requested or state.step >= max_steps:
                 break
-        bar.close()
-        state.train_time_s += time.perf_counter() - t0
-        state.wall_time_s += time.perf_counter() - t0
+        progress.close()
+        state.train_time_s += time.perf_counter() - progress.t0
+        state.wall_time_s += time.perf_counter() - progress.t0
         state.sums = sums.read()
         if not math.isfinite(state.sums.get("total", 0.0)):
             state.final = {**state.final, "diverged_at_step": state.step}
@@ -332,22 +374,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             return _stopped(stop, f"at step {state.step} (epoch {epoch + 1}, batch {state.batch})"), state
 
         # ---- end of epoch: evaluate, record, checkpoint --------------------
-        t_eval = time.perf_counter()
-        row = {schema.EPOCH: epoch + 1, schema.STEP: state.step, schema.LR: optimizer.param_groups[0]["lr"]}
-        row.update(task.train_metrics(state.sums))
-        if regularizer is not None:  # averages over tracked steps; penalty = sum of unscaled L_site
-            site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items()
-                         if schema.is_diagnostic(k)}
-            row[schema.PENALTY] = sum(v for k, v in site_avgs.items() if k.startswith(schema.PENALTY_PREFIX))
-            row.update(site_avgs)
-        bar = tqdm(total=task.eval_batches(), desc=f"epoch {epoch + 1}/{settings.epochs} eval",
-                   disable=not settings.progress, leave=False, dynamic_ncols=True)
-        row.update(task.evaluate(model, on_batch=lambda: bar.update(1)))
-        bar.close()
-        row[schema.throughput_key(task.items)] = state.sums["items"] / max(state.train_time_s, 1e-9)
-        row[schema.EPOCH_TIME] = state.train_time_s
-        row[schema.EVAL_TIME] = time.perf_counter() - t_eval
-        state.wall_time_s += time.perf_counter() - t_eval
+        row = _epoch_row(model, task, optimizer, regularizer, state, settings)
         schedule.end_epoch(row)
         state.epoch += 1
         state.batch = 0
