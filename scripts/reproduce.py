@@ -124,7 +124,7 @@ def execute(phases: list, args) -> list[str]:
     split = schedule.each_run if args.launcher == "pool" else schedule.each_multirun
     sched = schedule.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
     if args.launcher != "local":
-        print(f"[reproduce] each unit's output: {_beside_runs(args, 'logs')}/<task>/<cell>/lam=...,seed=....log", flush=True)
+        print(f"[reproduce] each unit's output: {_logs(args)}/<task>/<cell>/lam=...,seed=....log", flush=True)
     labels = slots(args, phases[0][1].preset.task)
     stop = schedule.launch(sched, labels, functools.partial(_start, args=args, at_once=len(labels)),
                            say=lambda line: print(f"[reproduce] {time.strftime('%H:%M:%S')} {line}", flush=True),
@@ -178,10 +178,8 @@ def _describe(unit: sweep.Phase) -> str:
     return f"{unit.preset.cell_dir.name} lam={lams} seed={seeds}"
 
 
-def _beside_runs(args, name: str) -> Path:
-    """The folder `name` (logs, tables, figures) beside the runs' folder, as `make tables
-    RUNS=...` writes it (`results/runs` -> `results/<name>`; `RUNS=.` -> `../<name>`)."""
-    return Path(args.runs).resolve().parent / name
+def _logs(args) -> Path:
+    return Path(args.runs).parent / "logs"
 
 
 def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess.Popen, str]:
@@ -196,7 +194,7 @@ def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess
     if args.launcher == "local":
         print("[reproduce] " + " ".join(cmd), flush=True)
         return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True), "its output above"
-    log = _beside_runs(args, "logs") / unit.preset.task / unit.preset.cell_dir.name / "lam={},seed={}.log".format(*_lams_seeds(unit))
+    log = _logs(args) / unit.preset.task / unit.preset.cell_dir.name / "lam={},seed={}.log".format(*_lams_seeds(unit))
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -284,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     failures = execute(phases, args)
     report = []
     if not args.no_report:   # also after failures: the tables mark what they lack
+        results = Path(args.runs).parent     # results/runs -> results/{tables,figures}
         report = [problem for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures"))
                   if (problem := _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
-                                       "--out", str(_beside_runs(args, dest))]))]
+                                       "--out", str(results / dest)]))]
     lines = []
     if failures:
         lines.append(f"{len(failures)} run failure{'s' * (len(failures) > 1)}: " + "; ".join(failures)

@@ -3,7 +3,6 @@ steps against the built tasks, a real sweep on a pool of slots (one process per 
 lambda selection, skipping of finished runs, the demo."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -22,7 +21,7 @@ from per.data.cifar import write_fake_cifar
 from per.data.corpus import Corpus, write_fake_corpus
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
-from runner_utils import ROOT, compose_config, script_module
+from runner_utils import ROOT, compose_config
 
 REPRO = [sys.executable, str(ROOT / "scripts/reproduce.py")]
 
@@ -268,12 +267,3 @@ def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
                                                            corpus.test.numel())})
     assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch()
     assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() > 0
-
-
-@pytest.mark.parametrize("runs, beside", [("results/runs", "results"), (".", ".."), ("a/runs/", "a")])
-def test_reports_and_logs_go_beside_the_runs_folder_as_make_puts_them(runs, beside, tmp_path, monkeypatch):
-    """`make tables RUNS=x` writes `x/../tables`; reproduce.py the same folder, `RUNS=.` included."""
-    monkeypatch.chdir(tmp_path)
-    reproduce = script_module("reproduce")
-    got = reproduce._beside_runs(argparse.Namespace(runs=runs), "tables")
-    assert got == (tmp_path / f"{runs}/../tables").resolve() == (tmp_path / beside / "tables").resolve()
