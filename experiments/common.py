@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -62,14 +63,26 @@ def unknown_preset(name: str) -> str:
 
 def check_presets(argv: list[str]) -> None:
     """Exit with `USER_ERROR_EXIT` and `unknown_preset`'s message where an `experiment=`
-    argument (a multirun's comma-separated list included) names no preset, before Hydra,
-    whose own error lists all presets without the closest ones."""
+    argument (each name of a multirun's choice list included) names no preset, before
+    Hydra, whose own error lists all presets without the closest ones. Arguments are read
+    with Hydra's override parser; what it cannot read here (a sweep function needing the
+    config loader, a syntax error), other sweeps, and runs with another config search path
+    are left to Hydra."""
+    if any(a in ("-cd", "--config-dir") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in argv):
+        return
+    parser = OverridesParser.create()
     for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") != "experiment" or not value or "(" in value or value == "null":
-            continue       # Hydra's sweep functions (glob(...), choice(...)) it resolves itself
-        for name in value.split(","):
-            if not (CONFIGS / "experiment" / f"{name}.yaml").exists():
+        if arg.startswith("-") or arg.partition("=")[0].lstrip("+~").partition("@")[0] != "experiment":
+            continue
+        try:
+            override = parser.parse_overrides([arg])[0]
+            if override.is_delete() or (override.is_sweep_override() and not override.is_choice_sweep()):
+                continue
+            value = list(override.sweep_string_iterator()) if override.is_choice_sweep() else override.value()
+        except Exception:      # glob(...) needs Hydra's config loader; a syntax error: Hydra reports both
+            continue
+        for name in value if isinstance(value, list) else [value]:
+            if isinstance(name, str) and name and not (CONFIGS / "experiment" / f"{name}.yaml").exists():
                 print(f"ValueError: {unknown_preset(name)}", file=sys.stderr)
                 sys.exit(USER_ERROR_EXIT)
 

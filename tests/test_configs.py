@@ -198,3 +198,33 @@ def test_launchers_compose(launcher, target):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train_cifar", [f"launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
+
+
+@pytest.mark.parametrize("arg, refused", [
+    ("experiment=t1_cifar10_resnet56_pr", "t1_cifar10_resnet56_pr"),
+    ("experiment='t1_cifar10_resnet56_pr'", "t1_cifar10_resnet56_pr"),            # quoted
+    ("++experiment=t1_cifar10_resnet56_per, t1_cifar10_resnet56_pr", "t1_cifar10_resnet56_pr"),  # a multirun's
+    ("experiment=choice(t3_ptb_lstm_per,t3_ptb_lstm_pr)", "t3_ptb_lstm_pr"),
+    ("experiment=t1_cifar10_resnet56_per", None),
+    ("experiment='t1_cifar10_resnet56_per'", None),
+    ("experiment=[t1_cifar10_resnet56_per]", None),
+    ("experiment=t1_cifar10_resnet56_per, t3_ptb_lstm_per", None),
+    ("experiment=NULL", None), ("~experiment", None), ("experiment=glob(t1_*)", None),
+    ("experiment=range(1,3)", None), ("model=resnet20", None),
+])
+def test_a_misspelt_preset_is_refused_and_valid_hydra_syntax_is_not(arg, refused, capsys):
+    """`check_presets` reads arguments as Hydra does (quotes, lists, sweeps, NULL, deletion)."""
+    from experiments.common import USER_ERROR_EXIT, check_presets
+    if refused is None:
+        check_presets(["-m", arg])
+        return
+    with pytest.raises(SystemExit) as exit_:
+        check_presets([arg])
+    assert exit_.value.code == USER_ERROR_EXIT
+    assert f"unknown preset {refused!r}; did you mean " in capsys.readouterr().err
+
+
+def test_presets_are_not_checked_against_another_config_search_path():
+    from experiments.common import check_presets
+    check_presets(["--config-dir", "/elsewhere", "experiment=my_own_preset"])
+    check_presets(["hydra.searchpath=[file:///elsewhere]", "experiment=my_own_preset"])
