@@ -38,6 +38,9 @@ def metric_key(split: str, measure: str) -> str:
 TRAIN_LOSS, TRAIN_ERROR, TRAIN_PPL = (metric_key(TRAIN, m) for m in (LOSS, ERROR, PPL))
 VAL_ERROR, TEST_ERROR = metric_key(VAL, ERROR), metric_key(TEST, ERROR)
 VAL_PPL, TEST_PPL = metric_key(VAL, PPL), metric_key(TEST, PPL)
+# The metrics a run's summary and the run table keep at its final and best epochs (those
+# of its task present), and its end or skip line shows.
+HEADLINE_METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
 
 # The other keys of a `metrics.jsonl` row (one per epoch).
 EPOCH, STEP, LR = "epoch", "step", "lr"

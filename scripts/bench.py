@@ -54,9 +54,9 @@ from per.training import optim, runtime
 from per.training.loop import TrainStep
 from per.data.cifar import write_fake_cifar
 from per.training import run as runner
-from per.training.records import METRICS, RunDir
-from per.training.speed import (
-    endless_batches, interleaved_times, on_generated_data, pipelined_times, preset_step, runs_per_hour, timed)
+from per.training.records import METRICS_FILE, RunDir
+from per.training.speed import (endless_batches, interleaved_calls, interleaved_times, on_generated_data,
+                                pipelined_times, preset_step, runs_per_hour)
 
 # Sizes per mode: image models and batch, extra image/LM preset overrides, repeats (timed
 # steps per configuration, median) and warm-up steps, loader-comparison steps, batch of
@@ -290,24 +290,12 @@ def bench_lm_reference(report: Reporter, size: dict, args, compiled: tuple[str, 
                 p.add_(p.grad, alpha=-lr)
 
     batches = endless_batches(ours.task)
-    times = _median_time({"ours": lambda: ours(next(batches)), "example": example_step},
-                         size["warmup"] + size["repeats"] - 1, args.device.type == "cuda", warmup)
+    times = interleaved_calls({"ours": lambda: ours(next(batches)), "example": example_step},
+                              size["warmup"] + size["repeats"] - 1, warmup, args.device.type == "cuda")
     result = ratio_result(f"trainer/lstm{m['hidden_size']}/batch{batch}x{bptt}", "word-language-model example",
                           f"ours ({compiled[0]})" if compiled else "ours", times["example"], times["ours"])
     result["tokens_per_s"] = {k: round(batch * bptt / statistics.median(v)) for k, v in times.items()}
     report(**result)
-
-
-def _median_time(fns: dict[str, Callable[[], Any]], repeats: int, cuda: bool,
-                 warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, interleaved, after `warmup` calls each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for k, fn in fns.items():
-            s, _ = timed(fn, cuda)
-            if i >= warmup:
-                times[k].append(s)
-    return times
 
 
 def _without_tf32(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -348,7 +336,7 @@ def bench_per_grad(report: Reporter, size: dict, args) -> None:
             modes = [f"fused triton, {p}" for p in _triton.PRECISIONS]
             fns.update({mode: (lambda p=p: _triton.per_grad_fused(x, theta, 1 / 256, p))
                         for mode, p in zip(modes, _triton.PRECISIONS)})
-        times = _median_time(fns, max(size["repeats"], 5), cuda)
+        times = interleaved_calls(fns, max(size["repeats"], 5), 1, cuda)
         path = "fused triton" if functional._use_fused_kernel(x) else (
             f"blocked {functional.PER_GRAD_BLOCK_ROWS} rows" if not cuda else "unblocked")
         if not cuda and os.environ.get("PER_CPU_COMPILE") == "1":   # per_grad compiled, the baseline eager
@@ -378,7 +366,7 @@ def bench_optimizer(report: Reporter, size: dict, args) -> None:
         fused = step.optimizer
         default = torch.optim.SGD([{k: v for k, v in g.items() if k not in optim.KERNEL_KEYS}
                                    for g in fused.param_groups], lr=fused.defaults["lr"])
-        times = _median_time({"fused": fused.step, "default": default.step}, size["repeats"], cuda)
+        times = interleaved_calls({"fused": fused.step, "default": default.step}, size["repeats"], 1, cuda)
         tensors = sum(len(g["params"]) for g in fused.param_groups)
         report(**ratio_result(f"optimizer/{name}/{over[0] if over else 'preset'}", "fused SGD",
                               "torch default SGD", times["fused"], times["default"]), tensors=tensors)
@@ -416,7 +404,7 @@ def bench_epochs(report: Reporter, size: dict, args) -> None:
     summary = runner.train(cfg, BUILD["cifar"])
     if summary.get("signal"):   # the runner made the bench's time limit a clean stop: pass it on
         raise Stopped(summary["signal"])
-    rows = RunDir(run_dir).read_jsonl(METRICS)
+    rows = RunDir(run_dir).read_jsonl(METRICS_FILE)
     if summary["status"] != schema.FINISHED or len(rows) != epochs:
         raise RuntimeError(f"the epoch run ended {summary['status']} after {len(rows)} of {epochs} epochs")
     train_s = [r[schema.EPOCH_TIME] for r in rows]
@@ -483,9 +471,9 @@ def bench_loader(report: Reporter, size: dict, args) -> None:
         opt.step()
 
     ours_batches, plain_batches = endless_batches(ours.task), iter(loader)
-    times = _median_time({"device loader": lambda: ours(next(ours_batches)),     # data fetch + step
-                          "dataloader+torchvision": lambda: plain_step(next(plain_batches))}, n_steps, cuda,
-                         warmup)
+    times = interleaved_calls({"device loader": lambda: ours(next(ours_batches)),     # data fetch + step
+                               "dataloader+torchvision": lambda: plain_step(next(plain_batches))}, n_steps, warmup,
+                              cuda)
     result = ratio_result(f"trainer/{model_name}/batch{batch}", "dataloader+torchvision",
                           "device loader", times["dataloader+torchvision"], times["device loader"])
     result["images_per_s"] = {k: round(batch / statistics.median(v), 1) for k, v in times.items()}

@@ -24,13 +24,13 @@ from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import at_chosen_lambda, method_sort_key, report_runs, row_labels, selection_runs
 from per.analysis.wandb_source import collect_source
 from per.schema import FINISHED
-from per.training.records import ACTIVATIONS
+from per.training.records import ACTIVATIONS_FILE
 
 
 def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One run with `activations.jsonl` per cell and row label, preferring the chosen
     lambda, finished runs, reported runs and low seeds."""
-    runs = df[[(Path(d) / ACTIVATIONS).is_file() for d in df.run_dir]]
+    runs = df[[(Path(d) / ACTIVATIONS_FILE).is_file() for d in df.run_dir]]
     chosen = at_chosen_lambda(df, lambda d, task: d[d.task == task])[["run_dir"]]
     runs = runs.assign(label=row_labels(runs),
                        other_lam=~runs.run_dir.isin(chosen.run_dir),

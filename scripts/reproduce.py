@@ -6,7 +6,7 @@ held out (`data.val_size=5000`); the lambda with the lowest mean final validatio
 error is then trained on all 50k with `--seeds` seeds, and the table reports their
 final-epoch test error. Language models (Table 3): every lambda x seed; lambda is
 chosen on validation perplexity and the table reports the test perplexity of the
-best-validation checkpoint. All cells run at once on the launcher's slots (`per.schedule`:
+best-validation checkpoint. All cells run at once on the launcher's slots (`per.parallel`:
 one process per run on GPU slots, or Hydra multiruns through the basic or submitit
 launcher); finished runs are skipped and interrupted ones resume.
 
@@ -33,7 +33,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.common import ENTRY, compose_preset, preset_names, preset_task, suite_paths
-from per import schedule, sweep
+from per import parallel, sweep
 from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
 
@@ -116,17 +116,17 @@ def slots(args, task: str) -> list[str]:
 
 
 def execute(phases: list, args) -> list[str]:
-    """Run the plan's runs without a result, every cell at once on the slots (`per.schedule`):
+    """Run the plan's runs without a result, every cell at once on the slots (`per.parallel`):
     a cell's final runs start once its selection has chosen lambda. A failed run holds back
     only its cell's final runs (if it was a selection run); the rest goes on. Returns the
     failures; a stop signal exits."""
     table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
-    split = schedule.each_run if args.launcher == "pool" else schedule.each_multirun
-    sched = schedule.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
+    split = parallel.each_run if args.launcher == "pool" else parallel.each_multirun
+    sched = parallel.Scheduler(phases, split, _choose, sweep.unit_seconds(table))
     if args.launcher != "local":
         print(f"[reproduce] each unit's output: {_logs(args)}/<task>/<cell>/lam=...,seed=....log", flush=True)
     labels = slots(args, phases[0][1].preset.task)
-    stop = schedule.launch(sched, labels, functools.partial(_start, args=args, at_once=len(labels)),
+    stop = parallel.launch(sched, labels, functools.partial(_start, args=args, at_once=len(labels)),
                            say=lambda line: print(f"[reproduce] {time.strftime('%H:%M:%S')} {line}", flush=True),
                            describe=_describe)
     if stop:
@@ -137,7 +137,7 @@ def execute(phases: list, args) -> list[str]:
 
 
 def print_wall_clock(phases: list, args) -> None:
-    """DRY_RUN's wall clock: the plan on `slots` as `execute` would order it (`schedule.simulate`),
+    """DRY_RUN's wall clock: the plan on `slots` as `execute` would order it (`parallel.simulate`),
     each run's device time from the step-time table, stretched by the measured slowdown of
     running `runs_per_gpu` at once on a GPU."""
     table, _ = sweep.step_time_table(STEP_TIMES_DIR, args.step_table)
@@ -153,7 +153,7 @@ def print_wall_clock(phases: list, args) -> None:
         print(f"   wall clock: ? ({how}; `make step-times CONCURRENCY=1,2,4,8` measures it)")
         return
     seconds = sweep.unit_seconds(table)
-    wall = schedule.simulate(phases, len(labels), lambda unit: seconds(unit) * slowdown) / 3600
+    wall = parallel.simulate(phases, len(labels), lambda unit: seconds(unit) * slowdown) / 3600
     if args.launcher == "local":
         print(f"   wall clock, one multirun at a time: {wall:,.1f} h")
     else:
@@ -184,7 +184,7 @@ def _logs(args) -> Path:
 
 def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess.Popen, str]:
     """Start `unit` on `slot` in a session of its own (a Ctrl-C reaches it once, through
-    `schedule.launch`); its output goes to the terminal (local) or to a log file. The pool's
+    `parallel.launch`); its output goes to the terminal (local) or to a log file. The pool's
     `at_once` runs share this machine's cores: each gets `OMP_NUM_THREADS` = cores / runs
     (at least 1) unless the environment sets it."""
     cmd = command(unit, args, slot.removeprefix("GPU ") if args.launcher == "pool" else None)

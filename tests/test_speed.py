@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import per
 from experiments.common import BUILD, compose_preset
 from per import sweep
 from per.training import runtime
-from per.training.speed import concurrent_steps_per_s, on_generated_data
+from per.training.speed import concurrent_steps_per_s, interleaved_calls, on_generated_data
 from runner_utils import ROOT, restored_backend_flags, script_module
 
 
@@ -434,3 +435,21 @@ def test_profile_step_lists_the_ops_with_the_most_time(tmp_path):
     assert len(top) == 5 and [r["ms_per_step"] for r in top] == sorted((r["ms_per_step"] for r in top), reverse=True)
     assert 0 < sum(r["ms_per_step"] for r in top) <= rows[0]["ms_per_step"] + 1e-3
     assert any("convolution" in r["op"] for r in top) and all(r["calls_per_step"] > 0 for r in top)
+
+
+def test_interleaved_calls_take_turns_and_time_only_the_call():
+    """One call of each function per round, warm-up rounds untimed, and an input's fetch
+    (here a 50 ms sleep) outside the timed region."""
+    calls = []
+
+    def slow_inputs(k):
+        while True:
+            time.sleep(0.05)
+            yield k
+
+    fns = {"a": calls.append, "b": calls.append}
+    times = interleaved_calls(fns, repeats=3, warmup=2, cuda=False,
+                              inputs={k: slow_inputs(k) for k in fns})
+    assert calls == ["a", "b"] * 5
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert max(max(v) for v in times.values()) < 0.01

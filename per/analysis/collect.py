@@ -34,16 +34,14 @@ import yaml
 
 from per.training.checks import longer_than_protocol, protocol_differences
 from per.training import records
-from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, INTERRUPTED, METHOD_OPTIONS, REGULARIZED,
-                        RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
-                        VAL_PPL, VARIANT_KEYS, method_options)
+from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, HEADLINE_METRICS, INTERRUPTED, METHOD_OPTIONS,
+                        REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, VARIANT_KEYS, method_options)
 
 
-METRICS = (TRAIN_LOSS, VAL_ERROR, TEST_ERROR, VAL_PPL, TEST_PPL)
 RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
     "grid_size", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
-    *(f"final_{m}" for m in METRICS), "best_epoch", *(f"best_{m}" for m in METRICS),
+    *(f"final_{m}" for m in HEADLINE_METRICS), "best_epoch", *(f"best_{m}" for m in HEADLINE_METRICS),
     "partial", "min_test_epoch", "min_test_error", "started",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
@@ -51,7 +49,7 @@ RUN_COLUMNS = (
 RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
 _DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
            "grid_size": "Int64", "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
-           "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in METRICS},
+           "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in HEADLINE_METRICS},
            "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
 
 
@@ -150,9 +148,9 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         **method_options(config), CHANGES: ", ".join(changes), "grid_size": len(grid) or None,
         "experiment": config.get("preset", config.get("experiment")),
         **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
-        **{f"final_{m}": final.get(m) for m in METRICS},
+        **{f"final_{m}": final.get(m) for m in HEADLINE_METRICS},
         "best_epoch": best.get(EPOCH),
-        **{f"best_{m}": best.get(m) for m in METRICS},
+        **{f"best_{m}": best.get(m) for m in HEADLINE_METRICS},
         "partial": is_partial(config, summary), "min_test_epoch": min_epoch, "min_test_error": min_error,
         "started": (summary.get("attempts") or [{}])[-1].get("started"),
     }
@@ -217,7 +215,7 @@ def run_table(runs: Iterable[tuple[str, RunReader]], errors: tuple[type[Exceptio
 def _read_run_dir(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     summary = json.loads((run_dir / records.SUMMARY).read_text())
     config = yaml.safe_load((run_dir / records.CONFIG).read_text())
-    return config, summary, records.read_jsonl(run_dir / records.METRICS)
+    return config, summary, records.read_jsonl(run_dir / records.METRICS_FILE)
 
 
 def collect_runs(root: str | Path, protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -241,7 +239,7 @@ def collect_runs(root: str | Path, protocols: Protocols | None = None) -> tuple[
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """`metrics.jsonl` as a frame, one row per epoch (per-site keys such as
     `grad_ratio/<site>` stay columns); empty when the file is missing."""
-    return pd.DataFrame(records.read_jsonl(Path(run_dir) / records.METRICS))
+    return pd.DataFrame(records.read_jsonl(Path(run_dir) / records.METRICS_FILE))
 
 
 def load_activations(run_dir: str | Path) -> pd.DataFrame:
@@ -251,7 +249,7 @@ def load_activations(run_dir: str | Path) -> pd.DataFrame:
     position among the model's post-activation sites), `site` is "layer <k>", so
     models whose site names differ (BN vs Fixup ResNets) line up."""
     per_unit = ["unit", "mean", "var", "q25", "q50", "q75"]
-    rows = records.read_jsonl(Path(run_dir) / records.ACTIVATIONS)
+    rows = records.read_jsonl(Path(run_dir) / records.ACTIVATIONS_FILE)
     if not rows:
         return pd.DataFrame(columns=["step", "epoch", "site", *per_unit, "sw1"])
     wide = pd.DataFrame(rows).rename(columns={"units": "unit"})

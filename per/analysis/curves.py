@@ -11,7 +11,7 @@ import pandas as pd
 
 from per.analysis.paper import load_paper_tables, paper_value
 from per.schema import EPOCH, ERROR, PAPER_SPLIT, PPL, metric_key
-from per.training.records import METRICS, RunDir
+from per.training.records import METRICS_FILE, RunDir
 
 # The paper's split of each metric it publishes: `val_ppl` -> "valid", `test_error` -> "test".
 METRIC_PAPER_SPLIT = {metric_key(split, measure): label
@@ -33,7 +33,7 @@ def epoch_curves(runs: dict[str, str | Path], metrics: list[str]) -> pd.DataFram
     A metric may name a per-site prefix (`grad_ratio`, `penalty`): its median over sites.
     """
     rows = [{"run": label, EPOCH: r[EPOCH], **{m: _value(r, m) for m in metrics}}
-            for label, path in runs.items() for r in RunDir(path).read_jsonl(METRICS)]
+            for label, path in runs.items() for r in RunDir(path).read_jsonl(METRICS_FILE)]
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).pivot(index=EPOCH, columns="run", values=metrics)

@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 
 import per
 from per.analysis import tables
-from per.analysis.collect import METRICS, is_off_grid, without_off_grid
+from per.analysis.collect import is_off_grid, without_off_grid
 from per.analysis.paper import load_paper_tables
-from per.schema import (CHANGES, EPOCH, FINISHED, PAPER_SPLIT, REPORT_METRIC, SELECTION_METRIC,
-                        SETTING_KEYS, TASKS, TEST, VAL)
+from per.schema import (CHANGES, EPOCH, FINISHED, HEADLINE_METRICS, PAPER_SPLIT, REPORT_METRIC,
+                        SELECTION_METRIC, SETTING_KEYS, TASKS, TEST, VAL)
 
 CELL = list(SETTING_KEYS)   # one figure per setting: the methods of a cell side by side
 FORMATS = ("png", "pdf")
@@ -254,7 +254,7 @@ def plot_training_curves(metrics_by_run: pd.DataFrame, out_dir: str | Path = "re
     mean over the runs given (`collect.load_run_metrics` of the runs to show)."""
     paths = []
     for key, cell in metrics_by_run.groupby(CELL):
-        metrics = [m for m in METRICS if m in cell and cell[m].notna().any()]
+        metrics = [m for m in HEADLINE_METRICS if m in cell and cell[m].notna().any()]
         if not metrics:
             continue
         cell = cell.assign(label=tables.row_labels(cell) + cell.lam.map(

@@ -14,6 +14,7 @@ from per.functional import LAYOUTS, REDUCTIONS
 from per.data import cifar
 from per.data.cifar import NORMALIZATIONS
 from per.data.corpus import CORPORA
+from per.models.elu_cnn import ACTIVATIONS
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, SAMPLINGS, Regularizer, sampling_conflict
 from per.training.loggers import LOGGER_MODES, missing_credentials
@@ -22,7 +23,6 @@ from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
 RESUME_MODES = ("auto", "never")
 DATASETS = {"cifar": tuple(cifar.LAYOUTS), "lm": tuple(CORPORA)}   # what each task's builder loads
-ACTIVATIONS = ("relu", "leaky_relu", "elu")
 # Methods that exist for one task only: RBN is an LSTM cell; VCL acts on the
 # pre-activations of conv nets (the LSTMs have no such sites).
 METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}

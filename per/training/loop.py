@@ -26,7 +26,7 @@ from per.training import runtime
 from per.training.loggers import WandbSink
 from per.training.monitor import Monitor
 from per.training.optim import clip_gradients, load_optimizer_state, set_lr
-from per.training.records import ACTIVATIONS, BEST_CHECKPOINT, METRICS, RunDir
+from per.training.records import ACTIVATIONS_FILE, BEST_CHECKPOINT, METRICS_FILE, RunDir
 
 log = logging.getLogger(__name__)
 # Without a progress bar (output to a file), a progress line at the first host read
@@ -322,7 +322,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
     steps_per_epoch = task.batches_per_epoch()
     max_steps = math.inf if settings.max_steps is None else settings.max_steps
     if monitor is not None and state.step == 0:
-        run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), 0, 0.0))
+        run.append(ACTIVATIONS_FILE, monitor.snapshot(model, lambda: task.probe_forward(model), 0, 0.0))
     _complete_best(run, model, state, extra)
 
     while state.epoch < settings.epochs and state.step < max_steps:
@@ -357,7 +357,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                                    schema.throughput_key(task.items): rate}, step=state.step)
             progress.bar.update(1)
             if monitor is not None and monitor.due(state.step):
-                run.append(ACTIVATIONS, monitor.snapshot(model, lambda: task.probe_forward(model), state.step,
+                run.append(ACTIVATIONS_FILE, monitor.snapshot(model, lambda: task.probe_forward(model), state.step,
                                                          epoch + state.batch / steps_per_epoch))
             if stop.requested or state.step >= max_steps:
                 break
@@ -387,7 +387,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             state.best.get(metric) is None or row[metric] < state.best[metric])
         if is_best:
             state.best = {schema.EPOCH: epoch + 1, **{k: v for k, v in metrics.items() if k != schema.EPOCH}}
-        run.append(METRICS, [row])   # before the checkpoint: a resume truncates extras
+        run.append(METRICS_FILE, [row])   # before the checkpoint: a resume truncates extras
         if sink is not None:
             sink.log(row, step=state.step)
         # Diagnostics may be infinite legitimately: a grad ratio where the downstream gradient

@@ -30,8 +30,8 @@ WANDB_DIR = "wandb"       # W&B's files of the run (`loggers.WandbSink`)
 # atomically) and newer than `last.pt`, which a kill before `save_checkpoint`'s renames left.
 CHECKPOINTS = (f"{CHECKPOINT}.new", CHECKPOINT, PREVIOUS_CHECKPOINT)
 CONFIG = "config.yaml"      # the resolved config
-METRICS = "metrics.jsonl"   # one row per epoch
-ACTIVATIONS = "activations.jsonl"   # the monitor's rows
+METRICS_FILE = "metrics.jsonl"   # one row per epoch
+ACTIVATIONS_FILE = "activations.jsonl"   # the monitor's rows
 SUMMARY = "summary.json"
 LOCK = ".lock"
 
@@ -261,7 +261,7 @@ class RunDir:
         resume from), its local W&B runs included: the new attempt is a new W&B run. What
         makes a run resumable or done goes first, its history last: a kill in between
         leaves a run that resumes whole or starts over, never a result without its history."""
-        for name in (SUMMARY, *CHECKPOINTS, BEST_CHECKPOINT, WANDB_ID, METRICS, ACTIVATIONS):
+        for name in (SUMMARY, *CHECKPOINTS, BEST_CHECKPOINT, WANDB_ID, METRICS_FILE, ACTIVATIONS_FILE):
             (self.path / name).unlink(missing_ok=True)
         for damaged in (self.path / CHECKPOINT).parent.glob("*.damaged"):
             damaged.unlink()

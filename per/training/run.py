@@ -28,13 +28,11 @@ from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal,
 from per.training.monitor import Monitor, default_monitor_sites
 from per.training.optim import (MultiStepSchedule, PlateauSchedule, create_optimizer, create_schedule,
                                 param_groups)
-from per.training.records import ACTIVATIONS, METRICS, RunDir
+from per.training.records import ACTIVATIONS_FILE, METRICS_FILE, RunDir
 
 # Method config keys passed to Regularizer where present (absent: its default).
 REGULARIZER_OPTIONS = ("layout", "num_slices", "reduction", "path", "share_directions", "sampling")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"   # Hydra's job-log format
-# The metrics an end or skip line shows (those present).
-KEY_METRICS = (schema.TRAIN_LOSS, schema.VAL_ERROR, schema.TEST_ERROR, schema.VAL_PPL, schema.TEST_PPL)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +147,7 @@ def _earlier_attempts(summary: dict | None) -> list[dict]:
 
 
 def _key_metrics(metrics: dict) -> str:
-    return format_metrics({k: metrics[k] for k in KEY_METRICS if k in metrics}) or "no metrics"
+    return format_metrics({k: metrics[k] for k in schema.HEADLINE_METRICS if k in metrics}) or "no metrics"
 
 
 def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment], *,
@@ -243,8 +241,8 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             if loaded is not None:
                 ckpt, ckpt_name = loaded
                 state = restore(ckpt, model, setup.optimizer, setup.schedule, setup.regularizer, task)
-                run.truncate(METRICS, "epoch", state.epoch)
-                run.truncate(ACTIVATIONS, "step", state.step)
+                run.truncate(METRICS_FILE, "epoch", state.epoch)
+                run.truncate(ACTIVATIONS_FILE, "step", state.step)
                 attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
                                                "batch": state.batch, "step": state.step}
                 attempts = _earlier_attempts(previous) + attempts
@@ -260,7 +258,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
                              run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
                              tags=list(cell.values()), config=cfg)
             if loaded is not None:   # a killed attempt's W&B rows may never have left its buffer
-                for row in run.read_jsonl(METRICS):
+                for row in run.read_jsonl(METRICS_FILE):
                     sink.log(row, step=row[schema.STEP])
             status, state = fit(train_model, task, setup.optimizer, setup.schedule, run, settings,
                                 autocast=setup.autocast, regularizer=setup.regularizer, sink=sink,

@@ -4,6 +4,7 @@ speed benchmark (`scripts/bench.py`)."""
 from __future__ import annotations
 
 import copy
+import functools
 import queue
 import statistics
 import time
@@ -76,18 +77,27 @@ def timed(fn: Callable[[], Any], cuda: bool) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each configuration, one step of each in turn (so load drifts on a
-    shared machine hit all alike), after `warmup` untimed rounds."""
-    batches = {k: endless_batches(s.task) for k, s in steps.items()}
-    times: dict[str, list[float]] = {k: [] for k in steps}
+def interleaved_calls(fns: dict[str, Callable[..., Any]], repeats: int, warmup: int, cuda: bool,
+                      inputs: dict[str, Iterator[Any]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each in turn (so load drifts on a
+    shared machine hit all alike), after `warmup` untimed rounds, synchronized on CUDA. With
+    `inputs`, each call takes the next item of its function's iterator, fetched outside
+    the timed region."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
-        for k, step in steps.items():
-            batch = next(batches[k])
-            s, _ = timed(lambda: step(batch), _on_cuda(step))
+        for k, fn in fns.items():
+            call = functools.partial(fn, next(inputs[k])) if inputs else fn
+            s, _ = timed(call, cuda)
             if i >= warmup:
                 times[k].append(s)
     return times
+
+
+def interleaved_times(steps: dict[str, TrainStep], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration (`interleaved_calls`, each step on its own
+    task's next batch)."""
+    return interleaved_calls(steps, repeats, warmup, any(_on_cuda(s) for s in steps.values()),
+                             {k: endless_batches(s.task) for k, s in steps.items()})
 
 
 def pipelined_times(steps: dict[str, TrainStep], repeats: int, warmup: int,
