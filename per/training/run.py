@@ -198,6 +198,27 @@ def _on_terminal() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
+def _loop_settings(cfg: dict, batches_per_epoch: int) -> tuple[LoopSettings, int]:
+    """How `fit` trains this run (`run_length`, clipping, host reads, progress bar only on
+    a terminal unless `trainer.progress` says), and its planned steps."""
+    trainer, optim = cfg["trainer"], cfg["optim"]
+    epochs, max_steps, planned = run_length(cfg, batches_per_epoch)
+    return LoopSettings(epochs=epochs, max_steps=max_steps, clip_norm=optim["clip_norm"],
+                        clip_mode=optim["clip_mode"], log_every=trainer["log_every"],
+                        progress=_on_terminal() if trainer["progress"] is None else trainer["progress"]), planned
+
+
+def _resume(run: RunDir, setup: Setup, ckpt: dict, ckpt_name: str, planned: int) -> TrainState:
+    """Restore the run's objects from a checkpoint and cut its records back to it."""
+    state = restore(ckpt, setup.model, setup.optimizer, setup.schedule, setup.regularizer, setup.task)
+    run.truncate(METRICS_FILE, "epoch", state.epoch)
+    run.truncate(ACTIVATIONS_FILE, "step", state.step)
+    # 1-based, as the stop and epoch lines count: batch 0 is the epoch's start.
+    log.info("resuming %s from %s in epoch %d after batch %d (step %d of %d)", run.path, ckpt_name,
+             state.epoch + 1, state.batch, state.step, planned)
+    return state
+
+
 def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: dict[str, str]) -> dict:
     previous = None
     if cfg["resume"] == "never":
@@ -212,7 +233,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
         run.write_text(name, text)
     run.write_config(cfg)
 
-    trainer, optim = cfg["trainer"], cfg["optim"]
+    trainer = cfg["trainer"]
     state = TrainState()
     attempts = [{"code_version": runtime.code_version(),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": None}]
@@ -227,28 +248,17 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             setup = build_setup(cfg, build, device)
             model, task = setup.model, setup.task
             _check_has_a_batch(cfg, task.batches_per_epoch())
-            epochs, max_steps, planned = run_length(cfg, task.batches_per_epoch())
-            settings = LoopSettings(
-                epochs=epochs, max_steps=max_steps, clip_norm=optim["clip_norm"], clip_mode=optim["clip_mode"],
-                log_every=trainer["log_every"],
-                progress=_on_terminal() if trainer["progress"] is None else trainer["progress"])
+            settings, planned = _loop_settings(cfg, task.batches_per_epoch())
             log.info("run %s | device %s | %s parameters | %d steps planned (%d epoch%s of %d batches%s)",
-                     run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned, epochs,
-                     "s" if epochs > 1 else "", task.batches_per_epoch(),
-                     f", max_steps {max_steps}" if max_steps else "")
-
+                     run.path, dev_name, f"{sum(p.numel() for p in model.parameters()):,}", planned,
+                     settings.epochs, "s" if settings.epochs > 1 else "", task.batches_per_epoch(),
+                     f", max_steps {settings.max_steps}" if settings.max_steps else "")
             loaded = run.load_checkpoint(map_location=device) if cfg["resume"] == "auto" else None
             if loaded is not None:
-                ckpt, ckpt_name = loaded
-                state = restore(ckpt, model, setup.optimizer, setup.schedule, setup.regularizer, task)
-                run.truncate(METRICS_FILE, "epoch", state.epoch)
-                run.truncate(ACTIVATIONS_FILE, "step", state.step)
-                attempts[0]["resumed_from"] = {"checkpoint": ckpt_name, "epoch": state.epoch,
+                state = _resume(run, setup, *loaded, planned)
+                attempts[0]["resumed_from"] = {"checkpoint": loaded[1], "epoch": state.epoch,
                                                "batch": state.batch, "step": state.step}
                 attempts = _earlier_attempts(previous) + attempts
-                # 1-based, as the stop and epoch lines count: batch 0 is the epoch's start.
-                log.info("resuming %s from %s in epoch %d after batch %d (step %d of %d)", run.path, ckpt_name,
-                         state.epoch + 1, state.batch, state.step, planned)
             else:
                 run.clear()
             run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
