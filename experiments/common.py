@@ -66,9 +66,10 @@ def check_presets(argv: list[str]) -> None:
     argument (each name of a multirun's choice list included) names no preset, before
     Hydra, whose own error lists all presets without the closest ones. Arguments are read
     with Hydra's override parser; what it cannot read here (a sweep function needing the
-    config loader, a syntax error), other sweeps, and runs with another config search path
-    are left to Hydra."""
-    if any(a in ("-cd", "--config-dir") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in argv):
+    config loader, a syntax error), other sweeps, and runs with another config directory,
+    path or search path are left to Hydra."""
+    elsewhere = ("-cd", "--config-dir", "-cp", "--config-path")
+    if any(a.partition("=")[0] in elsewhere or a.lstrip("+").startswith("hydra.searchpath") for a in argv):
         return
     parser = OverridesParser.create()
     for arg in argv:

@@ -226,5 +226,6 @@ def test_a_misspelt_preset_is_refused_and_valid_hydra_syntax_is_not(arg, refused
 
 def test_presets_are_not_checked_against_another_config_search_path():
     from experiments.common import check_presets
-    check_presets(["--config-dir", "/elsewhere", "experiment=my_own_preset"])
-    check_presets(["hydra.searchpath=[file:///elsewhere]", "experiment=my_own_preset"])
+    for elsewhere in (["--config-dir", "/elsewhere"], ["-cp", "/elsewhere"], ["--config-path=/elsewhere"],
+                      ["hydra.searchpath=[file:///elsewhere]"], ["++hydra.searchpath=[file:///elsewhere]"]):
+        check_presets([*elsewhere, "experiment=my_own_preset"])

@@ -452,4 +452,4 @@ def test_interleaved_calls_take_turns_and_time_only_the_call():
                               inputs={k: slow_inputs(k) for k in fns})
     assert calls == ["a", "b"] * 5
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
-    assert max(max(v) for v in times.values()) < 0.01
+    assert max(max(v) for v in times.values()) < 0.04        # the 50 ms fetches are not timed

@@ -86,7 +86,7 @@ def interleaved_calls(fns: dict[str, Callable[..., Any]], repeats: int, warmup: 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for k, fn in fns.items():
-            call = functools.partial(fn, next(inputs[k])) if inputs else fn
+            call = functools.partial(fn, next(inputs[k])) if inputs is not None else fn
             s, _ = timed(call, cuda)
             if i >= warmup:
                 times[k].append(s)
