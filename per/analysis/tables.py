@@ -240,15 +240,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     (95% Welch interval of vs_baseline), task.
     """
     paper = load_paper_tables() if paper is None else paper
-    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size", "n_unsettled",
-                                      "select_val_size"]]
-    # An off-grid lambda is a row of its own, not part of a grid.
-    grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
-    # NA (language models, whose choice has no held-out split) is no other split.
-    other_split = chosen.select_val_size.astype("Int64").ne(SELECTION_VAL_SIZE).fillna(False).astype(bool)
-    chosen = chosen.assign(grid_incomplete=grid & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool),
-                           choice_unsettled=grid & (chosen.n_unsettled > 0),
-                           off_protocol_split=grid & other_split)
+    chosen = _choices(df, task)
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
@@ -261,18 +253,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
               .dropna(subset=["value"]))
     summary = (values.groupby([*GROUP_KEYS, "split"], dropna=False).value
                .agg(mean="mean", std="std", n="count", values=list).reset_index())
-    counts = (runs.assign(n_diverged=runs.kept & (runs.status == DIVERGED),
-                          n_failed=runs.kept & (runs.status == FAILED),
-                          n_interrupted=runs.kept & (runs.status == INTERRUPTED),
-                          n_partial_excluded=~runs.kept,
-                          partial=runs.kept & runs.partial,
-                          best_test=runs.min_test_error.where(runs.kept & (runs.status == FINISHED)))
-              .groupby(GROUP_KEYS, dropna=False)
-              .agg(n_diverged=("n_diverged", "sum"), n_failed=("n_failed", "sum"),
-                   n_interrupted=("n_interrupted", "sum"),
-                   n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
-                   best_test=("best_test", "mean"))
-              .reset_index())
+    counts = _run_counts(runs)
     published = paper[[*CELL_KEYS, "split", "value"]].rename(columns={"value": "paper"})
     out = (chosen.merge(pd.DataFrame({"split": list(split_columns.values())}), how="cross")
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
@@ -288,11 +269,47 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
                 & ~out.choice_unsettled & ~out.off_protocol_split)
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
+    return _against_baselines(out).drop(columns=["values"]).assign(task=task)
 
-    # The baseline row of each cell: same table, dataset, model, activation, protocol
-    # changes and split.
+
+def _choices(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """`select_lambda`'s choice per (cell, variant), flagged where a grid's choice is not
+    yet the protocol's: grid_incomplete, choice_unsettled, off_protocol_split."""
+    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size", "n_unsettled",
+                                      "select_val_size"]]
+    # An off-grid lambda is a row of its own, not part of a grid.
+    grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
+    # NA (language models, whose choice has no held-out split) is no other split.
+    other_split = chosen.select_val_size.astype("Int64").ne(SELECTION_VAL_SIZE).fillna(False).astype(bool)
+    return chosen.assign(grid_incomplete=grid & (chosen.n_scored < chosen.grid_size).fillna(False).astype(bool),
+                         choice_unsettled=grid & (chosen.n_unsettled > 0),
+                         off_protocol_split=grid & other_split)
+
+
+def _run_counts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (cell, variant): the kept runs that diverged, failed or were interrupted, the
+    partial runs left out, whether kept runs are partial, and the mean best test error of
+    the finished ones (images)."""
+    return (runs.assign(n_diverged=runs.kept & (runs.status == DIVERGED),
+                        n_failed=runs.kept & (runs.status == FAILED),
+                        n_interrupted=runs.kept & (runs.status == INTERRUPTED),
+                        n_partial_excluded=~runs.kept,
+                        partial=runs.kept & runs.partial,
+                        best_test=runs.min_test_error.where(runs.kept & (runs.status == FINISHED)))
+            .groupby(GROUP_KEYS, dropna=False)
+            .agg(n_diverged=("n_diverged", "sum"), n_failed=("n_failed", "sum"),
+                 n_interrupted=("n_interrupted", "sum"),
+                 n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
+                 best_test=("best_test", "mean"))
+            .reset_index())
+
+
+def _against_baselines(out: pd.DataFrame) -> pd.DataFrame:
+    """`out` with each row's baseline (same table, dataset, model, activation, protocol
+    changes and split; `baseline_method`), vs_baseline (mean - baseline mean) and its 95%
+    Welch interval (ci_low, ci_high)."""
     baseline = out.method.map(baseline_method)
-    out["baseline"] = baseline.where(baseline != out.method)
+    out = out.assign(baseline=baseline.where(baseline != out.method))
     baselines = (out[[*CELL_KEYS, CHANGES, "split", "mean", "values"]]
                  .drop_duplicates(subset=[*CELL_KEYS, CHANGES, "split"])
                  .rename(columns={"method": "baseline", "mean": "baseline_mean",
@@ -303,7 +320,7 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
                  for ours, theirs in zip(out["values"], out.baseline_values)]
     out["ci_low"] = [low for low, _ in intervals]
     out["ci_high"] = [high for _, high in intervals]
-    return out.drop(columns=["values", "baseline_mean", "baseline_values"]).assign(task=task)
+    return out.drop(columns=["baseline_mean", "baseline_values"])
 
 
 def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None,
