@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="DataLoader workers of the plain trainer (default: 0 on cpu, 8 on cuda)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--models", default="", help="comma-separated image models (default: the size's, "
-                    "resnet56,resnet110 on cuda); the first is the one `epoch`, `loader` and `runs` use")
+                    "resnet56,resnet110 on cuda); the first is the one `optimizer`, `epoch`, `loader` and `runs` use")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.device = runtime.resolve_device(args.device)
