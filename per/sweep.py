@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +28,8 @@ from per.training import runtime
 from per.training.checks import config_differences
 from per.training.records import RunDir
 from per.training.run import run_length
+
+log = logging.getLogger(__name__)   # warnings and notes of planning and lambda choice
 
 # The ablation (ResNet-56, CIFAR-10, PER): layout x reduction, the first shared with Table 1,
 # then the slices preset once per value of its `slices_grid`.
@@ -204,14 +206,13 @@ def plan(names: list[str], compose: Compose, seeds: list[int], select_seeds: lis
 def plan_ablation(compose: Compose, available: list[str], seeds: list[int], select_seeds: list[int],
                   val_size: int, overrides: tuple[str, ...] = (),
                   presets: tuple[str, ...] = ABLATION_PRESETS) -> list[tuple[Phase | None, Phase]]:
-    """`plan` of the ablation: `presets` (those in `available`; the others are named on
-    stderr), then `ABLATION_SLICES` once per value of its `slices_grid`, except a value
+    """`plan` of the ablation: `presets` (those in `available`; the others are named in a
+    warning), then `ABLATION_SLICES` once per value of its `slices_grid`, except a value
     whose runs are those of one of `presets` (s = 256: Table 1's PER cell), which are
     trained once and read for both."""
     names = [n for n in presets if n in available]
     if missing := [n for n in presets if n not in available]:
-        print(f"[reproduce] ablation presets not generated yet (scripts/make_presets.py): "
-              f"{', '.join(missing)}", file=sys.stderr)
+        log.warning("ablation presets not generated yet (scripts/make_presets.py): %s", ", ".join(missing))
     phases = plan(names, compose, seeds, select_seeds, val_size, overrides=overrides)
     planned = [compose(n, overrides) for n in names]
     for s in compose(ABLATION_SLICES, overrides).cfg["method"]["slices_grid"]:
@@ -219,7 +220,7 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
         slices = compose(ABLATION_SLICES, with_s)
         same = [p.name for p in planned if p.grid == slices.grid and not config_differences(p.cfg, slices.cfg)]
         if same:
-            print(f"[reproduce] {ABLATION_SLICES} at {s} slices: the runs of {same[0]}", file=sys.stderr)
+            log.info("%s at %s slices: the runs of %s", ABLATION_SLICES, s, same[0])
             continue
         phases += plan([ABLATION_SLICES], compose, seeds, select_seeds, val_size, overrides=with_s)
     return phases
@@ -243,14 +244,14 @@ def chosen_lambda(phase: Phase) -> float:
     cell_dir = phase.preset.cell_dir
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
-        print(f"[reproduce] {p}", file=sys.stderr)
+        log.warning("%s", p)
     grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
     if df is not None:   # the phase's lambdas are its grid, in the preset's grid or not
         df = df[df.lam.isin(grid)]
         other = [d for d, lam, seed in zip(df.run_dir, df.lam, df.seed) if not phase.holds_own_run(d, lam, seed)]
         for d in other:
-            print(f"[reproduce] {d}: another config than this selection's; not used to choose lambda "
-                  "(move it away, or OVERRIDES=resume=never to run it again)", file=sys.stderr)
+            log.warning("%s: another config than this selection's; not used to choose lambda (move it "
+                        "away, or OVERRIDES=resume=never to run it again)", d)
         df = df[~df.run_dir.isin(other)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
         raise SelectionError(f"no selection runs under {cell_dir}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import math
 import os
 import re
@@ -221,7 +222,16 @@ def _run(cmd: list[str]) -> str | None:
     return None
 
 
+def _show_library_lines() -> None:
+    """The planner's warnings and notes (`per.sweep`'s logger: a run of another config, a
+    preset not generated yet) on stderr as this script's own lines, where the caller has
+    not set up logging."""
+    logging.basicConfig(format="[reproduce] %(message)s", stream=sys.stderr)
+    logging.getLogger("per.sweep").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_library_lines()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", choices=["cifar", "lm"])

@@ -823,7 +823,7 @@ def test_a_run_of_an_older_version_of_its_preset_is_never_reported_as_the_preset
     assert old.n == 1 and math.isnan(old["diff"])
 
 
-def test_a_reproductions_choice_uses_only_runs_of_its_own_config(tmp_path, capsys):
+def test_a_reproductions_choice_uses_only_runs_of_its_own_config(tmp_path, caplog):
     """A run at another seed with another config (an older preset) takes no part, as the
     runner would not count it either (`Phase.holds_own_run`); it is named."""
     from per import sweep
@@ -836,7 +836,7 @@ def test_a_reproductions_choice_uses_only_runs_of_its_own_config(tmp_path, capsy
     config["model"]["norm"] = "bn"                       # as if the preset had changed since
     (old / "config.yaml").write_text(yaml.safe_dump(config))
     assert sweep.chosen_lambda(phase) == 3e-4
-    assert f"{old}: another config than this selection's" in capsys.readouterr().err
+    assert f"{old}: another config than this selection's" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["other_split", "unsettled"])

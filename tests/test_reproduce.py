@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -221,13 +222,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert any(f.startswith("sw1_") for f in figures) and any(f.startswith("activations_") for f in figures)
 
 
-def test_ablation_plans_each_layout_x_reduction_preset_then_each_slice_count(tmp_path, capsys):
+def test_ablation_plans_each_layout_x_reduction_preset_then_each_slice_count(tmp_path, caplog):
     presets = ("t1_cifar10_resnet56_per",
                *(n for n in preset_names("ablation_resnet56_*") if n != sweep.ABLATION_SLICES))
     compose = lambda n, o: sweep.Preset(n, compose_preset(n, o))  # noqa: E731
+    caplog.set_level(logging.INFO, logger="per.sweep")
     phases = sweep.plan_ablation(compose, preset_names(), [0, 1], [0], 5000, (f"paths.runs_dir={tmp_path}",),
                                  presets=(*presets, "ablation_resnet56_not_there"))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "ablation_resnet56_not_there" in err
     # 256 slices is Table 1's PER cell: its runs serve the slice sweep too, trained once.
     assert f"{sweep.ABLATION_SLICES} at 256 slices: the runs of t1_cifar10_resnet56_per" in err
