@@ -241,17 +241,31 @@ def bench_lm_steps(report: Reporter, size: dict, args) -> None:
 
 class ExampleLM(nn.Module):
     """The PyTorch word-language-model example's LSTM model (examples/word_language_model):
-    embedding, dropout, `nn.LSTM`, dropout, linear decoder; `(T, B)` tokens -> `(T, B, V)`."""
+    embedding, dropout, `nn.LSTM`, dropout, linear decoder; `(T, B)` tokens -> `(T, B, V)`.
 
-    def __init__(self, vocab: int, hidden: int, layers: int, dropout: float) -> None:
+    `layer_by_layer`: one single-layer `nn.LSTM` per layer with the dropout between them, as
+    our model runs them (so that each layer's output is a site), instead of the example's
+    one multi-layer call. The state is `(h, c)`, each `(layers, B, H)`, either way."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, dropout: float,
+                 layer_by_layer: bool = False) -> None:
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab, hidden)
-        self.rnn = nn.LSTM(hidden, hidden, layers, dropout=dropout)
+        self.rnns = nn.ModuleList([nn.LSTM(hidden, hidden) for _ in range(layers)] if layer_by_layer
+                                  else [nn.LSTM(hidden, hidden, layers, dropout=dropout)])
         self.decoder = nn.Linear(hidden, vocab)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        out, state = self.rnn(self.drop(self.encoder(x)), state)
+        out, states, first = self.drop(self.encoder(x)), [], 0
+        for i, rnn in enumerate(self.rnns):
+            if i:
+                out = self.drop(out)
+            last = first + rnn.num_layers
+            out, (h, c) = rnn(out, (state[0][first:last], state[1][first:last]))
+            states.append((h, c))
+            first = last
+        state = states[0] if len(states) == 1 else tuple(torch.cat(part) for part in zip(*states))
         return self.decoder(self.drop(out)), state
 
 
@@ -260,7 +274,9 @@ def bench_lm_reference(report: Reporter, size: dict, args, compiled: tuple[str, 
     / the word-language-model example's training step at the same sizes and precision (its
     loop: detach the state, forward, cross-entropy, backward, clip the global norm,
     `p -= lr * grad`; eager, the forward under the benchmark's autocast, as ours), on random
-    tokens."""
+    tokens. Eager runs also time the example with one `nn.LSTM` call per layer, as our model
+    makes them: that row isolates the cost of splitting the layers (cuDNN overlaps the
+    layers of one multi-layer call on a GPU)."""
     name = "t3_ptb_lstm_vanilla"
     cfg = compose_preset(name, size["lm"])
     m, bptt, batch = cfg["model"], cfg["data"]["bptt"], cfg["data"]["batch_size"]
@@ -268,34 +284,43 @@ def bench_lm_reference(report: Reporter, size: dict, args, compiled: tuple[str, 
     n = warmup + size["warmup"] + size["repeats"]
     ours = build(name, (*size["lm"], *compiled), n, args)
     vocab = ours.model.encoder.num_embeddings          # the generated corpus's vocabulary
-    example = ExampleLM(vocab, m["hidden_size"], m["num_layers"], m["dropout"]).to(args.device)
     tokens = torch.randint(vocab, (bptt * n + 1, batch), device=args.device)
-    zeros = torch.zeros(m["num_layers"], batch, m["hidden_size"], device=args.device)
-    state = [(zeros, zeros)]
     lr, clip = cfg["optim"]["lr"], cfg["optim"]["clip_norm"]
-    i = iter(range(n))
 
-    def example_step() -> None:
-        k = next(i) * bptt
-        x, y = tokens[k:k + bptt], tokens[k + 1:k + 1 + bptt]
-        example.zero_grad()
-        with runtime.autocast_context(args.device, args.precision):
-            out, new = example(x, tuple(h.detach() for h in state[0]))
-            loss = F.cross_entropy(out.view(-1, vocab).float(), y.reshape(-1))
-        state[0] = new
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(example.parameters(), clip)
-        with torch.no_grad():
-            for p in example.parameters():
-                p.add_(p.grad, alpha=-lr)
+    def example_step(layer_by_layer: bool) -> Callable[[], None]:
+        example = ExampleLM(vocab, m["hidden_size"], m["num_layers"], m["dropout"], layer_by_layer)
+        example.to(args.device)
+        zeros = torch.zeros(m["num_layers"], batch, m["hidden_size"], device=args.device)
+        state, windows = [(zeros, zeros)], iter(range(n))
+
+        def step() -> None:
+            k = next(windows) * bptt
+            x, y = tokens[k:k + bptt], tokens[k + 1:k + 1 + bptt]
+            example.zero_grad()
+            with runtime.autocast_context(args.device, args.precision):
+                out, new = example(x, tuple(h.detach() for h in state[0]))
+                loss = F.cross_entropy(out.view(-1, vocab).float(), y.reshape(-1))
+            state[0] = new
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(example.parameters(), clip)
+            with torch.no_grad():
+                for p in example.parameters():
+                    p.add_(p.grad, alpha=-lr)
+        return step
 
     batches = endless_batches(ours.task)
-    times = interleaved_calls({"ours": lambda: ours(next(batches)), "example": example_step},
+    times = interleaved_calls({"ours": lambda: ours(next(batches)), "example": example_step(False),
+                               "example, layer by layer": example_step(True)},
                               size["warmup"] + size["repeats"] - 1, warmup, args.device.type == "cuda")
-    result = ratio_result(f"trainer/lstm{m['hidden_size']}/batch{batch}x{bptt}", "word-language-model example",
-                          f"ours ({compiled[0]})" if compiled else "ours", times["example"], times["ours"])
+    bench = f"trainer/lstm{m['hidden_size']}/batch{batch}x{bptt}"
+    result = ratio_result(bench, "word-language-model example", f"ours ({compiled[0]})" if compiled else "ours",
+                          times["example"], times["ours"])
     result["tokens_per_s"] = {k: round(batch * bptt / statistics.median(v)) for k, v in times.items()}
     report(**result)
+    if not compiled:   # the cost of one nn.LSTM call per layer, apart from the rest of our step
+        report(**ratio_result(f"{bench}/layer_by_layer", "word-language-model example",
+                              "the example, one nn.LSTM per layer", times["example"],
+                              times["example, layer by layer"]))
 
 
 def _without_tf32(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -48,13 +48,33 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     compiled = [r["bench"] for r in rows if r["bench"].startswith("compiled/")]
     assert {b for b in compiled if b.endswith("/pipelined")} == {b + "/pipelined" for b in compiled
                                                                  if not b.endswith("/pipelined")}
-    assert [r["baseline"] for r in rows if r["bench"].startswith("trainer/lstm")] == ["ours", "ours (trainer.compile=default)"]
+    assert [(r["bench"].split("/")[-1], r["baseline"]) for r in rows if r["bench"].startswith("trainer/lstm")] == [
+        ("batch2x5", "ours"), ("layer_by_layer", "the example, one nn.LSTM per layer"),
+        ("batch2x5", "ours (trainer.compile=default)")]
     epoch = next(r for r in rows if r["bench"].startswith("epoch/"))
     assert len(epoch["epoch_train_s"]) == len(epoch["epoch_eval_s"]) == 2     # a finished run (else an error row)
     assert "full_run_min" not in epoch          # generated data smaller than CIFAR-10: no estimate
     assert rows[0]["bench"].startswith("step/resnet20")        # most important first
     order = [r["bench"].split("/")[0] for r in rows]
     assert order.index("compiled") > max(i for i, b in enumerate(order) if b.startswith("step"))  # compiling last
+
+
+def test_the_example_lm_layer_by_layer_computes_what_its_one_multilayer_call_does():
+    """The bench's layer-by-layer variant of the word-language-model example differs from
+    the example only in how its LSTM layers are called: same weights, same outputs and state."""
+    bench = script_module("bench")
+    torch.manual_seed(0)
+    whole, split = bench.ExampleLM(50, 8, 2, 0.0), bench.ExampleLM(50, 8, 2, 0.0, layer_by_layer=True)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        for layer in range(2):
+            getattr(split.rnns[layer], f"{name}_l0").data.copy_(getattr(whole.rnns[0], f"{name}_l{layer}"))
+    split.encoder.load_state_dict(whole.encoder.state_dict())
+    split.decoder.load_state_dict(whole.decoder.state_dict())
+    x, state = torch.randint(50, (5, 3)), (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    (out_w, (h_w, c_w)), (out_s, (h_s, c_s)) = whole(x, state), split(x, state)
+    assert out_w.shape == (5, 3, 50) and h_s.shape == c_s.shape == (2, 3, 8)
+    for a, b in ((out_w, out_s), (h_w, h_s), (c_w, c_s)):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_failing_bench_section_is_reported_and_the_rest_runs(tmp_path, monkeypatch):
