@@ -130,15 +130,18 @@ class _AddPenaltyGrad(torch.autograd.Function):
             points_grad = _site_grad(ctx.kind, x, directions, ctx.reduction)
             value = lambda: _site_value(ctx.kind, x, directions, "mean")
         site_grad = from_points(points_grad, h.shape, ctx.layout)
+        lam = ctx.lam
         if scale is not None:
-            site_grad = site_grad * scale.to(site_grad.dtype)
+            # lam * scale * g in the scale's float32/float64, never in a bf16/fp16 site's
+            # dtype: an fp16 gradient times GradScaler's 65536 overflows before lam shrinks it.
+            site_grad, lam = site_grad.to(scale.dtype) * (lam * scale), 1.0
         stats = None
         if track:
-            ratio = ctx.lam * site_grad.float().norm() / grad_output.float().norm()
+            ratio = lam * site_grad.float().norm() / grad_output.float().norm()
             dtype, device = ctx.probe_like
             one = torch.ones((), dtype=dtype, device=ratio.device)
             stats = torch.stack([value().to(dtype), ratio.to(dtype), one]).to(device)
-        grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=ctx.lam)
+        grad = torch.add(grad_output, site_grad.to(grad_output.dtype), alpha=lam)
         return grad, None, stats, *none
 
 

@@ -632,6 +632,37 @@ def test_a_scaled_loss_gives_the_gradient_of_the_unscaled_one_times_the_scale(ki
             torch.testing.assert_close(reg.site_stats()[k], v, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["per", "l1", "l2"])
+def test_an_fp16_site_under_gradscalers_scale_gets_a_finite_gradient_on_both_paths(kind):
+    """fp16 activations, GradScaler's initial 2^16: lam * scale * g is small enough for fp16,
+    but scale * g alone is not (L1's g is 1). Both paths give the unscaled gradient times the
+    scale, finite; the backward path's ratio is the unscaled one."""
+    class SiteOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.site = per.Site()
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.site(h)
+
+    h0 = (torch.randn(16, 4) * 3).half()
+    scale, lam = 2.0 ** 16, 1e-4
+    for path in ("backward", "autograd"):
+        reg = per.Regularizer(SiteOnly(), kind, lam=lam, num_slices=SLICES, path=path)
+        grads, ratios = [], []
+        for loss_scale in (1.0, scale):
+            h = h0.clone().requires_grad_()
+            torch.manual_seed(3)
+            reg.begin_step(track=True, loss_scale=loss_scale)
+            out = reg.model(h)
+            (loss_scale * (1e-3 * out.float().sum() + reg.penalty())).backward()
+            grads.append(h.grad.float())
+            ratios.append(reg.site_stats()["grad_ratio/site"])
+        assert torch.isfinite(grads[1]).all(), (path, grads[1])
+        torch.testing.assert_close(grads[1] / scale, grads[0], rtol=2e-3, atol=1e-6)   # fp16 subnormals
+        torch.testing.assert_close(ratios[1], ratios[0], rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("path", ["backward", "autograd"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_accumulated_micro_batches_give_the_whole_batch_by_the_documented_recipe(reduction, path):
