@@ -87,9 +87,11 @@ def check_reduction(reduction: str) -> None:
 
 
 def _reduce(per_point: torch.Tensor, reduction: str) -> torch.Tensor:
-    """`per_point: (N,)` -> 0-d: its sum or its mean."""
+    """`per_point: (N,)` -> 0-d: its sum or its mean; 0 for no points under either (as
+    their gradient, which is empty)."""
     check_reduction(reduction)
-    return per_point.sum() if reduction == "sum" else per_point.mean()
+    total = per_point.sum()
+    return total if reduction == "sum" else total / max(per_point.numel(), 1)
 
 
 def check_points(x: torch.Tensor) -> None:
@@ -146,9 +148,11 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     times `1/N` for "mean" (eq. 6).
 
     `x: (N, d)`, `directions: (d, s)` -> `(N, d)` in `x`'s dtype (computed in `compute_dtype(x)`);
-    any directions (the Regularizer's have unit norm). For use without autograd on `x`.
+    any directions (the Regularizer's have unit norm). The result carries no autograd graph
+    (`x` is read detached). Rows of points with a NaN or inf coordinate are unspecified (NaN
+    on the eager CPU path, finite or NaN on the others): such a run has diverged.
 
-    On CUDA a fused Triton kernel (`per._triton`, for `d <= 256` and float32/bf16/fp16)
+    On CUDA a fused Triton kernel (`per._triton`, for `d <= FUSED_MAX_DIM` and float32/bf16/fp16)
     keeps each block of points on chip, so the `(N, s)` projections never reach memory;
     `PER_TRITON=0`, float64 and wider points take `_per_grad_blocked` in one block. On
     CPU, `_per_grad_cpu` works through `PER_GRAD_BLOCK_ROWS` points at a time so each
@@ -160,6 +164,7 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     check_points(x)
     check_reduction(reduction)
     check_directions(directions, x.shape[1])
+    x = x.detach()
     (n, _), s = x.shape, directions.shape[1]
     if n == 0:
         return torch.zeros_like(x)
@@ -257,7 +262,7 @@ def per_grad_subspace(x: torch.Tensor, num_slices: int, *, reduction: str = "sum
 
     `x: (N, d)` -> `((N, d)` in `x`'s dtype, `(N, s)` in `compute_dtype(x))`. Takes this route
     where `subspace_applies(N, d, s)` and the points' norm is finite; otherwise draws
-    `theta` explicitly (NaN rows for points with a NaN or inf coordinate, as `per_grad` on CPU).
+    `theta` explicitly (then `per_grad`'s rows for points with a NaN or inf coordinate).
     bf16/fp16 points are projected in float32 here (in their own dtype by `project`).
 
     Why it is exact (`v_k ~ N(0, I_d)`, `theta_k = v_k / ||v_k||`, `g_i = scale sum_k

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -112,7 +113,7 @@ def measure_strength(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kind
     if "path" in regularizer_kwargs:
         raise ValueError("measure_strength always uses path='backward' (its site ratios are the "
                          "backward path's grad_ratio); drop the path argument")
-    single = isinstance(lams, (int, float))
+    single = isinstance(lams, numbers.Real)
     lam_list = [float(lams)] if single else [float(x) for x in lams]
     saved = copy.deepcopy(model.state_dict())
     reg = Regularizer(model, kind, 0.0, path="backward", **regularizer_kwargs)

@@ -37,6 +37,8 @@ def _w1_normal_columns(p: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     5e-3 relative error at N = 1e5. So the cells are summed in float64, `chunk` columns at a
     time (the sort stays in `p`'s dtype: it is exact)."""
     n = p.shape[0]
+    if n == 0:
+        raise ValueError("W1 to N(0, 1) needs at least one sample, got none")
     u = torch.arange(n + 1, dtype=torch.float64, device=p.device) / n   # (N+1,): i/N
     z = torch.special.ndtri(u)                                           # z_0 = -inf, z_N = +inf
     u_lo, u_hi = u[:-1, None], u[1:, None]                               # (N, 1)

@@ -464,11 +464,26 @@ def test_add_per_grad_checks_its_arguments():
         per.functional.add_per_grad(h, h, per.sample_directions(4, 8), 1.0, reduction="avg")
 
 
-def test_per_grad_of_no_points_is_empty():
+def test_no_points_have_an_empty_gradient_and_a_zero_penalty_under_both_reductions():
     theta = per.sample_directions(8, 16)
     for reduction in per.functional.REDUCTIONS:
         got = per.per_grad(torch.zeros(0, 8), theta, reduction=reduction)
         assert got.shape == (0, 8)
+        for loss in (per.per_loss(torch.zeros(0, 8), theta, reduction=reduction),
+                     per.functional.l1_penalty(torch.zeros(0, 8), reduction=reduction),
+                     per.functional.l2_penalty(torch.zeros(0, 8), reduction=reduction)):
+            assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reduction": "mean"}])
+def test_per_grad_reads_points_that_require_grad_detached_on_every_path(kwargs, monkeypatch):
+    x, theta = torch.randn(40, 6, requires_grad=True), per.sample_directions(6, 32)
+    want = per.per_grad(x.detach(), theta, **kwargs)
+    for compiled in ("0", "1"):          # the eager CPU path and PER_CPU_COMPILE's
+        monkeypatch.setenv("PER_CPU_COMPILE", compiled)
+        got = per.per_grad(x, theta, **kwargs)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, want)
 
 
 def _gradient_statistics(draw, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:

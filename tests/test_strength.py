@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -38,6 +39,8 @@ def test_single_site_ratio_and_param_share_by_hand():
     assert got.param_share == pytest.approx(pnorm(g) / pnorm(w), rel=1e-5)
     mean = measure_strength(model, lambda: (model(x) * w).sum(), "l2", lam, reduction="mean")
     assert mean.site_ratios["1"] == pytest.approx(got.site_ratios["1"] / 8, rel=1e-5)
+    as_numpy = measure_strength(model, lambda: (model(x) * w).sum(), "l2", np.float32(lam))
+    assert as_numpy.site_ratios["1"] == pytest.approx(got.site_ratios["1"], rel=1e-5)   # one lambda, not a list
 
 
 def test_task_only_ratios_by_hand_where_a_later_penalty_joins_the_downstream_gradient():

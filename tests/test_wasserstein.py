@@ -82,6 +82,10 @@ def test_w1_normal_1d_dtype_and_rank():
     assert per.w1_normal_1d(torch.randn(10, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match=r"\(N,\)"):
         per.w1_normal_1d(torch.randn(10, 2))
+    with pytest.raises(ValueError, match="at least one sample"):
+        per.w1_normal_1d(torch.zeros(0))
+    with pytest.raises(ValueError, match="at least one sample"):
+        per.sliced_wasserstein_normal(torch.zeros(0, 3))
 
 
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
