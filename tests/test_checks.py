@@ -108,7 +108,7 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
                 "method": {"name": "per", "lam": 0.0, "num_slices": 256},
                 "optim": {"epochs": 200, "lr": 0.1}, "paths": {"runs_dir": "results/runs"},
                 "trainer": {"epochs": None, "max_steps": None, "precision": "fp32", "device": "auto"}}
-    same = {"seed": 3, "data": {"val_size": 5000, "root": "/data", "batch_size": 128},
+    same = {"seed": 3, "preset": "t1_cifar10_resnet56_per", "data": {"val_size": 5000, "root": "/data", "batch_size": 128},
             "method": {"name": "per", "lam": 1e-4, "num_slices": 256},
             "optim": {"epochs": 200, "lr": 0.1}, "paths": {"runs_dir": "/scratch/runs"},
             "trainer": {"epochs": 2, "max_steps": 10, "precision": "fp32", "device": "cuda"}}
@@ -128,6 +128,9 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     assert checks.protocol_changes(defaults, longer) == ["trainer.epochs=300"]
     steps = {**longer, "optim": {**same["optim"], "total_steps": 64000}}
     assert checks.protocol_changes({**defaults, "optim": {**defaults["optim"], "total_steps": 64000}}, steps) == []
+    # Without a preset the groups were chosen by hand: never the cell's protocol.
+    no_preset = {k: v for k, v in changed.items() if k != "preset"}
+    assert checks.protocol_changes(defaults, no_preset) == ["(no preset)", "optim.epochs=30", "trainer.precision=bf16"]
 
 
 def test_online_logging_without_credentials_is_refused_before_anything_is_built(tmp_path, monkeypatch):

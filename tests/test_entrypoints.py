@@ -129,9 +129,10 @@ def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_pa
         assert "epoch 1/1 step 3 | lr=" in text and f"finished {run_dir} | train_loss=" in text
     # Command-line values that change the protocol are recorded (where and how the run
     # runs, its length and method options are not; without a preset, group choices such
-    # as model=resnet20 are the protocol).
+    # as model=resnet20 are not changes of the composed config, but the run is marked as
+    # having no preset: its table rows are its own).
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["protocol_changes"] == ["data.batch_size=32", "trainer.deterministic=True"]
+    assert config["protocol_changes"] == ["(no preset)", "data.batch_size=32", "trainer.deterministic=True"]
 
 
 def test_a_group_chosen_over_a_presets_is_a_protocol_change(data_root, tmp_path):

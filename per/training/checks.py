@@ -276,18 +276,27 @@ def config_differences(stored: dict, new: dict, defaults: dict | None = None) ->
     return out
 
 
+# The `protocol_changes` entry of a run without a preset (`experiment=`): its groups were
+# chosen on the command line (the default `optim` group, say, where its cell's preset
+# names another), so it is not a run of its cell's protocol and never shares its rows.
+NO_PRESET = "(no preset)"
+
+
 def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     """How a run departs from the protocol its groups (its preset) give: `key=value` for
     each key that decides the result and was set on the command line (e.g.
     `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys, plus
     `trainer.epochs` where it runs past an epoch protocol's `optim.epochs` (a shorter run
     is partial: `per.analysis.collect.is_partial`; a step protocol caps the steps). Tables
-    keep such runs in rows of their own and do not compare them with the paper."""
+    keep such runs in rows of their own and do not compare them with the paper. A run
+    without a preset (no `preset` key) also lists `NO_PRESET`."""
     a, b = _flatten(defaults), _flatten(cfg)
     changes = {f"{key}={b[key]}" for key in b
                if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]}
     if longer := longer_than_protocol(cfg):
         changes.add(longer)
+    if not cfg.get("preset"):
+        changes.add(NO_PRESET)
     return sorted(changes)
 
 
