@@ -48,6 +48,28 @@ def test_values_of_another_task_are_refused_before_the_run(config, overrides, me
         validate(compose_config(config, overrides, "unused"))
 
 
+@pytest.mark.parametrize("config, overrides, message", [
+    ("train_lm", ["optim.schedule_args.metric=val_pplx"],
+     "optim.schedule_args (plateau): unknown plateau metric 'val_pplx'; valid: val_ppl, val_loss, val_error"),
+    ("train_lm", ["optim.schedule_args.factor=-4"], "factor must be a finite number >= 1"),
+    ("train_lm", ["optim.schedule_args.factor=0"], "factor must be a finite number >= 1"),
+    ("train_lm", ["+optim.schedule_args.metricc=val_ppl"],
+     "unknown plateau schedule argument metricc; valid: lr, factor, metric"),
+    ("train_cifar", ["optim.schedule_args.milestones=[150,100]"], "milestones must be increasing integers >= 0"),
+    ("train_cifar", ["optim.schedule_args.unit=epochs"], "unknown schedule unit 'epochs'; valid: epoch, step"),
+    ("train_cifar", ["optim.schedule_args.gamma=[0.1]"], "gamma must be one number or one per milestone (2)"),
+    ("train_cifar", ["optim.schedule_args.gamma=0"], "gamma must be a finite number > 0"),
+    ("train_cifar", ["optim=he_bn", "optim.schedule_args.warmup_steps=-1"],
+     "warmup_steps must be an integer >= 0"),
+])
+def test_schedule_arguments_are_checked_before_the_run(config, overrides, message):
+    """A misspelt plateau metric would never decay the lr, a negative factor would make it
+    negative, unsorted milestones would skip a stage: refused before the run directory is
+    written, each naming what is allowed."""
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        validate(compose_config(config, overrides, "unused"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["method=per", "method.sampling=subspace", "method.path=autograd"], "path='autograd'"),
     (["method=per", "method.sampling=subspace", "method.share_directions=true"], "share_directions=True"),

@@ -18,7 +18,7 @@ from per.models.elu_cnn import ACTIVATIONS
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, SAMPLINGS, Regularizer, sampling_conflict
 from per.training.loggers import LOGGER_MODES, missing_credentials
-from per.training.optim import CLIP_MODES, SCHEDULES
+from per.training.optim import CLIP_MODES, SCHEDULES, create_schedule
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
 RESUME_MODES = ("auto", "never")
@@ -188,12 +188,28 @@ def validate(cfg: dict) -> None:
             bad.append(f"{key}={value!r}: expected {allowed}")
     bad += _task_mismatches(cfg)
     bad += _sampling_conflicts(cfg)
+    bad += _schedule_problems(cfg)
     logger = cfg.get("logger") if isinstance(cfg.get("logger"), dict) else {}
     if problem := missing_credentials(logger.get("mode")):
         bad.append(problem)
     if bad:
         raise ConfigValueError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  "
                                + "\n  ".join(bad))
+
+
+def _schedule_problems(cfg: dict) -> list[str]:
+    """`optim.schedule_args` that its schedule refuses (an unknown argument, a value out of
+    range: `per.training.optim.create_schedule`); an unknown schedule is left to `_CHECKS`."""
+    name, args = _get(cfg, "optim.schedule"), _get(cfg, "optim.schedule_args")
+    if name not in SCHEDULES or args is _MISSING:
+        return []
+    if not isinstance(args, dict):
+        return [f"optim.schedule_args={args!r}: expected a mapping of the schedule's arguments"]
+    try:
+        create_schedule(name, **args)
+    except ValueError as e:
+        return [f"optim.schedule_args ({name}): {e}"]
+    return []
 
 
 def _sampling_conflicts(cfg: dict) -> list[str]:

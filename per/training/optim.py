@@ -7,12 +7,13 @@ the loop writes `base * lr_mult` into each group before every step.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
-from per.schema import VAL_PPL
+from per.schema import LOSS, VAL, VAL_ERROR, VAL_PPL, metric_key
 
 SCHEDULES = ("multistep", "plateau")
 
@@ -79,6 +80,23 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         g["lr"] = base_lr * g.get("lr_mult", 1.0)
 
 
+# What a plateau schedule may watch: validation metrics an epoch records, lower is better.
+PLATEAU_METRICS = (VAL_PPL, metric_key(VAL, LOSS), VAL_ERROR)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_lr(name: str, v: object) -> None:
+    if not _is_real(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
 @dataclass
 class MultiStepSchedule:
     """Piecewise-constant lr, a pure function of (epoch, step).
@@ -95,11 +113,22 @@ class MultiStepSchedule:
     warmup_lr: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_lr("lr", self.lr)
         if self.unit not in ("epoch", "step"):
             raise ValueError(f"unknown schedule unit {self.unit!r}; valid: epoch, step")
+        if (not isinstance(self.milestones, list) or not all(_is_count(m) for m in self.milestones)
+                or self.milestones != sorted(set(self.milestones))):
+            raise ValueError(f"milestones must be increasing integers >= 0, got {self.milestones!r}")
         gammas = self.gamma if isinstance(self.gamma, list) else [self.gamma] * len(self.milestones)
         if len(gammas) != len(self.milestones):
-            raise ValueError("optim.gamma must be one number or one per milestone")
+            raise ValueError(f"gamma must be one number or one per milestone ({len(self.milestones)}), "
+                             f"got {self.gamma!r}")
+        for g in gammas:
+            _check_lr("gamma", g)
+        if not _is_count(self.warmup_steps):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps:
+            _check_lr("warmup_lr", self.warmup_lr)
         self._values = [self.lr]
         for g in gammas:
             self._values.append(self._values[-1] * g)
@@ -132,6 +161,11 @@ class PlateauSchedule:
     best: float = field(init=False, default=float("inf"))
 
     def __post_init__(self) -> None:
+        _check_lr("lr", self.lr)
+        if not _is_real(self.factor) or self.factor < 1:
+            raise ValueError(f"factor must be a finite number >= 1 (lr /= factor), got {self.factor!r}")
+        if self.metric not in PLATEAU_METRICS:
+            raise ValueError(f"unknown plateau metric {self.metric!r}; valid: {', '.join(PLATEAU_METRICS)}")
         self.current = self.lr
 
     def base_lr(self, epoch: int, step: int) -> float:
@@ -162,16 +196,21 @@ def create_schedule(name: str, **kwargs) -> MultiStepSchedule | PlateauSchedule:
         **kwargs: the schedule's fields.
 
     Raises:
-        ValueError: unknown name (the error lists `SCHEDULES`).
+        ValueError: unknown name (the error lists `SCHEDULES`), unknown argument (the error
+            lists the schedule's) or a value out of range (lr, gamma, warmup_lr, factor > 0
+            or >= 1; milestones increasing; metric one of `PLATEAU_METRICS`).
 
     Example:
         create_schedule("multistep", lr=0.1, milestones=[100, 150], gamma=0.1)
     """
-    if name == "multistep":
-        return MultiStepSchedule(**kwargs)
-    if name == "plateau":
-        return PlateauSchedule(**kwargs)
-    raise ValueError(f"unknown optim.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    kinds = {"multistep": MultiStepSchedule, "plateau": PlateauSchedule}
+    if name not in kinds:
+        raise ValueError(f"unknown optim.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    valid = [f.name for f in fields(kinds[name]) if f.init]
+    if unknown := sorted(set(kwargs) - set(valid)):
+        raise ValueError(f"unknown {name} schedule argument{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; valid: {', '.join(valid)}")
+    return kinds[name](**kwargs)
 
 
 CLIP_MODES = ("none", "global", "per_param")
