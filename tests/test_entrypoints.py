@@ -119,6 +119,20 @@ def test_unknown_layout_names_valid_choices(data_root, tmp_path):
     assert "channels" in out.stderr and "flatten" in out.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.monitor.sites=[nope]", "trainer.monitor.sites: unknown site nope; valid: "),
+    ("data.val_size=100000", "data.val_size=100000: expected fewer than the "),
+])
+def test_values_checked_against_the_model_or_data_end_the_run_with_their_message(data_root, tmp_path,
+                                                                                 override, message):
+    """Known only once the model or the data are built: the run is recorded as failed, and
+    the message alone is printed, with the user-error exit code."""
+    out = subprocess.run(_cmd(data_root, tmp_path / "run", override, "trainer.max_steps=1"), env=_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"ConfigValueError: {message}" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_path):
     run_dir = tmp_path / "run"
     with open(tmp_path / "out.txt", "w") as out:   # as under SLURM or nohup: not a TTY

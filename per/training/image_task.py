@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from per import models, schema
 from per.data.cifar import (DeviceLoader, input_normalization, load_cifar, mixup,
                             split_train_val)
+from per.training.checks import ConfigValueError
 from per.training.evaluation import eval_mode
 from per.training.loop import Experiment
 
@@ -97,6 +98,9 @@ def build_image_experiment(cfg: dict, device: torch.device, autocast: Callable) 
     data, mcfg = cfg["data"], cfg["model"]
     arrays = load_cifar(data["name"], data["root"], download=data["download"],
                         verify_checksums=data["verify_checksums"])
+    if data["val_size"] >= len(arrays.train_x):     # known only once the data are read
+        raise ConfigValueError(f"data.val_size={data['val_size']}: expected fewer than the "
+                               f"{len(arrays.train_x)} training images of {data['name']}")
     train_x, train_y, val_x, val_y = split_train_val(arrays.train_x, arrays.train_y,
                                                      data["val_size"], seed=cfg["seed"])
     # Statistics of the training split in use (45k when val_size > 0), computed once.

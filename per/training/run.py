@@ -19,9 +19,10 @@ import torch.nn as nn
 
 from per import schema
 from per.regularizers import Regularizer
+from per.sites import list_sites
 from per.training import runtime
-from per.training.checks import (ConfigMismatchError, config_differences, protocol_changes, protocol_of,
-                                 validate)
+from per.training.checks import (ConfigMismatchError, ConfigValueError, config_differences, protocol_changes,
+                                 protocol_of, validate)
 from per.training.loggers import WandbSink, wandb_group, wandb_name
 from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
                                format_metrics, restore)
@@ -91,8 +92,16 @@ def build_setup(cfg: dict, build: Callable[[dict, torch.device, Callable], Exper
 
 
 def create_monitor(cfg: dict, model: nn.Module) -> Monitor | None:
-    """The run's activation monitor (`trainer.monitor`), or None when `every` is 0."""
+    """The run's activation monitor (`trainer.monitor`), or None when `every` is 0.
+
+    Raises:
+        ConfigValueError: a site name the model does not have (checked here: it needs the model).
+    """
     mon = cfg["trainer"]["monitor"]
+    sites = list_sites(model, role="post")
+    if unknown := [name for name in mon["sites"] or () if name not in sites]:
+        raise ConfigValueError(f"trainer.monitor.sites: unknown site{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(unknown)}; valid: {', '.join(sites)}")
     if not mon["every"]:
         return None
     return Monitor(mon["sites"] or default_monitor_sites(model), mon["every"], num_units=mon["units"],
