@@ -84,6 +84,14 @@ def test_every_model_and_method_trains(data_root, tmp_path, model, norm, act, me
         assert row["penalty"] > 0
 
 
+def test_an_epoch_without_a_tracked_step_records_no_penalty_rather_than_zero(data_root, tmp_path):
+    # 8 steps per epoch, tracked at steps 0 and 20: the second epoch has none.
+    train(_cfg(data_root, tmp_path, "model=resnet20", "method=per", "trainer.epochs=3",
+               "trainer.log_every=20"), build_image_experiment)
+    penalties = [row["penalty"] for row in metrics(tmp_path)]
+    assert penalties[0] > 0 and penalties[1] is None and penalties[2] > 0
+
+
 def test_flatten_layout_with_subspace_sampling_trains(data_root, tmp_path, monkeypatch):
     implicit = []
     monkeypatch.setattr(per.regularizers, "per_grad_subspace",

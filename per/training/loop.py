@@ -281,7 +281,7 @@ def _epoch_row(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, r
               state: TrainState, settings: LoopSettings) -> dict[str, Any]:
     """The metrics row of the epoch just trained (`state.sums`, `state.train_time_s`):
     training metrics, the regularizer's site averages over tracked steps (penalty = the sum
-    of the unscaled L_site), then the evaluation (its time added to `state.wall_time_s`)."""
+    of the unscaled L_site; None without a tracked step), then the evaluation (its time added to `state.wall_time_s`)."""
     t_eval = time.perf_counter()
     epoch = state.epoch
     row = {schema.EPOCH: epoch + 1, schema.STEP: state.step, schema.LR: optimizer.param_groups[0]["lr"]}
@@ -289,7 +289,9 @@ def _epoch_row(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, r
     if regularizer is not None:
         site_avgs = {k: v / state.sums.get("tracked", 1.0) for k, v in state.sums.items()
                      if schema.is_diagnostic(k)}
-        row[schema.PENALTY] = sum(v for k, v in site_avgs.items() if k.startswith(schema.PENALTY_PREFIX))
+        # null in an epoch without a tracked step (`log_every` longer than the epoch): not 0.
+        row[schema.PENALTY] = (sum(v for k, v in site_avgs.items() if k.startswith(schema.PENALTY_PREFIX))
+                               if state.sums.get("tracked") else None)
         row.update(site_avgs)
     bar = tqdm(total=task.eval_batches(), desc=f"epoch {epoch + 1}/{settings.epochs} eval",
                disable=not settings.progress, leave=False, dynamic_ncols=True)
