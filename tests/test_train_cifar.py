@@ -519,10 +519,12 @@ def test_writes_cut_short_by_a_kill_leave_no_temporary_files(tmp_path):
     run.save_checkpoint({"epoch": 1})
     for leftover in (".last.pt.new.x1.tmp", ".best.pt.x2.tmp"):   # as `_atomic_write_bytes` names them
         (tmp_path / "checkpoints" / leftover).write_bytes(b"partial")
+    (tmp_path / ".summary.json.x4.tmp").write_text("{")              # a text record cut short
     wandb_run = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
     wandb_run.mkdir(parents=True)
     assert run.load_checkpoint() == ({"epoch": 1}, "checkpoints/last.pt")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))
     assert wandb_run.is_dir()                        # a resume keeps the W&B run's files
     (tmp_path / "checkpoints" / ".last.pt.x3.tmp").write_bytes(b"partial")
     run.clear()                                      # resume=never

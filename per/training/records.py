@@ -271,10 +271,12 @@ class RunDir:
                 shutil.rmtree(old_run)
 
     def _remove_partial_writes(self) -> None:
-        """Delete the checkpoint folder's `_atomic_write_bytes` temporaries (`.<name>.*.tmp`):
+        """Delete `_atomic_write_bytes` temporaries (`.<name>.*.tmp`) in the run folder and its
+        checkpoint folder (the summary, config and W&B id are written in the run folder):
         only a killed write leaves one, and the caller holds the run's lock."""
-        for tmp in (self.path / CHECKPOINT).parent.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for folder in (self.path, (self.path / CHECKPOINT).parent):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def wandb_id(self) -> str:
         """The W&B run id of this attempt: kept across resumes, new after `clear()`."""
