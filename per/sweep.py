@@ -105,8 +105,10 @@ Compose = Callable[[str, tuple[str, ...]], Preset]
 
 
 def lam_arg(lam: float) -> str:
-    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`)."""
-    return f"{lam:g}"
+    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`): short, and
+    exact (a value with more than 6 significant digits is written in full)."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
 
 
 @dataclass

@@ -269,3 +269,11 @@ def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
                                                            corpus.test.numel())})
     assert sweep.batches_per_epoch(cfg) == task.batches_per_epoch()
     assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() > 0
+
+
+def test_a_lambda_is_passed_on_the_command_line_short_and_exact():
+    """`--lams=1.2345678e-4` must launch that lambda, not 0.000123457 (whose runs would
+    never count as done)."""
+    assert [sweep.lam_arg(lam) for lam in (0.0, 1e-4, 3e-5, 2.5e-6)] == ["0", "0.0001", "3e-05", "2.5e-06"]
+    for lam in (1.2345678e-4, 2 / 3, 1e-4 + 1e-12):
+        assert float(sweep.lam_arg(lam)) == lam
