@@ -729,6 +729,23 @@ def test_an_incomplete_grid_is_marked_and_not_compared_with_the_paper(tmp_path, 
     assert not per_row.choice_unsettled and not math.isnan(per_row["diff"])
 
 
+def test_only_lambdas_of_the_grid_count_as_scored(tmp_path, paper):
+    """Runs of an old grid and a regenerated one in one row (and a run that recorded no grid):
+    a lambda of the new grid that never ran leaves the grid incomplete."""
+    old, new = [1e-2, 3e-3, 1e-3, 3e-4], [3e-2, 1e-2, 3e-3, 1e-3]
+    make_run(tmp_path, **PER, **SEL, lam=3e-4, final=image(5.0, None), lam_grid=old)
+    for lam, val in ((3e-2, 9.0), (1e-2, 8.0), (3e-3, 7.0)):        # 1e-3 never ran
+        make_run(tmp_path, **PER, **SEL, lam=lam, final=image(val, None), lam_grid=new)
+    make_run(tmp_path, **PER, **SEL, lam=1e-4, final=image(9.5, None))  # no grid recorded
+    for seed in range(2):
+        make_run(tmp_path, **PER, lam=3e-4, seed=seed, final=image(None, 6.7 + seed / 10), lam_grid=old)
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert (per.lam, per.n_scored, per.grid_size) == (3e-4, 4, 5)
+    assert per.grid_incomplete and math.isnan(per["diff"])
+    assert "grid incomplete: 4/5 λ scored" in tables._cell_text(per, 2)
+
+
 def test_selection_reads_one_held_out_size_per_cell(tmp_path, paper):
     """A quick sweep held out on 64 images must not average into the 5000-image scores."""
     make_run(tmp_path, **PER, val_size=64, lam=1e-4, final=image(1.0, None))
@@ -760,6 +777,26 @@ def test_selection_ranks_partial_runs_only_without_complete_ones(tmp_path, paper
     assert tables.select_lambda(only_partial, "cifar").lam.tolist() == [3e-4]
 
 
+def test_a_lambda_chosen_on_partial_selection_runs_is_marked_and_not_compared(tmp_path, paper):
+    """Smoke selection runs (`max_steps`) choose lambda where no complete one exists: the row
+    of complete final runs at that lambda says so and is compared only with `include_partial`."""
+    for lam, val in zip(GRID, (6.0, 7.0, 8.0, 9.0)):
+        make_run(tmp_path, **PER, **SEL, lam=lam, max_steps=6, final=image(val, None), lam_grid=GRID)
+    for seed in range(2):
+        make_run(tmp_path, **PER, lam=3e-4, seed=seed, final=image(None, 6.6 + seed / 10), lam_grid=GRID)
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert per.lam == 3e-4 and not per.partial and math.isnan(per["diff"])
+    text = tables._cell_text(per, 2)
+    assert per.selection_partial and "λ chosen on partial runs" in text and "(not compared: partial)" in text
+    per = row(tables.cell_results(df, "cifar", paper, include_partial=True), method="per")
+    assert per["diff"] == pytest.approx(6.65 - 6.72)
+    for lam, val in zip(GRID, (6.0, 7.0, 8.0, 9.0)):          # complete selection runs: compared
+        make_run(tmp_path, **PER, **SEL, lam=lam, seed=1, final=image(val, None), lam_grid=GRID)
+    per = row(tables.cell_results(collect.collect_runs(tmp_path)[0], "cifar", paper), method="per")
+    assert not per.selection_partial and per["diff"] == pytest.approx(6.65 - 6.72)
+
+
 def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, capsys):
     from per import sweep
     make_run(tmp_path, **PER, **SEL, lam=1e-4, final=image(6.0, None))
@@ -785,6 +822,21 @@ def test_of_two_finished_copies_of_a_run_the_newest_attempt_counts(tmp_path):
     assert len(df) == 1 and df.final_test_error.iloc[0] == 6.0
     assert problems == [f"{tmp_path / 'cifar' / 'a_old'}/lam=0.0,seed=0,val=0 (finished): same run as "
                         f"{tmp_path / 'cifar' / 'b_new'}/lam=0.0,seed=0,val=0 (finished); not counted"]
+
+
+def test_a_diverged_copy_of_a_counted_run_is_shown_and_not_compared(tmp_path, paper):
+    """Of a finished and a diverged copy of one run, the finished one counts (one run per
+    identity); the row says a copy diverged and is not compared with the paper."""
+    for seed, test in enumerate([7.0, 7.1, 7.2]):
+        make_run(tmp_path, seed=seed, final=image(None, test))
+    make_run(tmp_path, seed=2, status="diverged", final=image(None, None), preset="copy")
+    df, problems = collect.collect_runs(tmp_path)
+    assert len(problems) == 1 and df.diverged_copies.tolist() == [0, 0, 1]
+    vanilla = row(tables.cell_results(df, "cifar", paper), method="vanilla")
+    assert (vanilla.n, vanilla.n_diverged, vanilla.n_diverged_copies) == (3, 0, 1)
+    assert vanilla.paper == 7.21 and math.isnan(vanilla["diff"])
+    text = tables._cell_text(vanilla, 2)
+    assert "1 duplicate diverged" in text and "(not compared: a duplicate diverged)" in text
 
 
 def _record_protocol(run: Path, protocol: dict) -> None:

@@ -14,12 +14,15 @@ Besides what `summary.json` says, each run's row carries:
   present protocols and the one the run recorded differs (`checks.protocol_differences`:
   a run of an older version of its preset): tables keep such runs in rows of their own;
 - `grid_size`: the number of lambdas in a regularized run's `method.lam_grid` (NA without
-  one, and for unregularized runs);
+  one, and for unregularized runs); `lam_grid`: those lambdas, `lam_text` each, joined by
+  ", " ("" without one);
 - `min_test_error`, `min_test_epoch`: the lowest test error over the epochs of
   `metrics.jsonl` and its epoch, the "best test epoch" that the reference
   implementations report (image runs only). It is optimistic (test data pick the
   epoch), so it is reported beside the final-epoch number and never used to select;
-- `started`: when the run's last attempt started (of two copies of a run, the newer counts).
+- `started`: when the run's last attempt started (of two copies of a run, the newer counts);
+- `diverged_copies`: the copies of the run that diverged where the one kept did not
+  (`drop_duplicate_runs`).
 """
 from __future__ import annotations
 
@@ -34,29 +37,35 @@ import yaml
 
 from per.training.checks import longer_than_protocol, protocol_differences
 from per.training import records
-from per.schema import (CELL_KEYS, CHANGES, EPOCH, FINISHED, HEADLINE_METRICS, INTERRUPTED, METHOD_OPTIONS,
-                        REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR, VARIANT_KEYS, method_options)
+from per.schema import (CELL_KEYS, CHANGES, DIVERGED, EPOCH, FINISHED, HEADLINE_METRICS, INTERRUPTED,
+                        METHOD_OPTIONS, REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR,
+                        VARIANT_KEYS, method_options)
 
 
 RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
-    "grid_size", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
+    "grid_size", "lam_grid", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in HEADLINE_METRICS), "best_epoch", *(f"best_{m}" for m in HEADLINE_METRICS),
-    "partial", "min_test_epoch", "min_test_error", "started",
+    "partial", "min_test_epoch", "min_test_error", "started", "diverged_copies",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
 RUN_IDENTITY = ["task", *VARIANT_KEYS, "lam", "seed", "val_size"]
-_DTYPES = {CHANGES: str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
+_DTYPES = {CHANGES: str, "lam_grid": str, "lam": float, "seed": int, "val_size": int, "num_slices": "Int64",
            "grid_size": "Int64", "epochs_completed": "Int64", "steps": "Int64", "wall_time_s": float,
            "best_epoch": "Int64", **{f"{w}_{m}": float for w in ("final", "best") for m in HEADLINE_METRICS},
-           "partial": bool, "min_test_epoch": "Int64", "min_test_error": float}
+           "partial": bool, "min_test_epoch": "Int64", "min_test_error": float, "diverged_copies": int}
 
 
 OFF_GRID = "(not in the grid)"   # the `changes` entry of a lambda outside its run's grid
 STALE = "(changed since the run)"   # the `changes` entry of a run of an older version of its preset
 # A preset's present protocol (`checks.protocol_of`; None: unknown, e.g. no such preset now).
 Protocols = Callable[[str], "dict | None"]
+
+
+def lam_text(lam: float) -> str:
+    """A lambda as `changes` and `lam_grid` write it: `3e-05`, `0.0003`."""
+    return f"{lam:g}"
 
 
 def is_off_grid(changes: pd.Series) -> pd.Series:
@@ -135,7 +144,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     if (longer := longer_than_protocol(dict(config))) and longer not in changes:   # a run recorded before it counted
         changes.append(longer)
     if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
-        changes.append(f"method.lam={lam:g} {OFF_GRID}")
+        changes.append(f"method.lam={lam_text(lam)} {OFF_GRID}")
     preset, recorded = config.get("preset"), config.get("protocol")
     if (protocols is not None and preset and isinstance(recorded, Mapping)
             and (present := protocols(preset)) is not None and protocol_differences(dict(recorded), present)):
@@ -146,6 +155,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         "lam": lam, "seed": int(summary["seed"]),
         "val_size": int((config.get("data") or {}).get("val_size") or 0),
         **method_options(config), CHANGES: ", ".join(changes), "grid_size": len(grid) or None,
+        "lam_grid": ", ".join(map(lam_text, grid)),
         "experiment": config.get("preset", config.get("experiment")),
         **{k: summary[k] for k in ("epochs_completed", "steps", "wall_time_s", "device")},
         **{f"final_{m}": final.get(m) for m in HEADLINE_METRICS},
@@ -158,10 +168,12 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
     """The run table (columns `RUN_COLUMNS`, fixed dtypes) from `run_record` rows; a
-    row without `partial` is not partial, one without `changes` has none."""
+    row without `partial` is not partial, one without `changes`, `lam_grid` or
+    `diverged_copies` has none."""
     frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     frame["partial"] = frame.partial.eq(True)
-    frame[CHANGES] = frame[CHANGES].fillna("")
+    frame[[CHANGES, "lam_grid"]] = frame[[CHANGES, "lam_grid"]].fillna("")
+    frame["diverged_copies"] = frame.diverged_copies.fillna(0)
     frame["started"] = pd.to_datetime(frame.started, utc=True, errors="coerce", format="ISO8601")
     return frame.astype(_DTYPES)
 
@@ -170,7 +182,9 @@ def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Keep one run per `RUN_IDENTITY` (a finished one if any, complete before partial,
     then the one whose last attempt started last: e.g. a W&B run redone with
     `resume=never` beside the old one; else the first folder): the same seed of the
-    same configuration is not an independent sample. Returns the remaining runs and one
+    same configuration is not an independent sample. A dropped copy that diverged where the
+    kept one did not is counted in the kept run's `diverged_copies`, so the tables can show
+    the disagreement that `n_diverged` no longer sees. Returns the remaining runs and one
     problem line per dropped run, with both runs' statuses."""
     ordered = (df.assign(unfinished=df.status != FINISHED)
                .sort_values(["unfinished", "partial", "started", "run_dir"],
@@ -181,7 +195,9 @@ def drop_duplicate_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     problems = [f"{dup} ({status}): same run as {kept} ({status_kept}); not counted"
                 for dup, status, kept, status_kept in
                 zip(dropped.run_dir, dropped.status, dropped.run_dir_kept, dropped.status_kept)]
+    diverged = dropped[(dropped.status == DIVERGED) & (dropped.status_kept != DIVERGED)]
     kept = ordered[~duplicate].drop(columns="unfinished")
+    kept["diverged_copies"] += kept.run_dir.map(diverged.run_dir_kept.value_counts()).fillna(0).astype(int)
     return kept.sort_values("run_dir", ignore_index=True), problems
 
 

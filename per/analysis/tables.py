@@ -17,10 +17,11 @@ that column is left empty.
 
 Runs shorter than their protocol (`collect.is_partial`: smoke runs, `max_steps`,
 fewer epochs) are averaged, and ranked in the lambda selection, only where a row has
-no complete run; such a row is marked partial and not compared with the paper unless
-`include_partial` is set (which treats partial runs as complete). Runs whose command
-line changed their preset's protocol (`changes`, e.g. `optim.epochs=30`) form rows of
-their own, labelled with the changes and never compared with the paper.
+no complete run; such a row, and one whose lambda was chosen on partial selection runs,
+is marked partial and not compared with the paper unless `include_partial` is set
+(which treats partial runs as complete). Runs whose command line changed their
+preset's protocol (`changes`, e.g. `optim.epochs=30`) form rows of their own, labelled
+with the changes and never compared with the paper.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from per.analysis.collect import is_off_grid
+from per.analysis.collect import is_off_grid, lam_text
 from per.analysis.paper import load_paper_tables
 from per.schema import (CELL_KEYS, CHANGES, DIVERGED, ERROR, FAILED, FINISHED, INTERRUPTED, LOSS,
                         PAPER_SPLIT, PPL, REPORT_FROM, REPORT_METRIC, SELECTION_METRIC, SELECTION_VAL_SIZE,
@@ -103,17 +104,19 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged: evidence against
     the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
-    evidence about the lambda, and the same command resumes them) and `n_interrupted`
-    (killed or still running: no evidence yet)."""
+    evidence about the lambda, and the same command resumes them), `n_interrupted`
+    (killed or still running: no evidence yet) and `n_partial` (finished or diverged
+    runs shorter than the protocol)."""
     runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
         diverged=runs.status == DIVERGED, failed=runs.status == FAILED,
-        interrupted=runs.status == INTERRUPTED)
+        interrupted=runs.status == INTERRUPTED,
+        partial_evidence=runs.partial & runs.status.isin((FINISHED, DIVERGED)))
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
             .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
                  n_diverged=("diverged", "sum"), n_failed=("failed", "sum"),
-                 n_interrupted=("interrupted", "sum"))
+                 n_interrupted=("interrupted", "sum"), n_partial=("partial_evidence", "sum"))
             .reset_index())
 
 
@@ -138,27 +141,37 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     refuses it for a final phase); a cell with several lambdas and no selection scores
     gets NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed,
     n_lams; the counts are those of the chosen lambda, or of the whole cell's selection
-    runs where none has a score; `n_scored` (lambdas with a finished or diverged selection
-    run) and `grid_size` (lambdas in the cell's `method.lam_grid`, NA without one): where a
-    grid of several lambdas has unscored ones, the choice is among part of the grid;
-    `n_unsettled` (the cell's selection runs without a result: failed or interrupted) and
-    `select_val_size` (images: the held-out size the choice was made on; NA for LMs).
+    runs where none has a score; `n_scored` (lambdas of the grid with a finished or
+    diverged selection run; any lambda where the cell records no grid) and `grid_size`
+    (lambdas in the cell's grid, NA without one): where a grid of several lambdas has
+    unscored ones, the choice is among part of the grid; `n_unsettled` (the cell's
+    selection runs without a result: failed or interrupted), `select_val_size` (images:
+    the held-out size the choice was made on; NA for LMs) and `selection_partial` (a cell
+    of several lambdas whose selection ranked partial runs: it had no finished complete one).
     """
     runs = df[df.task == task]
+    # The cell's grid: every lambda of the `method.lam_grid`s its runs record (runs of an
+    # old grid beside a regenerated one: the lambdas of both).
     cells = (runs.groupby(GROUP_KEYS, dropna=False)
-             .agg(n_lams=("lam", "nunique"), only_lam=("lam", "first"), grid_size=("grid_size", "max"))
+             .agg(n_lams=("lam", "nunique"), only_lam=("lam", "first"),
+                  grid=("lam_grid", lambda grids: frozenset(lam for g in grids for lam in g.split(", ") if lam)))
              .reset_index())
+    cells["grid_size"] = cells.grid.map(len).replace(0, pd.NA)
     all_scores = lambda_scores(df, task)
     scores = all_scores.dropna(subset=["score"])
     best = (scores.assign(unstable=scores.n_diverged > 0)
             .sort_values(["unstable", "score", "lam"])
             .drop_duplicates(GROUP_KEYS)
             .drop(columns="unstable"))
-    cell_totals = (all_scores.assign(scored=(all_scores.n > 0) | (all_scores.n_diverged > 0),
-                                     unsettled=all_scores.n_failed + all_scores.n_interrupted)
+    totals = all_scores.merge(cells[[*GROUP_KEYS, "grid"]], on=GROUP_KEYS, how="left")
+    in_grid = pd.Series([not grid or lam_text(lam) in grid for lam, grid in zip(totals.lam, totals.grid)],
+                        index=totals.index, dtype=bool)
+    cell_totals = (totals.assign(scored=((totals.n > 0) | (totals.n_diverged > 0)) & in_grid,
+                                 unsettled=totals.n_failed + totals.n_interrupted)
                    .groupby(GROUP_KEYS, dropna=False)
                    .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"),
-                        n_scored=("scored", "sum"), n_unsettled=("unsettled", "sum"))
+                        n_scored=("scored", "sum"), n_unsettled=("unsettled", "sum"),
+                        cell_partial=("n_partial", "sum"))
                    .reset_index())
     split = selection_runs(df, task).groupby(GROUP_KEYS, dropna=False).val_size.max().rename("select_val_size")
     chosen = (cells.merge(best, on=GROUP_KEYS, how="left").merge(cell_totals, on=GROUP_KEYS, how="left")
@@ -169,11 +182,13 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     counts = ["n", "n_diverged", "n_failed", "n_scored", "n_unsettled"]
     chosen[counts] = chosen[counts].fillna(0).astype(int)
     chosen["grid_size"] = chosen.grid_size.astype("Int64")
+    chosen["selection_partial"] = (chosen.n_lams > 1) & chosen.cell_partial.gt(0)
     chosen["select_val_size"] = chosen.select_val_size.astype("Int64") if task == "cifar" else pd.NA
     # Grouping turns a key column without values (layout of vanilla-only runs) into
     # float NaN: restore the run table's dtypes so the result merges back onto runs.
     chosen = chosen.astype({k: runs[k].dtype for k in GROUP_KEYS})
-    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams", "grid_size", "select_val_size"]]
+    return chosen[[*GROUP_KEYS, "lam", "score", "score_std", *counts, "n_lams", "grid_size", "select_val_size",
+                   "selection_partial"]]
 
 
 def baseline_method(method: str) -> str:
@@ -227,14 +242,17 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     Columns: the group keys, split, lam, score (selection), mean, std (ddof=1), n
     (finished reported runs), n_diverged, n_failed (crashed), n_interrupted,
     n_partial_excluded (partial runs left out beside complete ones), partial (the
-    row's runs are shorter than the protocol), paper, diff (mean - paper; NaN for a
-    partial row unless `include_partial`, where the lambda was chosen among part of its
-    grid, while selection runs lack a result, or on another held-out size than the
-    protocol's), n_scored, grid_size, grid_incomplete (`select_lambda`'s: a grid of several
-    lambdas with unscored ones), n_unsettled, select_val_size (`select_lambda`'s),
-    choice_unsettled (a grid of several lambdas whose selection has runs without a
-    result), off_protocol_split (images: a grid's lambda chosen on another held-out size
-    than `SELECTION_VAL_SIZE`), best_test (images: mean over the same runs
+    row's runs are shorter than the protocol), n_diverged_copies (the row's runs'
+    `diverged_copies`: copies that diverged where the counted one did not), paper, diff
+    (mean - paper; NaN for a partial row or one whose lambda was chosen on partial runs
+    unless `include_partial`, where a copy of a counted run diverged, where the lambda was
+    chosen among part of its grid, while selection runs lack a result, or on another
+    held-out size than the protocol's), n_scored, grid_size, grid_incomplete
+    (`select_lambda`'s: a grid of several lambdas with unscored ones), n_unsettled,
+    select_val_size, selection_partial (`select_lambda`'s), choice_unsettled (a grid of
+    several lambdas whose selection has runs without a result), off_protocol_split
+    (images: a grid's lambda chosen on another held-out size than `SELECTION_VAL_SIZE`),
+    best_test (images: mean over the same runs
     of the best test epoch's error; NaN for language models), best_test_diff
     (best_test - paper), baseline, vs_baseline (mean - baseline mean), ci_low, ci_high
     (95% Welch interval of vs_baseline), task.
@@ -259,14 +277,15 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
            .merge(counts, on=GROUP_KEYS, how="left")
            .merge(published, on=[*CELL_KEYS, "split"], how="left"))
-    numbers = ["n", "n_diverged", "n_failed", "n_interrupted", "n_partial_excluded"]
+    numbers = ["n", "n_diverged", "n_failed", "n_interrupted", "n_partial_excluded", "n_diverged_copies"]
     out[numbers] = out[numbers].fillna(0).astype(int)
     out["partial"] = out.partial.eq(True)
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
     is_test = out.split == PAPER_SPLIT[TEST]
     out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
-    compared = ((include_partial | ~out.partial) & out[CHANGES].eq("") & ~out.grid_incomplete
-                & ~out.choice_unsettled & ~out.off_protocol_split)
+    compared = ((include_partial | ~(out.partial | out.selection_partial)) & out[CHANGES].eq("")
+                & out.n_diverged_copies.eq(0) & ~out.grid_incomplete & ~out.choice_unsettled
+                & ~out.off_protocol_split)
     out["diff"] = (out["mean"] - out.paper).where(compared)
     out["best_test_diff"] = (out.best_test - out.paper).where(compared)
     return _against_baselines(out).drop(columns=["values"]).assign(task=task)
@@ -274,9 +293,10 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
 
 def _choices(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """`select_lambda`'s choice per (cell, variant), flagged where a grid's choice is not
-    yet the protocol's: grid_incomplete, choice_unsettled, off_protocol_split."""
+    yet the protocol's: grid_incomplete, choice_unsettled, off_protocol_split (and
+    `select_lambda`'s selection_partial)."""
     chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size", "n_unsettled",
-                                      "select_val_size"]]
+                                      "select_val_size", "selection_partial"]]
     # An off-grid lambda is a row of its own, not part of a grid.
     grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
     # NA (language models, whose choice has no held-out split) is no other split.
@@ -288,19 +308,20 @@ def _choices(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 def _run_counts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (cell, variant): the kept runs that diverged, failed or were interrupted, the
-    partial runs left out, whether kept runs are partial, and the mean best test error of
-    the finished ones (images)."""
+    partial runs left out, whether kept runs are partial, the diverged copies of kept runs,
+    and the mean best test error of the finished ones (images)."""
     return (runs.assign(n_diverged=runs.kept & (runs.status == DIVERGED),
                         n_failed=runs.kept & (runs.status == FAILED),
                         n_interrupted=runs.kept & (runs.status == INTERRUPTED),
                         n_partial_excluded=~runs.kept,
                         partial=runs.kept & runs.partial,
+                        n_diverged_copies=runs.diverged_copies.where(runs.kept, 0),
                         best_test=runs.min_test_error.where(runs.kept & (runs.status == FINISHED)))
             .groupby(GROUP_KEYS, dropna=False)
             .agg(n_diverged=("n_diverged", "sum"), n_failed=("n_failed", "sum"),
                  n_interrupted=("n_interrupted", "sum"),
                  n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
-                 best_test=("best_test", "mean"))
+                 n_diverged_copies=("n_diverged_copies", "sum"), best_test=("best_test", "mean"))
             .reset_index())
 
 
@@ -383,6 +404,8 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
     total = row.n + row.n_diverged + row.n_failed + row.n_interrupted
     if row.n_diverged:
         text += f" · {row.n_diverged}/{total} diverged"
+    if row.n_diverged_copies:
+        text += f" · {row.n_diverged_copies} duplicate{'s' if row.n_diverged_copies > 1 else ''} diverged"
     if row.n_failed:
         text += f" · {row.n_failed}/{total} failed (crashed; rerun resumes)"
     if row.n_interrupted:
@@ -391,14 +414,18 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += " · partial (shorter than the protocol)"
     if row.n_partial_excluded:
         text += f" · {row.n_partial_excluded} partial left out"
+    if row.selection_partial:
+        text += " · λ chosen on partial runs"
     if pd.notna(row.paper):
         text += f" · paper {row.paper:{f}}"
         if pd.notna(row["diff"]):
             text += f" ({row['diff']:+{f}})"
         elif row[CHANGES]:
             text += " (not compared: protocol changed)"
-        elif row.partial:
+        elif row.partial or row.selection_partial:
             text += " (not compared: partial)"
+        elif row.n_diverged_copies:
+            text += " (not compared: a duplicate diverged)"
         elif row.grid_incomplete:
             text += " (not compared: grid incomplete)"
         elif row.choice_unsettled:
@@ -492,6 +519,7 @@ def table_numbers(results: pd.DataFrame, table_id: str,
         "n_partial_excluded": "partial runs left out", "n_scored": "lambdas scored",
         "grid_size": "lambdas in grid", "n_unsettled": "selection runs without a result",
         "select_val_size": "held-out images of the selection",
+        "selection_partial": "lambda chosen on partial runs", "n_diverged_copies": "duplicates diverged",
     }
     return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
 
@@ -515,7 +543,7 @@ def to_latex(numbers: pd.DataFrame, decimals: int) -> str:
 
     formatters = {c: number for c in numbers.columns if numbers[c].dtype.kind == "f"}
     formatters["lambda"] = lambda v: "--" if pd.isna(v) else "0" if v == 0 else f"{v:.0e}"
-    formatters["partial"] = lambda v: "yes" if v else "no"
+    formatters["partial"] = formatters["lambda chosen on partial runs"] = lambda v: "yes" if v else "no"
     return numbers.to_latex(index=False, escape=True, formatters=formatters, na_rep="--")
 
 
@@ -527,10 +555,12 @@ LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validati
           "test error over its epochs (never used to choose anything). Language models "
           "report the test perplexity at the best validation epoch, which is already "
           "the references' protocol, so they have no such column. Partial rows come "
-          "from runs shorter than their protocol, {changed: key=value} rows from runs "
-          "whose command line changed their preset's protocol or whose λ is outside the "
-          "preset's grid, and \"grid incomplete\" rows from a λ chosen before every λ of "
-          "the grid had a finished or diverged selection run; none is compared with the paper.")
+          "from runs shorter than their protocol or a λ chosen on such runs, "
+          "{changed: key=value} rows from runs whose command line changed their preset's "
+          "protocol or whose λ is outside the preset's grid, \"grid incomplete\" rows from "
+          "a λ chosen before every λ of the grid had a finished or diverged selection run, "
+          "and \"duplicate diverged\" rows from runs of which another copy diverged; none "
+          "is compared with the paper.")
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:
