@@ -276,3 +276,17 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     assert "from W&B: the sweeps and the ablation" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "only1d")]) == 0
     assert {p.name for p in (tmp_path / "only1d").iterdir()} == {"losses_1d.png", "losses_1d.pdf"}
+
+
+def test_a_point_of_one_run_gets_no_error_bar_rather_than_a_zero_one():
+    """A lambda with one selection run has no std: no bar, not a zero-width one that reads
+    as exact."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    frame = pd.DataFrame({"label": "per", "lam": [1e-4, 1e-3], "m": [5.0, 6.0], "s": [0.5, math.nan]})
+    figures._lambda_panel(ax, frame, "m", "s", {"per": "C0"})
+    (bars,) = ax.containers[0].lines[2]
+    segments = bars.get_segments()
+    assert np.allclose(segments[0][:, 1], [4.5, 5.5])
+    assert segments[1].size == 0 or np.isnan(segments[1]).any()      # nothing drawn
+    plt.close(fig)

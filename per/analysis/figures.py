@@ -171,7 +171,7 @@ def _lambda_panel(ax, frame: pd.DataFrame, mean: str, std: str, colors: dict[str
         d = frame[frame.label == label]
         swept, flat = d[d.lam > 0].sort_values("lam"), d[d.lam == 0]
         if len(swept):
-            ax.errorbar(swept.lam, swept[mean], yerr=swept[std].fillna(0), color=color,
+            ax.errorbar(swept.lam, swept[mean], yerr=swept[std], color=color,
                         marker="o", capsize=3, label=label)
         for value in flat[mean]:
             ax.axhline(value, color=color, ls="--", label=f"{label} (λ=0)")
@@ -319,7 +319,7 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
         by_variant = (r[r.num_slices == slices].groupby(["variant", "lam"])[column]
                       .agg(["mean", "std"]).reset_index())
         for variant, d in by_variant.groupby("variant"):
-            layout_ax.errorbar(d.lam, d["mean"], yerr=d["std"].fillna(0), marker="o",
+            layout_ax.errorbar(d.lam, d["mean"], yerr=d["std"], marker="o",
                                capsize=3, label=variant)
         variant = _most_varied(r, "variant", "num_slices")
         by_slices = (r[r.variant == variant].groupby(["lam", "num_slices"])[column]
@@ -327,14 +327,14 @@ def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
         if by_slices.lam.nunique() > 1 and by_slices.groupby("num_slices").lam.nunique().max() == 1:
             # Reported runs: each slice count at its own chosen lambda, one line through them.
             d = by_slices.sort_values("num_slices")
-            slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
+            slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"],
                                marker="o", capsize=3, label="each at its chosen λ")
             for x, y, lam in zip(d.num_slices.astype(float), d["mean"], d.lam):
                 slices_ax.annotate(f"λ={lam:.0e}", (x, y), textcoords="offset points", xytext=(0, 7),
                                    ha="center", fontsize="x-small")
         else:
             for lam, d in by_slices.groupby("lam"):
-                slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"].fillna(0),
+                slices_ax.errorbar(d.num_slices.astype(float), d["mean"], yerr=d["std"],
                                    marker="o", capsize=3, label=f"λ={lam:.0e}")
         ticks = sorted(by_slices.num_slices.unique())
         layout_ax.set(title=f"layout, reduction (s={slices})", xscale="log", xlabel="λ",
