@@ -19,7 +19,8 @@ Runs shorter than their protocol (`collect.is_partial`: smoke runs, `max_steps`,
 fewer epochs) are averaged, and ranked in the lambda selection, only where a row has
 no complete run; such a row, and one whose lambda was chosen on partial selection runs,
 is marked partial and not compared with the paper unless `include_partial` is set
-(which treats partial runs as complete). Runs whose command line changed their
+(which averages a row's partial runs with its complete ones and compares the row; the
+selection still ranks partial runs only where a cell has no complete one). Runs whose command line changed their
 preset's protocol (`changes`, e.g. `optim.epochs=30`) form rows of their own, labelled
 with the changes and never compared with the paper.
 """
