@@ -55,10 +55,10 @@ def preset_names(pattern: str = "*") -> list[str]:
 
 def unknown_preset(name: str) -> str:
     """The error message for a preset name that has no file, with the closest names."""
-    close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.8)
+    by_lower = {n.lower(): n for n in preset_names()}       # `..._PER` finds `..._per`
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.8)]
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return (f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml "
-            f"(`make help`, or `ls configs/experiment`)")
+    return f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml (`ls configs/experiment`)"
 
 
 def check_presets(argv: list[str]) -> None:

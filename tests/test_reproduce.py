@@ -54,6 +54,7 @@ def test_dry_run_counts_match_presets():
 
 @pytest.mark.parametrize("args, message", [
     (["--sweep", "t1_cifar10_resnet56_perr"], "did you mean t1_cifar10_resnet56_per"),
+    (["--sweep", "t1_cifar10_resnet56_PER"], "did you mean t1_cifar10_resnet56_per,"),
     (["--sweep", "t1_cifar10_resnet56_per", "--lams", "1e-4,abc"], "expected comma-separated numbers"),
     (["--sweep", "t1_cifar10_resnet56_per", "--override", "trainer.precision=fp16"],
      "trainer.precision='fp16': expected one of fp32, tf32, bf16"),
