@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
-from per.data.download import DatasetMissingError
+from per.data.download import DatasetDamagedError, DatasetMissingError
 from per.training.checks import DATASETS, ConfigMismatchError, ConfigValueError, protocol_of
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
@@ -166,7 +166,8 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
 # Errors whose message names what to change (a config value, a run folder holding another
 # config or locked by another process, a missing or damaged dataset): the entry points
 # print that message alone and exit with USER_ERROR_EXIT.
-USER_ERRORS = (ConfigValueError, ConfigMismatchError, RunLockedError, DatasetMissingError)
+USER_ERRORS = (ConfigValueError, ConfigMismatchError, RunLockedError, DatasetMissingError,
+               DatasetDamagedError)
 USER_ERROR_EXIT = 2
 
 

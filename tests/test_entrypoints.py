@@ -133,6 +133,15 @@ def test_values_checked_against_the_model_or_data_end_the_run_with_their_message
     assert f"ConfigValueError: {message}" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_dataset_file_that_is_not_the_official_one_ends_the_run_with_its_message(data_root, tmp_path):
+    # The generated files fail the official md5s.
+    out = subprocess.run(_cmd(data_root, tmp_path / "run", "data.verify_checksums=true", "trainer.max_steps=1"),
+                         env=_env(), capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "DatasetDamagedError: checksum mismatch for " in out.stderr and "Traceback" not in out.stderr
+    assert "data.verify_checksums=false" in out.stderr
+
+
 def test_output_sent_to_a_file_shows_start_epoch_and_end_lines(data_root, tmp_path):
     run_dir = tmp_path / "run"
     with open(tmp_path / "out.txt", "w") as out:   # as under SLURM or nohup: not a TTY

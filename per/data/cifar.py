@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .download import download, ensure_files, verify_file
+from .download import DatasetDamagedError, download, ensure_files, verify_file
 
 # Per-channel normalization: Fixup's cifar_train.py for CIFAR-10 (its std is below the true
 # pixel std); for CIFAR-100 the usual true statistics (docs/protocols.md, Table 1).
@@ -104,7 +104,7 @@ def _unpickle(path: Path) -> dict:
         try:
             return pickle.load(f, encoding="bytes")
         except Exception as e:   # truncated or damaged: EOFError, UnpicklingError, ...
-            raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
+            raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
                              "expected file; delete it and fetch it again (data.download=true)") from e
 
 

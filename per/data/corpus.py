@@ -31,7 +31,7 @@ import torch
 
 from per.schema import SPLITS, TEST, TRAIN, VAL
 
-from .download import download, ensure_files, verify_file
+from .download import DatasetDamagedError, download, ensure_files, verify_file
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -128,7 +128,7 @@ class Corpus:
             try:
                 tokens[split] = tokenize(_read(path, expected))
             except (EOFError, OSError, UnicodeDecodeError) as e:   # truncated .gz, not UTF-8 text
-                raise ValueError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
+                raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
                                  "expected file; delete it and fetch it again (data.download=true)") from e
         self.vocab: list[str] = list(dict.fromkeys(tokens[TRAIN]))
         self.word2idx: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}

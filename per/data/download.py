@@ -12,6 +12,10 @@ class DatasetMissingError(FileNotFoundError):
     """A dataset file is absent and could not be downloaded; the message says where to put it."""
 
 
+class DatasetDamagedError(ValueError):
+    """A dataset file cannot be read or is not the official one; the message says what to do."""
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.new(algorithm)
@@ -22,10 +26,10 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 
 
 def verify_file(path: str | Path, expected: str, algorithm: str = "sha256") -> None:
-    """Raise ValueError if `path`'s digest differs from `expected`."""
+    """Raise DatasetDamagedError (a ValueError) if `path`'s digest differs from `expected`."""
     got = file_digest(path, algorithm)
     if got != expected:
-        raise ValueError(
+        raise DatasetDamagedError(
             f"checksum mismatch for {path}: {algorithm} {got}, expected {expected}. "
             "Delete the file to download it again, or pass data.verify_checksums=false "
             "for a converted or generated copy.")
