@@ -113,6 +113,19 @@ def add_run_source_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--wandb-entity", help="W&B entity (user or team) of the project")
 
 
+def check_report_folder(runs: str | None, out: str, key: str) -> None:
+    """Exit with `USER_ERROR_EXIT` where a report of other runs than the suite's (`runs`, not
+    `paths.runs_dir`) would be written into the suite's own report folder (`paths.<key>`):
+    `make tables RUNS=results/debug` puts `results/debug/../tables` = `results/tables`."""
+    paths = suite_paths()
+    if (runs is not None and Path(runs).resolve() != Path(paths["runs_dir"]).resolve()
+            and Path(out).resolve() == Path(paths[key]).resolve()):
+        print(f"refusing to write the report of {runs} into {out}, the reproduction's own folder "
+              f"(paths.{key}): pass --out, or give RUNS a folder of its own (RUNS=<folder>/runs "
+              "puts tables/ and figures/ in <folder>)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 def compose_preset(name: str, overrides: tuple[str, ...] = (), run_dir: str | Path | None = None) -> dict:
     """Preset `name` resolved as its runs see it, under its task's entry config (`run_dir`
     as in `compose_plain`)."""

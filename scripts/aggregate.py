@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import add_run_source_arguments, preset_protocol, suite_paths
+from experiments.common import add_run_source_arguments, check_report_folder, preset_protocol, suite_paths
 from per.analysis.tables import write_tables
 from per.analysis.wandb_source import collect_source
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-partial", action="store_true",
                     help="treat runs shorter than their protocol as complete (compare them with the paper)")
     args = ap.parse_args(argv)
+    check_report_folder(None if args.wandb_project else args.runs, args.out, "tables_dir")
 
     try:
         df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity,

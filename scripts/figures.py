@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import add_run_source_arguments, preset_protocol, suite_paths
+from experiments.common import add_run_source_arguments, check_report_folder, preset_protocol, suite_paths
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import at_chosen_lambda, method_sort_key, report_runs, row_labels, selection_runs
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run_source_arguments(ap)
     ap.add_argument("--out", default=suite_paths()["figures_dir"], help="folder for the figures (paths.figures_dir)")
     args = ap.parse_args(argv)
+    check_report_folder(None if args.wandb_project else args.runs, args.out, "figures_dir")
     out = Path(args.out)
 
     paths = figures.plot_losses_1d(out)

@@ -625,6 +625,20 @@ def test_aggregate_script(root, tmp_path, capsys):
         main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 
 
+def test_reports_of_other_runs_are_not_written_into_the_suites_own_folders(root, tmp_path, capsys):
+    """`make tables RUNS=results/debug` would write `results/debug/../tables`, the
+    reproduction's own tables: refused, naming what to pass instead."""
+    from experiments.common import suite_paths
+    for script, key in (("aggregate.py", "tables_dir"), ("figures.py", "figures_dir")):
+        main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / script))["main"]
+        before = sorted(Path(suite_paths()[key]).glob("*")) if Path(suite_paths()[key]).exists() else []
+        with pytest.raises(SystemExit) as stop:
+            main(["--runs", str(root), "--out", suite_paths()[key]])
+        assert stop.value.code == 2 and "pass --out" in capsys.readouterr().err
+        after = sorted(Path(suite_paths()[key]).glob("*")) if Path(suite_paths()[key]).exists() else []
+        assert after == before
+
+
 def test_runs_with_a_changed_protocol_get_their_own_row_not_compared_with_the_paper(tmp_path, paper):
     for seed, test in enumerate([7.0, 7.2]):
         make_run(tmp_path, seed=seed, final=image(None, test), changes=[])
