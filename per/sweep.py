@@ -444,7 +444,8 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         tot_steps += steps
         tot_done += done
         name = ph.preset.cfg.get("run_name") or ph.preset.name     # the slices preset: one per count
-        rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run, done))
+        lams = ",".join(map(lam_arg, ph.lams)) if ph.lams else "chosen in select"
+        rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run, done, lams))
     print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps"
           + (f"; {tot_done} runs hold a result already (skipped, not launched)" if tot_done else ""))
     by_table: dict[str, list[int]] = {}
@@ -461,9 +462,9 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
               "OVERRIDES=resume=never to start them over, or use another RUNS folder")
     print(f"   step times: {label}")
     print(f"   {'preset':<34} {'phase':<6} {'runs':>8} {'steps':>16} {'device-hours':>13} {'per run':>8}"
-          f" {'done':>5}")
-    for name, phase, n, steps, hours, per_run, done in rows:
-        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13} {per_run:>8} {done:>5}")
+          f" {'done':>5}  lambdas")
+    for name, phase, n, steps, hours, per_run, done, lams in rows:
+        print(f"   {name:<34} {phase:<6} {n:>3} runs {steps:>10,} steps {hours:>13} {per_run:>8} {done:>5}  {lams}")
     costly = sorted({o for pair in phases for ph in pair if ph is not None for o in ph.overrides
                      if o.lstrip("+~").startswith(STEP_COST_OVERRIDES)})
     if table is not None and costly:

@@ -278,3 +278,11 @@ def test_a_lambda_is_passed_on_the_command_line_short_and_exact():
     assert [sweep.lam_arg(lam) for lam in (0.0, 1e-4, 3e-5, 2.5e-6)] == ["0", "0.0001", "3e-05", "2.5e-06"]
     for lam in (1.2345678e-4, 2 / 3, 1e-4 + 1e-12):
         assert float(sweep.lam_arg(lam)) == lam
+
+
+def test_the_plan_lists_each_phases_lambdas_so_a_grid_override_shows():
+    out = subprocess.run([*REPRO, "--sweep", "t1_cifar10_resnet56_l2", "--override", "method.lam_grid=[1e-7,3e-8]",
+                          "--dry-run"], capture_output=True, text=True, check=True)
+    select = next(line for line in out.stdout.splitlines() if " select " in line)
+    final = next(line for line in out.stdout.splitlines() if " final " in line)
+    assert select.endswith("  1e-07,3e-08") and final.endswith("  chosen in select")
