@@ -50,17 +50,23 @@ def batches_per_epoch(cfg: dict) -> int:
 def eval_batches_per_epoch(cfg: dict) -> int:
     """Evaluation batches at the end of each epoch on the full dataset (no files read): the
     held-out training images (if any) and the test images at `data.eval_batch_size`, or the
-    BPTT windows of the validation and test streams batchified into that many columns."""
-    data = cfg["data"]
+    BPTT windows of the validation and test streams batchified into that many columns;
+    at most `trainer.limit_eval_batches` per split."""
+    data, limit = cfg["data"], cfg["trainer"].get("limit_eval_batches")
     if cfg["task"] == "cifar":
-        return sum(num_batches(n, data["eval_batch_size"], drop_last=False) for n in (data["val_size"], TEST_SIZE))
-    _, _, val_tokens, test_tokens = EXPECTED_COUNTS[data["name"]]
-    return sum(num_windows(n, data["eval_batch_size"], data["bptt"]) for n in (val_tokens, test_tokens))
+        splits = [num_batches(n, data["eval_batch_size"], drop_last=False) for n in (data["val_size"], TEST_SIZE)]
+    else:
+        _, _, val_tokens, test_tokens = EXPECTED_COUNTS[data["name"]]
+        splits = [num_windows(n, data["eval_batch_size"], data["bptt"]) for n in (val_tokens, test_tokens)]
+    return sum(min(n, limit) if limit else n for n in splits)
 
 
 def evals_per_run(cfg: dict) -> int:
-    """Evaluation batches one run of `cfg` takes: one evaluation per epoch."""
-    return run_length(cfg, batches_per_epoch(cfg))[0] * eval_batches_per_epoch(cfg)
+    """Evaluation batches one run of `cfg` takes: one evaluation per epoch it trains in (a
+    `trainer.max_steps` run stops in an early epoch, evaluated)."""
+    per_epoch = batches_per_epoch(cfg)
+    epochs, _, planned = run_length(cfg, per_epoch)
+    return min(epochs, -(-planned // per_epoch)) * eval_batches_per_epoch(cfg)
 
 
 def steps_per_run(cfg: dict) -> int:

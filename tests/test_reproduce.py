@@ -272,6 +272,16 @@ def test_planned_batches_per_epoch_are_the_built_tasks(tmp_path, monkeypatch):
     assert sweep.eval_batches_per_epoch(cfg) == task.eval_batches() > 0
 
 
+
+def test_a_shortened_run_is_planned_with_the_evaluations_it_makes():
+    """`trainer.max_steps` stops in the first epoch (one evaluation, not the protocol's
+    40), and `trainer.limit_eval_batches` caps each split's batches."""
+    cfg = compose_preset("t3_ptb_lstm_per")
+    assert sweep.evals_per_run(cfg) == cfg["optim"]["epochs"] * sweep.eval_batches_per_epoch(cfg)
+    short = compose_preset("t3_ptb_lstm_per", ("trainer.max_steps=3", "trainer.limit_eval_batches=1"))
+    assert sweep.eval_batches_per_epoch(short) == 2 and sweep.evals_per_run(short) == 2
+
+
 def test_a_lambda_is_passed_on_the_command_line_short_and_exact():
     """`--lams=1.2345678e-4` must launch that lambda, not 0.000123457 (whose runs would
     never count as done)."""
