@@ -13,7 +13,7 @@ import torch
 
 import per.data.corpus as corpus_mod
 from per.data.corpus import CORPORA, Corpus, batchify, get_batch, write_fake_corpus
-from per.data.download import DatasetMissingError
+from per.data.download import DatasetDamagedError, DatasetMissingError
 from per.schema import SPLITS, TEST, TRAIN, VAL
 
 
@@ -112,7 +112,7 @@ def test_gzip_copies_read_transparently(tmp_path: Path) -> None:
 
 def test_checksum_mismatch(tmp_path: Path) -> None:
     write_fake_corpus(tmp_path, "ptb", n_train_lines=50)
-    with pytest.raises(ValueError, match="checksum mismatch.*ptb.train.txt"):
+    with pytest.raises(DatasetDamagedError, match="checksum mismatch.*ptb.train.txt"):   # a user error
         Corpus(tmp_path, "ptb")
 
 

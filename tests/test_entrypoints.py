@@ -119,6 +119,16 @@ def test_unknown_layout_names_valid_choices(data_root, tmp_path):
     assert "channels" in out.stderr and "flatten" in out.stderr
 
 
+def test_a_pre_activation_site_can_be_monitored(data_root, tmp_path):
+    """VCL's sites (role "pre") are sites of the model too."""
+    cmd = [sys.executable, str(ROOT / "experiments/train_cifar.py"), "trainer.device=cpu", "logger.mode=disabled",
+           f"data.root={data_root}", "data.verify_checksums=false", "model=elu_cnn11", "method=vcl",
+           "data.batch_size=32", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}",
+           "trainer.monitor.every=1", "trainer.monitor.sites=[layer1.pre_site]"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.monitor.sites=[nope]", "trainer.monitor.sites: unknown site nope; valid: "),
     ("data.val_size=100000", "data.val_size=100000: expected fewer than the "),

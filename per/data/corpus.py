@@ -178,7 +178,7 @@ def _read(path: Path, expected_sha256: str | None) -> bytes:
     if expected_sha256 is not None:
         got = hashlib.sha256(data).hexdigest()
         if got != expected_sha256:
-            raise ValueError(
+            raise DatasetDamagedError(
                 f"checksum mismatch for {path} (uncompressed content): sha256 {got}, "
                 f"expected {expected_sha256}. Delete the file to download it again, or pass "
                 "data.verify_checksums=false for a converted or generated copy.")

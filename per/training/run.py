@@ -98,7 +98,7 @@ def create_monitor(cfg: dict, model: nn.Module) -> Monitor | None:
         ConfigValueError: a site name the model does not have (checked here: it needs the model).
     """
     mon = cfg["trainer"]["monitor"]
-    sites = list_sites(model, role="post")
+    sites = list_sites(model)          # pre-activation sites (VCL's) can be monitored too
     if unknown := [name for name in mon["sites"] or () if name not in sites]:
         raise ConfigValueError(f"trainer.monitor.sites: unknown site{'s' if len(unknown) > 1 else ''} "
                                f"{', '.join(unknown)}; valid: {', '.join(sites)}")
