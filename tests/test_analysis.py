@@ -853,6 +853,28 @@ def test_a_diverged_copy_of_a_counted_run_is_shown_and_not_compared(tmp_path, pa
     assert "1 duplicate diverged" in text and "(not compared: a duplicate diverged)" in text
 
 
+def test_a_diverged_copy_of_a_selection_run_counts_against_its_lambda(tmp_path):
+    """The lowest validation error, but one copy of that run diverged: the lambda ranks as
+    unstable (last), as it would with the diverged run counted."""
+    grid = [3e-4, 1e-4]
+    make_run(tmp_path, method="per", lam=3e-4, val_size=5000, final=image(5.0, None), lam_grid=grid)
+    make_run(tmp_path, method="per", lam=3e-4, val_size=5000, status="diverged", final=image(None, None),
+             lam_grid=grid, preset="copy")
+    make_run(tmp_path, method="per", lam=1e-4, val_size=5000, final=image(5.5, None), lam_grid=grid)
+    df, _ = collect.collect_runs(tmp_path)
+    chosen = row(tables.select_lambda(df, "cifar"), method="per")
+    assert chosen.lam == 1e-4 and chosen.n_scored == 2
+
+
+def test_a_run_without_a_preset_recorded_before_the_marker_gets_it(tmp_path):
+    """Runs written by the entry points record their protocol; without a preset, those
+    from before `(no preset)` was recorded get it when collected."""
+    run = make_run(tmp_path, seed=1, final=image(None, 7.0))
+    _record_protocol(run, {"optim.epochs": 2})
+    df, _ = collect.collect_runs(tmp_path)
+    assert df.changes.tolist() == ["(no preset)"]
+
+
 def _record_protocol(run: Path, protocol: dict) -> None:
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "protocol": protocol}))

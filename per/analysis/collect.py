@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from per.training.checks import longer_than_protocol, protocol_differences
+from per.training.checks import NO_PRESET, longer_than_protocol, protocol_differences
 from per.training import records
 from per.schema import (CELL_KEYS, CHANGES, DIVERGED, EPOCH, FINISHED, HEADLINE_METRICS, INTERRUPTED,
                         METHOD_OPTIONS, REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR,
@@ -146,6 +146,8 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
     if grid and not any(math.isclose(lam, g, rel_tol=1e-9, abs_tol=0.0) for g in grid):
         changes.append(f"method.lam={lam_text(lam)} {OFF_GRID}")
     preset, recorded = config.get("preset"), config.get("protocol")
+    if not preset and isinstance(recorded, Mapping) and NO_PRESET not in changes:   # recorded before it counted
+        changes.append(NO_PRESET)
     if (protocols is not None and preset and isinstance(recorded, Mapping)
             and (present := protocols(preset)) is not None and protocol_differences(dict(recorded), present)):
         changes.append(f"preset={preset} {STALE}")

@@ -103,15 +103,15 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Validation score of every (cell, lambda) among the task's selection runs (partial
     runs only in a cell without a finished complete one, as `cell_results` reports):
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
-    (finished runs with a score), `n_diverged` (runs whose loss diverged: evidence against
-    the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
+    (finished runs with a score), `n_diverged` (runs whose loss diverged, and diverged
+    copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
     evidence about the lambda, and the same command resumes them), `n_interrupted`
     (killed or still running: no evidence yet) and `n_partial` (finished or diverged
     runs shorter than the protocol)."""
     runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
-        diverged=runs.status == DIVERGED, failed=runs.status == FAILED,
+        diverged=(runs.status == DIVERGED).astype(int) + runs.diverged_copies, failed=runs.status == FAILED,
         interrupted=runs.status == INTERRUPTED,
         partial_evidence=runs.partial & runs.status.isin((FINISHED, DIVERGED)))
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
