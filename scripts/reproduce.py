@@ -33,7 +33,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.common import ENTRY, compose_preset, preset_names, preset_task, suite_paths
+from experiments.common import ENTRY, check_report_folder, compose_preset, preset_names, preset_task, suite_paths
 from per import parallel, sweep
 from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--gpus {args.gpus}: no GPU {', '.join(bad)} here; valid: "
                  f"{', '.join(map(str, range(torch.cuda.device_count())))}")
     args.runs = str(Path(args.runs).resolve())
+    if not args.no_report:       # before training: the report goes beside the runs (below)
+        check_report_folder(args.runs, str(Path(args.runs).parent / "tables"), "tables_dir")
     seeds, select_seeds = list(range(args.seeds)), list(range(args.select_seeds))
     lams = args.lams
 

@@ -296,3 +296,15 @@ def test_the_plan_lists_each_phases_lambdas_so_a_grid_override_shows():
     select = next(line for line in out.stdout.splitlines() if " select " in line)
     final = next(line for line in out.stdout.splitlines() if " final " in line)
     assert select.endswith("  1e-07,3e-08") and final.endswith("  chosen in select")
+
+
+def test_a_reproduction_whose_report_would_overwrite_the_suites_is_refused_before_training(tmp_path):
+    """RUNS=results/<trial> puts the tables in results/tables: refused at once, not after
+    the training, unless there is no report."""
+    runs = ROOT / "results" / "trial-that-does-not-exist"
+    out = subprocess.run([*REPRO, "--sweep", "t1_cifar10_resnet56_per", "--runs", str(runs), "--dry-run"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "refusing to write the report of" in out.stderr and "runs" not in out.stdout
+    out = subprocess.run([*REPRO, "--sweep", "t1_cifar10_resnet56_per", "--runs", str(runs), "--dry-run",
+                          "--no-report"], capture_output=True, text=True)
+    assert out.returncode == 0 and not runs.exists()
