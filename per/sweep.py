@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from per.analysis.collect import collect_runs, without_off_grid
+from per.analysis.collect import collect_runs, lam_text, without_off_grid
 from per.analysis.tables import select_lambda
 from per.schema import CHANGES, DIVERGED, FINISHED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
@@ -111,10 +111,9 @@ Compose = Callable[[str, tuple[str, ...]], Preset]
 
 
 def lam_arg(lam: float) -> str:
-    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`): short, and
-    exact (a value with more than 6 significant digits is written in full)."""
-    short = f"{lam:g}"
-    return short if float(short) == lam else repr(float(lam))
+    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`):
+    `collect.lam_text`, short and exact."""
+    return lam_text(lam)
 
 
 @dataclass

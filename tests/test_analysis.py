@@ -976,3 +976,11 @@ def test_a_run_trained_past_its_protocol_is_a_change_even_if_it_did_not_record_i
     make_run(tmp_path, seed=1, epochs=200, protocol_epochs=200, changes=[], final=image(None, 7.0))
     df, _ = collect.collect_runs(tmp_path)
     assert df.sort_values("seed").changes.tolist() == ["trainer.epochs=300", ""]
+
+
+def test_lambdas_that_agree_to_six_digits_keep_labels_of_their_own(tmp_path):
+    """An off-grid lambda next to a grid value is labelled as itself, not as that value."""
+    make_run(tmp_path, method="per", lam=1.0000001e-4, lam_grid=[1e-4, 3e-5], final=image(None, 7.0))
+    df, _ = collect.collect_runs(tmp_path)
+    assert df.changes.tolist() == ["method.lam=0.00010000001 (not in the grid)"]
+    assert df.lam_grid.tolist() == ["0.0001, 3e-05"]

@@ -64,8 +64,10 @@ Protocols = Callable[[str], "dict | None"]
 
 
 def lam_text(lam: float) -> str:
-    """A lambda as `changes` and `lam_grid` write it: `3e-05`, `0.0003`."""
-    return f"{lam:g}"
+    """A lambda as `changes`, `lam_grid` and the sweeps' command lines write it: short
+    (`3e-05`, `0.0003`) and exact (more than 6 significant digits are written in full)."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
 
 
 def is_off_grid(changes: pd.Series) -> pd.Series:
