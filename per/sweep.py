@@ -110,12 +110,6 @@ class Preset:
 Compose = Callable[[str, tuple[str, ...]], Preset]
 
 
-def lam_arg(lam: float) -> str:
-    """A lambda as the sweep passes it on the command line (`method.lam=1e-05`):
-    `collect.lam_text`, short and exact."""
-    return lam_text(lam)
-
-
 @dataclass
 class Phase:
     """One Hydra multirun: a preset composed with `overrides`, its lambdas and seeds."""
@@ -131,13 +125,13 @@ class Phase:
 
     def hydra_args(self) -> list[str]:
         """The entry point's multirun overrides."""
-        return [f"experiment={self.preset.name}", "method.lam=" + ",".join(map(lam_arg, self.lams)),
+        return [f"experiment={self.preset.name}", "method.lam=" + ",".join(map(lam_text, self.lams)),
                 "seed=" + ",".join(map(str, self.seeds)), *self.overrides]
 
     def run_dir(self, lam: float, seed: int) -> Path:
         """Where the run of (`lam`, `seed`) writes (configs/hydra/default.yaml's `lam=...,seed=...`,
-        with the value Hydra parses from `lam_arg`: `0` is an int there, `1e-04` a float)."""
-        arg = lam_arg(lam)
+        with the value Hydra parses from `lam_text`: `0` is an int there, `1e-04` a float)."""
+        arg = lam_text(lam)
         value = int(arg) if arg.lstrip("+-").isdigit() else float(arg)
         return self.preset.cell_dir / f"lam={value},seed={seed}"
 
@@ -252,7 +246,7 @@ def chosen_lambda(phase: Phase) -> float:
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
         log.warning("%s", p)
-    grid = {float(lam_arg(lam)) for lam in phase.lams}     # as the runs were launched (hydra_args)
+    grid = set(phase.lams)     # `lam_text` launched them exactly (hydra_args)
     if df is not None:   # the phase's lambdas are its grid, in the preset's grid or not
         df = df[df.lam.isin(grid)]
         other = [d for d, lam, seed in zip(df.run_dir, df.lam, df.seed) if not phase.holds_own_run(d, lam, seed)]
@@ -264,7 +258,7 @@ def chosen_lambda(phase: Phase) -> float:
         raise SelectionError(f"no selection runs under {cell_dir}")
     if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):
         raise SelectionError(f"no finished or diverged selection run under {cell_dir} at lambda "
-                         f"{', '.join(map(lam_arg, missing))}; the same command resumes them")
+                         f"{', '.join(map(lam_text, missing))}; the same command resumes them")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):
@@ -449,7 +443,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         tot_steps += steps
         tot_done += done
         name = ph.preset.cfg.get("run_name") or ph.preset.name     # the slices preset: one per count
-        lams = ",".join(map(lam_arg, ph.lams)) if ph.lams else "chosen in select"
+        lams = ",".join(map(lam_text, ph.lams)) if ph.lams else "chosen in select"
         rows.append((name, "select" if ph.selection else "final", ph.n_runs, steps, hours, per_run, done, lams))
     print(f"== {title}: {tot_runs} runs, {tot_steps:,} optimizer steps"
           + (f"; {tot_done} runs hold a result already (skipped, not launched)" if tot_done else ""))

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments.common import ENTRY, check_report_folder, compose_preset, preset_names, preset_task, suite_paths
 from per import parallel, sweep
+from per.analysis.collect import lam_text
 from per.schema import SELECTION_VAL_SIZE
 from per.training.checks import validate
 
@@ -171,7 +172,7 @@ def _choose(select: sweep.Phase) -> float:
 
 def _lams_seeds(unit: sweep.Phase) -> tuple[str, str]:
     """The unit's lambdas and seeds as its command line gives them."""
-    return ",".join(map(sweep.lam_arg, unit.lams)), ",".join(map(str, unit.seeds))
+    return ",".join(map(lam_text, unit.lams)), ",".join(map(str, unit.seeds))
 
 
 def _describe(unit: sweep.Phase) -> str:

@@ -18,6 +18,7 @@ import yaml
 
 from experiments.common import compose_preset, preset_names
 from per import sweep
+from per.analysis.collect import lam_text
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import Corpus, write_fake_corpus
 from per.training.image_task import build_image_experiment
@@ -285,9 +286,9 @@ def test_a_shortened_run_is_planned_with_the_evaluations_it_makes():
 def test_a_lambda_is_passed_on_the_command_line_short_and_exact():
     """`--lams=1.2345678e-4` must launch that lambda, not 0.000123457 (whose runs would
     never count as done)."""
-    assert [sweep.lam_arg(lam) for lam in (0.0, 1e-4, 3e-5, 2.5e-6)] == ["0", "0.0001", "3e-05", "2.5e-06"]
+    assert [lam_text(lam) for lam in (0.0, 1e-4, 3e-5, 2.5e-6)] == ["0", "0.0001", "3e-05", "2.5e-06"]
     for lam in (1.2345678e-4, 2 / 3, 1e-4 + 1e-12):
-        assert float(sweep.lam_arg(lam)) == lam
+        assert float(lam_text(lam)) == lam
 
 
 def test_the_plan_lists_each_phases_lambdas_so_a_grid_override_shows():

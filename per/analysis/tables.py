@@ -20,9 +20,9 @@ fewer epochs) are averaged, and ranked in the lambda selection, only where a row
 no complete run; such a row, and one whose lambda was chosen on partial selection runs,
 is marked partial and not compared with the paper unless `include_partial` is set
 (which averages a row's partial runs with its complete ones and compares the row; the
-selection still ranks partial runs only where a cell has no complete one). Runs whose command line changed their
-preset's protocol (`changes`, e.g. `optim.epochs=30`) form rows of their own, labelled
-with the changes and never compared with the paper.
+selection still ranks partial runs only where a cell has no complete one). Runs whose
+command line changed their preset's protocol (`changes`, e.g. `optim.epochs=30`) form
+rows of their own, labelled with the changes and never compared with the paper.
 """
 from __future__ import annotations
 
@@ -104,14 +104,16 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     runs only in a cell without a finished complete one, as `cell_results` reports):
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged, and diverged
-    copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda), `n_failed` (runs that crashed: out of memory, a missing file; no
-    evidence about the lambda, and the same command resumes them), `n_interrupted`
+    copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda),
+    `n_failed` (runs that crashed: out of memory, a missing file; no evidence about the
+    lambda, and the same command resumes them), `n_interrupted`
     (killed or still running: no evidence yet) and `n_partial` (finished or diverged
     runs shorter than the protocol)."""
     runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
-        diverged=(runs.status == DIVERGED).astype(int) + runs.diverged_copies, failed=runs.status == FAILED,
+        diverged=(runs.status == DIVERGED).astype(int) + runs.diverged_copies,
+        failed=runs.status == FAILED,
         interrupted=runs.status == INTERRUPTED,
         partial_evidence=runs.partial & runs.status.isin((FINISHED, DIVERGED)))
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)

@@ -104,8 +104,9 @@ def _unpickle(path: Path) -> dict:
         try:
             return pickle.load(f, encoding="bytes")
         except Exception as e:   # truncated or damaged: EOFError, UnpicklingError, ...
-            raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
-                             "expected file; delete it and fetch it again (data.download=true)") from e
+            raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not "
+                                      "the expected file; delete it and fetch it again "
+                                      "(data.download=true)") from e
 
 
 def _read_batches(directory: Path, files: tuple[tuple[str, str], ...], label_key: bytes

@@ -128,8 +128,9 @@ class Corpus:
             try:
                 tokens[split] = tokenize(_read(path, expected))
             except (EOFError, OSError, UnicodeDecodeError) as e:   # truncated .gz, not UTF-8 text
-                raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or not the "
-                                 "expected file; delete it and fetch it again (data.download=true)") from e
+                raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or "
+                                          "not the expected file; delete it and fetch it again "
+                                          "(data.download=true)") from e
         self.vocab: list[str] = list(dict.fromkeys(tokens[TRAIN]))
         self.word2idx: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
         self.train = self._ids(tokens[TRAIN], TRAIN)

@@ -6,7 +6,6 @@ Plain dicts in, errors that name the dotted key, the bad value and what is allow
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Callable
 
 from per import models, schema
@@ -18,7 +17,7 @@ from per.models.elu_cnn import ACTIVATIONS
 from per.models.lstm import DROPOUT_TYPES
 from per.regularizers import PATHS, SAMPLINGS, Regularizer, sampling_conflict
 from per.training.loggers import LOGGER_MODES, missing_credentials
-from per.training.optim import CLIP_MODES, SCHEDULES, create_schedule
+from per.training.optim import CLIP_MODES, SCHEDULES, create_schedule, is_finite_number
 from per.training.runtime import COMPILE_MODES, DEVICES, PRECISIONS
 
 RESUME_MODES = ("auto", "never")
@@ -81,16 +80,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 def _int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
 
 
 def _number_at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: _is_number(v) and v >= lo), f"a finite number >= {lo}"
+    return (lambda v: is_finite_number(v) and v >= lo), f"a finite number >= {lo}"
 
 
 def _one_of(choices) -> tuple[Callable[[Any], bool], str]:
@@ -103,7 +98,7 @@ def _optional(check: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any],
 
 
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
-_POSITIVE = ((lambda v: _is_number(v) and v > 0), "a finite number > 0")
+_POSITIVE = ((lambda v: is_finite_number(v) and v > 0), "a finite number > 0")
 _STRING = ((lambda v: isinstance(v, str) and v != ""), "a non-empty string")
 _STRINGS = ((lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)), "a list of strings")
 _INTS = ((lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
@@ -129,7 +124,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.activation": _one_of(ACTIVATIONS),
     "model.hidden_size": _int_at_least(1),
     "model.num_layers": _int_at_least(1),
-    "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "model.dropout": ((lambda v: is_finite_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "model.dropout_type": _one_of(DROPOUT_TYPES),
     "data.name": _one_of([d for names in DATASETS.values() for d in names]),
     "data.normalize": _one_of(NORMALIZATIONS),
@@ -146,7 +141,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.epochs": _int_at_least(1),
     "optim.total_steps": _optional(_int_at_least(1)),
     "optim.lr": _POSITIVE,
-    "optim.momentum": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "optim.momentum": ((lambda v: is_finite_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "optim.nesterov": _BOOL,
     "optim.weight_decay": _number_at_least(0),
     "optim.bias_weight_decay": _BOOL,

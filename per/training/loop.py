@@ -281,7 +281,8 @@ def _epoch_row(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, r
               state: TrainState, settings: LoopSettings) -> dict[str, Any]:
     """The metrics row of the epoch just trained (`state.sums`, `state.train_time_s`):
     training metrics, the regularizer's site averages over tracked steps (penalty = the sum
-    of the unscaled L_site; None without a tracked step), then the evaluation (its time added to `state.wall_time_s`)."""
+    of the unscaled L_site; None without a tracked step), then the evaluation (its time
+    added to `state.wall_time_s`)."""
     t_eval = time.perf_counter()
     epoch = state.epoch
     row = {schema.EPOCH: epoch + 1, schema.STEP: state.step, schema.LR: optimizer.param_groups[0]["lr"]}

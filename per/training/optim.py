@@ -84,7 +84,8 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
 PLATEAU_METRICS = (VAL_PPL, metric_key(VAL, LOSS), VAL_ERROR)
 
 
-def _is_real(v: object) -> bool:
+def is_finite_number(v: object) -> bool:
+    """An int or float (not a bool) that is finite."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -92,8 +93,8 @@ def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _check_lr(name: str, v: object) -> None:
-    if not _is_real(v) or v <= 0:
+def _check_positive(name: str, v: object) -> None:
+    if not is_finite_number(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
@@ -113,7 +114,7 @@ class MultiStepSchedule:
     warmup_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_lr("lr", self.lr)
+        _check_positive("lr", self.lr)
         if self.unit not in ("epoch", "step"):
             raise ValueError(f"unknown schedule unit {self.unit!r}; valid: epoch, step")
         if (not isinstance(self.milestones, list) or not all(_is_count(m) for m in self.milestones)
@@ -124,11 +125,11 @@ class MultiStepSchedule:
             raise ValueError(f"gamma must be one number or one per milestone ({len(self.milestones)}), "
                              f"got {self.gamma!r}")
         for g in gammas:
-            _check_lr("gamma", g)
+            _check_positive("gamma", g)
         if not _is_count(self.warmup_steps):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.warmup_steps:
-            _check_lr("warmup_lr", self.warmup_lr)
+            _check_positive("warmup_lr", self.warmup_lr)
         self._values = [self.lr]
         for g in gammas:
             self._values.append(self._values[-1] * g)
@@ -161,8 +162,8 @@ class PlateauSchedule:
     best: float = field(init=False, default=float("inf"))
 
     def __post_init__(self) -> None:
-        _check_lr("lr", self.lr)
-        if not _is_real(self.factor) or self.factor < 1:
+        _check_positive("lr", self.lr)
+        if not is_finite_number(self.factor) or self.factor < 1:
             raise ValueError(f"factor must be a finite number >= 1 (lr /= factor), got {self.factor!r}")
         if self.metric not in PLATEAU_METRICS:
             raise ValueError(f"unknown plateau metric {self.metric!r}; valid: {', '.join(PLATEAU_METRICS)}")
