@@ -33,7 +33,8 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.common import ENTRY, check_report_folder, compose_preset, preset_names, preset_task, suite_paths
+from experiments.common import (CONFIGS, ENTRY, check_report_folder, compose_preset, preset_names, preset_task,
+                                suite_paths)
 from per import parallel, sweep
 from per.analysis.collect import lam_text
 from per.schema import SELECTION_VAL_SIZE
@@ -51,12 +52,18 @@ def _alone(name: str) -> dict:
     return compose_preset(name)
 
 
+def _group_choices(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The overrides that choose a config group (`optim=he_bn`), not a value."""
+    return tuple(o for o in overrides if (CONFIGS / o.partition("=")[0].lstrip("+~").partition("@")[0]).is_dir())
+
+
 def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
     """Preset `name` with `overrides`, every value checked as a run would check it (so a
-    bad value stops a `DRY_RUN` plan too); an error exits naming it."""
+    bad value, or a key added that nothing reads, stops a `DRY_RUN` plan too); an error
+    exits naming it."""
     try:
         cfg = compose_preset(name, overrides)
-        validate(cfg)
+        validate(cfg, compose_preset(name, _group_choices(overrides)))
         return sweep.Preset(name, cfg, alone=functools.partial(_alone, name))
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None

@@ -70,6 +70,29 @@ def test_schedule_arguments_are_checked_before_the_run(config, overrides, messag
         validate(compose_config(config, overrides, "unused"))
 
 
+@pytest.mark.parametrize("added, message", [
+    ("+method.lamda=1e-3", "method.lamda=0.001: not a key of this config (added on the command line; nothing "
+                           "reads it); did you mean method.lam,"),
+    ("+model.dropout=0.5", "model.dropout=0.5: not a key of this config"),     # an LSTM's key on a ResNet
+    ("++trainer.monitor.site=[block1]", "trainer.monitor.site=['block1']: not a key of this config (added on "
+                                        "the command line; nothing reads it); did you mean trainer.monitor.sites"),
+])
+def test_a_key_added_on_the_command_line_that_nothing_reads_is_refused(added, message):
+    """Hydra answers a misspelt key with "use +method.lamda=..."; the run would ignore it."""
+    base = ["experiment=t1_cifar10_resnet56_per"]
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        validate(compose_config("train_cifar", [*base, added], "unused"), compose_config("train_cifar", base, "unused"))
+
+
+@pytest.mark.parametrize("base, added", [
+    (["experiment=t1_cifar10_resnet56_per"], ["+optim.schedule_args.warmup_steps=4",
+                                              "+optim.schedule_args.warmup_lr=0.01"]),   # checked by the schedule
+    (["experiment=t1_cifar10_resnet56_l2"], ["++method.num_slices=16"]),    # an option l2 leaves out
+])
+def test_keys_that_are_read_may_be_added(base, added):
+    validate(compose_config("train_cifar", [*base, *added], "unused"), compose_config("train_cifar", base, "unused"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["method=per", "method.sampling=subspace", "method.path=autograd"], "path='autograd'"),
     (["method=per", "method.sampling=subspace", "method.share_directions=true"], "share_directions=True"),

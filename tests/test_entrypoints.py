@@ -210,8 +210,10 @@ def test_refused_invocation_in_a_new_folder_leaves_nothing(data_root, tmp_path):
     assert out.returncode == 2 and "method.layout='diagonal'" in out.stderr
     assert out.stderr.startswith("ConfigValueError: ") and "Traceback" not in out.stderr   # the message alone
     assert not run_dir.exists()                    # no folder holding an empty job log
-    # An unresolvable value, and Hydra's other job-logging choices, are refused the same way.
-    for extra in (["trainer.epochs=${oops}"], ["method.layout=diagonal", "hydra/job_logging=disabled"]):
+    # An unresolvable value, a misspelt key added with `+`, and Hydra's other job-logging
+    # choices are refused the same way.
+    for extra in (["trainer.epochs=${oops}"], ["+method.lamda=1e-3"],
+                  ["method.layout=diagonal", "hydra/job_logging=disabled"]):
         out = subprocess.run(_cmd(data_root, run_dir, *extra), env=_env(), capture_output=True, text=True)
         assert out.returncode != 0 and "Unable to configure handler" not in out.stderr
         assert not run_dir.exists()

@@ -61,6 +61,9 @@ def test_dry_run_counts_match_presets():
      "trainer.precision='fp16': expected one of fp32, tf32, bf16"),
     (["--sweep", "t1_cifar10_resnet56_per", "--override", "trainer.max_step=2"],
      "Could not override 'trainer.max_step'"),
+    (["--sweep", "t1_cifar10_resnet56_per", "--override", "+trainer.max_step=2"],
+     "trainer.max_step=2: not a key of this config (added on the command line; nothing reads it); did you "
+     "mean trainer.max_steps"),
 ])
 def test_a_bad_plan_stops_before_planning(args, message):
     """Bad presets, lambdas and override values stop DRY_RUN too (not the first job)."""

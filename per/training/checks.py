@@ -5,6 +5,7 @@ Plain dicts in, errors that name the dotted key, the bad value and what is allow
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Any, Callable
 
@@ -169,9 +170,11 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def validate(cfg: dict) -> None:
+def validate(cfg: dict, defaults: dict | None = None) -> None:
     """Check every known config value; the error lists each bad key, its value and
-    what is allowed. Keys not listed here pass (other modules check their own).
+    what is allowed. Keys not listed here pass (other modules check their own). With
+    `defaults` (the config its groups compose to, without command-line values), a key
+    that the command line added and nothing reads is refused too (`_added_keys`).
 
     Raises:
         ConfigValueError: one or more values are outside what is allowed.
@@ -184,6 +187,8 @@ def validate(cfg: dict) -> None:
     bad += _task_mismatches(cfg)
     bad += _sampling_conflicts(cfg)
     bad += _schedule_problems(cfg)
+    if defaults is not None:
+        bad += _added_keys(cfg, defaults)
     logger = cfg.get("logger") if isinstance(cfg.get("logger"), dict) else {}
     if problem := missing_credentials(logger.get("mode")):
         bad.append(problem)
@@ -205,6 +210,29 @@ def _schedule_problems(cfg: dict) -> list[str]:
     except ValueError as e:
         return [f"optim.schedule_args ({name}): {e}"]
     return []
+
+
+# Added keys that are read: a schedule's arguments (checked by the schedule itself,
+# `_schedule_problems`), the method options a method's config leaves out (`REMOVED`), and
+# what the entry point adds (`run_dir`).
+_ADDABLE = ("optim.schedule_args", *REMOVED, "run_dir")
+
+
+def _added_keys(cfg: dict, defaults: dict) -> list[str]:
+    """Keys of `cfg` that its groups (`defaults`) do not hold, added on the command line
+    (`+method.lamda=1e-3`, as Hydra's own error suggests for a misspelt key), other than
+    `_ADDABLE` ones: no code reads them, so the run would silently ignore them. One line
+    per key, with the closest keys of the config."""
+    known = _flatten(defaults)
+    bad = []
+    for key, value in _flatten(cfg).items():
+        if key in known or _under(key, _ADDABLE):
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        bad.append(f"{key}={value!r}: not a key of this config (added on the command line; "
+                   f"nothing reads it){hint}")
+    return bad
 
 
 def _sampling_conflicts(cfg: dict) -> list[str]:

@@ -165,7 +165,8 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     """Run (or resume, or skip) the run described by `cfg`; returns its summary.
 
     `cfg["run_dir"]` is the run directory. Before anything there changes, every
-    config value is checked (ConfigValueError), a stored run's config is compared
+    config value is checked (ConfigValueError; so is a key the command line added to
+    `defaults` that nothing reads), a stored run's config is compared
     with `cfg` on what decides the result, where the directory holds a checkpoint or a
     result (ConfigMismatchError names each differing key; keys missing from the stored
     config are accepted at their value in `defaults`, the config without command-line
@@ -178,7 +179,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     and holds the protocol itself as `protocol` (`per.training.checks.protocol_of`).
     """
     console_logging()
-    validate(cfg)
+    validate(cfg, defaults)
     protocol = protocol if protocol is not None else defaults
     if protocol is not None:
         cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg),
