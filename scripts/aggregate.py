@@ -2,7 +2,8 @@
 
 Collects the runs (local run directories, or a W&B project), chooses lambda per cell
 on validation only, and writes Markdown, LaTeX and CSV tables plus `selection.csv`
-(every lambda's validation score) and `results.csv` (tidy numbers). Unreadable runs
+(every lambda's validation score), `results.csv` (tidy numbers) and `runs.csv` (every
+run; failed runs' errors are also printed, one line per error). Unreadable runs
 are listed and skipped; the exit status is 0 as long as the tables were written.
 Runs shorter than their protocol (smoke runs, `trainer.max_steps`, fewer epochs) are
 marked partial and not compared with the paper unless `--include-partial` is given.
@@ -17,6 +18,7 @@ import sys
 
 from experiments.common import add_run_source_arguments, check_report_folder, preset_protocol, suite_paths
 from per.analysis.tables import write_tables
+from per.schema import FAILED
 from per.analysis.wandb_source import collect_source
 
 
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print("no runs to aggregate", file=sys.stderr)
         return 0
+    for error, failed in df[df.status == FAILED].groupby(df.error.fillna("(no error recorded)")):
+        print(f"[aggregate] {len(failed)} failed run{'s' if len(failed) > 1 else ''} ({failed.run_dir.iloc[0]}"
+              f"{', ...' if len(failed) > 1 else ''}): {error}", file=sys.stderr)
     if df.partial.any():
         treatment = ("treated as complete (--include-partial)" if args.include_partial else
                      "averaged only where a row has no complete run, and not compared with the paper")

@@ -541,7 +541,7 @@ def test_write_tables(collected, paper, tmp_path):
     df, _ = collected
     paths = tables.write_tables(df, tmp_path / "tables", paper)
     names = sorted(p.name for p in paths)
-    assert names == sorted(["selection.csv", "results.csv", "T1.md", "T1.tex", "T1.csv",
+    assert names == sorted(["selection.csv", "results.csv", "runs.csv", "T1.md", "T1.tex", "T1.csv",
                             "T3.md", "T3.tex", "T3.csv"])
     assert all(p.stat().st_size > 0 for p in paths)
     md = (tmp_path / "tables" / "T1.md").read_text()
@@ -623,6 +623,30 @@ def test_aggregate_script(root, tmp_path, capsys):
     assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0
     with pytest.raises(SystemExit, match="no runs folder .*nowhere"):     # a mistyped --runs
         main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_failed_runs_errors_are_listed_by_aggregate_and_in_runs_csv(tmp_path, capsys):
+    """A failed run says why in `runs.csv` and on stderr, one line per distinct error; a
+    summary written before errors were recorded says it has none."""
+    missing = "DatasetMissingError: CIFAR file data_batch_1 not found under /data"
+    for seed, error in ((0, missing), (1, missing), (2, "RuntimeError: CUDA out of memory"), (3, None)):
+        run_dir = make_run(tmp_path / "runs", method="per", lam=1e-4, seed=seed, status="failed",
+                           final=image(None, None))
+        if error:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            (run_dir / "summary.json").write_text(json.dumps({**summary, "error": error}))
+    make_run(tmp_path / "runs", seed=0, final=image(None, 7.0))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "aggregate.py"
+    assert runpy.run_path(str(script))["main"](["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err
+    assert f"[aggregate] 2 failed runs ({tmp_path / 'runs'}" in err and f", ...): {missing}" in err
+    assert "[aggregate] 1 failed run (" in err and "): RuntimeError: CUDA out of memory" in err
+    assert "): (no error recorded)" in err
+    runs = pd.read_csv(tmp_path / "t/runs.csv")
+    assert len(runs) == 5 and sorted(runs.error.dropna()) == [missing, missing, "RuntimeError: CUDA out of memory"]
+    assert runs[runs.status == "finished"].error.isna().all()
+    assert "| per | — (n=0) λ=1e-04 (not validated) · 4/4 failed (error in runs.csv; rerun resumes)" in (
+        tmp_path / "t/T1.md").read_text()
 
 
 def test_reports_of_other_runs_are_not_written_into_the_suites_own_folders(root, tmp_path, capsys):

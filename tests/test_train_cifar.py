@@ -237,7 +237,16 @@ def test_missing_dataset_gives_clear_error_and_failed_record(tmp_path):
     cfg = _cfg(tmp_path / "nowhere", tmp_path / "run", "model=resnet20")
     with pytest.raises(DatasetMissingError, match="data_batch_1"):
         train(cfg, build_image_experiment)
-    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("DatasetMissingError: ")
+    assert "data_batch_1" in summary["error"] and "\n" not in summary["error"]
+
+
+def test_a_failed_runs_error_is_one_line_of_bounded_length():
+    """A multi-line message (a `ConfigValueError` listing keys) on one line, a huge one cut."""
+    assert run_mod.error_text(ValueError("bad values:\n  a=1\n  b=2")) == "ValueError: bad values: a=1 b=2"
+    long = run_mod.error_text(RuntimeError("x" * 1000))
+    assert len(long) == 500 and long.startswith("RuntimeError: xxx") and long.endswith("...")
 
 
 def test_a_batch_larger_than_the_data_is_named_and_the_fixed_command_runs(data_root, tmp_path):
@@ -248,7 +257,8 @@ def test_a_batch_larger_than_the_data_is_named_and_the_fixed_command_runs(data_r
               build_image_experiment)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     summary = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
-    assert summary["status"] == "finished" and summary["steps"] == 1
+    assert summary["status"] == "finished" and summary["steps"] == 1 and "error" not in summary
+    assert "error" not in json.loads((tmp_path / "summary.json").read_text())
 
 
 def test_the_last_partial_batch_trains_as_its_protocol_says(data_root, tmp_path):

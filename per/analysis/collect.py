@@ -37,16 +37,16 @@ import yaml
 
 from per.training.checks import NO_PRESET, longer_than_protocol, protocol_differences
 from per.training import records
-from per.schema import (CELL_KEYS, CHANGES, DIVERGED, EPOCH, FINISHED, HEADLINE_METRICS, INTERRUPTED,
-                        METHOD_OPTIONS, REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS, TEST_ERROR,
-                        VARIANT_KEYS, method_options)
+from per.schema import (CELL_KEYS, CHANGES, DIVERGED, EPOCH, FAILED, FINISHED, HEADLINE_METRICS,
+                        INTERRUPTED, METHOD_OPTIONS, REGULARIZED, RUNNING, STATUSES, SUMMARY_KEYS,
+                        TEST_ERROR, VARIANT_KEYS, method_options)
 
 
 RUN_COLUMNS = (
     "run_dir", "status", "task", *CELL_KEYS, "lam", "seed", "val_size", *METHOD_OPTIONS, CHANGES,
     "grid_size", "lam_grid", "experiment", "epochs_completed", "steps", "wall_time_s", "device",
     *(f"final_{m}" for m in HEADLINE_METRICS), "best_epoch", *(f"best_{m}" for m in HEADLINE_METRICS),
-    "partial", "min_test_epoch", "min_test_error", "started", "diverged_copies",
+    "partial", "min_test_epoch", "min_test_error", "started", "diverged_copies", "error",
 )
 # What makes two runs the same run (e.g. an ablation preset's default point and the
 # table preset's run, in two folders).
@@ -167,6 +167,7 @@ def run_record(config: Mapping, summary: Mapping, run_dir: str,
         **{f"best_{m}": best.get(m) for m in HEADLINE_METRICS},
         "partial": is_partial(config, summary), "min_test_epoch": min_epoch, "min_test_error": min_error,
         "started": (summary.get("attempts") or [{}])[-1].get("started"),
+        "error": summary.get("error") if status == FAILED else None,
     }
 
 

@@ -410,7 +410,7 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
     if row.n_diverged_copies:
         text += f" · {row.n_diverged_copies} duplicate{'s' if row.n_diverged_copies > 1 else ''} diverged"
     if row.n_failed:
-        text += f" · {row.n_failed}/{total} failed (crashed; rerun resumes)"
+        text += f" · {row.n_failed}/{total} failed (error in runs.csv; rerun resumes)"
     if row.n_interrupted:
         text += f" · {row.n_interrupted}/{total} interrupted"
     if row.partial:
@@ -581,16 +581,18 @@ def selection_table(df: pd.DataFrame) -> pd.DataFrame:
 def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
                  paper: pd.DataFrame | None = None, include_partial: bool = False) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),
-    `results.csv` (tidy `cell_results` of all tasks) and, per table, `<T>.md` (text in
+    `results.csv` (tidy `cell_results` of all tasks), `runs.csv` (the run table `df`:
+    every run, its status, changes and, where it failed, its error) and, per table, `<T>.md` (text in
     the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one number per
     column). Returns the written paths."""
     paper = load_paper_tables() if paper is None else paper
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = all_results(df, paper, include_partial)
-    paths = [out / "selection.csv", out / "results.csv"]
+    paths = [out / "selection.csv", out / "results.csv", out / "runs.csv"]
     selection_table(df).to_csv(paths[0], index=False)
     results.to_csv(paths[1], index=False)
+    df.sort_values(["task", "run_dir"]).to_csv(paths[2], index=False)
     for table_id in sorted(results.table.unique()) if not results.empty else []:
         table = format_table(results, table_id, paper)
         numbers = table_numbers(results, table_id, paper)

@@ -145,6 +145,13 @@ def _summary(status: str, cfg: dict, state: TrainState, device: str, attempts: l
             "attempts": attempts, "final": state.final, "best": state.best}
 
 
+def error_text(e: BaseException, limit: int = 500) -> str:
+    """A failed run's error as its summary records it (`error`): `Type: message` on one
+    line, at most `limit` characters."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _earlier_attempts(summary: dict | None) -> list[dict]:
     """The attempts a stored summary lists (one, from its `code_version`, for records
     written before summaries listed attempts)."""
@@ -291,8 +298,8 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             run.write_summary(summary)
         except BaseException as e:
             forced = isinstance(e, ForcedStop)      # a second stop signal: no evidence of a fault
-            run.write_summary(_summary(schema.INTERRUPTED if forced else schema.FAILED, cfg, state,
-                                       dev_name, attempts))
+            ended = _summary(schema.INTERRUPTED if forced else schema.FAILED, cfg, state, dev_name, attempts)
+            run.write_summary(ended if forced else {**ended, "error": error_text(e)})
             if forced:
                 log.warning("stopped %s at once by a second signal; %s", run.path,
                             "it resumes from its last checkpoint" if run.has_checkpoint()
