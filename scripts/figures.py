@@ -5,7 +5,8 @@ Always the 1-D loss figure; per cell, activation statistics and sliced W1 over t
 lambda sweeps and training curves at the chosen lambdas; the PER layout / slices
 ablation when such runs exist. What cannot be drawn is named and skipped. From a W&B
 project (`--wandb-project`), the sweeps and the ablation (the activation statistics and
-training curves read the run folders' files).
+training curves read the run folders' files). Files an earlier call wrote that this one
+does not (a cell whose runs are gone) are removed; `written.txt` lists the call's files.
 
     python scripts/figures.py --runs results/runs --out results/figures
     python scripts/figures.py --wandb-project per-repro --wandb-entity me
@@ -73,6 +74,24 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+WRITTEN = "written.txt"   # in the figures folder: the files the last call wrote, one name a line
+
+
+def remove_stale(out: Path, paths: list[Path]) -> list[str]:
+    """Remove the files the previous call listed in `out/WRITTEN` that this call did not
+    write (a cell whose runs are gone, a sweep figure under another name), then list this
+    call's `paths` there. Files this script never wrote stay. Returns the removed names."""
+    listing = out / WRITTEN
+    earlier = listing.read_text().split("\n") if listing.is_file() else []
+    now = sorted(p.name for p in paths)
+    stale = [name for name in earlier if name and name not in now and "/" not in name]
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(f"{name}\n" for name in now))
+    return stale
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_source_arguments(ap)
@@ -105,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             print("[figures] skipped the PER ablation: no cifar10 resnet56 PER runs "
                   "that vary the layout or the number of slices")
         paths += ablation
-    print(f"wrote {len(paths)} files to {out}")
+    if stale := remove_stale(out, paths):
+        print(f"[figures] removed {len(stale)} files an earlier call wrote and this one did not: "
+              + ", ".join(stale))
+    print(f"wrote {len(paths)} files to {out} (listed in {WRITTEN})")
     return 0
 
 

@@ -258,9 +258,19 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     stems = ["losses_1d", f"activations_{cell}", f"sw1_{cell}", f"sweep_{cell}", f"curves_{cell}",
              f"curves_selection_{cell}"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
-    assert {p.name for p in out_dir.iterdir()} == expected
+    assert {p.name for p in out_dir.iterdir()} == expected | {"written.txt"}
+    assert set((out_dir / "written.txt").read_text().split()) == expected
     out, err = capsys.readouterr()
     assert "skipped the PER ablation" in out and "broken: skipped" in err
+    # Without the activation records, a second call removes the figures it no longer
+    # draws; a file the script never wrote stays.
+    for run_dir in (monitored, vanilla):
+        (run_dir / "activations.jsonl").unlink()
+    (out_dir / "mine.png").write_bytes(b"")
+    assert main(["--runs", str(runs), "--out", str(out_dir)]) == 0
+    gone = {f"{kind}_{cell}.{ext}" for kind in ("activations", "sw1") for ext in ("png", "pdf")}
+    assert {p.name for p in out_dir.iterdir()} == (expected - gone) | {"written.txt", "mine.png"}
+    assert "[figures] removed 4 files an earlier call wrote and this one did not: " in capsys.readouterr().out
     # From a W&B project (the same table, run_dir "wandb:..."): the sweep, no file-based figures.
     from per.analysis import collect, wandb_source
     df, _ = collect.collect_runs(runs)
@@ -272,10 +282,11 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(tmp_path / "wb")]) == 0
     assert asked == [("proj", "ent", True)]
     stems = ["losses_1d", f"sweep_{cell}"]
-    assert {p.name for p in (tmp_path / "wb").iterdir()} == {f"{s}.{e}" for s in stems for e in ("png", "pdf")}
+    assert {p.name for p in (tmp_path / "wb").iterdir()} == {f"{s}.{e}" for s in stems for e in ("png", "pdf")} | {
+        "written.txt"}
     assert "from W&B: the sweeps and the ablation" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "only1d")]) == 0
-    assert {p.name for p in (tmp_path / "only1d").iterdir()} == {"losses_1d.png", "losses_1d.pdf"}
+    assert {p.name for p in (tmp_path / "only1d").iterdir()} == {"losses_1d.png", "losses_1d.pdf", "written.txt"}
 
 
 def test_a_point_of_one_run_gets_no_error_bar_rather_than_a_zero_one():
