@@ -140,7 +140,9 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
            say: Callable[[str], None], describe: Callable[[Phase], str], poll_s: float = 1.0) -> int:
     """Run `sched`'s units on `slots` (labels, e.g. GPU ids, one per concurrent unit) until
     none is left: `start(unit, slot)` starts a unit's process and says where its output goes;
-    exit 0 means it holds its results, anything else is a failure (`Scheduler.finished`).
+    exit 0 means it holds its results, as does any exit of a unit whose runs all hold a result
+    (`Phase.done`: a signal from elsewhere came as it finished); anything else is a failure
+    (`Scheduler.finished`).
 
     A stop signal (SIGINT, SIGTERM, SIGHUP) starts no more units and is passed on, within
     `poll_s`, once to each running unit, one started meanwhile included (SIGHUP as SIGTERM):
@@ -177,9 +179,15 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
                 if _stopped_by(code, stops[:r.signalled]):
                     say(f"stopped {name} after {took} (exit {code})")
                     continue
-                say(f"done {name} in {took}" if code == 0 else
-                    f"FAILED {name} after {took}: exit {code}" + (f"; see {r.output}" if r.output else ""))
-                sched.finished(r.unit, ok=code == 0,
+                # A stop signal from elsewhere (a scheduler, a kill) as the run finished: the
+                # runner exits 128+signal, but the run holds its result.
+                held = code != 0 and len(r.unit.done()) == r.unit.n_runs
+                if code == 0 or held:
+                    say(f"done {name} in {took}" + (f" (exit {code}: stopped as it finished; its result is kept)"
+                                                    if held else ""))
+                else:
+                    say(f"FAILED {name} after {took}: exit {code}" + (f"; see {r.output}" if r.output else ""))
+                sched.finished(r.unit, ok=code == 0 or held,
                                why=f"{name} exited with {code}" + (f" (output: {r.output})" if r.output else ""))
     except BaseException:          # stop the runs cleanly; signals meanwhile are passed on too
         if not stops:

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from per import parallel, sweep
 
@@ -147,13 +148,20 @@ if terms:
     time.sleep(0.5)          # a second SIGTERM meanwhile is recorded too
     sys.exit(term_code)
 record("end")
+if len(sys.argv) > 6:        # a run folder and its config: write them as a finished run's
+    os.makedirs(sys.argv[6])
+    with open(os.path.join(sys.argv[6], "config.yaml"), "w") as f:
+        f.write(sys.argv[7])
+    with open(os.path.join(sys.argv[6], "summary.json"), "w") as f:
+        json.dump({"status": "finished"}, f)
 sys.exit(code)
 """
 
 
-def _launch_units(tmp_path, chains, slots, codes=None, wait=0.3, term_codes=None):
+def _launch_units(tmp_path, chains, slots, codes=None, wait=0.3, term_codes=None, results=()):
     """Launch `chains` with a child process per unit that logs to events.jsonl; a unit
-    exits with `codes[name]` (0), or `term_codes[name]` (143) after a SIGTERM."""
+    exits with `codes[name]` (0), or `term_codes[name]` (143) after a SIGTERM; a unit
+    named in `results` writes its run folder as a finished run's before it exits."""
     events = tmp_path / "events.jsonl"
     lines = []
 
@@ -162,6 +170,10 @@ def _launch_units(tmp_path, chains, slots, codes=None, wait=0.3, term_codes=None
         code = (codes or {}).get(name, 0)
         cmd = [sys.executable, "-c", CHILD, str(events), name, str(code), str(wait),
                str((term_codes or {}).get(name, 143))]
+        if name in results:
+            config = {**unit.preset.cfg, "seed": unit.seeds[0], "method": {**unit.preset.cfg["method"],
+                                                                         "lam": unit.lams[0]}}
+            cmd += [str(unit.run_dir(unit.lams[0], unit.seeds[0])), yaml.safe_dump(config)]
         return subprocess.Popen(cmd, env={**os.environ, "GPU": slot}), ""
 
     sched = parallel.Scheduler(chains, parallel.each_run, lambda s: s.lams[0], _seconds)
@@ -202,6 +214,17 @@ def test_launch_goes_on_after_a_failure_and_names_it(tmp_path):
     assert stop == 0 and sched.failures == ["a:1:0 exited with 3"]
     assert {r["name"] for r in rows} == {"a:1:0", "a:2:0", "b:0:0", "b:0:1"}      # a's finals never ran
     assert any(line.startswith("FAILED a:1:0") for line in lines)
+
+
+def test_a_unit_stopped_from_elsewhere_as_it_finished_keeps_its_result(tmp_path):
+    """The runner exits 143 after a SIGTERM that came during its last steps (a scheduler,
+    a kill), with its result written: done, and its cell's final runs go ahead."""
+    chains = [_cell(tmp_path, "a", [1.0, 2.0], [0], 1.0, 1.0)]
+    sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0"], codes={"a:1:0": 143, "a:2:0": 143},
+                                             wait=0.05, results=("a:1:0",))
+    assert stop == 0 and sched.failures == ["a:2:0 exited with 143"]       # a:2:0 holds no result
+    assert "done a:1:0 in 0m00s (exit 143: stopped as it finished; its result is kept)" in lines
+    assert any(line.startswith("FAILED a:2:0") for line in lines)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
