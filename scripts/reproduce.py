@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -37,7 +38,8 @@ from experiments.common import (CONFIGS, ENTRY, check_report_folder, compose_pre
                                 suite_paths)
 from per import parallel, sweep
 from per.analysis.collect import lam_text
-from per.schema import SELECTION_VAL_SIZE
+from per.analysis.strength import BAND, FAMILIES, off_band
+from per.schema import REGULARIZED, SELECTION_VAL_SIZE
 from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +145,30 @@ def execute(phases: list, args) -> list[str]:
         raise SystemExit(f"[reproduce] stopped by {signal.Signals(stop).name}; the same command resumes "
                          "(finished runs are not run again)" + failed)
     return sched.failures
+
+
+def strength_warnings(phases: list, strength_csv: Path) -> list[str]:
+    """One line per planned regularized preset whose own lambda (the middle of its grid) is
+    planned and measured by `make strength` (`strength_csv`) outside `BAND` on the same
+    model (`per.analysis.strength.off_band`); [] without the file."""
+    if not strength_csv.is_file():
+        return []
+    df = pd.read_csv(strength_csv)
+    lines = []
+    for preset in {ph.preset.name: ph.preset for pair in phases for ph in pair if ph is not None}.values():
+        cfg, planned = preset.cfg, [lam for pair in phases for ph in pair if ph is not None
+                                    and ph.preset.name == preset.name for lam in ph.lams]
+        kind, lam = cfg["method"]["name"], cfg["method"]["lam"]
+        if kind not in REGULARIZED or not any(math.isclose(lam, p, rel_tol=1e-9) for p in planned):
+            continue
+        for fam in FAMILIES:
+            base = _alone(fam.base)
+            if kind in fam.grids and base["model"] == cfg["model"]:
+                layout = cfg["method"]["layout"] if cfg["task"] == "cifar" else "-"
+                if where := off_band(df, fam.name, kind, layout, cfg["method"]["reduction"], lam):
+                    lines.append(f"{preset.name}: λ={lam_text(lam)} on {fam.name} (measured on "
+                                 f"{base['data']['name']}): {where}")
+    return lines
 
 
 def print_wall_clock(phases: list, args) -> None:
@@ -297,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     print_wall_clock(phases, args)
+    if warnings := strength_warnings(phases, ROOT / PATHS["strength_dir"] / "strength.csv"):
+        print(f"   warning: measured by `make strength` ({PATHS['strength_dir']}/strength.md), the median site "
+              f"grad_ratio at these presets' own lambda leaves {BAND[0]:g}..{BAND[1]:g} (below: the penalty "
+              "barely acts; inf: the task's gradient is zero at most sites, so the penalty alone moves them; "
+              "see the README's \"Before you launch a full reproduction\"):\n     "
+              + "\n     ".join(warnings))
     if args.dry_run:
         return 0
     failures = execute(phases, args)

@@ -23,14 +23,13 @@ import argparse
 import json
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from experiments.common import BUILD, compose_preset, preset_task, suite_paths
-from per.analysis.strength import ablation_grids, markdown, summary
+from per.analysis.strength import FAMILIES, Family, ablation_grids, markdown, summary
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import write_fake_corpus
 from per.functional import LAYOUTS, REDUCTIONS
@@ -40,28 +39,6 @@ from per.training.records import CHECKPOINT
 from per.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    base: str                 # unregularized preset: model, protocol, batch, training steps
-    grids: dict[str, str]     # kind -> preset whose lam_grid is measured
-
-    @property
-    def task(self) -> str:
-        return preset_task(self.base)
-
-
-FAMILIES = [
-    Family("Fixup ResNet-56", "t1_cifar10_resnet56_vanilla",
-           {k: f"t1_cifar10_resnet56_{k}" for k in ("per", "l1", "l2")}),
-    Family("BN ResNet-56", "t1_cifar10_resnet56_bn", {"per": "t1_cifar10_resnet56_per"}),
-    *[Family(f"deep ELU net, {act}", f"t2_cifar10_{act}_vanilla", {"per": f"t2_cifar10_{act}_per"})
-      for act in ("relu", "leaky_relu", "elu")],
-    Family("LSTM", "t3_ptb_lstm_vanilla", {k: f"t3_ptb_lstm_{k}" for k in ("per", "l1", "l2")}),
-    Family("VD-LSTM", "t3_ptb_vd_lstm_vanilla", {k: f"t3_ptb_vd_lstm_{k}" for k in ("per", "l1", "l2")}),
-]
 
 
 def _data_root(task: str, root: Path, work: Path) -> tuple[Path, str]:
@@ -101,7 +78,7 @@ def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict
             task.hidden = hidden      # every pass starts from the same LM state
         return task.train_step(model, batch)[0]
 
-    conv = fam.task == "cifar"
+    conv = preset_task(fam.base) == "cifar"
     out = []
     for kind, preset in fam.grids.items():
         method = _config(preset, root, run_dir, 1, overrides)["method"]
@@ -126,8 +103,9 @@ def _rows(fam: Family, cfg: dict, build, when: str, data: str, model_state: dict
 def measure_family(fam: Family, steps: int, root: Path, work: Path,
                    overrides: list[str]) -> list[dict]:
     """Rows at initialization and after `steps` unregularized steps of `fam.base`."""
-    build = BUILD[fam.task]
-    data_root, data = _data_root(fam.task, root, work)
+    task = preset_task(fam.base)
+    build = BUILD[task]
+    data_root, data = _data_root(task, root, work)
     run_dir = work / "runs" / fam.base
     cfg = _config(fam.base, data_root, run_dir, steps, overrides)
     rows = _rows(fam, cfg, build, "init", data, None, overrides, data_root, run_dir)
@@ -163,7 +141,7 @@ def main() -> int:
     by_name = {f.name: f for f in FAMILIES}
     for fam in (by_name[name] for name in args.families):   # in the order given
         print(f"[strength] {fam.name} ({fam.base})", flush=True)
-        overrides = getattr(args, f"override_{fam.task}")
+        overrides = getattr(args, f"override_{preset_task(fam.base)}")
         rows = pd.DataFrame(measure_family(fam, args.steps, root, work.resolve(), overrides))
         df = pd.concat([df[df.family != fam.name], rows], ignore_index=True)
         write(df, out)       # after each family, so a killed job keeps what it measured

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import per
-from per.analysis.strength import round_1_3
+from per.analysis.strength import off_band, round_1_3
 from per.strength import measure_strength
 
 
@@ -99,3 +101,41 @@ def test_rejects_kinds_without_closed_form():
                                      (5.4e-7, 3e-7), (5.5e-7, 1e-6), (30.1, 30.0)])
 def test_round_1_3_is_nearest_on_a_log_scale(x, want):
     assert round_1_3(x) == want      # exact decimals: grids written to presets stay readable
+
+
+def _strength_rows(ratios: dict[tuple[str, str, float, str], float]) -> pd.DataFrame:
+    """strength.csv rows (channels, sum) of (family, kind, lam, when) -> median site ratio."""
+    return pd.DataFrame([{"family": fam, "kind": kind, "layout": "channels", "reduction": "sum", "lam": lam,
+                          "when": when, "ratio_median": r} for (fam, kind, lam, when), r in ratios.items()])
+
+
+def test_off_band_names_each_measurement_of_a_lambda_outside_the_band():
+    df = _strength_rows({("F", "per", 1e-4, "init"): math.inf, ("F", "per", 1e-4, "step 300"): 0.124,
+                         ("F", "per", 1e-5, "init"): 0.5, ("F", "per", 1e-5, "step 300"): 0.2,
+                         ("L", "per", 1e-4, "init"): 1.7e-4, ("L", "per", 1e-4, "step 300"): 3.6e-4})
+    assert off_band(df, "F", "per", "channels", "sum", 1e-4) == "inf at init, 0.124 after step 300"
+    assert off_band(df, "L", "per", "channels", "sum", 1e-4) == "0.00017 at init, 0.00036 after step 300"
+    assert off_band(df, "F", "per", "channels", "sum", 1e-5) is None          # inside at both
+    assert off_band(df, "F", "per", "flatten", "sum", 1e-4) is None           # not measured
+    assert off_band(df, "F", "l2", "channels", "sum", 1e-4) is None
+
+
+def test_the_plan_warns_where_a_presets_own_lambda_was_measured_outside_the_band(tmp_path):
+    """`reproduce.py` (DRY_RUN too) names each planned preset whose lambda `make strength`
+    measured outside the band on the same model; other models and unmeasured lambdas pass."""
+    import runpy
+
+    from experiments.common import compose_preset
+    from per import sweep
+    warnings = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts/reproduce.py"))["strength_warnings"]
+    csv = tmp_path / "strength.csv"
+    _strength_rows({("Fixup ResNet-56", "per", 1e-4, "init"): math.inf,
+                    ("deep ELU net, relu", "per", 1e-4, "init"): 1e-5}).to_csv(csv, index=False)
+
+    def planned(name, lams):
+        return (None, sweep.Phase(sweep.Preset(name, compose_preset(name)), (), lams, [0]))
+    phases = [planned("t1_cifar100_resnet56_per", [1e-4, 1e-5]), planned("t1_cifar10_resnet110_per", [1e-4]),
+              planned("t1_cifar10_resnet56_bn", [0.0]), planned("t2_cifar10_relu_per", [3e-5])]
+    assert warnings(phases, csv) == ["t1_cifar100_resnet56_per: λ=0.0001 on Fixup ResNet-56 (measured on "
+                                     "cifar10): inf at init"]
+    assert warnings(phases, tmp_path / "none.csv") == []

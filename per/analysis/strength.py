@@ -1,5 +1,6 @@
-"""Reports of `make strength` (scripts/strength.py): the Markdown table a reader needs and
-the ablation's lambda grids derived from the measured ratios.
+"""Reports of `make strength` (scripts/strength.py): the model families it measures, the
+Markdown table a reader needs, the ablation's lambda grids derived from the measured
+ratios, and where a preset's lambda leaves the band (`off_band`: the plan's warnings).
 
 Input: the DataFrame of `strength.csv`, one row per (family, kind, layout, reduction,
 lambda, when) with `ratio_median`, `ratio_min`, `ratio_max` (site grad_ratio) and
@@ -8,10 +9,30 @@ lambda, when) with `ratio_median`, `ratio_min`, `ratio_max` (site grad_ratio) an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 
 BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family `make strength` measures (scripts/strength.py)."""
+    name: str
+    base: str                 # unregularized preset: model, protocol, batch, training steps
+    grids: dict[str, str]     # kind -> preset whose lam_grid is measured (its lam: the middle)
+
+
+FAMILIES = [
+    Family("Fixup ResNet-56", "t1_cifar10_resnet56_vanilla",
+           {k: f"t1_cifar10_resnet56_{k}" for k in ("per", "l1", "l2")}),
+    Family("BN ResNet-56", "t1_cifar10_resnet56_bn", {"per": "t1_cifar10_resnet56_per"}),
+    *[Family(f"deep ELU net, {act}", f"t2_cifar10_{act}_vanilla", {"per": f"t2_cifar10_{act}_per"})
+      for act in ("relu", "leaky_relu", "elu")],
+    Family("LSTM", "t3_ptb_lstm_vanilla", {k: f"t3_ptb_lstm_{k}" for k in ("per", "l1", "l2")}),
+    Family("VD-LSTM", "t3_ptb_vd_lstm_vanilla", {k: f"t3_ptb_vd_lstm_{k}" for k in ("per", "l1", "l2")}),
+]
 
 
 def _fmt(x: float) -> str:
@@ -73,3 +94,16 @@ def summary(df: pd.DataFrame) -> str:
                      f"{_fmt(trained.ratio_max)}] | {_fmt(trained.param_share)} | "
                      f"{'yes' if ok else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def off_band(df: pd.DataFrame, family: str, kind: str, layout: str, reduction: str, lam: float) -> str | None:
+    """Where the measured median site grad_ratio of (`family`, `kind`, `layout`, `reduction`)
+    at `lam` leaves `BAND`, at initialization or after training, as one phrase (`inf`: the
+    task's gradient is zero at most sites there, so the penalty alone moves them); None
+    where it stays inside, or where `df` has no such row (`layout` "-" for the LSTMs)."""
+    rows = df[(df.family == family) & (df.kind == kind) & (df.layout == layout) & (df.reduction == reduction)
+              & df.lam.map(lambda v: math.isclose(v, lam, rel_tol=1e-9))]
+    if rows.empty or rows.ratio_median.between(*BAND).all():
+        return None
+    return ", ".join(f"{r.ratio_median:.3g} {'at init' if r.when == 'init' else 'after ' + r.when}"
+                     for r in rows.itertuples())
