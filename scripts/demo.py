@@ -45,14 +45,15 @@ NOISE = 150.0   # pixel noise of the generated images: hard enough to leave erro
 
 def run_cell(preset: str, runs: Path, data: Path, lam: float | None, seed: int, val_size: int,
              logger: str) -> dict:
-    overrides = [f"experiment={preset}", *SHRINK, f"data.root={data}", "data.verify_checksums=false",
-                 f"data.val_size={val_size}", f"seed={seed}", f"logger.mode={logger}",
+    name = "demo_" + preset.removeprefix("t1_").replace("resnet56", "resnet20")   # the folder: not a table run's
+    overrides = [f"experiment={preset}", *SHRINK, f"run_name={name}", f"data.root={data}",
+                 "data.verify_checksums=false", f"data.val_size={val_size}", f"seed={seed}", f"logger.mode={logger}",
                  f"method.lam_grid=[{DEMO_GRID[0]:g},{DEMO_GRID[1]:g}]"]
     if lam is not None:
         overrides.append(f"method.lam={lam:g}")
     cfg = compose_plain("train_cifar", [*overrides, f"paths.runs_dir={runs}"])
     summary = train(cfg, build_image_experiment)
-    print(f"  {preset:<30} lam={cfg['method']['lam']:<8g} seed={seed} val={val_size:<4} "
+    print(f"  {name:<30} lam={cfg['method']['lam']:<8g} seed={seed} val={val_size:<4} "
           f"{summary['status']:<9} test_error={summary['final'].get('test_error', float('nan')):.2f}",
           flush=True)
     return summary
