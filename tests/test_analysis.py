@@ -888,6 +888,9 @@ def test_a_diverged_copy_of_a_selection_run_counts_against_its_lambda(tmp_path):
     df, _ = collect.collect_runs(tmp_path)
     chosen = row(tables.select_lambda(df, "cifar"), method="per")
     assert chosen.lam == 1e-4 and chosen.n_scored == 2
+    # selection.csv says that the divergence counted against 3e-4 is a copy's.
+    scores = row(tables.selection_table(df), method="per", lam=3e-4)
+    assert (scores.n, scores.n_diverged, scores.n_diverged_copies) == (1, 1, 1)
 
 
 def test_a_run_without_a_preset_recorded_before_the_marker_gets_it(tmp_path):

@@ -104,8 +104,8 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     runs only in a cell without a finished complete one, as `cell_results` reports):
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged, and diverged
-    copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda),
-    `n_failed` (runs that crashed: out of memory, a missing file; no evidence about the
+    copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda;
+    `n_diverged_copies` of them copies), `n_failed` (runs that crashed: out of memory, a missing file; no evidence about the
     lambda, and the same command resumes them), `n_interrupted`
     (killed or still running: no evidence yet) and `n_partial` (finished or diverged
     runs shorter than the protocol)."""
@@ -118,8 +118,9 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
         partial_evidence=runs.partial & runs.status.isin((FINISHED, DIVERGED)))
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
             .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
-                 n_diverged=("diverged", "sum"), n_failed=("failed", "sum"),
-                 n_interrupted=("interrupted", "sum"), n_partial=("partial_evidence", "sum"))
+                 n_diverged=("diverged", "sum"), n_diverged_copies=("diverged_copies", "sum"),
+                 n_failed=("failed", "sum"), n_interrupted=("interrupted", "sum"),
+                 n_partial=("partial_evidence", "sum"))
             .reset_index())
 
 
