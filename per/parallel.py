@@ -183,8 +183,9 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
                 # runner exits 128+signal, but the run holds its result.
                 held = code != 0 and len(r.unit.done()) == r.unit.n_runs
                 if code == 0 or held:
-                    say(f"done {name} in {took}" + (f" (exit {code}: stopped as it finished; its result is kept)"
-                                                    if held else ""))
+                    signalled = code < 0 or code > 128    # killed by, or exited 128+, a signal
+                    say(f"done {name} in {took}" + (f" (exit {code}{': stopped as it finished' if signalled else ''}"
+                                                    "; its result is written, so it counts)" if held else ""))
                 else:
                     say(f"FAILED {name} after {took}: exit {code}" + (f"; see {r.output}" if r.output else ""))
                 sched.finished(r.unit, ok=code == 0 or held,

@@ -5,8 +5,8 @@ Always the 1-D loss figure; per cell, activation statistics and sliced W1 over t
 lambda sweeps and training curves at the chosen lambdas; the PER layout / slices
 ablation when such runs exist. What cannot be drawn is named and skipped. From a W&B
 project (`--wandb-project`), the sweeps and the ablation (the activation statistics and
-training curves read the run folders' files). Files an earlier call wrote that this one
-does not (a cell whose runs are gone) are removed; `written.txt` lists the call's files.
+training curves read the run folders' files). Files an earlier call on the same runs wrote
+that this one does not (a cell whose runs are gone) are removed; `written.txt` lists them.
 
     python scripts/figures.py --runs results/runs --out results/figures
     python scripts/figures.py --wandb-project per-repro --wandb-entity me
@@ -74,21 +74,26 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-WRITTEN = "written.txt"   # in the figures folder: the files the last call wrote, one name a line
+WRITTEN = "written.txt"   # in the figures folder: the source of the last call, then the files it wrote
 
 
-def remove_stale(out: Path, paths: list[Path]) -> list[str]:
+def remove_stale(out: Path, paths: list[Path], source: str, drew_runs: bool) -> list[str]:
     """Remove the files the previous call listed in `out/WRITTEN` that this call did not
-    write (a cell whose runs are gone, a sweep figure under another name), then list this
-    call's `paths` there. Files this script never wrote stay. Returns the removed names."""
+    write (a cell whose runs are gone), where both calls drew runs of the same `source`
+    (so a mistyped `--runs`, or a W&B project, which draws fewer kinds, removes nothing);
+    then list this call's files there (and, where nothing was removed, the earlier ones
+    that are still there). Files this script never wrote stay. Returns the removed names."""
     listing = out / WRITTEN
-    earlier = listing.read_text().split("\n") if listing.is_file() else []
-    now = sorted(p.name for p in paths)
-    stale = [name for name in earlier if name and name not in now and "/" not in name]
+    lines = listing.read_text().splitlines() if listing.is_file() else []
+    earlier_source = lines[0].removeprefix("source: ") if lines[:1] and lines[0].startswith("source: ") else None
+    earlier = {name for name in lines[1:] if name and "/" not in name}
+    now = {p.name for p in paths}
+    stale = sorted(earlier - now) if drew_runs and earlier_source == source else []
     for name in stale:
         (out / name).unlink(missing_ok=True)
+    kept = {name for name in earlier - now if (out / name).is_file()}
     out.mkdir(parents=True, exist_ok=True)
-    listing.write_text("".join(f"{name}\n" for name in now))
+    listing.write_text(f"source: {source}\n" + "".join(f"{name}\n" for name in sorted(now | kept)))
     return stale
 
 
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             print("[figures] skipped the PER ablation: no cifar10 resnet56 PER runs "
                   "that vary the layout or the number of slices")
         paths += ablation
-    if stale := remove_stale(out, paths):
+    origin = str(source) if args.wandb_project else str(Path(args.runs).resolve())
+    if stale := remove_stale(out, paths, origin, not df.empty):
         print(f"[figures] removed {len(stale)} files an earlier call wrote and this one did not: "
               + ", ".join(stale))
     print(f"wrote {len(paths)} files to {out} (listed in {WRITTEN})")

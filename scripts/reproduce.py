@@ -65,7 +65,9 @@ def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
     exits naming it."""
     try:
         cfg = compose_preset(name, overrides)
-        validate(cfg, compose_preset(name, _group_choices(overrides)))
+        groups = _group_choices(overrides)
+        adds = any(o.startswith("+") and o not in groups for o in overrides)   # only `+` adds keys
+        validate(cfg, (compose_preset(name, groups) if groups else _alone(name)) if adds else None)
         return sweep.Preset(name, cfg, alone=functools.partial(_alone, name))
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None

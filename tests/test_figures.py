@@ -259,7 +259,7 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
              f"curves_selection_{cell}"]
     expected = {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
     assert {p.name for p in out_dir.iterdir()} == expected | {"written.txt"}
-    assert set((out_dir / "written.txt").read_text().split()) == expected
+    assert (out_dir / "written.txt").read_text().splitlines() == [f"source: {runs}", *sorted(expected)]
     out, err = capsys.readouterr()
     assert "skipped the PER ablation" in out and "broken: skipped" in err
     # Without the activation records, a second call removes the figures it no longer
@@ -271,6 +271,17 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     gone = {f"{kind}_{cell}.{ext}" for kind in ("activations", "sw1") for ext in ("png", "pdf")}
     assert {p.name for p in out_dir.iterdir()} == (expected - gone) | {"written.txt", "mine.png"}
     assert "[figures] removed 4 files an earlier call wrote and this one did not: " in capsys.readouterr().out
+    # A mistyped --runs (no runs: only the 1-D loss figure), and a W&B project (fewer kinds
+    # of figures) into the same folder remove nothing.
+    kept = {p.name for p in out_dir.iterdir()}
+    assert main(["--runs", str(tmp_path / "runz"), "--out", str(out_dir)]) == 0
+    assert {p.name for p in out_dir.iterdir()} == kept and "removed" not in capsys.readouterr().out
+    # ... and a later call on the runs again still removes what it no longer draws.
+    (out_dir / "sweep_x.png").write_bytes(b"")
+    listed = (out_dir / "written.txt").read_text()
+    (out_dir / "written.txt").write_text(f"source: {runs}\n" + listed.split("\n", 1)[1] + "sweep_x.png\n")
+    assert main(["--runs", str(runs), "--out", str(out_dir)]) == 0
+    assert not (out_dir / "sweep_x.png").exists() and (out_dir / "mine.png").exists()
     # From a W&B project (the same table, run_dir "wandb:..."): the sweep, no file-based figures.
     from per.analysis import collect, wandb_source
     df, _ = collect.collect_runs(runs)
@@ -279,8 +290,10 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
                         asked.append((project, entity, protocols is not None))
                         or (df.assign(run_dir="wandb:ent/proj/" + df.index.astype(str)), []))
     main = runpy.run_path(str(script))["main"]
+    assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(out_dir)]) == 0
+    assert (out_dir / f"curves_{cell}.png").exists()               # drawn from the run folders: kept
     assert main(["--wandb-project", "proj", "--wandb-entity", "ent", "--out", str(tmp_path / "wb")]) == 0
-    assert asked == [("proj", "ent", True)]
+    assert asked == [("proj", "ent", True)] * 2
     stems = ["losses_1d", f"sweep_{cell}"]
     assert {p.name for p in (tmp_path / "wb").iterdir()} == {f"{s}.{e}" for s in stems for e in ("png", "pdf")} | {
         "written.txt"}

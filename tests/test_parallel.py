@@ -220,10 +220,12 @@ def test_a_unit_stopped_from_elsewhere_as_it_finished_keeps_its_result(tmp_path)
     """The runner exits 143 after a SIGTERM that came during its last steps (a scheduler,
     a kill), with its result written: done, and its cell's final runs go ahead."""
     chains = [_cell(tmp_path, "a", [1.0, 2.0], [0], 1.0, 1.0)]
-    sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0"], codes={"a:1:0": 143, "a:2:0": 143},
-                                             wait=0.05, results=("a:1:0",))
+    chains.append((None, _phase(tmp_path, "b", [0.0], [0])))
+    sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0"], wait=0.05, results=("a:1:0", "b:0:0"),
+                                             codes={"a:1:0": 143, "a:2:0": 143, "b:0:0": 1})
     assert stop == 0 and sched.failures == ["a:2:0 exited with 143"]       # a:2:0 holds no result
-    assert "done a:1:0 in 0m00s (exit 143: stopped as it finished; its result is kept)" in lines
+    assert "done a:1:0 in 0m00s (exit 143: stopped as it finished; its result is written, so it counts)" in lines
+    assert "done b:0:0 in 0m00s (exit 1; its result is written, so it counts)" in lines
     assert any(line.startswith("FAILED a:2:0") for line in lines)
 
 

@@ -219,6 +219,8 @@ def test_demo_runs_end_to_end(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "not a reproduction" in out.stdout
+    assert {p.name for p in (tmp_path / "runs/cifar").iterdir()} == {       # not the ResNet-56 presets' names
+        f"demo_cifar10_resnet20_{m}" for m in ("vanilla", "bn", "l2", "per", "l2-val192", "per-val192")}
     table = (tmp_path / "tables/T1.md").read_text()
     for method in ("vanilla", "bn", "l2", "per"):
         assert f"| {method} |" in table

@@ -113,7 +113,7 @@ def test_off_band_names_each_measurement_of_a_lambda_outside_the_band():
     df = _strength_rows({("F", "per", 1e-4, "init"): math.inf, ("F", "per", 1e-4, "step 300"): 0.124,
                          ("F", "per", 1e-5, "init"): 0.5, ("F", "per", 1e-5, "step 300"): 0.2,
                          ("L", "per", 1e-4, "init"): 1.7e-4, ("L", "per", 1e-4, "step 300"): 3.6e-4})
-    assert off_band(df, "F", "per", "channels", "sum", 1e-4) == "inf at init, 0.124 after step 300"
+    assert off_band(df, "F", "per", "channels", "sum", 1e-4) == "inf at init (inside: 0.124 after step 300)"
     assert off_band(df, "L", "per", "channels", "sum", 1e-4) == "0.00017 at init, 0.00036 after step 300"
     assert off_band(df, "F", "per", "channels", "sum", 1e-5) is None          # inside at both
     assert off_band(df, "F", "per", "flatten", "sum", 1e-4) is None           # not measured

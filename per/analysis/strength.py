@@ -98,12 +98,17 @@ def summary(df: pd.DataFrame) -> str:
 
 def off_band(df: pd.DataFrame, family: str, kind: str, layout: str, reduction: str, lam: float) -> str | None:
     """Where the measured median site grad_ratio of (`family`, `kind`, `layout`, `reduction`)
-    at `lam` leaves `BAND`, at initialization or after training, as one phrase (`inf`: the
-    task's gradient is zero at most sites there, so the penalty alone moves them); None
-    where it stays inside, or where `df` has no such row (`layout` "-" for the LSTMs)."""
+    at `lam` leaves `BAND`, at initialization or after training, as one phrase, with the
+    measurements inside the band in parentheses (`inf`: the task's gradient is zero at most
+    sites there, so the penalty alone moves them); None where every one stays inside, or
+    where `df` has no such row (`layout` "-" for the LSTMs)."""
     rows = df[(df.family == family) & (df.kind == kind) & (df.layout == layout) & (df.reduction == reduction)
               & df.lam.map(lambda v: math.isclose(v, lam, rel_tol=1e-9))]
-    if rows.empty or rows.ratio_median.between(*BAND).all():
+    inside = rows.ratio_median.between(*BAND)
+    if rows.empty or inside.all():
         return None
-    return ", ".join(f"{r.ratio_median:.3g} {'at init' if r.when == 'init' else 'after ' + r.when}"
-                     for r in rows.itertuples())
+
+    def measured(r) -> str:
+        return f"{r.ratio_median:.3g} {'at init' if r.when == 'init' else 'after ' + r.when}"
+    out = ", ".join(map(measured, rows[~inside].itertuples()))
+    return out + (f" (inside: {', '.join(map(measured, rows[inside].itertuples()))})" if inside.any() else "")

@@ -213,9 +213,11 @@ def _schedule_problems(cfg: dict) -> list[str]:
 
 
 # Added keys that are read: a schedule's arguments (checked by the schedule itself,
-# `_schedule_problems`), the method options a method's config leaves out (`REMOVED`), and
-# what the entry point adds (`run_dir`).
-_ADDABLE = ("optim.schedule_args", *REMOVED, "run_dir")
+# `_schedule_problems`), `method.layout` where a method's config has none (the activation
+# monitor reads it: `per.training.run.create_monitor`), the PER options other methods'
+# configs leave out (`REMOVED`: accepted, so that one `OVERRIDES=++method.num_slices=64`
+# serves every preset of a plan), and what the entry point adds (`run_dir`).
+_ADDABLE = ("optim.schedule_args", "method.layout", *REMOVED, "run_dir")
 
 
 def _added_keys(cfg: dict, defaults: dict) -> list[str]:
