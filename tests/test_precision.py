@@ -119,6 +119,28 @@ def test_cuda_graph_run_follows_eager_run_on_cuda(data_root, tmp_path, task):
     _assert_same_diagnostics(tmp_path / "eager", tmp_path / "graphed")
 
 
+RBN_LM = ["model=lstm", "method=rbn", "model.hidden_size=16", "data.bptt=10", "data.batch_size=8",
+          "data.eval_batch_size=4", "data.verify_checksums=false", "optim.lr=5"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_recurrent_bn_lm_follows_eager_run_through_its_evaluations(data_root, tmp_path):
+    """The recurrent-BN LM compiles whole (no nn.LSTM), so under CUDA graphs its evaluation
+    feeds each window the state the graph returned: a copy of it (pytorch/pytorch#175557)."""
+    def run(name, *overrides):
+        cfg = compose_config("train_lm", [*CPU_SMOKE, f"data.root={data_root}", "trainer.epochs=2",
+                                          "trainer.device=cuda", *RBN_LM, *overrides], tmp_path / name)
+        assert train(cfg, build_lm_experiment)["status"] == schema.FINISHED
+        return [{k: row[k] for k in (schema.TRAIN_LOSS, "val_ppl", "test_ppl")} for row in metrics(tmp_path / name)]
+    with restored_backend_flags():
+        eager = run("eager")
+    torch._dynamo.reset()
+    with restored_backend_flags():
+        graphed = run("graphed", "trainer.compile=reduce-overhead")
+    assert [pytest.approx(row, rel=CUDA_COMPILE_RTOL) for row in eager] == graphed
+
+
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", True)])
 def test_precision_sets_tf32_as_named(precision, tf32):
     """fp32 turns TF32 off on a GPU for matmuls and cuDNN, as the references ran (PER's fused

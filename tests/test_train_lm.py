@@ -206,3 +206,24 @@ def test_the_carried_hidden_state_is_a_copy_of_the_models_output():
         assert all(not c.requires_grad for c in carried)
         assert all(c.untyped_storage().data_ptr() != o.untyped_storage().data_ptr() for c, o in zip(carried, out))
         assert all(torch.equal(c, o.detach()) for c, o in zip(carried, out))
+
+
+def test_evaluation_feeds_each_window_a_copy_of_the_models_output():
+    """As in training: under CUDA graphs a recurrent-BN model compiles whole, and feeding its
+    output state straight back in fails at the next window (pytorch/pytorch#175557)."""
+    from per.models.lstm import LSTMLanguageModel
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(vocab_size=20, hidden_size=8, num_layers=2, dropout=0.0)
+    calls = []                            # (hidden given, hidden returned) per window
+    forward = model.forward
+    model.forward = lambda x, hidden: calls.append((hidden, out := forward(x, hidden))) or out
+    tokens = torch.randint(20, (31, 3))
+    task = LMTask(model, tokens, {"val": torch.randint(20, (26, 2))}, bptt=5, autocast=contextlib.nullcontext)
+    plain = task.evaluate(model)
+    assert len(calls) == 5
+    for (_, (_, returned)), (given, _) in zip(calls, calls[1:]):
+        pairs = [(g, r) for gp, rp in zip(given, returned) for g, r in zip(gp, rp)]
+        assert all(g.untyped_storage().data_ptr() != r.untyped_storage().data_ptr() and torch.equal(g, r)
+                   for g, r in pairs)
+    model.forward = forward
+    assert task.evaluate(model) == plain

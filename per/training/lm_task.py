@@ -100,6 +100,7 @@ class LMTask:
                     x, y = get_batch(data, i, self.bptt)
                     with self.autocast():
                         logits, hidden = model(x, hidden)
+                    hidden = detach_hidden(hidden, copy=True)     # as in train_step: CUDA graphs
                     total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                              y.reshape(-1), reduction="sum")
                     tokens += y.numel()
