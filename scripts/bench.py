@@ -199,16 +199,20 @@ def report_compiled(report: Reporter, bench: str, mode: str, steps: dict[str, Tr
     each (candidate, baseline, label) ratio of step times synchronized at every step, then
     again from `pipelined_times` (no synchronization between steps, as the training loop
     runs them): the host's per-step work only counts there where the device waits for it."""
-    torch._dynamo.utils.counters.clear()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     times = interleaved_times(steps, size["repeats"], size["warmup"] + 2)
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    # Graph breaks, and frames Dynamo gave up on whole (run eagerly: e.g. the LSTM model's
+    # forward, which calls nn.LSTM in a loop); both summed over the section's models.
+    compiled = dict(graph_breaks=sum(counters["graph_break"].values()),
+                    frames_eager=counters["frames"]["total"] - counters["frames"]["ok"])
     for candidate, baseline, label in pairs:
         report(**ratio_result(f"{bench}/{label}", f"{candidate} ({mode})", baseline, times[candidate],
-                              times[baseline]), graph_breaks=breaks)
+                              times[baseline]), **compiled)
     piped = pipelined_times(steps, size["repeats"], 1, PIPELINED_ROUNDS)   # the warm-up starts the epoch
     for candidate, baseline, label in pairs:
         report(**ratio_result(f"{bench}/{label}/pipelined", f"{candidate} ({mode})", baseline,
-                              piped[candidate], piped[baseline]), graph_breaks=breaks)
+                              piped[candidate], piped[baseline]), **compiled)
 
 
 def bench_compiled_lm(report: Reporter, size: dict, args) -> None:

@@ -138,6 +138,20 @@ def test_a_bad_trainer_compile_names_the_choices():
     assert runtime.compile_model(model, False) is model
 
 
+def test_compiling_a_model_that_calls_nn_lstm_says_its_forward_runs_eagerly(caplog):
+    from per.models.lstm import LSTMLanguageModel
+    model = LSTMLanguageModel(vocab_size=10, hidden_size=4, num_layers=2, dropout=0.0)
+    with caplog.at_level("WARNING", logger="per.training.runtime"):
+        runtime.compile_model(model, True)
+    assert "torch.compile does not trace LSTM" in caplog.text
+    assert "LSTMLanguageModel's forward runs eagerly" in caplog.text
+    caplog.clear()
+    rbn = LSTMLanguageModel(vocab_size=10, hidden_size=4, num_layers=2, dropout=0.0, rbn=True)
+    with caplog.at_level("WARNING", logger="per.training.runtime"):
+        runtime.compile_model(rbn, True)
+    assert caplog.text == ""
+
+
 def test_differences_ignore_volatile_keys_and_new_keys_at_their_default():
     stored = {"seed": 0, "method": {"lam": 1e-4, "lam_grid": [1e-4]}, "trainer": {"device": "cpu"},
               "data": {"root": "a"}}

@@ -45,6 +45,10 @@ def test_bench_tiny_reports_every_ratio_as_json_lines(tmp_path):
     for r in rows:
         assert r["ratio"] > 0 and r["size"] == "tiny" and r["device"]
     assert {r["graph_breaks"] for r in rows if r["bench"].startswith("compiled/")} == {0}   # PER traced whole
+    # ... but Dynamo skips the plain LSTM model's forward whole (nn.LSTM): counted apart.
+    assert {r["frames_eager"] for r in rows if r["bench"].startswith("compiled/")
+            and not r["bench"].startswith("compiled/lstm")} == {0}
+    assert all(r["frames_eager"] > 0 for r in rows if r["bench"].startswith("compiled/lstm"))
     compiled = [r["bench"] for r in rows if r["bench"].startswith("compiled/")]
     assert {b for b in compiled if b.endswith("/pipelined")} == {b + "/pipelined" for b in compiled
                                                                  if not b.endswith("/pipelined")}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import random
@@ -16,6 +17,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")   # trainer.precision; see configure_backends
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")   # trainer.compile, besides false/true
 
+log = logging.getLogger(__name__)
+
 
 def compile_model(model: torch.nn.Module, setting: bool | str) -> torch.nn.Module:
     """`trainer.compile`: false -> `model` itself; true or "default" -> `torch.compile(model)`;
@@ -27,6 +30,10 @@ def compile_model(model: torch.nn.Module, setting: bool | str) -> torch.nn.Modul
         return model
     if setting is not True and setting not in COMPILE_MODES:
         raise ValueError(f"unknown trainer.compile {setting!r}; valid: false, true, {', '.join(COMPILE_MODES)}")
+    if rnns := sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.RNNBase)}):
+        log.warning("trainer.compile: torch.compile does not trace %s (Dynamo skips the frame that calls "
+                    "it), so %s's forward runs eagerly; the recurrent-BN LSTM (model.rbn) compiles whole",
+                    "/".join(rnns), type(model).__name__)
     return torch.compile(model, mode=None if setting in (True, "default") else setting)
 
 
