@@ -20,7 +20,9 @@
 # t1_cifar10_resnet56_per), PROFILE_S (120), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
 # BENCH_ONLY (sections, or ';'-separated groups `sections@seconds`, each its own process and
 # limit: "epoch@220;compiled_lm,per_grad@200"), BENCH_ARGS, STEP_ARGS, and the time limits TEST_S,
-# BENCH_S, STEP_S in seconds (100, 330, 160: 590 s in all, plus up to 15 s each to stop).
+# BENCH_S, STEP_S in seconds (100, 330, 160), and TOTAL_S (570), the budget of the whole
+# call: each part's limit is cut to what is left of it, less 15 s to stop, and a part with
+# under 20 s left is skipped (named), so a call ends before the device's 10-minute cap.
 # On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s;
 # the bench's step, per_grad and lm sections about 55 s; its compiled section over 120 s
 # (ResNet-56 done, ResNet-110 still compiling at the cut) and the loader about 40 s; the
@@ -52,9 +54,27 @@ for part in ${PARTS//,/ }; do
     [[ $part == tests || $part == bench || $part == steps || $part == profile ]] || {
         echo "[gpu-check] unknown part '$part' in PARTS; valid: tests, bench, steps, profile" >&2; exit 2; }
 done
+for name in TEST_S BENCH_S STEP_S PROFILE_S TOTAL_S; do
+    [[ ${!name:-0} =~ ^[0-9]+$ ]] || { echo "[gpu-check] $name=${!name}: expected whole seconds" >&2; exit 2; }
+done
 status=0
+# The limit of the next part: the smaller of its own ($1 s) and what is left of TOTAL_S less
+# 15 s to stop; 0 (skip it) where under 20 s would be left.
+limit() {
+    local left=$(( ${TOTAL_S:-570} - SECONDS - 15 ))
+    (( left < 20 )) && { echo 0; return; }
+    echo $(( $1 < left ? $1 : left ))
+}
+# Run "$@" under `timeout` with limit $1 (seconds), or say it is skipped.
+within() {
+    local s; s=$(limit "$1"); shift
+    if (( s == 0 )); then
+        echo "[gpu-check] skipped (TOTAL_S=${TOTAL_S:-570} spent): $*" >&2; return 1
+    fi
+    timeout -k 15 "$s" "$@"
+}
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
-[[ $PARTS == *,tests,* ]] && { timeout -k 15 "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
+[[ $PARTS == *,tests,* ]] && { within "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
     tests/test_triton.py tests/test_precision.py tests/test_optim.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
 if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
@@ -65,23 +85,23 @@ if [[ $PARTS == *,bench,* ]]; then
         group=${group//[[:space:]]/}
         [[ -z $group ]] && continue
         sections=${group%@*}
-        limit=$([[ $group == *@* ]] && echo "${group##*@}" || echo "${BENCH_S:-330}")
-        [[ -n $sections && $limit =~ ^[0-9]+[smh]?$ ]] || {
+        seconds=$([[ $group == *@* ]] && echo "${group##*@}" || echo "${BENCH_S:-330}")
+        [[ -n $sections && $seconds =~ ^[0-9]+$ ]] || {
             echo "[gpu-check] bad BENCH_ONLY group '$group': expected sections[@seconds]" >&2; exit 2; }
-        runs+=("$sections@$limit")
+        runs+=("$sections@$seconds")
     done
     : > "$OUT/bench.log"
     for run in "${runs[@]}"; do
-        timeout -k 15 "${run##*@}" "$PY" scripts/bench.py --only "${run%@*}" --out "$OUT/bench.jsonl" \
+        within "${run##*@}" "$PY" scripts/bench.py --only "${run%@*}" --out "$OUT/bench.jsonl" \
             ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || status=1
     done
 fi
-[[ $PARTS == *,steps,* ]] && { timeout -k 15 "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
+[[ $PARTS == *,steps,* ]] && { within "${STEP_S:-160}" "$PY" scripts/step_times.py --out "${STEP_OUT:-$OUT/step_times.json}" \
     ${concurrency[@]+"${concurrency[@]}"} ${STEP_ARGS:-} 2>&1 | tee "$OUT/step_times.log" || status=1; }  # rows written as measured
 if [[ $PARTS == *,profile,* ]]; then
     for entry in ${PROFILE_PRESETS:-t2_cifar10_elu_per t1_cifar10_resnet56_per}; do
         IFS=: read -r -a preset <<< "$entry"    # preset[:override[:override...]]; no ":" inside one
-        timeout -k 15 "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
+        within "${PROFILE_S:-120}" "$PY" scripts/profile_step.py "${preset[@]}" --out "$OUT/profile.jsonl" \
             ${PROFILE_ARGS:-} || status=1
     done
 fi
