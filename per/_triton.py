@@ -8,6 +8,7 @@ CPU tensors, which is how the tests check it without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -87,11 +88,12 @@ def per_grad_fused(x: torch.Tensor, theta: torch.Tensor, scale: float,
     block_n = max(16, min(64, TILE_ELEMENTS // block_d))
     precision = precision or default_precision(has_tf32_tensor_cores(x.device),
                                                torch.backends.cuda.matmul.allow_tf32)
-    _per_grad_kernel[(triton.cdiv(n, block_n),)](
-        x, theta, out, n, d, s, x.stride(0), x.stride(1), theta.stride(0), theta.stride(1),
-        out.stride(0), out.stride(1), scale, 1 / math.sqrt(2.0),
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
-        PRECISION=precision)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():   # launch on x's GPU
+        _per_grad_kernel[(triton.cdiv(n, block_n),)](
+            x, theta, out, n, d, s, x.stride(0), x.stride(1), theta.stride(0), theta.stride(1),
+            out.stride(0), out.stride(1), scale, 1 / math.sqrt(2.0),
+            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
+            PRECISION=precision)
     return out
 
 

@@ -16,6 +16,7 @@ the autograd path (`per_loss`) agree to bf16/fp16 tolerance, not to float32's.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any
@@ -325,9 +326,13 @@ FUSED_MAX_DIM = 128
 
 def _use_fused_kernel(x: torch.Tensor) -> bool:
     """The Triton kernel serves CUDA tensors of `d <= FUSED_MAX_DIM` in float32/bf16/fp16,
-    unless the environment sets `PER_TRITON=0`."""
+    unless the environment sets `PER_TRITON=0` or Triton is not installed (a CUDA build
+    without it, e.g. on Windows: the plain path then)."""
     return (x.is_cuda and x.dtype != torch.float64 and x.shape[1] <= FUSED_MAX_DIM
-            and os.environ.get("PER_TRITON", "1") != "0")
+            and os.environ.get("PER_TRITON", "1") != "0" and HAS_TRITON)
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None   # a constant: compiled code reads it freely
 
 
 def _per_grad_blocked(x: torch.Tensor, theta: torch.Tensor, scale: float,

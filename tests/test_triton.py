@@ -160,6 +160,28 @@ def test_cpu_tensors_use_the_plain_path():
     assert not per.functional._use_fused_kernel(torch.zeros(4, 3))
 
 
+def test_a_cuda_build_without_triton_takes_the_plain_path(monkeypatch):
+    from types import SimpleNamespace
+    site = SimpleNamespace(is_cuda=True, dtype=torch.float32, shape=(4, 16))    # a CUDA tensor's answers
+    monkeypatch.setattr(per.functional, "HAS_TRITON", True)
+    assert per.functional._use_fused_kernel(site)
+    monkeypatch.setattr(per.functional, "HAS_TRITON", False)
+    assert not per.functional._use_fused_kernel(site)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_draw_fresh_directions():
+    """Under trainer.compile=reduce-overhead PER's directions come from Inductor's generator
+    inside the captured graph: each replay must draw new ones."""
+    torch._dynamo.reset()
+    draw = torch.compile(lambda x: per.sample_directions(16, 8, device=x.device) + x, mode="reduce-overhead")
+    zeros = torch.zeros(16, 8, device="cuda")
+    draws = [draw(zeros).clone() for _ in range(5)]       # warm-up, recording, then replays
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    assert all(torch.allclose(d.norm(dim=0), torch.ones(8, device="cuda")) for d in draws)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
