@@ -141,6 +141,31 @@ def test_cuda_graph_recurrent_bn_lm_follows_eager_run_through_its_evaluations(da
     assert [pytest.approx(row, rel=CUDA_COMPILE_RTOL) for row in eager] == graphed
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["vcl", "per_autograd"])
+def test_cuda_graph_run_with_autograd_sites_follows_eager_run(data_root, tmp_path, method):
+    """VCL, and PER on the autograd path, differentiate through the sites inside the
+    forward (`torch.autograd.grad` on tracked steps, statistics written in the backward):
+    under CUDA graphs too, on tracked (`log_every`) and untracked steps alike."""
+    import torch._inductor.config
+    chosen = (["method=vcl"] if method == "vcl" else
+              ["method=per", "method.num_slices=16", "method.path=autograd", "method.lam=1e-4"])
+    def losses(name, *more):
+        cfg = compose_config("train_cifar", [
+            *CPU_SMOKE, f"data.root={data_root}", "trainer.epochs=3", "model=elu_cnn11", "data.batch_size=32",
+            "data.eval_batch_size=64", "data.probe_size=16", "data.verify_checksums=false", "trainer.device=cuda",
+            "trainer.log_every=2", *chosen, *more], tmp_path / name)
+        assert train(cfg, build_image_experiment)["status"] == schema.FINISHED
+        return [row[schema.TRAIN_LOSS] for row in metrics(tmp_path / name)]
+    with restored_backend_flags():
+        eager = losses("eager")
+    torch._dynamo.reset()
+    with restored_backend_flags(), torch._inductor.config.patch(fallback_random=True):
+        graphed = losses("graphed", "trainer.compile=reduce-overhead")
+    assert graphed == pytest.approx(eager, rel=CUDA_COMPILE_RTOL)
+
+
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", True)])
 def test_precision_sets_tf32_as_named(precision, tf32):
     """fp32 turns TF32 off on a GPU for matmuls and cuDNN, as the references ran (PER's fused
