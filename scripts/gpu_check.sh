@@ -20,7 +20,7 @@
 # t1_cifar10_resnet56_per), PROFILE_S (120), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
 # BENCH_ONLY (sections, or ';'-separated groups `sections@seconds`, each its own process and
 # limit: "epoch@220;compiled_lm,per_grad@200"), BENCH_ARGS, STEP_ARGS, and the time limits TEST_S,
-# BENCH_S, STEP_S in seconds (100, 330, 160), and TOTAL_S (570), the budget of the whole
+# BENCH_S, STEP_S in seconds (160, 330, 160), and TOTAL_S (570), the budget of the whole
 # call: each part's limit is cut to what is left of it, less 15 s to stop, and a part with
 # under 20 s left is skipped (named), so a call ends before the device's 10-minute cap.
 # On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s;
@@ -74,7 +74,7 @@ within() {
     timeout -k 15 "$s" "$@"
 }
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
-[[ $PARTS == *,tests,* ]] && { within "${TEST_S:-100}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
+[[ $PARTS == *,tests,* ]] && { within "${TEST_S:-160}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
     tests/test_triton.py tests/test_precision.py tests/test_optim.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
 if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
