@@ -193,6 +193,18 @@ def test_protocol_changes_name_command_line_values_that_change_the_protocol():
     assert checks.protocol_changes(defaults, no_preset) == ["(no preset)", "optim.epochs=30", "trainer.precision=bf16"]
 
 
+@pytest.mark.parametrize("preset, change", [
+    ("t1_cifar10_resnet56_per", []),                            # the same images, in other batches
+    ("t3_ptb_lstm_per", ["data.eval_batch_size=20"]),          # other tokens scored, other context
+])
+def test_an_evaluation_batch_is_a_protocol_change_for_the_language_models_only(preset, change):
+    config = "train_lm" if preset.startswith("t3_") else "train_cifar"
+    alone = compose_config(config, [f"experiment={preset}"], "unused")
+    other = compose_config(config, [f"experiment={preset}", "data.eval_batch_size=20"], "unused")
+    assert checks.protocol_changes(alone, other) == change
+    assert ("data.eval_batch_size" in checks.protocol_of(alone)) == bool(change)
+
+
 def test_online_logging_without_credentials_is_refused_before_anything_is_built(tmp_path, monkeypatch):
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -46,6 +46,14 @@ NOT_PROTOCOL = ("seed", "method.lam", "data.val_size", *(f"method.{o}" for o in 
                 "trainer.epochs", "trainer.max_steps", "trainer.log_every", "trainer.monitor",
                 "method.path", "method.sampling", "data.eval_batch_size", "trainer.compile",
                 "trainer.channels_last")
+# `NOT_PROTOCOL` keys that are a task's protocol all the same: an LM's evaluation batch
+# decides which tokens are scored (`per.data.corpus.batchify` drops the `len % B` tail)
+# and with what context (each of the B columns starts from a zero state).
+PROTOCOL_OF_TASK = {"lm": ("data.eval_batch_size",)}
+
+
+def _not_protocol(key: str, task: Any) -> bool:
+    return _under(key, NOT_PROTOCOL) and not _under(key, PROTOCOL_OF_TASK.get(task, ()))
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -216,8 +224,10 @@ def _schedule_problems(cfg: dict) -> list[str]:
 # `_schedule_problems`), `method.layout` where a method's config has none (the activation
 # monitor reads it: `per.training.run.create_monitor`), the PER options other methods'
 # configs leave out (`REMOVED`: accepted, so that one `OVERRIDES=++method.num_slices=64`
-# serves every preset of a plan), and what the entry point adds (`run_dir`).
-_ADDABLE = ("optim.schedule_args", "method.layout", *REMOVED, "run_dir")
+# serves every preset of a plan), the grids the tables and sweeps read where no preset
+# gives them (`method.lam_grid`, `method.slices_grid`), and what the entry point adds
+# (`run_dir`).
+_ADDABLE = ("optim.schedule_args", "method.layout", *REMOVED, "method.lam_grid", "method.slices_grid", "run_dir")
 
 
 def _added_keys(cfg: dict, defaults: dict) -> list[str]:
@@ -326,14 +336,15 @@ NO_PRESET = "(no preset)"
 def protocol_changes(defaults: dict, cfg: dict) -> list[str]:
     """How a run departs from the protocol its groups (its preset) give: `key=value` for
     each key that decides the result and was set on the command line (e.g.
-    `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys, plus
+    `optim.epochs=30`, `trainer.precision=bf16`), other than `NOT_PROTOCOL` keys (less
+    `PROTOCOL_OF_TASK`'s: an LM's `data.eval_batch_size=20`), plus
     `trainer.epochs` where it runs past an epoch protocol's `optim.epochs` (a shorter run
     is partial: `per.analysis.collect.is_partial`; a step protocol caps the steps). Tables
     keep such runs in rows of their own and do not compare them with the paper. A run
     without a preset (no `preset` key) also lists `NO_PRESET`."""
     a, b = _flatten(defaults), _flatten(cfg)
-    changes = {f"{key}={b[key]}" for key in b
-               if _decides_result(key) and not _under(key, NOT_PROTOCOL) and key in a and a[key] != b[key]}
+    changes = {f"{key}={b[key]}" for key in b if _decides_result(key) and not _not_protocol(key, b.get("task"))
+               and key in a and a[key] != b[key]}
     if longer := longer_than_protocol(cfg):
         changes.add(longer)
     if not cfg.get("preset"):
@@ -352,8 +363,10 @@ def longer_than_protocol(cfg: dict) -> str | None:
 def protocol_of(config: dict) -> dict[str, Any]:
     """What a preset's protocol fixes, `{dotted key: value}`: `config` (what the preset
     composes to alone; or such a mapping, nested or dotted) on the keys that decide a
-    result, `NOT_PROTOCOL` keys aside. A run records it as `protocol`."""
-    return {k: v for k, v in _flatten(config).items() if _decides_result(k) and not _under(k, NOT_PROTOCOL)}
+    result, `NOT_PROTOCOL` keys aside (less `PROTOCOL_OF_TASK`'s). A run records it as
+    `protocol`."""
+    flat = _flatten(config)
+    return {k: v for k, v in flat.items() if _decides_result(k) and not _not_protocol(k, flat.get("task"))}
 
 
 def protocol_differences(recorded: dict, present: dict) -> list[str]:
