@@ -2,8 +2,9 @@
 # Every GPU measurement of docs/speed.md in one call of under 10 minutes, each
 # part writing under OUT as it goes (a part cut at its time limit keeps what it has):
 #   1. the CUDA tests: tests/test_triton.py (fused kernel against the plain path, a
-#      training step) first, then tests/test_precision.py (bf16 against fp32, CUDA graphs),
-#      tests/test_optim.py (the fused SGD update against torch's default);
+#      training step) first, then tests/test_optim.py (the fused SGD update against torch's
+#      default), then tests/test_precision.py (bf16 against fp32, CUDA graphs: the ones
+#      that compile, last, so a cut loses only them);
 #   2. `scripts/bench.py` at this device's full size, most important first, the sections
 #      BENCH_ONLY names (default all but `runs`: its runs per hour are step 3's);
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration, then runs per
@@ -55,7 +56,7 @@ for part in ${PARTS//,/ }; do
         echo "[gpu-check] unknown part '$part' in PARTS; valid: tests, bench, steps, profile" >&2; exit 2; }
 done
 for name in TEST_S BENCH_S STEP_S PROFILE_S TOTAL_S; do
-    [[ ${!name:-0} =~ ^[0-9]+$ ]] || { echo "[gpu-check] $name=${!name}: expected whole seconds" >&2; exit 2; }
+    [[ ${!name:-1} =~ ^[1-9][0-9]*$ ]] || { echo "[gpu-check] $name=${!name}: expected whole seconds >= 1" >&2; exit 2; }
 done
 status=0
 # The limit of the next part: the smaller of its own ($1 s) and what is left of TOTAL_S less
@@ -75,7 +76,7 @@ within() {
 }
 # The test files are named: collecting all of tests/ would import test-only packages (POT).
 [[ $PARTS == *,tests,* ]] && { within "${TEST_S:-160}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
-    tests/test_triton.py tests/test_precision.py tests/test_optim.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
+    tests/test_triton.py tests/test_optim.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
 if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
     # own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.
@@ -86,7 +87,7 @@ if [[ $PARTS == *,bench,* ]]; then
         [[ -z $group ]] && continue
         sections=${group%@*}
         seconds=$([[ $group == *@* ]] && echo "${group##*@}" || echo "${BENCH_S:-330}")
-        [[ -n $sections && $seconds =~ ^[0-9]+$ ]] || {
+        [[ -n $sections && $seconds =~ ^[1-9][0-9]*$ ]] || {
             echo "[gpu-check] bad BENCH_ONLY group '$group': expected sections[@seconds]" >&2; exit 2; }
         runs+=("$sections@$seconds")
     done

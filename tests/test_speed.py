@@ -427,17 +427,22 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
                              env={**env, "PARTS": "bench", "BENCH_ONLY": bad_only}, capture_output=True,
                              text=True, timeout=60)
         assert bad.returncode == 2 and "bad BENCH_ONLY group" in bad.stderr, bad_only
-    bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_s")], cwd=ROOT,
-                         env={**env, "TEST_S": "5m"}, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "TEST_S=5m: expected whole seconds" in bad.stderr
-    # TOTAL_S: a part's limit is cut to what is left, and a part with under 20 s left is skipped.
-    short = tmp_path / "short"
-    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(short)], cwd=ROOT,
-                          env={**env, "PARTS": "bench,steps", "BENCH_ONLY": "per_grad@300", "TOTAL_S": "33"},
-                          capture_output=True, text=True, timeout=120)
-    said = proc.stdout + proc.stderr          # each part's output goes through its log
-    assert proc.returncode == 1 and "skipped (TOTAL_S=33 spent): " in said, said[-3000:]
-    assert "scripts/step_times.py" in said.split("skipped (TOTAL_S=33 spent): ")[-1]
+    for value in ("5m", "08", "0"):       # bash reads 08 as octal; 0 would read as "spent"
+        bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_s")], cwd=ROOT,
+                             env={**env, "TEST_S": value}, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and f"TEST_S={value}: expected whole seconds >= 1" in bad.stderr
+    # TOTAL_S: a part's limit is cut to what is left less 15 s (a stand-in python that
+    # sleeps: about 50 - 15 = 35 s instead of its 300), then a part with under 20 s left is skipped.
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text(f"#!/bin/sh\ncase \"$*\" in *bench.py*) exec sleep 100;; esac\nexec {sys.executable} \"$@\"\n")
+    sleeper.chmod(0o755)
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "short")], cwd=ROOT,
+                          env={**env, "PY": str(sleeper), "PARTS": "bench,steps", "BENCH_ONLY": "per_grad@300",
+                               "TOTAL_S": "50"}, capture_output=True, text=True, timeout=120)
+    took, said = time.monotonic() - started, proc.stdout + proc.stderr   # a part's output goes through its log
+    assert proc.returncode == 1 and 33 < took < 48, (took, said[-3000:])
+    assert said.count("skipped (TOTAL_S=50 spent): ") == 1 and "scripts/step_times.py" in said
     groups = tmp_path / "groups"        # BENCH_ONLY groups: one bench process and limit each
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(groups)], cwd=ROOT,
                           env={**env, "PARTS": "bench", "BENCH_ONLY": " per_grad@120 ;; epoch@1"},

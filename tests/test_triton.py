@@ -163,6 +163,7 @@ def test_cpu_tensors_use_the_plain_path():
 def test_a_cuda_build_without_triton_takes_the_plain_path(monkeypatch):
     from types import SimpleNamespace
     site = SimpleNamespace(is_cuda=True, dtype=torch.float32, shape=(4, 16))    # a CUDA tensor's answers
+    monkeypatch.delenv("PER_TRITON", raising=False)
     monkeypatch.setattr(per.functional, "HAS_TRITON", True)
     assert per.functional._use_fused_kernel(site)
     monkeypatch.setattr(per.functional, "HAS_TRITON", False)

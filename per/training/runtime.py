@@ -32,7 +32,8 @@ def compile_model(model: torch.nn.Module, setting: bool | str) -> torch.nn.Modul
         raise ValueError(f"unknown trainer.compile {setting!r}; valid: false, true, {', '.join(COMPILE_MODES)}")
     if rnns := sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.RNNBase)}):
         log.warning("trainer.compile: torch.compile does not trace %s (Dynamo skips the frame that calls "
-                    "it), so %s's forward runs eagerly; the recurrent-BN LSTM (model.rbn) compiles whole",
+                    "it), so %s's forward runs eagerly, PER's sites in it compiled one by one; the "
+                    "recurrent-BN LSTM (model.rbn) compiles whole",
                     "/".join(rnns), type(model).__name__)
     return torch.compile(model, mode=None if setting in (True, "default") else setting)
 
