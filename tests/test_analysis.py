@@ -603,6 +603,26 @@ def test_wandb_source_matches_local(root, collected):
     assert any("interrupted" in p for p in problems)
 
 
+class SubDict:
+    """Like W&B's `SummarySubDict`: `items` and `[]`, but no `Mapping`."""
+    def __init__(self, data: dict) -> None:
+        self._data = data
+
+    def items(self):
+        return [(k, SubDict(v) if isinstance(v, dict) else v) for k, v in self._data.items()]
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+
+def test_wandb_summaries_are_read_as_plain_dicts():
+    from per.analysis.wandb_source import _plain
+    summary = {"status": "finished", "cell": {"table": "T1"}, "attempts": [{"started": None}]}
+    plain = _plain(SubDict(summary))
+    assert plain == summary and type(plain) is dict and type(plain["cell"]) is dict
+    assert json.loads(json.dumps(plain)) == summary
+
+
 # --- the aggregate script -------------------------------------------------------------
 
 def test_aggregate_script(root, tmp_path, capsys):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import pytest
 import torch
 
-from per.training import checks, runtime
+from per.training import checks, loggers, runtime
 from per.training.checks import ConfigValueError, config_differences, validate
 from runner_utils import ROOT, compose_config
 
@@ -210,13 +211,15 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))             # absent
     cfg = compose_config("train_cifar", ["logger.mode=online"], "unused")
+    default = urlsplit(loggers.default_base_url()).netloc         # wandb's own default server
     with pytest.raises(ConfigValueError, match=r"logger.mode='online' without W&B credentials: set "
-                                               r"WANDB_API_KEY or run `wandb login` \(no key for 'api.wandb.ai'"):
+                                               rf"WANDB_API_KEY or run `wandb login` \(no key for '{default}'"):
         validate(cfg)
     validate(compose_config("train_cifar", ["logger.mode=offline"], "unused"))   # offline needs none
     netrc_file = tmp_path / "netrc"
-    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
-    validate(cfg)                                                  # `wandb login`'s entry
+    for host in {default, "api.wandb.ai"}:     # `wandb login`'s entry, now and before wandb 0.31
+        netrc_file.write_text(f"machine {host}\n  login user\n  password abc123\n")
+        validate(cfg)
     monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")  # `wandb server`: host and port
     with pytest.raises(ConfigValueError, match="no key for 'localhost:8080'"):
         validate(cfg)                                              # an entry for another host

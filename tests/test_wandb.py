@@ -9,6 +9,7 @@ import pytest
 from per import schema
 from per.data.cifar import write_fake_cifar
 from per.training import loggers
+from per.training.checks import ConfigValueError
 from per.training.image_task import build_image_experiment
 from per.training.run import train
 from runner_utils import CPU_SMOKE, compose_config
@@ -87,3 +88,16 @@ def test_offline_run_names_steps_and_keeps_its_files(data_root, tmp_path, home, 
     for run_dir in run_dirs:
         assert list((run_dir / "wandb" / "cache").rglob("core-debug-*.log"))
     assert not any(var in os.environ for var in loggers.WANDB_FOLDERS)
+
+
+def test_a_failed_runs_wandb_copy_says_failed_and_why(data_root, tmp_path, home):
+    """W&B holds the run's summary from its start (a killed run then reads back as
+    interrupted) and, after a failure, the failed one with its error, as `summary.json`:
+    `per.analysis.wandb_source` skipped such runs for want of a summary."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigValueError, match="unknown site nope"):    # raised once the W&B run is open
+        train(_cfg(data_root, run_dir, "trainer.monitor.every=1", "trainer.monitor.sites=[nope]"),
+              build_image_experiment)
+    record = _wandb_file(run_dir)
+    assert b'"status":"running"' in record and b'"status":"failed"' in record
+    assert b"ConfigValueError: trainer.monitor.sites: unknown site nope" in record

@@ -19,9 +19,12 @@ from per.schema import EPOCH, TEST_ERROR, WANDB_SUMMARY_KEY
 
 
 def _plain(value: Any) -> Any:
-    """A plain-dict copy of W&B's nested summary / config mappings."""
-    if isinstance(value, Mapping):
+    """A plain-dict copy of W&B's nested summary / config mappings (W&B's `SummarySubDict`
+    has `items` but is no `Mapping`), lists included."""
+    if isinstance(value, Mapping) or callable(getattr(value, "items", None)):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 

@@ -24,12 +24,26 @@ WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WAND
 STEP_PREFIX = "step/"   # per-`log_every` rows, apart from the per-epoch metrics of the same name
 
 
+LEGACY_HOST = "api.wandb.ai"   # the server before wandb 0.31, whose netrc entries wandb still reads
+
+
+def default_base_url() -> str:
+    """The W&B server wandb talks to without `WANDB_BASE_URL`: wandb's own default (0.31
+    moved it from https://api.wandb.ai to CoreWeave's), or the old one where wandb is absent."""
+    try:
+        import wandb
+        return str(wandb.Settings().base_url)
+    except Exception:       # no wandb, or a version without the setting: its long-time default
+        return f"https://{LEGACY_HOST}"
+
+
 def missing_credentials(mode: str) -> str | None:
     """Why `logger.mode=online` cannot log in, or None. As wandb looks: `WANDB_API_KEY` or
     `WANDB_IDENTITY_TOKEN_FILE` (not both), else a `.netrc` entry with a key for the
-    server's `host[:port]` (`WANDB_BASE_URL`; `wandb login` writes it; `NETRC` names another
-    file). W&B's global settings file is not read here: each run keeps W&B's config folder
-    in its own directory (`WANDB_FOLDERS`)."""
+    server's `host[:port]` (`WANDB_BASE_URL`, else `default_base_url`, where an entry for
+    `LEGACY_HOST` serves too; `wandb login` writes it; `NETRC` names another file). W&B's
+    global settings file is not read here: each run keeps W&B's config folder in its own
+    directory (`WANDB_FOLDERS`)."""
     if mode != "online":
         return None
     key, token = os.environ.get("WANDB_API_KEY"), os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
@@ -37,18 +51,20 @@ def missing_credentials(mode: str) -> str | None:
         return "logger.mode='online' with both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE set; W&B takes one"
     if key or token:
         return None
-    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    base = os.environ.get("WANDB_BASE_URL")
+    url = urlsplit(base or default_base_url())
+    hosts = {url.netloc, url.hostname, *(() if base else (LEGACY_HOST,))}
     path = Path(os.environ["NETRC"]).expanduser() if os.environ.get("NETRC") else next(
         (p for p in (Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()) if p.exists()),
         Path("~/.netrc").expanduser())
     try:
         entries = netrc.netrc(path)
-        if any((entries.authenticators(m) or ("", "", ""))[2] for m in {url.netloc, url.hostname} if m):
+        if any((entries.authenticators(m) or ("", "", ""))[2] for m in hosts if m):
             return None
     except (OSError, netrc.NetrcParseError):
         pass
     return (f"logger.mode='online' without W&B credentials: set WANDB_API_KEY or run `wandb login` "
-            f"(no key for {url.netloc or os.environ.get('WANDB_BASE_URL')!r} in {path}); or use "
+            f"(no key for {url.netloc or base!r} in {path}); or use "
             f"logger.mode=offline and `wandb sync` the run's wandb/ folder later")
 
 
@@ -114,9 +130,16 @@ class WandbSink:
         if self.run is not None:
             self.run.log({STEP_PREFIX + k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def set_summary(self, summary: dict) -> None:
+        """The run's `summary.json` dict as the W&B run's summary (`WANDB_SUMMARY_KEY`, what
+        `per.analysis.wandb_source` reads): at the start (`running`: a killed run then reads
+        back as interrupted) and at the end."""
+        if self.run is not None:
+            self.run.summary[WANDB_SUMMARY_KEY] = summary
+
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
-        """Finish the W&B run (once), with the run's summary; the environment is restored
-        even when W&B fails."""
+        """Finish the W&B run (once), with the run's summary (as `set_summary`); the
+        environment is restored even when W&B fails."""
         if self.run is None:
             return
         import wandb

@@ -278,12 +278,14 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
                 attempts = _earlier_attempts(previous) + attempts
             else:
                 run.clear()
-            run.write_summary(_summary(schema.RUNNING, cfg, state, dev_name, attempts))
+            running = _summary(schema.RUNNING, cfg, state, dev_name, attempts)
+            run.write_summary(running)
             train_model = runtime.compile_model(model, trainer["compile"])
             lg = cfg["logger"]
             sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
                              run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
                              tags=list(cell.values()), config=cfg)
+            sink.set_summary(running)      # a killed run reads back from W&B as interrupted
             if loaded is not None:   # a killed attempt's W&B rows may never have left its buffer
                 for row in run.read_jsonl(METRICS_FILE):
                     sink.log(row, step=row[schema.STEP])
@@ -299,7 +301,8 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
         except BaseException as e:
             forced = isinstance(e, ForcedStop)      # a second stop signal: no evidence of a fault
             ended = _summary(schema.INTERRUPTED if forced else schema.FAILED, cfg, state, dev_name, attempts)
-            run.write_summary(ended if forced else {**ended, "error": error_text(e)})
+            ended = ended if forced else {**ended, "error": error_text(e)}
+            run.write_summary(ended)
             if forced:
                 log.warning("stopped %s at once by a second signal; %s", run.path,
                             "it resumes from its last checkpoint" if run.has_checkpoint()
@@ -307,7 +310,7 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             else:
                 log.error("failed %s after %d steps: %s: %s", run.path, state.step, type(e).__name__, e)
             if sink is not None:
-                sink.finish(exit_code=1)
+                sink.finish(ended, exit_code=1)    # W&B's copy says failed (or interrupted) too
             raise
     best = state.best
     log.info("%s %s | %s%s | steps %d, epochs %d | wall %.1f s", status, run.path, _key_metrics(state.final),
