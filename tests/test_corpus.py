@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import tarfile
 import urllib.error
 import zipfile
@@ -136,9 +137,34 @@ def test_download_sends_a_user_agent_and_verifies(tmp_path: Path, monkeypatch: p
                                  hashlib.sha256(payload).hexdigest())
     assert dest.read_bytes() == payload and list(tmp_path.iterdir()) == [dest]
     assert seen[0].full_url == CORPORA["wikitext2"].url and seen[0].get_header("User-agent")
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(ValueError, match=f"checksum mismatch for {tmp_path / 'x.zip'} as downloaded from "
+                                         f"{re.escape(CORPORA['wikitext2'].url)}: .* nothing was kept"):
         download_mod.download(CORPORA["wikitext2"].url, tmp_path / "x.zip", "0" * 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zip"]     # nothing left behind
+
+
+def test_what_a_killed_download_left_is_removed_once_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILL leaves the temp file (or a corpus fetch's temp folder): the next download
+    removes it once it has not changed for `PARTIAL_AGE_S`; a fresh one may be another
+    process's download in progress and stays."""
+    import os
+    import time
+    from per.data import download as download_mod
+    stale, fresh = tmp_path / "tmpold.part", tmp_path / "tmpnew.part"
+    stale_dir = tmp_path / "ptb" / "tmpkilled"
+    stale_dir.mkdir(parents=True)
+    for path in (stale, fresh, stale_dir / "simple-examples.tgz"):
+        path.write_bytes(b"partial")
+    old = time.time() - download_mod.PARTIAL_AGE_S - 60
+    for path in (stale, stale_dir / "simple-examples.tgz", stale_dir):
+        os.utime(path, (old, old))
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda request, timeout: io.BytesIO(b"x"))
+    download_mod.download(CORPORA["ptb"].url, tmp_path / "a.tgz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz", "ptb", "tmpnew.part"]
+    monkeypatch.setattr(corpus_mod, "download", _no_network)
+    with pytest.raises(DatasetMissingError):
+        Corpus(tmp_path, "ptb", download=True)
+    assert list((tmp_path / "ptb").iterdir()) == []
 
 
 def test_missing_files_download_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +214,7 @@ def test_download_extracts_and_verifies(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(corpus_mod, "download", fake_download)
     root = tmp_path / "root"
     # Real checksums: the generated files fail verification and nothing is left behind.
-    with pytest.raises(DatasetMissingError, match="checksum mismatch"):
+    with pytest.raises(DatasetMissingError, match=f"checksum mismatch for {root / name}/.* as downloaded from "):
         Corpus(root, name, download=True)
     assert list((root / name).iterdir()) == []
     c = Corpus(root, name, download=True, verify_checksums=False)

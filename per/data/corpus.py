@@ -31,7 +31,7 @@ import torch
 
 from per.schema import SPLITS, TEST, TRAIN, VAL
 
-from .download import DatasetDamagedError, download, ensure_files, verify_file
+from .download import DatasetDamagedError, download, ensure_files, remove_stale_partials, verify_file
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -189,6 +189,7 @@ def _read(path: Path, expected_sha256: str | None) -> bytes:
 def _fetch(spec: CorpusSpec, directory: Path, verify_checksums: bool) -> None:
     """Download the archive, extract the three files and verify them before moving them in."""
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory, "tmp*")       # what a killed fetch left
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         tmp_dir = Path(tmp)
         archive = download(spec.url, tmp_dir / spec.url.rsplit("/", 1)[-1])
@@ -197,7 +198,7 @@ def _fetch(spec: CorpusSpec, directory: Path, verify_checksums: bool) -> None:
         for f, member in members.items():
             (tmp_dir / f).write_bytes(contents[member])
             if verify_checksums:
-                verify_file(tmp_dir / f, spec.sha256[f])
+                verify_file(tmp_dir / f, spec.sha256[f], downloaded=(directory / f, spec.url))
         for f in spec.files.values():
             (tmp_dir / f).replace(directory / f)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -25,14 +26,37 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def verify_file(path: str | Path, expected: str, algorithm: str = "sha256") -> None:
-    """Raise DatasetDamagedError (a ValueError) if `path`'s digest differs from `expected`."""
+def verify_file(path: str | Path, expected: str, algorithm: str = "sha256", *,
+                downloaded: tuple[str | Path, str] | None = None) -> None:
+    """Raise DatasetDamagedError (a ValueError) if `path`'s digest differs from `expected`.
+    `downloaded`: (the file's destination, its URL) for a fresh download, which is not kept."""
     got = file_digest(path, algorithm)
-    if got != expected:
+    if got == expected:
+        return
+    if downloaded is None:
         raise DatasetDamagedError(
             f"checksum mismatch for {path}: {algorithm} {got}, expected {expected}. "
             "Delete the file to download it again, or pass data.verify_checksums=false "
             "for a converted or generated copy.")
+    dest, url = downloaded
+    raise DatasetDamagedError(
+        f"checksum mismatch for {dest} as downloaded from {url}: {algorithm} {got}, expected "
+        f"{expected}; nothing was kept. The server may send another version: put the official "
+        "file there yourself, or pass data.verify_checksums=false to accept this one.")
+
+
+PARTIAL_AGE_S = 600   # a download's leftovers untouched this long are a killed process's
+
+
+def remove_stale_partials(folder: Path, pattern: str) -> None:
+    """Remove what killed downloads left in `folder` (`pattern`: their temp files or
+    folders) once nothing in it has changed for `PARTIAL_AGE_S`: a running download
+    (another run's, say) keeps writing to its own."""
+    now = time.time()
+    for path in folder.glob(pattern):
+        newest = max((p.stat().st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+        if now - newest > PARTIAL_AGE_S:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 USER_AGENT = "Mozilla/5.0 (per-repro dataset download)"
@@ -43,6 +67,7 @@ def download(url: str, dest: str | Path, expected: str | None = None,
     """Download `url` to `dest` atomically (temp file, verify, rename)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dest.parent, "tmp*.part")
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, suffix=".part") as tmp:
         tmp_path = Path(tmp.name)
         try:
@@ -55,7 +80,7 @@ def download(url: str, dest: str | Path, expected: str | None = None,
             raise
     try:
         if expected is not None:
-            verify_file(tmp_path, expected, algorithm)
+            verify_file(tmp_path, expected, algorithm, downloaded=(dest, url))
         tmp_path.replace(dest)
     finally:
         tmp_path.unlink(missing_ok=True)
