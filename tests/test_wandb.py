@@ -101,3 +101,22 @@ def test_a_failed_runs_wandb_copy_says_failed_and_why(data_root, tmp_path, home)
     record = _wandb_file(run_dir)
     assert b'"status":"running"' in record and b'"status":"failed"' in record
     assert b"ConfigValueError: trainer.monitor.sites: unknown site nope" in record
+
+
+def test_an_online_run_that_cannot_reach_wandb_logs_offline_and_goes_on(data_root, tmp_path, home,
+                                                                       monkeypatch, caplog):
+    import wandb
+    real_init, modes = wandb.init, []
+
+    def init(mode, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise wandb.errors.CommError("Failed to get resume status: no network")
+        return real_init(mode=mode, **kwargs)
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with caplog.at_level("WARNING", logger="per.training.loggers"):
+        summary = train(_cfg(data_root, tmp_path / "run", "logger.mode=online"), build_image_experiment)
+    assert summary["status"] == schema.FINISHED and modes == ["online", "offline"]
+    assert "W&B online failed (CommError: Failed to get resume status: no network); logging offline" in caplog.text
+    assert b'"status":"finished"' in _wandb_file(tmp_path / "run")

@@ -10,6 +10,7 @@ starts, so each run starts its own service and stops it at `finish`.
 """
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -22,6 +23,8 @@ LOGGER_MODES = ("online", "offline", "disabled")
 # W&B's own folders (environment variable -> subfolder of `<run dir>/wandb/`).
 WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
 STEP_PREFIX = "step/"   # per-`log_every` rows, apart from the per-epoch metrics of the same name
+
+log = logging.getLogger(__name__)
 
 
 LEGACY_HOST = "api.wandb.ai"   # the server before wandb 0.31, whose netrc entries wandb still reads
@@ -94,7 +97,9 @@ def wandb_name(cfg: dict) -> str:
 
 class WandbSink:
     """A W&B run in `mode` (offline needs no account); `run_id` (kept in the run
-    directory) makes a resumed run continue the same W&B run."""
+    directory) makes a resumed run continue the same W&B run. Where an online run cannot
+    start (no network, W&B down), it logs offline instead, with a warning: the training
+    run goes on, and `wandb sync` sends its record later."""
 
     def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str,
                  name: str, group: str, tags: list[str], config: dict) -> None:
@@ -111,10 +116,18 @@ class WandbSink:
             self._saved_env[var] = os.environ.get(var)
             os.environ[var] = str(root / sub)
         wandb.teardown()   # a service started for an earlier run would keep that run's folders
+        init = dict(project=project, entity=entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
+                    group=group, tags=tags, config=config, settings=wandb.Settings(silent=True))
         try:
-            self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir),
-                                  id=run_id, resume="allow", name=name, group=group, tags=tags,
-                                  config=config, settings=wandb.Settings(silent=True))
+            try:
+                self.run = wandb.init(mode=mode, **init)
+            except Exception as e:       # W&B unreachable: the run goes on, its W&B record offline
+                if mode != "online":
+                    raise
+                log.warning("W&B online failed (%s: %s); logging offline into %s: `wandb sync` it later",
+                            type(e).__name__, e, root)
+                wandb.teardown()
+                self.run = wandb.init(mode="offline", **init)
         except BaseException:
             self._restore_env()
             raise
