@@ -150,17 +150,18 @@ def test_what_a_killed_download_left_is_removed_once_stale(tmp_path: Path, monke
     import os
     import time
     from per.data import download as download_mod
-    stale, fresh = tmp_path / "tmpold.part", tmp_path / "tmpnew.part"
-    stale_dir = tmp_path / "ptb" / "tmpkilled"
+    prefix = download_mod.PARTIAL_PREFIX
+    stale, fresh, mine = tmp_path / f"{prefix}old.part", tmp_path / f"{prefix}new.part", tmp_path / "tmp.part"
+    stale_dir = tmp_path / "ptb" / f"{prefix}killed"
     stale_dir.mkdir(parents=True)
-    for path in (stale, fresh, stale_dir / "simple-examples.tgz"):
+    for path in (stale, fresh, mine, stale_dir / "simple-examples.tgz"):
         path.write_bytes(b"partial")
     old = time.time() - download_mod.PARTIAL_AGE_S - 60
-    for path in (stale, stale_dir / "simple-examples.tgz", stale_dir):
+    for path in (stale, mine, stale_dir / "simple-examples.tgz", stale_dir):
         os.utime(path, (old, old))
     monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda request, timeout: io.BytesIO(b"x"))
     download_mod.download(CORPORA["ptb"].url, tmp_path / "a.tgz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz", "ptb", "tmpnew.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "a.tgz", "ptb", "tmp.part"])
     monkeypatch.setattr(corpus_mod, "download", _no_network)
     with pytest.raises(DatasetMissingError):
         Corpus(tmp_path, "ptb", download=True)

@@ -31,7 +31,8 @@ import torch
 
 from per.schema import SPLITS, TEST, TRAIN, VAL
 
-from .download import DatasetDamagedError, download, ensure_files, remove_stale_partials, verify_file
+from .download import (PARTIAL_PREFIX, DatasetDamagedError, download, ensure_files, remove_stale_partials,
+                       verify_file)
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -189,8 +190,8 @@ def _read(path: Path, expected_sha256: str | None) -> bytes:
 def _fetch(spec: CorpusSpec, directory: Path, verify_checksums: bool) -> None:
     """Download the archive, extract the three files and verify them before moving them in."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(directory, "tmp*")       # what a killed fetch left
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    remove_stale_partials(directory, f"{PARTIAL_PREFIX}*")       # what a killed fetch left
+    with tempfile.TemporaryDirectory(dir=directory, prefix=PARTIAL_PREFIX) as tmp:
         tmp_dir = Path(tmp)
         archive = download(spec.url, tmp_dir / spec.url.rsplit("/", 1)[-1])
         members = {f: f"{spec.archive_dir}/{f}" for f in spec.files.values()}

@@ -46,6 +46,7 @@ def verify_file(path: str | Path, expected: str, algorithm: str = "sha256", *,
 
 
 PARTIAL_AGE_S = 600   # a download's leftovers untouched this long are a killed process's
+PARTIAL_PREFIX = ".per-download-"   # its temp files and folders: never a user's file
 
 
 def remove_stale_partials(folder: Path, pattern: str) -> None:
@@ -54,9 +55,12 @@ def remove_stale_partials(folder: Path, pattern: str) -> None:
     (another run's, say) keeps writing to its own."""
     now = time.time()
     for path in folder.glob(pattern):
-        newest = max((p.stat().st_mtime for p in (path, *path.rglob("*"))), default=0.0)
-        if now - newest > PARTIAL_AGE_S:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        try:     # another process may remove its own leftovers meanwhile
+            newest = max(p.lstat().st_mtime for p in (path, *path.rglob("*")))
+            if now - newest > PARTIAL_AGE_S:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            continue
 
 
 USER_AGENT = "Mozilla/5.0 (per-repro dataset download)"
@@ -67,8 +71,8 @@ def download(url: str, dest: str | Path, expected: str | None = None,
     """Download `url` to `dest` atomically (temp file, verify, rename)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dest.parent, "tmp*.part")
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, suffix=".part") as tmp:
+    remove_stale_partials(dest.parent, f"{PARTIAL_PREFIX}*.part")
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, prefix=PARTIAL_PREFIX, suffix=".part") as tmp:
         tmp_path = Path(tmp.name)
         try:
             # A browser-like agent: some mirrors (WikiText's) refuse urllib's default one.
