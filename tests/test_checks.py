@@ -220,6 +220,9 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
     for host in {default, "api.wandb.ai"}:     # `wandb login`'s entry, now and before wandb 0.31
         netrc_file.write_text(f"machine {host}\n  login user\n  password abc123\n")
         validate(cfg)
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    monkeypatch.setenv("WANDB_BASE_URL", loggers.default_base_url())     # W&B's server named explicitly
+    validate(cfg)
     monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")  # `wandb server`: host and port
     with pytest.raises(ConfigValueError, match="no key for 'localhost:8080'"):
         validate(cfg)                                              # an entry for another host

@@ -100,8 +100,12 @@ def test_download_failure_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DatasetMissingError, match="network unreachable") as e:
         load_cifar("cifar100", tmp_path, download=True)
     assert "cifar-100-python.tar.gz" in str(e.value)
-    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                      "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "md5")]
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert calls == [(url, "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "md5")]
+    # data.verify_checksums=false skips the archive's md5 too (its error would advise it).
+    with pytest.raises(DatasetMissingError):
+        load_cifar("cifar100", tmp_path, download=True, verify_checksums=False)
+    assert calls[1] == (url, "cifar-100-python.tar.gz", None, "md5")
 
 
 def test_download_extracts_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,3 +120,17 @@ def test_an_online_run_that_cannot_reach_wandb_logs_offline_and_goes_on(data_roo
     assert summary["status"] == schema.FINISHED and modes == ["online", "offline"]
     assert "W&B online failed (CommError: Failed to get resume status: no network); logging offline" in caplog.text
     assert b'"status":"finished"' in _wandb_file(tmp_path / "run")
+
+
+def test_a_bad_wandb_key_fails_the_run_rather_than_logging_offline(data_root, tmp_path, home, monkeypatch):
+    import wandb
+    real_init = wandb.init
+
+    def init(mode, **kwargs):
+        if mode == "online":
+            raise wandb.errors.AuthenticationError("API key must have 40+ characters")
+        return real_init(mode=mode, **kwargs)
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_API_KEY", "short")
+    with pytest.raises(wandb.errors.AuthenticationError):
+        train(_cfg(data_root, tmp_path / "run", "logger.mode=online"), build_image_experiment)

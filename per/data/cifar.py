@@ -120,17 +120,20 @@ def _read_batches(directory: Path, files: tuple[tuple[str, str], ...], label_key
     return x, np.concatenate(ys)
 
 
-def _fetch_and_extract(layout: _Layout, root: Path) -> None:
-    """Download the official tarball (unless already in `root`), check its md5, extract."""
+def _fetch_and_extract(layout: _Layout, root: Path, verify_checksums: bool) -> None:
+    """Download the official tarball (unless already in `root`), check its md5 (with
+    `verify_checksums`, as the pickles'), extract."""
     archive = root / layout.url.rsplit("/", 1)[-1]
+    md5 = layout.archive_md5 if verify_checksums else None
     if archive.exists():
-        verify_file(archive, layout.archive_md5, "md5")
+        if md5 is not None:
+            verify_file(archive, md5, "md5")
     else:
-        download(layout.url, archive, expected=layout.archive_md5, algorithm="md5")
+        download(layout.url, archive, expected=md5, algorithm="md5")
     with tarfile.open(archive, "r:gz") as tar:
         try:
             tar.extractall(root, filter="data")
-        except TypeError:    # Python before 3.10.12 / 3.11.4: no filters (the md5 was checked)
+        except TypeError:    # Python before 3.10.12 / 3.11.4: no filters
             tar.extractall(root)
 
 
@@ -140,15 +143,15 @@ def load_cifar(name: str, root: str | Path, *, download: bool = False,
 
     Missing files are downloaded when `download` is true; otherwise (or when the
     download fails) DatasetMissingError names the files, URL and location.
-    `verify_checksums` checks each pickle file's md5 against the official one
-    (ValueError on mismatch); turn it off for generated or converted copies.
+    `verify_checksums` checks the archive's and each pickle file's md5 against the
+    official ones (ValueError on mismatch); turn it off for generated or converted copies.
     """
     layout = _layout(name)
     root = Path(root)
     directory = root / layout.directory
     files = [f for f, _ in layout.train + layout.test] + [layout.meta[0]]
     ensure_files(directory, files, url=layout.url, what=name,
-                 download_fn=lambda: _fetch_and_extract(layout, root),
+                 download_fn=lambda: _fetch_and_extract(layout, root, verify_checksums),
                  download_enabled=download)
     if verify_checksums:
         for fname, md5 in layout.train + layout.test + (layout.meta,):

@@ -40,6 +40,18 @@ def default_base_url() -> str:
         return f"https://{LEGACY_HOST}"
 
 
+def _is_default_server(url: str) -> bool:
+    """Whether `url` is W&B's own service under any of its names (CoreWeave's Forge proxy
+    since 0.31), for which wandb reads an `api.wandb.ai` entry too."""
+    hostname = urlsplit(url).hostname
+    try:
+        from wandb.sdk.lib.urls import forge_upstream_url
+        hostname = urlsplit(forge_upstream_url(url)).hostname
+    except Exception:   # wandb before 0.31: no Forge names
+        pass
+    return hostname == LEGACY_HOST
+
+
 def missing_credentials(mode: str) -> str | None:
     """Why `logger.mode=online` cannot log in, or None. As wandb looks: `WANDB_API_KEY` or
     `WANDB_IDENTITY_TOKEN_FILE` (not both), else a `.netrc` entry with a key for the
@@ -56,7 +68,7 @@ def missing_credentials(mode: str) -> str | None:
         return None
     base = os.environ.get("WANDB_BASE_URL")
     url = urlsplit(base or default_base_url())
-    hosts = {url.netloc, url.hostname, *(() if base else (LEGACY_HOST,))}
+    hosts = {url.netloc, url.hostname, *(() if base and not _is_default_server(base) else (LEGACY_HOST,))}
     path = Path(os.environ["NETRC"]).expanduser() if os.environ.get("NETRC") else next(
         (p for p in (Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()) if p.exists()),
         Path("~/.netrc").expanduser())
@@ -99,7 +111,8 @@ class WandbSink:
     """A W&B run in `mode` (offline needs no account); `run_id` (kept in the run
     directory) makes a resumed run continue the same W&B run. Where an online run cannot
     start (no network, W&B down), it logs offline instead, with a warning: the training
-    run goes on, and `wandb sync` sends its record later."""
+    run goes on, and `wandb sync` sends its record later. A W&B error that is not about the
+    connection (a bad key, a bad project name) is raised."""
 
     def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str,
                  name: str, group: str, tags: list[str], config: dict) -> None:
@@ -121,11 +134,12 @@ class WandbSink:
         try:
             try:
                 self.run = wandb.init(mode=mode, **init)
-            except Exception as e:       # W&B unreachable: the run goes on, its W&B record offline
-                if mode != "online":
+            except wandb.errors.CommError as e:    # W&B unreachable: the run goes on, offline
+                if mode != "online" or isinstance(e, wandb.errors.AuthenticationError):   # a bad key: raised
                     raise
-                log.warning("W&B online failed (%s: %s); logging offline into %s: `wandb sync` it later",
-                            type(e).__name__, e, root)
+                log.warning("W&B online failed (%s: %s); logging offline into %s: `wandb sync` it "
+                            "later, unless a later attempt of this run logged online (syncing would "
+                            "overwrite that record)", type(e).__name__, e, root)
                 wandb.teardown()
                 self.run = wandb.init(mode="offline", **init)
         except BaseException:
