@@ -175,8 +175,9 @@ def per_grad(x: torch.Tensor, directions: torch.Tensor, *, reduction: str = "sum
     if _use_fused_kernel(x):
         from per import _triton
         fused = _triton.per_grad_fused_op if traced else _triton.per_grad_fused
-        # The directions as drawn, a transposed view (any strides serve the kernel): the
-        # H200 timed the kernel's modes on it 1.1-2x faster than on a row-major copy.
+        # The directions as drawn, a transposed view (any strides serve the kernel): on the
+        # H200 the bench's mode rows, fed the view, were 1.1-2.1x faster than per_grad's rows,
+        # fed a row-major copy (docs/speed.md; not yet re-measured with the view).
         return fused(x, theta, scale)
     if x.device.type != "cpu":       # blocks pay on CPU caches; elsewhere one product each
         return _per_grad_blocked(x, theta, scale, n)

@@ -3,7 +3,7 @@
 Collects the runs (local run directories, or a W&B project), chooses lambda per cell
 on validation only, and writes Markdown, LaTeX and CSV tables plus `selection.csv`
 (every lambda's validation score), `results.csv` (tidy numbers) and `runs.csv` (every
-run; failed runs' errors are also printed, one line per error). Unreadable runs
+counted run; failed runs' errors are also printed, one line per error). Unreadable runs
 are listed and skipped; the exit status is 0 as long as the tables were written.
 Runs shorter than their protocol (smoke runs, `trainer.max_steps`, fewer epochs) are
 marked partial and not compared with the paper unless `--include-partial` is given.

@@ -6,7 +6,8 @@ lambda sweeps and training curves at the chosen lambdas; the PER layout / slices
 ablation when such runs exist. What cannot be drawn is named and skipped. From a W&B
 project (`--wandb-project`), the sweeps and the ablation (the activation statistics and
 training curves read the run folders' files). Files an earlier call on the same runs wrote
-that this one does not (a cell whose runs are gone) are removed; `written.txt` lists them.
+that this one does not (a cell whose runs are gone) are removed; `written.txt` records the source and
+the files drawn.
 
     python scripts/figures.py --runs results/runs --out results/figures
     python scripts/figures.py --wandb-project per-repro --wandb-entity me
@@ -74,7 +75,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-WRITTEN = "written.txt"   # in the figures folder: the source of the last call, then the files it wrote
+WRITTEN = "written.txt"   # in the figures folder: `source: <runs>`, then the files drawn (`remove_stale`)
 
 
 def remove_stale(out: Path, paths: list[Path], source: str, drew_runs: bool) -> list[str]:

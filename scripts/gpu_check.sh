@@ -3,8 +3,8 @@
 # part writing under OUT as it goes (a part cut at its time limit keeps what it has):
 #   1. the CUDA tests: tests/test_triton.py (fused kernel against the plain path, a
 #      training step) first, then tests/test_optim.py (the fused SGD update against torch's
-#      default), then tests/test_precision.py (bf16 against fp32, CUDA graphs: the ones
-#      that compile, last, so a cut loses only them);
+#      default), then tests/test_precision.py (bf16 against fp32, CUDA graphs: most of the
+#      tests that compile, last, so a cut loses mostly them);
 #   2. `scripts/bench.py` at this device's full size, most important first, the sections
 #      BENCH_ONLY names (default all but `runs`: its runs per hour are step 3's);
 #   3. `scripts/step_times.py`: seconds per step of every preset configuration, then runs per
@@ -80,7 +80,7 @@ within() {
 if [[ $PARTS == *,bench,* ]]; then
     # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
     # own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.
-    IFS=';' read -r -a groups <<< "${BENCH_ONLY:-step,per_grad,lm,compiled,loader,compiled_lm,epoch}"
+    IFS=';' read -r -a groups <<< "${BENCH_ONLY:-step,per_grad,optimizer,lm,compiled,loader,compiled_lm,epoch}"
     runs=()
     for group in "${groups[@]}"; do      # checked before anything runs: device time is scarce
         group=${group//[[:space:]]/}

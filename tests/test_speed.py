@@ -409,7 +409,7 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
     assert "torch" in (out / "versions.txt").read_text()
     assert "skipped" in (out / "pytest_gpu.txt").read_text() or torch.cuda.is_available()
     assert {json.loads(line)["bench"].split("/")[0] for line in (out / "bench.jsonl").read_text().splitlines()} == {
-        "step", "compiled", "per_grad", "trainer", "epoch"}
+        "step", "compiled", "per_grad", "optimizer", "trainer", "epoch"}
     table = json.loads((out / "step_times.json").read_text())
     assert list(table["s_per_step"]) == list(table["s_per_eval_batch"]) == ["ptb|lstm||vanilla||"]
     only = tmp_path / "steps_only"

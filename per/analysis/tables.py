@@ -582,8 +582,8 @@ def selection_table(df: pd.DataFrame) -> pd.DataFrame:
 def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
                  paper: pd.DataFrame | None = None, include_partial: bool = False) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),
-    `results.csv` (tidy `cell_results` of all tasks), `runs.csv` (the run table `df`:
-    every run, its status, changes and, where it failed, its error) and, per table, `<T>.md` (text in
+    `results.csv` (tidy `cell_results` of all tasks), `runs.csv` (the run table `df`: every
+    run it holds, its status, changes and, where it failed, its error) and, per table, `<T>.md` (text in
     the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one number per
     column). Returns the written paths."""
     paper = load_paper_tables() if paper is None else paper

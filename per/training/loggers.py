@@ -111,8 +111,9 @@ class WandbSink:
     """A W&B run in `mode` (offline needs no account); `run_id` (kept in the run
     directory) makes a resumed run continue the same W&B run. Where an online run cannot
     start (no network, W&B down), it logs offline instead, with a warning: the training
-    run goes on, and `wandb sync` sends its record later. A W&B error that is not about the
-    connection (a bad key, a bad project name) is raised."""
+    run goes on, and `wandb sync` sends its record later. wandb reports a key or project
+    the server refuses as a communication error too (it checks them only then): such a run
+    also logs offline, warned with the error; a malformed key is raised."""
 
     def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str,
                  name: str, group: str, tags: list[str], config: dict) -> None:
