@@ -156,19 +156,22 @@ def strength_warnings(phases: list, strength_csv: Path) -> list[str]:
     if not strength_csv.is_file():
         return []
     df = pd.read_csv(strength_csv)
+    presets, planned = {}, {}              # name -> preset, and its planned lambdas
+    for ph in (ph for pair in phases for ph in pair if ph is not None):
+        presets[ph.preset.name] = ph.preset
+        planned.setdefault(ph.preset.name, []).extend(ph.lams)
     lines = []
-    for preset in {ph.preset.name: ph.preset for pair in phases for ph in pair if ph is not None}.values():
-        cfg, planned = preset.cfg, [lam for pair in phases for ph in pair if ph is not None
-                                    and ph.preset.name == preset.name for lam in ph.lams]
+    for name, preset in presets.items():
+        cfg = preset.cfg
         kind, lam = cfg["method"]["name"], cfg["method"]["lam"]
-        if kind not in REGULARIZED or not any(math.isclose(lam, p, rel_tol=1e-9) for p in planned):
+        if kind not in REGULARIZED or not any(math.isclose(lam, p, rel_tol=1e-9) for p in planned[name]):
             continue
         for fam in FAMILIES:
             base = _alone(fam.base)
             if kind in fam.grids and base["model"] == cfg["model"]:
                 layout = cfg["method"]["layout"] if cfg["task"] == "cifar" else "-"
                 if where := off_band(df, fam.name, kind, layout, cfg["method"]["reduction"], lam):
-                    lines.append(f"{preset.name}: λ={lam_text(lam)} on {fam.name} (measured on "
+                    lines.append(f"{name}: λ={lam_text(lam)} on {fam.name} (measured on "
                                  f"{base['data']['name']}): {where}")
     return lines
 

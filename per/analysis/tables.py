@@ -105,10 +105,10 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     `score` (mean over finished runs of the selection metric), `score_std`, `n`
     (finished runs with a score), `n_diverged` (runs whose loss diverged, and diverged
     copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda;
-    `n_diverged_copies` of them copies), `n_failed` (runs that crashed: out of memory, a missing file; no evidence about the
-    lambda, and the same command resumes them), `n_interrupted`
-    (killed or still running: no evidence yet) and `n_partial` (finished or diverged
-    runs shorter than the protocol)."""
+    `n_diverged_copies` of them copies), `n_failed` (runs that crashed: out of memory, a
+    missing file; no evidence about the lambda, and the same command resumes them),
+    `n_interrupted` (killed or still running: no evidence yet) and `n_partial` (finished
+    or diverged runs shorter than the protocol)."""
     runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
@@ -583,9 +583,9 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
                  paper: pd.DataFrame | None = None, include_partial: bool = False) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),
     `results.csv` (tidy `cell_results` of all tasks), `runs.csv` (the run table `df`: every
-    run it holds, its status, changes and, where it failed, its error) and, per table, `<T>.md` (text in
-    the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one number per
-    column). Returns the written paths."""
+    run it holds, its status, changes and, where it failed, its error) and, per table,
+    `<T>.md` (text in the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one
+    number per column). Returns the written paths."""
     paper = load_paper_tables() if paper is None else paper
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -190,7 +190,7 @@ def _read(path: Path, expected_sha256: str | None) -> bytes:
 def _fetch(spec: CorpusSpec, directory: Path, verify_checksums: bool) -> None:
     """Download the archive, extract the three files and verify them before moving them in."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(directory, f"{PARTIAL_PREFIX}*")       # what a killed fetch left
+    remove_stale_partials(directory)       # what a killed fetch left
     with tempfile.TemporaryDirectory(dir=directory, prefix=PARTIAL_PREFIX) as tmp:
         tmp_dir = Path(tmp)
         archive = download(spec.url, tmp_dir / spec.url.rsplit("/", 1)[-1])

@@ -49,16 +49,19 @@ PARTIAL_AGE_S = 600   # a download's leftovers untouched this long are a killed 
 PARTIAL_PREFIX = ".per-download-"   # its temp files and folders: never a user's file
 
 
-def remove_stale_partials(folder: Path, pattern: str) -> None:
-    """Remove what killed downloads left in `folder` (`pattern`: their temp files or
-    folders) once nothing in it has changed for `PARTIAL_AGE_S`: a running download
-    (another run's, say) keeps writing to its own."""
+def remove_stale_partials(folder: Path) -> None:
+    """Remove what killed downloads left in `folder` (temp files and folders named
+    `PARTIAL_PREFIX...`) once nothing in one has changed for `PARTIAL_AGE_S`: a running
+    download (another run's, say) keeps writing to its own."""
     now = time.time()
-    for path in folder.glob(pattern):
+    for path in folder.glob(f"{PARTIAL_PREFIX}*"):
         try:     # another process may remove its own leftovers meanwhile
-            newest = max(p.lstat().st_mtime for p in (path, *path.rglob("*")))
-            if now - newest > PARTIAL_AGE_S:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if now - max(p.lstat().st_mtime for p in (path, *path.rglob("*"))) <= PARTIAL_AGE_S:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
         except OSError:
             continue
 
@@ -71,7 +74,7 @@ def download(url: str, dest: str | Path, expected: str | None = None,
     """Download `url` to `dest` atomically (temp file, verify, rename)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dest.parent, f"{PARTIAL_PREFIX}*.part")
+    remove_stale_partials(dest.parent)
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, prefix=PARTIAL_PREFIX, suffix=".part") as tmp:
         tmp_path = Path(tmp.name)
         try:

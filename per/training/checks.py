@@ -50,10 +50,6 @@ NOT_PROTOCOL = ("seed", "method.lam", "data.val_size", *(f"method.{o}" for o in 
 # decides which tokens are scored (`per.data.corpus.batchify` drops the `len % B` tail)
 # and with what context (each of the B columns starts from a zero state).
 PROTOCOL_OF_TASK = {"lm": ("data.eval_batch_size",)}
-
-
-def _not_protocol(key: str, task: Any) -> bool:
-    return _under(key, NOT_PROTOCOL) and not _under(key, PROTOCOL_OF_TASK.get(task, ()))
 # Keys that method configs no longer hold where they do not apply (l1, l2, vcl), with
 # the value their absence stands for (the Regularizer's default): a stored run that
 # has one at this value is the same run.
@@ -298,6 +294,10 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def _decides_result(key: str) -> bool:
     return not _under(key, VOLATILE)
+
+
+def _not_protocol(key: str, task: Any) -> bool:
+    return _under(key, NOT_PROTOCOL) and not _under(key, PROTOCOL_OF_TASK.get(task, ()))
 
 
 def config_differences(stored: dict, new: dict, defaults: dict | None = None) -> list[str]:
