@@ -13,7 +13,8 @@ Two equivalent paths for PER/L1/L2:
 - "autograd": the site computes `L_site` with autograd and `penalty()` returns
   `lam * sum L_site` to add to the task loss.
 Both draw each site's directions in the forward pass from the global torch RNG, so
-with the same seed they use the same directions and give the same gradients
+with the same seed, run eagerly, they use the same directions and give the same gradients
+(a compiled model may draw its sites' directions in another order)
 (`sampling="subspace"` draws them in the backward instead: same distribution, other numbers).
 
 The backward path adds its gradient to what reaches the site, so it must know the factor
@@ -193,8 +194,8 @@ class Regularizer(nn.Module):
 
     The penalty acts only while `torch.is_grad_enabled()` and `model.training`.
     Call `begin_step()` before each training forward. A site's activation is saved for
-    the backward pass, so it must not be modified in place afterwards. Activation
-    checkpointing: the backward path works under both kinds; the autograd path needs
+    the backward pass (on either path, and by VCL), so it must not be modified in place
+    afterwards. Activation checkpointing: the backward path works under both kinds; the autograd path needs
     `use_reentrant=False` (a reentrant checkpoint runs the forward without grad, so no
     term is made; the recompute in backward warns).
     """
@@ -389,7 +390,7 @@ class Regularizer(nn.Module):
                              f"4 (B, C, H, W), got shape {tuple(h.shape)}")
         key = name.replace(".", "__")
         if create and key not in self.betas:
-            self.betas[key] = nn.Parameter(torch.ones(h.shape[1:], device=h.device))
+            self.betas[key] = nn.Parameter(torch.ones(h.shape[1:], device=h.device, dtype=compute_dtype(h)))
         if key not in self.betas:
             raise RuntimeError(f"VCL beta of site {name!r} missing: call materialize() "
                                "before training (and before building the optimizer)")
@@ -403,7 +404,7 @@ class Regularizer(nn.Module):
         if h.shape[0] < 2 * c:
             raise ValueError(f"VCL needs a batch of at least 2 * vcl_chunk = {2 * c} examples, "
                              f"got {h.shape[0]} at site {name!r}")
-        hf = h.float()
+        hf = h.to(compute_dtype(h))
         var1, var2 = hf[:c].var(dim=0), hf[c:2 * c].var(dim=0)
         value = (1 - var1 / (var2 + beta)).square().mean()
         self._add_term(name, self.lam * value)

@@ -31,8 +31,8 @@ class Site(nn.Module):
     to `(B, C, L, 1)` first for `C`-dimensional points. A site called more than once per
     forward is regularized at every call; its tracked statistics are the mean over the calls
     whose backward ran.
-    Its output must not be modified in place when a regularizer is attached with
-    `path="backward"` (the activation is saved for the backward pass).
+    Its output must not be modified in place while a regularizer is attached (on either
+    path, and under VCL, the activation is saved for the backward pass).
     """
 
     def __init__(self, role: str = "post") -> None:

@@ -781,3 +781,21 @@ def test_autograd_path_under_a_reentrant_checkpoint_warns_that_it_adds_nothing()
     out = checkpoint(model, x, use_reentrant=True)
     with pytest.warns(UserWarning, match="reentrant activation checkpoint"):
         (out.square().mean() + reg.penalty()).backward()
+
+
+def test_vcl_of_a_float64_model_is_float64():
+    model = _vcl_cnn().double()
+    x = _input((12, 3, 5, 5)).double()
+    reg = per.Regularizer(model, "vcl", 0.5)
+    reg.materialize(lambda: model(x))
+    assert all(b.dtype == torch.float64 for b in reg.betas.values())
+    reg.begin_step()
+    model(x)
+    penalty = reg.penalty()
+    assert penalty.dtype == torch.float64
+    with per.capture_sites(model, reg.site_names) as seen:
+        reg.begin_step()
+        model(x)
+    betas = {n: reg.betas[n.replace(".", "__")].detach().numpy() for n in reg.site_names}
+    want = sum(_np_vcl(seen[n][0].numpy(), betas[n]) for n in reg.site_names)
+    assert reg.penalty().item() == pytest.approx(0.5 * want, rel=1e-12)
