@@ -244,6 +244,20 @@ def test_a_signal_stops_launching_and_reaches_each_running_unit_once(tmp_path, s
     assert signal.getsignal(signum) == before                  # the handler is restored
 
 
+def test_a_signal_ignored_from_the_start_stays_ignored(tmp_path):
+    """Under `nohup` (SIGHUP ignored) a closed terminal does not stop the sweep."""
+    chains = [(None, _phase(tmp_path, "b", [0.0], [0, 1]))]
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGHUP)).start()
+        sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0"], wait=1.5)
+        assert stop == 0 and sched.failures == [] and "TERM" not in {r["event"] for r in rows}
+        assert sum(line.startswith("done b:0:") for line in lines) == 2
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_unit_that_fails_during_a_stop_is_a_failure_not_a_stop(tmp_path):
     """Exit 143 after the SIGTERM passed on is a clean stop; any other code is a failure."""
     chains = [(None, _phase(tmp_path, "b", [0.0], [0, 1]))]
