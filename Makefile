@@ -61,8 +61,8 @@ ablation: ## ResNet-56/CIFAR-10 PER: layout (channels, flatten) x reduction (sum
 strength: ## per-site gradient ratios of every family x lambda grid x layout x reduction -> results/strength/
 	$(PY) scripts/strength.py
 
-tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); folders from configs/paths (RUNS=: beside it)
-	$(PY) scripts/aggregate.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../tables)
+tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); rows with fewer than SEEDS seeds are marked; RUNS=: beside it
+	$(PY) scripts/aggregate.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../tables)
 
 figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths (RUNS=: beside it)
 	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../figures)

@@ -31,6 +31,10 @@ from per.training.run import run_length
 
 log = logging.getLogger(__name__)   # warnings and notes of planning and lambda choice
 
+# Seeds of a reproduction unless the command line says otherwise: of each reported row, and
+# of each lambda of an image cell's selection on the held-out split (`make reproduce-*`, `make tables`).
+DEFAULT_SEEDS, DEFAULT_SELECT_SEEDS = 3, 1
+
 # The ablation (ResNet-56, CIFAR-10, PER): layout x reduction, the first shared with Table 1,
 # then the slices preset once per value of its `slices_grid`.
 ABLATION_PRESETS = ("t1_cifar10_resnet56_per", "ablation_resnet56_channels_mean",
@@ -234,14 +238,14 @@ class SelectionError(RuntimeError):
 
 def chosen_lambda(phase: Phase) -> float:
     """The lambda with the best validation score among the selection phase's runs, once
-    every lambda of its grid has a finished or diverged run. Only runs of the phase's own
+    every (lambda, seed) of the phase has a finished or diverged run. Only runs of the phase's own
     config count, by the rule `Phase.done` applies, at any seed in the folder: runs of
     other lambdas (earlier `--lams` sweeps) and runs of another config (an older version
     of the preset) take no part; the latter are named.
 
     Raises:
-        SelectionError: a lambda of the grid has no finished or diverged run, or every run
-            of the best one diverged."""
+        SelectionError: a (lambda, seed) of the phase has no finished or diverged run, or
+            every run of the best lambda diverged."""
     cell_dir = phase.preset.cell_dir
     df, problems = collect_runs(cell_dir) if cell_dir.is_dir() else (None, [])
     for p in problems:
@@ -256,9 +260,11 @@ def chosen_lambda(phase: Phase) -> float:
         df = df[~df.run_dir.isin(other)].assign(**{CHANGES: lambda d: d[CHANGES].map(without_off_grid)})
     if df is None or df.empty:
         raise SelectionError(f"no selection runs under {cell_dir}")
-    if missing := sorted(grid - set(df.lam[df.status.isin((FINISHED, DIVERGED))])):
-        raise SelectionError(f"no finished or diverged selection run under {cell_dir} at lambda "
-                         f"{', '.join(map(lam_text, missing))}; the same command resumes them")
+    settled = df[df.status.isin((FINISHED, DIVERGED))]
+    if missing := sorted({(lam, seed) for lam in grid for seed in phase.seeds} - set(zip(settled.lam, settled.seed))):
+        raise SelectionError(f"no finished or diverged selection run under {cell_dir} at "
+                             + ", ".join(f"lambda {lam_text(lam)} seed {seed}" for lam, seed in missing)
+                             + "; the same command resumes them")
     chosen = select_lambda(df, phase.preset.task)
     lam = chosen.lam.iloc[0]
     if len(chosen) != 1 or math.isnan(lam):

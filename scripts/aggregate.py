@@ -18,6 +18,7 @@ import sys
 
 from experiments.common import add_run_source_arguments, check_report_folder, preset_protocol, suite_paths
 from per.analysis.tables import write_tables
+from per.sweep import DEFAULT_SEEDS, DEFAULT_SELECT_SEEDS
 from per.schema import FAILED
 from per.analysis.wandb_source import collect_source
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     add_run_source_arguments(ap)
     ap.add_argument("--out", default=suite_paths()["tables_dir"], help="folder for the tables (paths.tables_dir)")
     ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
+    ap.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                    help="seeds planned per reported row: rows with results from fewer are marked, not compared "
+                         "(0: no expectation)")
+    ap.add_argument("--select-seeds", type=int, default=DEFAULT_SELECT_SEEDS,
+                    help="seeds planned per lambda of an image cell's selection (0: no expectation)")
     ap.add_argument("--include-partial", action="store_true",
                     help="treat runs shorter than their protocol as complete (compare them with the paper)")
     args = ap.parse_args(argv)
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                      "averaged only where a row has no complete run, and not compared with the paper")
         print(f"[aggregate] {int(df.partial.sum())} runs shorter than their protocol: {treatment}",
               file=sys.stderr)
-    paths = write_tables(df, args.out, include_partial=args.include_partial)
+    paths = write_tables(df, args.out, include_partial=args.include_partial, seeds=args.seeds or None,
+                         select_seeds=args.select_seeds or None)
     for path in paths:
         if path.suffix == ".md":
             print(f"\n{path.read_text()}")

@@ -92,8 +92,9 @@ def main() -> int:
 
     print("3) tables and figures")
     for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures")):
+        seeds = ["--seeds", str(args.seeds), "--select-seeds", "1"] if script == "aggregate.py" else []
         subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--runs", str(runs),
-                        "--out", str(out / dest)], check=True)
+                        "--out", str(out / dest), *seeds], check=True)
     (out / "README.txt").write_text(BANNER + "\n")
     print(f"done in {time.time() - t0:.0f} s: {out}/tables, {out}/figures\n{BANNER}")
     return 0

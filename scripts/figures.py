@@ -60,11 +60,13 @@ def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     """Training curves at the chosen lambdas: reported runs, and for images also the
-    selection runs (the only ones with a validation error)."""
+    selection runs (the only ones with a validation error); finished runs only, as the
+    tables average (a diverged or killed run's epochs would pull the mean curve)."""
     paths = []
     sources = [("curves", report_runs), ("curves_selection", selection_runs)]
     for name, runs_of in sources:
         runs = at_chosen_lambda(df, runs_of)
+        runs = runs[runs.status == FINISHED]
         if name == "curves_selection":
             runs = runs[runs.task == "cifar"]
         metrics = load_run_metrics(runs)

@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--ablation", action="store_true", help="ResNet-56 PER: layout x reduction, then slices")
     ap.add_argument("--lams", type=_lams_arg,
                     help="comma-separated lambdas (default: the preset's lam_grid)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of the reported runs")
-    ap.add_argument("--select-seeds", type=int, default=1, help="seeds per lambda on the 45k/5k split")
+    ap.add_argument("--seeds", type=int, default=sweep.DEFAULT_SEEDS, help="seeds of the reported runs")
+    ap.add_argument("--select-seeds", type=int, default=sweep.DEFAULT_SELECT_SEEDS,
+                    help="seeds per lambda on the 45k/5k split")
     ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (pool launcher)")
     ap.add_argument("--runs-per-gpu", type=_runs_per_gpu_arg, default="auto",
                     help="runs at once per GPU (pool launcher); auto: the best count measured "
@@ -340,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     if not args.no_report:   # also after failures: the tables mark what they lack
         results = Path(args.runs).parent     # results/runs -> results/{tables,figures}
+        seed_args = {"aggregate.py": ["--seeds", str(args.seeds), "--select-seeds", str(args.select_seeds)]}
         report = [problem for script, dest in (("aggregate.py", "tables"), ("figures.py", "figures"))
                   if (problem := _run([sys.executable, str(ROOT / "scripts" / script), "--runs", args.runs,
-                                       "--out", str(results / dest)]))]
+                                       "--out", str(results / dest), *seed_args.get(script, [])]))]
     lines = []
     if failures:
         lines.append(f"{len(failures)} run failure{'s' * (len(failures) > 1)}: " + "; ".join(failures)

@@ -1,6 +1,7 @@
 """Run collection, honest lambda selection and tables, on generated run directories."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -290,7 +291,8 @@ def test_reduction_ablation_runs_stay_out_of_the_table_cell(tmp_path, paper):
     assert row(chosen, reduction="sum").lam == 1e-4 and row(chosen, reduction="sum").n_lams == 2
     assert row(chosen, reduction="mean").lam == 3.0
     t1 = tables.format_table(tables.cell_results(df, "cifar", paper), "T1")
-    assert set(t1.index) == {"per [channels, sum, s=256]", "per [channels, mean, s=256]"}
+    assert list(t1.index) == ["vanilla", "bn", "per [channels, mean, s=256]", "per [channels, sum, s=256]"]
+    assert t1.loc["vanilla"].iloc[0] == "— (no runs) · paper 7.21"       # the paper's rows stay
 
 
 def test_crashed_runs_are_failed_not_diverged(tmp_path, paper):
@@ -308,7 +310,7 @@ def test_crashed_runs_are_failed_not_diverged(tmp_path, paper):
     assert (chosen.lam, chosen.n, chosen.n_diverged, chosen.n_failed) == (1e-4, 1, 0, 1)
     result = row(tables.cell_results(df, "cifar", paper), method="per")
     assert (result.n, result.n_diverged, result.n_failed) == (1, 0, 1)
-    text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").iloc[0, 0]
+    text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").loc["per"].iloc[0]
     assert "1/2 failed" in text and "diverged" not in text
 
 
@@ -332,6 +334,8 @@ def test_a_lone_diverged_lambda_is_counted_but_gets_no_final_runs(tmp_path, pape
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
     with pytest.raises(sweep.SelectionError, match="diverged in every selection run"):
         sweep.chosen_lambda(_own_phase(cell_dir, [1e30]))
+    per_text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").loc["per"].iloc[0]
+    assert per_text.startswith("— (n=0) λ=1e+30 · ") and "validated" not in per_text    # it was: it diverged
     t3 = tables.format_table(tables.cell_results(df, "lm", paper), "T3")
     assert all("3/3 diverged" in text for text in t3.iloc[0])
 
@@ -514,8 +518,15 @@ def test_format_table_layouts(collected, paper):
     assert t1.loc["l1", ("cifar10", "resnet56", best)] == "—"
     assert t1.loc["l2", ("cifar10", "resnet56", error)] == "6.50 (n=1) λ=1e-04 (not validated)"
     t3 = tables.format_table(results, "T3", paper)
-    assert list(t3.index) == [("lstm", "vanilla"), ("lstm", "rbn"), ("lstm", "per")]
+    # The paper's cells of the columns we ran, without runs: `— (no runs) · paper X`, in its order.
+    assert list(t3.index) == [(model, method) for model in ("lstm", "re_lstm", "vd_lstm", "re_vd_lstm")
+                              for method in ("vanilla", "l1", "l2", "rbn", "per")]
     assert list(t3.columns) == [("ptb", "valid", "perplexity"), ("ptb", "test", "perplexity")]
+    assert t3.loc[("lstm", "l1"), ("ptb", "test", "perplexity")] == "— (no runs) · paper 114.1"
+    assert t1.loc["bn", ("cifar10", "resnet110", error)] == "— (no runs) · paper 6.62"
+    assert t1.loc["bn", ("cifar10", "resnet110", best)] == "—"
+    assert t1.loc["per [flatten, sum, s=256]", ("cifar10", "resnet110", error)] == "— (no runs) · paper 6.19"
+    assert pd.isna(t1.loc["l1", ("cifar10", "resnet110", error)])      # the paper has no such cell
     assert t3.loc[("lstm", "rbn"), ("ptb", "test", "perplexity")] == "115.0 (n=1) · paper 115.1 (-0.1)"
 
 
@@ -638,6 +649,9 @@ def test_aggregate_script(root, tmp_path, capsys):
     assert math.isnan(row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"])
     assert main(["--runs", str(root), "--out", str(tmp_path), "--include-partial"]) == 0
     assert "treated as complete" in capsys.readouterr().err
+    t1 = pd.read_csv(tmp_path / "T1.csv")      # the default 3 seeds planned: ResNet-110 ran 2
+    assert row(t1, model="resnet110")["not compared with the paper because"] == "seeds missing"
+    assert main(["--runs", str(root), "--out", str(tmp_path), "--include-partial", "--seeds", "2"]) == 0
     assert row(pd.read_csv(tmp_path / "T1.csv"), model="resnet110")["ours - paper"] == pytest.approx(24.1)
     (tmp_path / "nothing").mkdir()
     assert main(["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "empty")]) == 0
@@ -665,7 +679,8 @@ def test_failed_runs_errors_are_listed_by_aggregate_and_in_runs_csv(tmp_path, ca
     runs = pd.read_csv(tmp_path / "t/runs.csv")
     assert len(runs) == 5 and sorted(runs.error.dropna()) == [missing, missing, "RuntimeError: CUDA out of memory"]
     assert runs[runs.status == "finished"].error.isna().all()
-    assert "| per | — (n=0) λ=1e-04 (not validated) · 4/4 failed (error in runs.csv; rerun resumes)" in (
+    assert ("| per | — (n=0) λ=1e-04 (not validated) · results from 0 of 3 seeds · 4/4 failed (error in "
+            "runs.csv; rerun resumes) · paper 6.72 (not compared: seeds missing) |") in (
         tmp_path / "t/T1.md").read_text()
 
 
@@ -862,9 +877,12 @@ def test_chosen_lambda_needs_every_lambda_of_the_grid_and_only_those(tmp_path, c
     make_run(tmp_path, **PER, **SEL, lam=1e-2, final=image(1.0, None))      # an earlier --lams sweep
     cell_dir = next((tmp_path / "cifar").glob("*_per_*"))
     phase = functools.partial(_own_phase, cell_dir)
-    with pytest.raises(sweep.SelectionError, match="at lambda 0.0003; the same command resumes them"):
+    with pytest.raises(sweep.SelectionError, match="at lambda 0.0003 seed 0; the same command resumes them"):
         sweep.chosen_lambda(phase([1e-4, 3e-4]))
     assert sweep.chosen_lambda(phase([1e-4])) == 1e-4       # 1e-2 scores better but is not in the grid
+    two_seeds = dataclasses.replace(phase([1e-4]), seeds=[0, 1])    # SELECT_SEEDS=2: seed 1 never ran
+    with pytest.raises(sweep.SelectionError, match="at lambda 0.0001 seed 1; the same command resumes them"):
+        sweep.chosen_lambda(two_seeds)
 
 
 def test_of_two_finished_copies_of_a_run_the_newest_attempt_counts(tmp_path):
@@ -1031,3 +1049,96 @@ def test_lambdas_that_agree_to_six_digits_keep_labels_of_their_own(tmp_path):
     df, _ = collect.collect_runs(tmp_path)
     assert df.changes.tolist() == ["method.lam=0.00010000001 (not in the grid)"]
     assert df.lam_grid.tolist() == ["0.0001, 3e-05"]
+
+
+LM = {"task": "lm", "dataset": "ptb", "model": "lstm"}
+LM_FINAL = {TRAIN_LOSS: 4.0, VAL_PPL: 300.0, TEST_PPL: 290.0}
+
+
+def test_rows_and_grids_short_of_the_planned_seeds_are_marked_and_not_compared(tmp_path, paper):
+    """A reproduction stopped between launches: the LM's 3e-4 ran one seed of three and
+    scores best on it; the vanilla image row has one final seed of three. Given the
+    planned seeds, neither is compared with the paper and the grid is incomplete; without
+    them, as before, they are."""
+    for seed, (val, test) in enumerate([(123, 122), (124, 121), (125, 123)]):
+        make_run(tmp_path, **LM, seed=seed, final=LM_FINAL, best=lm(val, test))
+    grid = {**LM, **PER, "lam_grid": [3e-4, 1e-4, 3e-5]}
+    make_run(tmp_path, **grid, lam=3e-4, seed=0, final=LM_FINAL, best=lm(110, 112))
+    for lam, (val, test) in ((1e-4, (118, 114)), (3e-5, (119, 100))):
+        for seed in range(3):
+            make_run(tmp_path, **grid, lam=lam, seed=seed, final=LM_FINAL, best=lm(val, test))
+    make_run(tmp_path, final=image(None, 6.0))
+    df, _ = collect.collect_runs(tmp_path)
+
+    res = tables.all_results(df, paper, seeds=3, select_seeds=1)
+    per = row(res, method="per", split="test")
+    assert (per.lam, per.n, per.n_settled, per.seeds_short) == (3e-4, 1, 1, True)
+    assert per.grid_incomplete and per.n_scored == 2 and per.not_compared == "seeds missing"
+    assert math.isnan(per["diff"])
+    assert not row(res, method="vanilla", split="test", task="lm").seeds_short
+    vanilla = row(res, method="vanilla", task="cifar")
+    assert vanilla.seeds_short and vanilla.not_compared == "seeds missing" and math.isnan(vanilla["diff"])
+    t3 = tables.format_table(res, "T3", paper).loc[("lstm", "per"), ("ptb", "test", "perplexity")]
+    assert t3 == ("112.0 (n=1) λ=3e-04 · grid incomplete: 2/3 λ scored · results from 1 of 3 seeds"
+                  " · paper 114.5 (not compared: seeds missing)")
+    t1 = tables.format_table(res, "T1", paper).iloc[0, 0]
+    assert t1 == "6.00 (n=1) · results from 1 of 3 seeds · paper 7.21 (not compared: seeds missing)"
+
+    unplanned = tables.all_results(df, paper)
+    assert row(unplanned, method="per", split="test")["diff"] == pytest.approx(112 - 114.5)
+    assert not row(unplanned, method="per", split="test").grid_incomplete
+
+
+def test_a_baseline_unfit_to_compare_gives_no_difference(tmp_path, paper):
+    """A complete PER row against a partial vanilla row (smoke runs), or one short of its
+    seeds: no difference or interval, and the text says why."""
+    grid = {**PER, "lam_grid": [1e-4, 3e-5]}
+    for lam, val in ((1e-4, 5.9), (3e-5, 6.1)):
+        make_run(tmp_path, **grid, **SEL, lam=lam, final=image(val, 6.0))
+    for seed, test in enumerate([6.6, 6.7, 6.8]):
+        make_run(tmp_path, **grid, lam=1e-4, seed=seed, final=image(None, test))
+    for seed, test in enumerate([80.0, 82.0, 84.0]):
+        make_run(tmp_path, seed=seed, max_steps=6, final=image(None, test))
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert per.baseline_note == "vanilla: partial" and math.isnan(per.vs_baseline) and math.isnan(per.ci_low)
+    assert per["diff"] == pytest.approx(6.7 - 6.72)
+    text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").loc["per", ("cifar10", "resnet56",
+                                                                                        "test error (%)")]
+    assert text.endswith("· paper 6.72 (-0.02) · vs vanilla: not compared (vanilla: partial)")
+    # Both partial (a demo), or partial runs treated as complete: compared.
+    both = row(tables.cell_results(df, "cifar", paper, include_partial=True), method="per")
+    assert both.baseline_note == "" and both.vs_baseline == pytest.approx(6.7 - 82.0)
+    # A complete vanilla row with one seed of three.
+    for run_dir in (tmp_path / "cifar").glob("*vanilla*/*"):
+        shutil.rmtree(run_dir)
+    make_run(tmp_path, final=image(None, 7.2))
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper, seeds=3), method="per")
+    assert per.baseline_note == "vanilla: seeds missing" and math.isnan(per.vs_baseline)
+    assert row(tables.cell_results(df, "cifar", paper), method="per").vs_baseline == pytest.approx(6.7 - 7.2)
+
+
+def test_a_lambda_never_validated_is_not_compared(tmp_path, paper):
+    """Final runs at a lambda without selection runs or a recorded grid (hand-made or W&B
+    records); VCL's fixed weight (a grid of one) stays compared."""
+    for seed in range(3):
+        make_run(tmp_path, **PER, model="resnet110", lam=1e-4, seed=seed, final=image(None, 6.0))
+    df, _ = collect.collect_runs(tmp_path)
+    per = row(tables.cell_results(df, "cifar", paper), method="per")
+    assert per.not_validated and per.not_compared == "λ not validated" and math.isnan(per["diff"])
+    text = tables.format_table(tables.cell_results(df, "cifar", paper), "T1").loc["per"].iloc[0]
+    assert text == "6.00 ± 0.00 (n=3) λ=1e-04 (not validated) · paper 6.19 (not compared: λ not validated)"
+
+
+def test_tables_say_how_lambda_was_chosen(collected, paper, tmp_path):
+    df, _ = collected
+    tables.write_tables(df, tmp_path, paper, seeds=3, select_seeds=1)
+    t1 = (tmp_path / "T1.md").read_text()
+    assert ("Here: λ chosen on 5000 held-out training images, over 1-2 finished selection runs of the "
+            "chosen λ; 3 seeds planned per row.") in t1
+    t3 = (tmp_path / "T3.md").read_text()
+    assert "Here: λ chosen on validation perplexity, over 2 finished selection runs of the chosen λ;" in t3
+    numbers = pd.read_csv(tmp_path / "T1.csv")
+    per = row(numbers, method="per [channels, sum, s=256]")
+    assert (per["selection runs of the lambda"], per["seeds planned"], per["runs with a result"]) == (2, 3, 4)

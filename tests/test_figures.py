@@ -314,3 +314,26 @@ def test_a_point_of_one_run_gets_no_error_bar_rather_than_a_zero_one():
     assert np.allclose(segments[0][:, 1], [4.5, 5.5])
     assert segments[1].size == 0 or np.isnan(segments[1]).any()      # nothing drawn
     plt.close(fig)
+
+
+def test_training_curves_average_only_the_runs_the_table_averages(tmp_path, monkeypatch):
+    """A diverged and a killed run at the chosen lambda are counted in the table's row,
+    not averaged: the curves leave them out too, so their last point is the row's mean."""
+    from test_analysis import image, make_run
+    runs = tmp_path / "runs"
+    for lam, val in ((1e-4, 5.9), (3e-5, 6.1)):
+        make_run(runs, method="per", lam=lam, val_size=5000, final=image(val, 6.0))
+    make_run(runs, method="per", lam=1e-4, val_size=5000, seed=1, status="interrupted", final=image(None, None),
+             earlier_test=90.0)
+    for seed, test, status in ((0, 6.6, "finished"), (1, 6.8, "finished"), (2, None, "diverged"),
+                               (3, 50.0, "interrupted")):
+        make_run(runs, method="per", lam=1e-4, seed=seed, status=status, final=image(None, test), earlier_test=60.0)
+    drawn = {}
+    monkeypatch.setattr(figures, "plot_training_curves",
+                        lambda metrics, out, name: drawn.setdefault(name, metrics) is None or [])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
+    from per.analysis import collect
+    runpy.run_path(str(script))["plot_curves"](collect.collect_runs(runs)[0], tmp_path / "figures")
+    last = drawn["curves"][drawn["curves"].epoch == drawn["curves"].epoch.max()]
+    assert sorted(last.seed) == [0, 1] and last[TEST_ERROR].mean() == pytest.approx(6.7)
+    assert sorted(drawn["curves_selection"].status.unique()) == ["finished"]

@@ -23,6 +23,11 @@ is marked partial and not compared with the paper unless `include_partial` is se
 selection still ranks partial runs only where a cell has no complete one). Runs whose
 command line changed their preset's protocol (`changes`, e.g. `optim.epochs=30`) form
 rows of their own, labelled with the changes and never compared with the paper.
+
+Where the caller names the seeds it planned (`seeds` per reported row, `select_seeds` per
+lambda of an image cell's selection; `make tables SEEDS=3 SELECT_SEEDS=1`), a row with
+results (finished or diverged) from fewer seeds, or a grid with a lambda that has fewer,
+is marked and not compared with the paper (a job stopped between launches leaves both).
 """
 from __future__ import annotations
 
@@ -107,20 +112,22 @@ def lambda_scores(df: pd.DataFrame, task: str) -> pd.DataFrame:
     copies of counted runs, `collect.drop_duplicate_runs`: evidence against the lambda;
     `n_diverged_copies` of them copies), `n_failed` (runs that crashed: out of memory, a
     missing file; no evidence about the lambda, and the same command resumes them),
-    `n_interrupted` (killed or still running: no evidence yet) and `n_partial` (finished
-    or diverged runs shorter than the protocol)."""
+    `n_interrupted` (killed or still running: no evidence yet), `n_partial` (finished
+    or diverged runs shorter than the protocol) and `n_settled` (runs with a result:
+    finished or diverged, or with a diverged copy)."""
     runs = drop_partial_beside_complete(selection_runs(df, task))
     runs = runs.assign(
         value=runs[metric_column(task, SELECTION_METRIC[task])].where(runs.status == FINISHED),
         diverged=(runs.status == DIVERGED).astype(int) + runs.diverged_copies,
         failed=runs.status == FAILED,
         interrupted=runs.status == INTERRUPTED,
+        settled=runs.status.isin((FINISHED, DIVERGED)) | (runs.diverged_copies > 0),
         partial_evidence=runs.partial & runs.status.isin((FINISHED, DIVERGED)))
     return (runs.groupby([*GROUP_KEYS, "lam"], dropna=False)
             .agg(score=("value", "mean"), score_std=("value", "std"), n=("value", "count"),
                  n_diverged=("diverged", "sum"), n_diverged_copies=("diverged_copies", "sum"),
                  n_failed=("failed", "sum"), n_interrupted=("interrupted", "sum"),
-                 n_partial=("partial_evidence", "sum"))
+                 n_partial=("partial_evidence", "sum"), n_settled=("settled", "sum"))
             .reset_index())
 
 
@@ -135,7 +142,7 @@ def lambda_reports(df: pd.DataFrame, task: str) -> pd.DataFrame:
             .reset_index())
 
 
-def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
+def select_lambda(df: pd.DataFrame, task: str, seeds_per_lambda: int | None = None) -> pd.DataFrame:
     """The chosen lambda of every cell (and ablation variant) of `task`.
 
     The lowest mean validation score wins, except that a lambda with a diverged
@@ -145,8 +152,9 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     refuses it for a final phase); a cell with several lambdas and no selection scores
     gets NaN. Columns: the group keys, lam, score, score_std, n, n_diverged, n_failed,
     n_lams; the counts are those of the chosen lambda, or of the whole cell's selection
-    runs where none has a score; `n_scored` (lambdas of the grid with a finished or
-    diverged selection run; any lambda where the cell records no grid) and `grid_size`
+    runs where none has a score; `n_scored` (lambdas of the grid with finished or
+    diverged selection runs of at least `seeds_per_lambda` seeds, default 1; any lambda
+    where the cell records no grid) and `grid_size`
     (lambdas in the cell's grid, NA without one): where a grid of several lambdas has
     unscored ones, the choice is among part of the grid; `n_unsettled` (the cell's
     selection runs without a result: failed or interrupted), `select_val_size` (images:
@@ -170,7 +178,7 @@ def select_lambda(df: pd.DataFrame, task: str) -> pd.DataFrame:
     totals = all_scores.merge(cells[[*GROUP_KEYS, "grid"]], on=GROUP_KEYS, how="left")
     in_grid = pd.Series([not grid or lam_text(lam) in grid for lam, grid in zip(totals.lam, totals.grid)],
                         index=totals.index, dtype=bool)
-    cell_totals = (totals.assign(scored=((totals.n > 0) | (totals.n_diverged > 0)) & in_grid,
+    cell_totals = (totals.assign(scored=(totals.n_settled >= (seeds_per_lambda or 1)) & in_grid,
                                  unsettled=totals.n_failed + totals.n_interrupted)
                    .groupby(GROUP_KEYS, dropna=False)
                    .agg(cell_diverged=("n_diverged", "sum"), cell_failed=("n_failed", "sum"),
@@ -240,8 +248,13 @@ def at_chosen_lambda(df: pd.DataFrame, runs_of: Callable[[pd.DataFrame, str], pd
 
 
 def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
-                 include_partial: bool = False) -> pd.DataFrame:
+                 include_partial: bool = False, seeds: int | None = None,
+                 select_seeds: int | None = None) -> pd.DataFrame:
     """One row per (cell, variant, split) of `task`, at the chosen lambda.
+
+    `seeds`: the seeds planned per reported row; `select_seeds`: per lambda of an image
+    cell's selection (a language model's lambdas are chosen on its reported runs, so on
+    `seeds`). None: no expectation.
 
     Columns: the group keys, split, lam, score (selection), mean, std (ddof=1), n
     (finished reported runs), n_diverged, n_failed (crashed), n_interrupted,
@@ -259,10 +272,16 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     best_test (images: mean over the same runs
     of the best test epoch's error; NaN for language models), best_test_diff
     (best_test - paper), baseline, vs_baseline (mean - baseline mean), ci_low, ci_high
-    (95% Welch interval of vs_baseline), task.
+    (95% Welch interval of vs_baseline; NaN where the baseline row is not fit to compare
+    with: `baseline_note` says why), n_settled (reported runs with a result: finished or
+    diverged), seeds_expected (`seeds`), seeds_short (fewer than `seeds` runs with a
+    result), not_validated (a lambda > 0 without a finished or diverged selection run, not
+    a grid's only lambda), n_select, n_select_diverged (finished, diverged selection runs of
+    the chosen lambda), not_compared
+    (why `diff` is NaN though the paper has a value: "" where it is compared), task.
     """
     paper = load_paper_tables() if paper is None else paper
-    chosen = _choices(df, task)
+    chosen = _choices(df, task, select_seeds if task == "cifar" else seeds)
     runs = _kept_runs(report_runs(df, task).merge(chosen[[*GROUP_KEYS, "lam"]],
                                                   on=[*GROUP_KEYS, "lam"]), include_partial)
     kept = runs[runs.kept]
@@ -281,26 +300,54 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
            .merge(summary, on=[*GROUP_KEYS, "split"], how="left")
            .merge(counts, on=GROUP_KEYS, how="left")
            .merge(published, on=[*CELL_KEYS, "split"], how="left"))
-    numbers = ["n", "n_diverged", "n_failed", "n_interrupted", "n_partial_excluded", "n_diverged_copies"]
+    numbers = ["n", "n_diverged", "n_failed", "n_interrupted", "n_partial_excluded", "n_diverged_copies",
+               "n_settled", "n_select", "n_select_diverged"]
     out[numbers] = out[numbers].fillna(0).astype(int)
     out["partial"] = out.partial.eq(True)
     out["values"] = [v if isinstance(v, list) else [] for v in out["values"]]
     is_test = out.split == PAPER_SPLIT[TEST]
     out["best_test"] = out.best_test.where(is_test) if task == "cifar" else math.nan
-    compared = ((include_partial | ~(out.partial | out.selection_partial)) & out[CHANGES].eq("")
-                & out.n_diverged_copies.eq(0) & ~out.grid_incomplete & ~out.choice_unsettled
-                & ~out.off_protocol_split)
-    out["diff"] = (out["mean"] - out.paper).where(compared)
-    out["best_test_diff"] = (out.best_test - out.paper).where(compared)
-    return _against_baselines(out).drop(columns=["values"]).assign(task=task)
+    out["seeds_expected"] = pd.array([seeds] * len(out), dtype="Int64")
+    out["seeds_short"] = out.n_settled.lt(seeds) if seeds else False
+    grid_only = out.grid_size.eq(1).fillna(False).astype(bool)          # a protocol constant: VCL's weight
+    out["not_validated"] = out.lam.gt(0) & out.n_select.eq(0) & out.n_select_diverged.eq(0) & ~grid_only
+    out["not_compared"] = _not_compared(out, include_partial)
+    out["diff"] = (out["mean"] - out.paper).where(out.not_compared.eq(""))
+    out["best_test_diff"] = (out.best_test - out.paper).where(out.not_compared.eq(""))
+    return _against_baselines(out, include_partial).drop(columns=["values"]).assign(task=task)
 
 
-def _choices(df: pd.DataFrame, task: str) -> pd.DataFrame:
+# Why a row is not compared with the paper, in order of precedence: (reason, row's flag).
+NOT_COMPARED = (
+    ("protocol changed", lambda out, partial_ok: out[CHANGES].ne("")),
+    ("partial", lambda out, partial_ok: (out.partial | out.selection_partial) & (not partial_ok)),
+    ("seeds missing", lambda out, partial_ok: out.seeds_short),
+    ("a duplicate diverged", lambda out, partial_ok: out.n_diverged_copies.gt(0)),
+    ("λ not validated", lambda out, partial_ok: out.not_validated),
+    ("grid incomplete", lambda out, partial_ok: out.grid_incomplete),
+    ("selection unsettled", lambda out, partial_ok: out.choice_unsettled),
+    ("other held-out size", lambda out, partial_ok: out.off_protocol_split),
+)
+
+
+def _not_compared(out: pd.DataFrame, include_partial: bool, skip: Sequence[str] = ()) -> pd.Series:
+    """Per row, the first `NOT_COMPARED` reason that applies (those in `skip` aside), ""
+    where none does."""
+    reason = pd.Series("", index=out.index)
+    for text, applies in reversed(NOT_COMPARED):
+        if text not in skip:
+            reason = reason.mask(applies(out, include_partial).astype(bool), text)
+    return reason
+
+
+def _choices(df: pd.DataFrame, task: str, seeds_per_lambda: int | None) -> pd.DataFrame:
     """`select_lambda`'s choice per (cell, variant), flagged where a grid's choice is not
     yet the protocol's: grid_incomplete, choice_unsettled, off_protocol_split (and
-    `select_lambda`'s selection_partial)."""
-    chosen = select_lambda(df, task)[[*GROUP_KEYS, "lam", "score", "n_scored", "grid_size", "n_unsettled",
-                                      "select_val_size", "selection_partial"]]
+    `select_lambda`'s selection_partial); `n_select`, `n_select_diverged`: its `n`, `n_diverged`."""
+    chosen = (select_lambda(df, task, seeds_per_lambda)
+              [[*GROUP_KEYS, "lam", "score", "n", "n_diverged", "n_scored", "grid_size", "n_unsettled",
+                "select_val_size", "selection_partial"]]
+              .rename(columns={"n": "n_select", "n_diverged": "n_select_diverged"}))
     # An off-grid lambda is a row of its own, not part of a grid.
     grid = (chosen.grid_size > 1).fillna(False).astype(bool) & ~is_off_grid(chosen[CHANGES])
     # NA (language models, whose choice has no held-out split) is no other split.
@@ -313,8 +360,10 @@ def _choices(df: pd.DataFrame, task: str) -> pd.DataFrame:
 def _run_counts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (cell, variant): the kept runs that diverged, failed or were interrupted, the
     partial runs left out, whether kept runs are partial, the diverged copies of kept runs,
-    and the mean best test error of the finished ones (images)."""
+    the kept runs with a result (finished or diverged), and the mean best test error of
+    the finished ones (images)."""
     return (runs.assign(n_diverged=runs.kept & (runs.status == DIVERGED),
+                        n_settled=runs.kept & runs.status.isin((FINISHED, DIVERGED)),
                         n_failed=runs.kept & (runs.status == FAILED),
                         n_interrupted=runs.kept & (runs.status == INTERRUPTED),
                         n_partial_excluded=~runs.kept,
@@ -325,34 +374,49 @@ def _run_counts(runs: pd.DataFrame) -> pd.DataFrame:
             .agg(n_diverged=("n_diverged", "sum"), n_failed=("n_failed", "sum"),
                  n_interrupted=("n_interrupted", "sum"),
                  n_partial_excluded=("n_partial_excluded", "sum"), partial=("partial", "any"),
-                 n_diverged_copies=("n_diverged_copies", "sum"), best_test=("best_test", "mean"))
+                 n_diverged_copies=("n_diverged_copies", "sum"), n_settled=("n_settled", "sum"),
+                 best_test=("best_test", "mean"))
             .reset_index())
 
 
-def _against_baselines(out: pd.DataFrame) -> pd.DataFrame:
+def _against_baselines(out: pd.DataFrame, include_partial: bool) -> pd.DataFrame:
     """`out` with each row's baseline (same table, dataset, model, activation, protocol
     changes and split; `baseline_method`), vs_baseline (mean - baseline mean) and its 95%
-    Welch interval (ci_low, ci_high)."""
+    Welch interval (ci_low, ci_high). These are NaN where the baseline row is not fit to
+    compare with, and `baseline_note` says why (where both rows have a mean): a
+    `NOT_COMPARED` reason of its own (its protocol changes are the row's), or a partial
+    baseline beside a complete row or the reverse (unless `include_partial`)."""
     baseline = out.method.map(baseline_method)
-    out = out.assign(baseline=baseline.where(baseline != out.method))
-    baselines = (out[[*CELL_KEYS, CHANGES, "split", "mean", "values"]]
+    partial = (out.partial | out.selection_partial) & (not include_partial)
+    out = out.assign(baseline=baseline.where(baseline != out.method), partial_any=partial,
+                     blocker=_not_compared(out, include_partial, skip=("protocol changed", "partial")))
+    baselines = (out[[*CELL_KEYS, CHANGES, "split", "mean", "values", "partial_any", "blocker"]]
                  .drop_duplicates(subset=[*CELL_KEYS, CHANGES, "split"])
-                 .rename(columns={"method": "baseline", "mean": "baseline_mean",
-                                  "values": "baseline_values"}))
+                 .rename(columns={"method": "baseline", "mean": "baseline_mean", "values": "baseline_values",
+                                  "partial_any": "baseline_partial", "blocker": "baseline_blocker"}))
     out = out.merge(baselines, on=[*CELL_KEYS[:-1], "baseline", CHANGES, "split"], how="left")
-    out["vs_baseline"] = out["mean"] - out.baseline_mean
-    intervals = [welch_interval(ours, theirs if isinstance(theirs, list) else [])
-                 for ours, theirs in zip(out["values"], out.baseline_values)]
+    note = pd.Series("", index=out.index)
+    mismatch = out.baseline_partial.notna() & out.baseline_partial.ne(out.partial_any)
+    note = note.mask(mismatch, out.baseline + ": " + out.baseline_partial.map(
+        {True: "partial", False: "complete, this row partial"}, na_action="ignore").fillna(""))
+    blocked = out.baseline_blocker.fillna("").ne("")
+    note = note.mask(blocked, out.baseline + ": " + out.baseline_blocker.fillna(""))
+    out["baseline_note"] = note.where(out["mean"].notna() & out.baseline_mean.notna(), "")
+    fit = note.eq("")
+    out["vs_baseline"] = (out["mean"] - out.baseline_mean).where(fit)
+    intervals = [welch_interval(ours, theirs if ok and isinstance(theirs, list) else [])
+                 for ours, theirs, ok in zip(out["values"], out.baseline_values, fit)]
     out["ci_low"] = [low for low, _ in intervals]
     out["ci_high"] = [high for _, high in intervals]
-    return out.drop(columns=["baseline_mean", "baseline_values"])
+    return out.drop(columns=["baseline_mean", "baseline_values", "baseline_partial", "baseline_blocker",
+                             "partial_any", "blocker"])
 
 
-def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None,
-                include_partial: bool = False) -> pd.DataFrame:
+def all_results(df: pd.DataFrame, paper: pd.DataFrame | None = None, include_partial: bool = False,
+                seeds: int | None = None, select_seeds: int | None = None) -> pd.DataFrame:
     """`cell_results` of every task present in the run table, stacked."""
     paper = load_paper_tables() if paper is None else paper
-    frames = [cell_results(df, task, paper, include_partial)
+    frames = [cell_results(df, task, paper, include_partial, seeds, select_seeds)
               for task in TASKS if (df.task == task).any()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -398,7 +462,7 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += " λ not selected"
     elif row.lam > 0:
         fixed = pd.notna(row.grid_size) and row.grid_size == 1   # a protocol constant: VCL's weight
-        text += f" λ={row.lam:.0e}" + (" (fixed)" if fixed else " (not validated)" if pd.isna(row.score) else "")
+        text += f" λ={row.lam:.0e}" + (" (fixed)" if fixed else " (not validated)" if row.not_validated else "")
     if row.grid_incomplete:
         text += f" · grid incomplete: {row.n_scored}/{row.grid_size} λ scored"
     if row.choice_unsettled:
@@ -406,6 +470,8 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
     if row.off_protocol_split:
         text += f" · λ chosen on {row.select_val_size} held-out images (protocol: {SELECTION_VAL_SIZE})"
     total = row.n + row.n_diverged + row.n_failed + row.n_interrupted
+    if row.seeds_short:
+        text += f" · results from {row.n_settled} of {row.seeds_expected} seeds"
     if row.n_diverged:
         text += f" · {row.n_diverged}/{total} diverged"
     if row.n_diverged_copies:
@@ -424,19 +490,11 @@ def _cell_text(row: pd.Series, decimals: int) -> str:
         text += f" · paper {row.paper:{f}}"
         if pd.notna(row["diff"]):
             text += f" ({row['diff']:+{f}})"
-        elif row[CHANGES]:
-            text += " (not compared: protocol changed)"
-        elif row.partial or row.selection_partial:
-            text += " (not compared: partial)"
-        elif row.n_diverged_copies:
-            text += " (not compared: a duplicate diverged)"
-        elif row.grid_incomplete:
-            text += " (not compared: grid incomplete)"
-        elif row.choice_unsettled:
-            text += " (not compared: selection unsettled)"
-        elif row.off_protocol_split:
-            text += " (not compared: other held-out size)"
-    if pd.notna(row.ci_low):
+        elif row.not_compared:
+            text += f" (not compared: {row.not_compared})"
+    if row.baseline_note:
+        text += f" · vs {row.baseline}: not compared ({row.baseline_note})"
+    elif pd.notna(row.ci_low):
         text += (f" · vs {row.baseline} {row.vs_baseline:+{f}}"
                  f" [{row.ci_low:+{f}}, {row.ci_high:+{f}}]")
     return text
@@ -499,8 +557,52 @@ def format_table(results: pd.DataFrame, table_id: str,
         [(*key, q) for key in col_keys.itertuples(index=False) for q in quantities],
         names=[*cols, "metric"])
     row_index = pd.MultiIndex.from_frame(t[rows].drop_duplicates())
-    return wide.reindex(index=row_index if len(rows) > 1 else row_index.get_level_values(0),
-                        columns=col_index)
+    wide = wide.reindex(index=row_index if len(rows) > 1 else row_index.get_level_values(0), columns=col_index)
+    return _with_paper_cells(wide, table_id, rows, cols, quantities, paper, max(DECIMALS[k] for k in t.task))
+
+
+NO_RUNS = "— (no runs)"
+
+
+def _with_paper_cells(wide: pd.DataFrame, table_id: str, rows: list[str], cols: list[str],
+                      quantities: list[str], paper: pd.DataFrame, decimals: int) -> pd.DataFrame:
+    """`wide` (`format_table`'s) with the paper's cells that no run reached in the columns
+    it has: `— (no runs) · paper X` in each row of the cell's method (its variants too;
+    rows of changed protocols stay empty), and rows for the paper's methods without runs
+    there, in the paper's order. Columns without runs stay out (a sweep of one cell gets
+    a table of that cell)."""
+    index, columns = list(wide.index), list(wide.columns)
+    present = {c[:-1] for c in columns}
+    published = [cell for cell in paper[paper.table == table_id].itertuples(index=False)
+                 if tuple(getattr(cell, k) for k in cols) in present]
+    texts = {}
+    for cell in published:
+        keys = tuple(getattr(cell, k) for k in rows)             # the method last
+        labels = [i for i in index if (i if len(rows) > 1 else (i,))[:-1] == keys[:-1]
+                  and _row_method(i if len(rows) == 1 else i[-1]) == cell.method]
+        if not labels:
+            labels = [keys if len(rows) > 1 else keys[0]]
+            index.append(labels[0])
+        col = tuple(getattr(cell, k) for k in cols)
+        for label in labels:
+            texts[label, col] = f"{NO_RUNS} · paper {cell.value:.{decimals}f}"
+    models = list(paper.model.unique())        # T3's rows: (model, method)
+    index = sorted(index, key=lambda i: method_sort_key(i)[0] if len(rows) == 1 else
+                   (models.index(i[0]) if i[0] in models else len(models), method_sort_key(i[-1])[0]))
+    wide = wide.reindex(index=pd.MultiIndex.from_tuples(index, names=rows) if len(rows) > 1 else
+                        pd.Index(index, name=rows[0])).astype(object)
+    for (label, col), text in texts.items():
+        if pd.isna(wide.at[label, (*col, quantities[0])]):
+            wide.at[label, (*col, quantities[0])] = text
+            for q in quantities[1:]:
+                wide.at[label, (*col, q)] = "—"
+    return wide
+
+
+def _row_method(label: str) -> str | None:
+    """The method of a row label (`per [flatten, sum, s=256]` -> per); None for a row of
+    changed protocols, which the paper's numbers do not describe."""
+    return None if "{changed" in label else label.split(" [")[0]
 
 
 def table_numbers(results: pd.DataFrame, table_id: str,
@@ -524,6 +626,9 @@ def table_numbers(results: pd.DataFrame, table_id: str,
         "grid_size": "lambdas in grid", "n_unsettled": "selection runs without a result",
         "select_val_size": "held-out images of the selection",
         "selection_partial": "lambda chosen on partial runs", "n_diverged_copies": "duplicates diverged",
+        "n_select": "selection runs of the lambda", "n_settled": "runs with a result",
+        "seeds_expected": "seeds planned", "not_compared": "not compared with the paper because",
+        "baseline_note": "not compared with the baseline because",
     }
     return t[[*rows, *cols, *columns]].rename(columns=columns).reset_index(drop=True)
 
@@ -562,9 +667,31 @@ LEGEND = ("mean ± std over seeds (n finished runs) at the λ chosen on validati
           "from runs shorter than their protocol or a λ chosen on such runs, "
           "{changed: key=value} rows from runs whose command line changed their preset's "
           "protocol or whose λ is outside the preset's grid, \"grid incomplete\" rows from "
-          "a λ chosen before every λ of the grid had a finished or diverged selection run, "
-          "and \"duplicate diverged\" rows from runs of which another copy diverged; none "
-          "is compared with the paper.")
+          "a λ chosen before every λ of the grid had a finished or diverged selection run "
+          "(from every planned seed, where the seeds are given), \"results from k of m seeds\" "
+          "rows from fewer runs with a result than the planned seeds, and \"duplicate "
+          "diverged\" rows from runs of which another copy diverged; none is compared with "
+          "the paper, and a row is compared with its baseline only where both are complete "
+          "or both partial and the baseline has no other such mark.")
+
+
+def selection_note(t: pd.DataFrame) -> str:
+    """One line on how this table's lambdas were chosen: on what, over how many finished
+    selection runs per chosen lambda, and the seeds planned per row."""
+    chosen = t[t.lam.gt(0) & t.score.notna()].drop_duplicates(subset=GROUP_KEYS)
+    parts = []
+    for task, rows in chosen.groupby("task"):
+        runs = sorted(set(rows.n_select))
+        count = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+        on = ("validation perplexity" if task == "lm" else
+              " / ".join(f"{size} held-out training images" for size in sorted(set(rows.select_val_size.dropna()))))
+        parts.append(f"λ chosen on {on}, over {count} finished selection run{'s' if runs[-1] != 1 else ''} "
+                     "of the chosen λ")
+    planned = t.seeds_expected.dropna().unique()
+    if len(planned):
+        parts.append(f"{planned[0]} seeds planned per row")
+    return ("Here: " + "; ".join(parts) + ".") if parts else ""
+
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -580,16 +707,18 @@ def selection_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
-                 paper: pd.DataFrame | None = None, include_partial: bool = False) -> list[Path]:
+                 paper: pd.DataFrame | None = None, include_partial: bool = False,
+                 seeds: int | None = None, select_seeds: int | None = None) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),
     `results.csv` (tidy `cell_results` of all tasks), `runs.csv` (the run table `df`: every
     run it holds, its status, changes and, where it failed, its error) and, per table,
     `<T>.md` (text in the paper's layout), `<T>.csv` and `<T>.tex` (`table_numbers`: one
-    number per column). Returns the written paths."""
+    number per column). `seeds`, `select_seeds`: the seeds planned (`cell_results`).
+    Returns the written paths."""
     paper = load_paper_tables() if paper is None else paper
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = all_results(df, paper, include_partial)
+    results = all_results(df, paper, include_partial, seeds, select_seeds)
     paths = [out / "selection.csv", out / "results.csv", out / "runs.csv"]
     selection_table(df).to_csv(paths[0], index=False)
     results.to_csv(paths[1], index=False)
@@ -599,7 +728,8 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
         numbers = table_numbers(results, table_id, paper)
         decimals = max(DECIMALS[task] for task in results[results.table == table_id].task.unique())
         md, tex, csv = (out / f"{table_id}.{ext}" for ext in ("md", "tex", "csv"))
-        md.write_text(f"## {table_id}\n\n{LEGEND}\n\n{to_markdown(table)}")
+        note = selection_note(results[results.table == table_id])
+        md.write_text(f"## {table_id}\n\n{LEGEND}\n\n" + (f"{note}\n\n" if note else "") + to_markdown(table))
         tex.write_text(to_latex(numbers, decimals))
         numbers.to_csv(csv, index=False, float_format="%.6g")
         paths += [md, tex, csv]
