@@ -67,7 +67,8 @@ tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); ro
 figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths (RUNS=: beside it)
 	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../figures)
 
-step-times: ## s/step and s/eval batch of every preset on this device -> results/step_times/<device>.json (DRY_RUN); CONCURRENCY=1,2,4,8 adds runs/hour
+step-times: ## measure s/step and s/eval batch of every preset here -> results/step_times/<device>.json (what DRY_RUN=1 plans read); CONCURRENCY=1,2,4,8 adds runs/hour
+	$(if $(DRY_RUN),$(error make step-times measures (it rewrites results/step_times/<device>.json); DRY_RUN=1 belongs to reproduce-*, sweep and ablation))
 	$(PY) scripts/step_times.py $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(ARGS)
 
 gpu-check: ## on a GPU box: CUDA tests, full bench, step times and runs/hour -> results/gpu_check/ (scripts/gpu_check.sh)

@@ -3,7 +3,6 @@ record, exit codes."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import functools
 import sys
@@ -31,6 +30,20 @@ HYDRA_RECORD = ".hydra"   # hydra.output_subdir is null: train() writes it once 
 ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}   # task -> entry config and script experiments/<entry>.py
 BUILD = {"cifar": build_image_experiment, "lm": build_lm_experiment}   # task -> builder
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
+
+
+def remove_empty_folders(folder: Path, root: Path) -> None:
+    """Remove `folder` while it is empty, then its empty parents up to, not including,
+    `root` (a refused run's `<task>/<cell>/` folders; all of `folder` where it is not under `root`)."""
+    folder, root = folder.resolve(), root.resolve()
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:      # not empty (another run's), or gone
+            return
+        folder = folder.parent
+        if root not in folder.parents:
+            return
 
 
 def compose_plain(config_name: str, overrides: list[str], run_dir: str | Path | None = None) -> dict:
@@ -205,8 +218,7 @@ def run_main(cfg: DictConfig, build: Callable) -> dict:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     finally:   # a refused invocation leaves no empty run folder (a run's folder never is empty)
-        with contextlib.suppress(OSError):
-            Path(hydra_cfg.runtime.output_dir).rmdir()
+        remove_empty_folders(Path(hydra_cfg.runtime.output_dir), Path(cfg.paths.out_dir))
     if summary["status"] == schema.INTERRUPTED or summary.get("signal"):
         # A signal that came as the run finished still ends the process (and a multirun).
         sys.exit(128 + int(summary.get("signal") or 15))

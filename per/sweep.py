@@ -20,7 +20,7 @@ from typing import Callable
 
 from per.analysis.collect import collect_runs, lam_text, without_off_grid
 from per.analysis.tables import select_lambda
-from per.schema import CHANGES, DIVERGED, FINISHED
+from per.schema import CHANGES, DIVERGED, FINISHED, REGULARIZED
 from per.data.cifar import TEST_SIZE, TRAIN_SIZE, num_batches
 from per.data.corpus import EXPECTED_COUNTS, num_windows
 from per.models.elu_cnn import ACTIVATIONS
@@ -190,10 +190,16 @@ class Phase:
 def plan(names: list[str], compose: Compose, seeds: list[int], select_seeds: list[int], val_size: int,
          lams: list[float] | None = None, overrides: tuple[str, ...] = ()) -> list[tuple[Phase | None, Phase]]:
     """(selection phase or None, final phase) per preset. An image preset with several
-    lambdas first trains each on a `val_size` held-out split with `select_seeds`."""
+    lambdas first trains each on a `val_size` held-out split with `select_seeds`.
+
+    Raises:
+        ValueError: `lams` given for a preset whose method has no lambda (vanilla, rbn)."""
     out = []
     for name in names:
         preset = compose(name, overrides)
+        if lams and (method := preset.cfg["method"]["name"]) not in REGULARIZED:
+            raise ValueError(f"{name}: method {method!r} has no lambda to sweep (methods with one: "
+                             f"{', '.join(REGULARIZED)})")
         grid = lams or preset.grid
         if preset.task != "cifar":
             out.append((None, Phase(preset, overrides, grid, seeds)))

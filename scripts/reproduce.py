@@ -112,6 +112,18 @@ def _auto_runs_per_gpu(task: str, table_name: str | None = None) -> int:
     return k
 
 
+def _positive_int(value: str) -> int:
+    if not (value.strip().isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _gpus_arg(value: str) -> str:
+    if not all(g.isdigit() for g in value.split(",")):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids (integers >= 0), e.g. 0,1; got {value!r}")
+    return value
+
+
 def _runs_per_gpu_arg(value: str) -> str:
     if value != "auto" and not (value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
@@ -278,21 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--ablation", action="store_true", help="ResNet-56 PER: layout x reduction, then slices")
     ap.add_argument("--lams", type=_lams_arg,
                     help="comma-separated lambdas (default: the preset's lam_grid)")
-    ap.add_argument("--seeds", type=int, default=sweep.DEFAULT_SEEDS, help="seeds of the reported runs")
-    ap.add_argument("--select-seeds", type=int, default=sweep.DEFAULT_SELECT_SEEDS,
+    ap.add_argument("--seeds", type=_positive_int, default=sweep.DEFAULT_SEEDS, help="seeds of the reported runs")
+    ap.add_argument("--select-seeds", type=_positive_int, default=sweep.DEFAULT_SELECT_SEEDS,
                     help="seeds per lambda on the 45k/5k split")
-    ap.add_argument("--gpus", default="0", help="comma-separated GPU ids (pool launcher)")
+    ap.add_argument("--gpus", type=_gpus_arg, default="0", help="comma-separated GPU ids (pool launcher)")
     ap.add_argument("--runs-per-gpu", type=_runs_per_gpu_arg, default="auto",
                     help="runs at once per GPU (pool launcher); auto: the best count measured "
                          "on this device by `scripts/step_times.py --concurrency`, else 1")
     ap.add_argument("--launcher", choices=["local", "pool", "slurm"], default="local",
                     help="local: one multirun at a time here; pool: --gpus x --runs-per-gpu runs at "
                          "once here, one process each; slurm: --slurm-multiruns submitit multiruns at once")
-    ap.add_argument("--slurm-multiruns", type=int, default=8,
+    ap.add_argument("--slurm-multiruns", type=_positive_int, default=8,
                     help="multiruns in flight at once under --launcher slurm (each submits its runs)")
     ap.add_argument("--runs", default=PATHS["runs_dir"],
                     help="root of the run directories; tables and figures go beside it")
-    ap.add_argument("--val-size", type=int, default=SELECTION_VAL_SIZE,
+    ap.add_argument("--val-size", type=_positive_int, default=SELECTION_VAL_SIZE,
                     help="images held out for lambda selection (another size: rows not compared with the paper)")
     ap.add_argument("--override", action="append", default=[],
                     help="Hydra override passed to every run (repeatable), e.g. trainer.precision=bf16")
@@ -319,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         phases = sweep.plan(names, compose, *plan_args, overrides=over)
         title = f"reproduce-{args.task}"
     elif args.sweep:
-        phases = sweep.plan([args.sweep], compose, *plan_args, lams, overrides=over)
+        try:
+            phases = sweep.plan([args.sweep], compose, *plan_args, lams, overrides=over)
+        except ValueError as e:
+            ap.error(str(e))
         title = f"sweep {args.sweep}"
     else:
         phases = sweep.plan_ablation(compose, preset_names(), *plan_args, overrides=over)

@@ -35,12 +35,16 @@ def test_validation_lists_every_bad_value():
 @pytest.mark.parametrize("config, overrides, message", [
     ("train_cifar", ["data.normalize=pixel_mean_"],
      "data.normalize='pixel_mean_': expected one of channel, pixel_mean, pixel_standardize"),
-    ("train_cifar", ["data=ptb"], "data.name='ptb': not for task 'cifar' (this runner); expected one of "
-                                  "cifar10, cifar100"),
+    ("train_cifar", ["data=ptb"], "data.name='ptb': not for task 'cifar' (this runner; another task's: "
+                                  "experiments/train_lm.py); expected one of cifar10, cifar100"),
     ("train_cifar", ["method=rbn"], "method.name='rbn': not for task 'cifar'"),
-    ("train_lm", ["model=resnet20"], "model.name='resnet20': not for task 'lm' (this runner); expected one "
-                                     "of lstm, re_lstm, re_vd_lstm, vd_lstm"),
+    ("train_lm", ["model=resnet20"], "model.name='resnet20': not for task 'lm' (this runner; another task's: "
+                                     "experiments/train_cifar.py); expected one of lstm, re_lstm, re_vd_lstm, vd_lstm"),
     ("train_lm", ["method=vcl"], "method.name='vcl': not for task 'lm'"),
+    ("train_cifar", ["method=vanilla", "method.lam=1e-4"],
+     "method.lam=0.0001: method 'vanilla' has no penalty to weigh; leave it at 0 (methods with a lambda: "
+     "l1, l2, per, vcl)"),
+    ("train_lm", ["method=rbn", "method.lam=1e-4"], "method 'rbn' has no penalty to weigh"),
 ])
 def test_values_of_another_task_are_refused_before_the_run(config, overrides, message):
     """Caught by `validate`, i.e. before the run directory is written (the runner calls it

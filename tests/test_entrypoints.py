@@ -217,6 +217,12 @@ def test_refused_invocation_in_a_new_folder_leaves_nothing(data_root, tmp_path):
         out = subprocess.run(_cmd(data_root, run_dir, *extra), env=_env(), capture_output=True, text=True)
         assert out.returncode != 0 and "Unable to configure handler" not in out.stderr
         assert not run_dir.exists()
+    # In the suite's layout (`<runs>/<task>/<cell>/lam=...`): no empty cell folder either.
+    runs = tmp_path / "suite"
+    cmd = [c for c in _cmd(data_root, run_dir, "method.lam=abc") if not c.startswith("hydra.run.dir")]
+    out = subprocess.run([*cmd, f"paths.runs_dir={runs}"], env=_env(), capture_output=True, text=True)
+    assert out.returncode == 2 and "method.lam='abc'" in out.stderr
+    assert not list(runs.iterdir()) if runs.exists() else True
 
 
 def test_second_process_on_the_same_run_directory_exits_naming_the_holder(data_root, tmp_path):

@@ -26,6 +26,7 @@ DATASETS = {"cifar": tuple(cifar.LAYOUTS), "lm": tuple(CORPORA)}   # what each t
 # Methods that exist for one task only: RBN is an LSTM cell; VCL acts on the
 # pre-activations of conv nets (the LSTMs have no such sites).
 METHOD_TASK = {"rbn": "lm", "vcl": "cifar"}
+RUNNER = {"cifar": "experiments/train_cifar.py", "lm": "experiments/train_lm.py"}   # the entry point of each task
 
 # Keys that may change between a run and its resumption without changing its result:
 # where the data and runs live, how the run is launched and reports, sweep settings,
@@ -189,6 +190,7 @@ def validate(cfg: dict, defaults: dict | None = None) -> None:
         if value is not _MISSING and not ok(value):
             bad.append(f"{key}={value!r}: expected {allowed}")
     bad += _task_mismatches(cfg)
+    bad += _unused_lambda(cfg)
     bad += _sampling_conflicts(cfg)
     bad += _schedule_problems(cfg)
     if defaults is not None:
@@ -243,6 +245,16 @@ def _added_keys(cfg: dict, defaults: dict) -> list[str]:
     return bad
 
 
+def _unused_lambda(cfg: dict) -> list[str]:
+    """A nonzero `method.lam` for a method without a penalty (vanilla, rbn): nothing would
+    read it, yet the run's folder would carry it."""
+    name, lam = _get(cfg, "method.name"), _get(cfg, "method.lam")
+    if name in schema.METHODS and name not in schema.REGULARIZED and is_finite_number(lam) and lam != 0:
+        return [f"method.lam={lam!r}: method {name!r} has no penalty to weigh; leave it at 0 "
+                f"(methods with a lambda: {', '.join(schema.REGULARIZED)})"]
+    return []
+
+
 def _sampling_conflicts(cfg: dict) -> list[str]:
     """`method.sampling=subspace` with a method, path or direction sharing it cannot serve
     (`per.regularizers.sampling_conflict`); invalid values of these keys are left to `_CHECKS`."""
@@ -272,8 +284,9 @@ def _task_mismatches(cfg: dict) -> list[str]:
         value = _get(cfg, key)
         known = value is not _MISSING and _CHECKS[key][0](value)
         if known and value not in choices:
-            bad.append(f"{key}={value!r}: not for task {task!r} (this runner); expected one of "
-                       f"{', '.join(choices)}")
+            other = ", ".join(RUNNER[t] for t in schema.TASKS if t != task)
+            bad.append(f"{key}={value!r}: not for task {task!r} (this runner; another task's: {other}); "
+                       f"expected one of {', '.join(choices)}")
     return bad
 
 
