@@ -118,6 +118,11 @@ def test_off_band_names_each_measurement_of_a_lambda_outside_the_band():
     assert off_band(df, "F", "per", "channels", "sum", 1e-5) is None          # inside at both
     assert off_band(df, "F", "per", "flatten", "sum", 1e-4) is None           # not measured
     assert off_band(df, "F", "l2", "channels", "sum", 1e-4) is None
+    # Unmeasured lambdas beyond a measurement out of the band on their side: named with it.
+    assert off_band(df, "L", "per", "channels", "sum", 1e-6) == (
+        "not measured; below 0.001, as at λ=0.0001 (larger, measured): 0.00017 at init, 0.00036 after step 300")
+    assert off_band(df, "F", "per", "channels", "sum", 1e-3) is None      # 1e-4 is inf at init only
+    assert off_band(df, "F", "per", "channels", "sum", 1e-6) is None      # 1e-5 is inside
 
 
 def test_the_plan_warns_where_a_presets_own_lambda_was_measured_outside_the_band(tmp_path):

@@ -101,14 +101,34 @@ def off_band(df: pd.DataFrame, family: str, kind: str, layout: str, reduction: s
     at `lam` leaves `BAND`, at initialization or after training, as one phrase, with the
     measurements inside the band in parentheses (`inf`: the task's gradient is zero at most
     sites there, so the penalty alone moves them); None where every one stays inside, or
-    where `df` has no such row (`layout` "-" for the LSTMs)."""
-    rows = df[(df.family == family) & (df.kind == kind) & (df.layout == layout) & (df.reduction == reduction)
-              & df.lam.map(lambda v: math.isclose(v, lam, rel_tol=1e-9))]
+    where `df` has no such row (`layout` "-" for the LSTMs). An unmeasured `lam` below a
+    measured lambda whose ratios all fall below the band (or above one whose ratios all
+    exceed it) is named with that bound: the ratio grows with lambda (in proportion, at
+    initialization)."""
+    combo = df[(df.family == family) & (df.kind == kind) & (df.layout == layout) & (df.reduction == reduction)]
+    rows = combo[combo.lam.map(lambda v: math.isclose(v, lam, rel_tol=1e-9))]
+    if rows.empty:
+        return _bound(combo, lam)
     inside = rows.ratio_median.between(*BAND)
-    if rows.empty or inside.all():
+    if inside.all():
         return None
+    out = ", ".join(map(_measured, rows[~inside].itertuples()))
+    return out + (f" (inside: {', '.join(map(_measured, rows[inside].itertuples()))})" if inside.any() else "")
 
-    def measured(r) -> str:
-        return f"{r.ratio_median:.3g} {'at init' if r.when == 'init' else 'after ' + r.when}"
-    out = ", ".join(map(measured, rows[~inside].itertuples()))
-    return out + (f" (inside: {', '.join(map(measured, rows[inside].itertuples()))})" if inside.any() else "")
+
+def _measured(r) -> str:
+    return f"{r.ratio_median:.3g} {'at init' if r.when == 'init' else 'after ' + r.when}"
+
+
+def _bound(combo: pd.DataFrame, lam: float) -> str | None:
+    """`off_band`'s phrase for an unmeasured `lam` from the nearest measured lambda on the
+    far side of it whose every ratio is out of the band on that side; None without one."""
+    by_lam = combo.groupby("lam").ratio_median
+    below = [m for m, r in by_lam if m > lam and (r < BAND[0]).all()]
+    above = [m for m, r in by_lam if m < lam and (r > BAND[1]).all()]
+    if below or above:
+        ref = min(below) if below else max(above)
+        side = f"below {BAND[0]:g}" if below else f"above {BAND[1]:g}"
+        shown = ", ".join(map(_measured, combo[combo.lam == ref].itertuples()))
+        return (f"not measured; {side}, as at λ={ref:g} ({'larger' if below else 'smaller'}, measured): {shown}")
+    return None
