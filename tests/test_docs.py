@@ -48,3 +48,12 @@ def test_readme_links_docs_and_has_gpu_and_data_instructions():
     urls = [_layout(name).url for name in ("cifar10", "cifar100")] + [s.url for s in CORPORA.values()]
     for url in urls:
         assert url in readme, f"README's data section lacks {url}"
+
+
+def test_the_readmes_own_model_example_runs(capsys):
+    """The snippet of "PER in your own model", pasted as it stands."""
+    section = (ROOT / "README.md").read_text().split("## PER in your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("['2', '5']\n") and "grad_ratio/2" in out
