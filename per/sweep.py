@@ -434,6 +434,9 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
     table, label = step_time_table(step_times_dir, table_name)
     rows, tot_runs, tot_steps, tot_s, tot_done = [], 0, 0, 0.0, 0
     unknown, substituted, no_eval, foreign = set(), set(), set(), []
+    for select, final in phases:     # a final phase's lambda will be one of its selection's
+        if select is not None and not final.lams:
+            foreign += dataclasses.replace(final, lams=select.lams).foreign()
     for ph in (ph for pair in phases for ph in pair if ph is not None):
         foreign += ph.foreign()
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
