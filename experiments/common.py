@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -34,15 +35,16 @@ OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 els
 
 def remove_empty_folders(folder: Path, root: Path) -> None:
     """Remove `folder` while it is empty, then its empty parents up to, not including,
-    `root` (a refused run's `<task>/<cell>/` folders; all of `folder` where it is not under `root`)."""
-    folder, root = folder.resolve(), root.resolve()
-    while True:
+    `root` (a refused run's `<task>/<cell>/` folders; only `folder` where it is not under
+    `root`). A symbolic link is left alone, with what it points to."""
+    folder, root = Path(os.path.abspath(folder)), root.resolve()
+    while not folder.is_symlink():
         try:
             folder.rmdir()
         except OSError:      # not empty (another run's), or gone
             return
         folder = folder.parent
-        if root not in folder.parents:
+        if root not in folder.resolve().parents:
             return
 
 

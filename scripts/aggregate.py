@@ -23,15 +23,21 @@ from per.schema import FAILED
 from per.analysis.wandb_source import collect_source
 
 
+def _count(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_source_arguments(ap)
     ap.add_argument("--out", default=suite_paths()["tables_dir"], help="folder for the tables (paths.tables_dir)")
     ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
-    ap.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+    ap.add_argument("--seeds", type=_count, default=DEFAULT_SEEDS,
                     help="seeds planned per reported row: rows with results from fewer are marked, not compared "
                          "(0: no expectation)")
-    ap.add_argument("--select-seeds", type=int, default=DEFAULT_SELECT_SEEDS,
+    ap.add_argument("--select-seeds", type=_count, default=DEFAULT_SELECT_SEEDS,
                     help="seeds planned per lambda of an image cell's selection (0: no expectation)")
     ap.add_argument("--include-partial", action="store_true",
                     help="treat runs shorter than their protocol as complete (compare them with the paper)")

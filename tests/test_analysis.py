@@ -1142,3 +1142,17 @@ def test_tables_say_how_lambda_was_chosen(collected, paper, tmp_path):
     numbers = pd.read_csv(tmp_path / "T1.csv")
     per = row(numbers, method="per [channels, sum, s=256]")
     assert (per["selection runs of the lambda"], per["seeds planned"], per["runs with a result"]) == (2, 3, 4)
+
+
+def test_rows_added_for_the_papers_cells_keep_the_order_of_the_rows_with_runs(tmp_path, paper):
+    """A method without runs gets its row at its place in the paper's order; rows with
+    runs, changed ones included, stay where they were."""
+    make_run(tmp_path, final=image(None, 7.0))
+    make_run(tmp_path, changes=["optim.epochs=30"], final=image(None, 8.0))
+    for method, lam in (("per", 1e-4), ("l2", 1e-4)):
+        make_run(tmp_path, method=method, lam=lam, final=image(None, 6.5))
+    df, _ = collect.collect_runs(tmp_path)
+    t1 = tables.format_table(tables.cell_results(df, "cifar", paper), "T1")
+    assert list(t1.index) == ["vanilla", "vanilla {changed: optim.epochs=30}", "bn", "l2", "per"]
+    assert t1.loc["bn"].iloc[0] == "— (no runs) · paper 6.95"
+    assert t1.loc["vanilla {changed: optim.epochs=30}"].iloc[0].startswith("8.00 (n=1)")

@@ -270,3 +270,17 @@ def test_a_joblib_multirun_writes_one_run_folder_per_job(data_root, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.parent.name for p in (tmp_path / "runs/cifar").rglob("summary.json"))
     assert runs == ["lam=0,seed=0", "lam=0.01,seed=0"]
+
+
+def test_removing_a_refused_runs_folders_leaves_links_and_their_targets(tmp_path):
+    from experiments.common import remove_empty_folders
+    root, target = tmp_path / "runs", tmp_path / "elsewhere"
+    (root / "cifar/cell").mkdir(parents=True)
+    target.mkdir()
+    link = root / "cifar/cell/lam=0,seed=0"
+    link.symlink_to(target)
+    remove_empty_folders(link, root)
+    assert link.is_symlink() and target.is_dir()
+    (root / "cifar/other/lam=1,seed=0").mkdir(parents=True)
+    remove_empty_folders(root / "cifar/other/lam=1,seed=0", root)
+    assert not (root / "cifar/other").exists() and (root / "cifar/cell").is_dir() and root.is_dir()

@@ -278,7 +278,8 @@ def cell_results(df: pd.DataFrame, task: str, paper: pd.DataFrame | None = None,
     result), not_validated (a lambda > 0 without a finished or diverged selection run, not
     a grid's only lambda), n_select, n_select_diverged (finished, diverged selection runs of
     the chosen lambda), not_compared
-    (why `diff` is NaN though the paper has a value: "" where it is compared), task.
+    (why the row is not compared with the paper, set whether or not the paper has a value:
+    "" where it would be), task.
     """
     paper = load_paper_tables() if paper is None else paper
     chosen = _choices(df, task, select_seeds if task == "cifar" else seeds)
@@ -571,24 +572,29 @@ def _with_paper_cells(wide: pd.DataFrame, table_id: str, rows: list[str], cols: 
     rows of changed protocols stay empty), and rows for the paper's methods without runs
     there, in the paper's order. Columns without runs stay out (a sweep of one cell gets
     a table of that cell)."""
-    index, columns = list(wide.index), list(wide.columns)
-    present = {c[:-1] for c in columns}
+    index = [i if len(rows) > 1 else (i,) for i in wide.index]      # tuples, the method last
+    present = {c[:-1] for c in wide.columns}
     published = [cell for cell in paper[paper.table == table_id].itertuples(index=False)
                  if tuple(getattr(cell, k) for k in cols) in present]
+    orders = {k: list(paper[k].unique()) for k in rows[:-1]}
+
+    def rank(label: tuple) -> tuple:
+        """Paper order of a row: its leading keys, then its method (variants and changes aside)."""
+        lead = [orders[k].index(v) if v in orders[k] else len(orders[k]) for k, v in zip(rows, label[:-1])]
+        return (*lead, method_sort_key(label[-1].split(" {")[0])[0])
+
     texts = {}
     for cell in published:
-        keys = tuple(getattr(cell, k) for k in rows)             # the method last
-        labels = [i for i in index if (i if len(rows) > 1 else (i,))[:-1] == keys[:-1]
-                  and _row_method(i if len(rows) == 1 else i[-1]) == cell.method]
-        if not labels:
-            labels = [keys if len(rows) > 1 else keys[0]]
-            index.append(labels[0])
+        keys = tuple(getattr(cell, k) for k in rows)
+        labels = [i for i in index if i[:-1] == keys[:-1] and _row_method(i[-1]) == cell.method]
+        if not labels:      # a row of its own, before the first row that follows it in the paper's order
+            at = next((n for n, i in enumerate(index) if rank(i) > rank(keys)), len(index))
+            index.insert(at, keys)
+            labels = [keys]
         col = tuple(getattr(cell, k) for k in cols)
         for label in labels:
-            texts[label, col] = f"{NO_RUNS} · paper {cell.value:.{decimals}f}"
-    models = list(paper.model.unique())        # T3's rows: (model, method)
-    index = sorted(index, key=lambda i: method_sort_key(i)[0] if len(rows) == 1 else
-                   (models.index(i[0]) if i[0] in models else len(models), method_sort_key(i[-1])[0]))
+            texts[label if len(rows) > 1 else label[0], col] = f"{NO_RUNS} · paper {cell.value:.{decimals}f}"
+    index = [i if len(rows) > 1 else i[0] for i in index]
     wide = wide.reindex(index=pd.MultiIndex.from_tuples(index, names=rows) if len(rows) > 1 else
                         pd.Index(index, name=rows[0])).astype(object)
     for (label, col), text in texts.items():
