@@ -237,6 +237,21 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
     return phases
 
 
+def with_settled_choices(phases: list[tuple[Phase | None, Phase]]) -> list[tuple[Phase | None, Phase]]:
+    """`phases` with each final phase whose selection has every run's result already given
+    the lambda that selection chooses (`chosen_lambda`), so a plan counts its final runs
+    that hold a result; the others as they are (their lambda is chosen later)."""
+    out = []
+    for select, final in phases:
+        if select is not None and not final.lams and not select.pending():
+            try:
+                final = dataclasses.replace(final, lams=[chosen_lambda(select)])
+            except SelectionError:
+                pass
+        out.append((select, final))
+    return out
+
+
 class SelectionError(RuntimeError):
     """A selection phase that cannot give a lambda (runs missing, or all diverged); the
     message says which and what to do."""
@@ -343,8 +358,8 @@ def best_runs_per_device(table: dict | None, task: str) -> tuple[int, str]:
     return k, f"measured runs/hour by runs at once on {table['device']}: {shown}"
 
 
-def _estimate(times: dict[str, float], key: str) -> float | None:
-    """A step time for an unmeasured `key` from a measured configuration of the same method:
+def _estimate(times: dict[str, float], key: str) -> tuple[float, str] | None:
+    """(step time, the key it is from) for an unmeasured `key`, from a measured configuration of the same method:
     the deep ELU net with another activation (the same layers, another pointwise function),
     CIFAR-10 for CIFAR-100 (they differ in the classifier's width), the plain LSTM for its
     variants on the same corpus (tied embeddings, dropout), twice ResNet-56 for ResNet-110
@@ -362,7 +377,7 @@ def _estimate(times: dict[str, float], key: str) -> float | None:
         for tail in tails:
             other = "|".join([prefix, *tail])
             if other != key and other in times:
-                return factor * times[other]
+                return factor * times[other], other
     return None
 
 
@@ -370,8 +385,17 @@ def step_time(times: dict[str, float], key: str) -> tuple[float | None, bool]:
     """(seconds per step, estimated): `key`'s measured time, else `_estimate`, else None."""
     if key in times:
         return times[key], False
-    s = _estimate(times, key)
-    return s, s is not None
+    estimate = _estimate(times, key)
+    return (estimate[0], True) if estimate else (None, False)
+
+
+def stale_source(table: dict, key: str) -> str | None:
+    """The key whose step time `key` takes (its own, or `_estimate`'s) where the table marks
+    that row stale (`stale`: key -> why, for rows measured before a change of the code they
+    time; `scripts/step_times.py` clears a row's mark when it measures it again); else None."""
+    times = table.get("s_per_step", {})
+    source = key if key in times else (_estimate(times, key) or (None, None))[1]
+    return source if source in table.get("stale", {}) else None
 
 
 def phase_seconds(ph: Phase, table: dict) -> tuple[float | None, bool, bool]:
@@ -433,7 +457,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
     (or another one, labelled)."""
     table, label = step_time_table(step_times_dir, table_name)
     rows, tot_runs, tot_steps, tot_s, tot_done = [], 0, 0, 0.0, 0
-    unknown, substituted, no_eval, foreign = set(), set(), set(), []
+    unknown, substituted, no_eval, foreign, stale = set(), set(), set(), [], set()
     for select, final in phases:     # a final phase's lambda will be one of its selection's
         if select is not None and not final.lams:
             foreign += dataclasses.replace(final, lams=select.lams).foreign()
@@ -442,7 +466,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         steps = ph.n_runs * steps_per_run(ph.preset.cfg)
         key = step_time_key(ph.preset.cfg)
         s, approx, with_eval = phase_seconds(ph, table or {})
-        done = len(ph.done())          # a final phase's lambda is not chosen yet: 0
+        done = len(ph.done())          # a final phase whose lambda is not chosen yet: 0
         if s is None:
             unknown.add(key)
         else:
@@ -452,6 +476,9 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
             if not with_eval:
                 no_eval.add(key)
         mark = "~" if approx else ""
+        if s is not None and (source := stale_source(table or {}, key)):
+            stale.add(source)
+            mark = "!" + mark
         hours = "?" if s is None else f"{mark}{s / 3600:,.1f}"
         per_run = "?" if s is None or not ph.n_runs else f"{mark}{s / ph.n_runs / 3600:,.2f}"
         tot_runs += ph.n_runs
@@ -485,10 +512,13 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         print(f"   note: {', '.join(costly)} change what a step costs; the table's times are of the "
               f"presets' own settings ({table.get('precision', 'fp32')}), so these hours are rough")
     if table is not None:
-        print(f"   estimated total: {tot_s / 3600:,.1f} device-hours on {table['device']}"
+        total = "?" if unknown and tot_s == 0 else f"{tot_s / 3600:,.1f}"
+        print(f"   estimated total: {total} device-hours on {table['device']}"
               + (" for the runs without a result" if tot_done else "")
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
                  if substituted else "")
               + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else "")
               + (f"; evaluation not measured for {len(no_eval)} configurations (training steps only)"
                  if no_eval else ""))
+        for source in sorted(stale):
+            print(f"   ! = from a step time the table marks stale, {source}: {table['stale'][source]}")

@@ -205,7 +205,9 @@ def print_wall_clock(phases: list, args) -> None:
         print(f"   wall clock: ? ({how}; `make step-times CONCURRENCY=1,2,4,8` measures it)")
         return
     seconds = sweep.unit_seconds(table)
-    wall = parallel.simulate(phases, len(labels), lambda unit: seconds(unit) * slowdown) / 3600
+    # A final phase whose lambda is settled waits on nothing: its runs without a result alone.
+    chains = [(None, final) if select is not None and final.lams else (select, final) for select, final in phases]
+    wall = parallel.simulate(chains, len(labels), lambda unit: seconds(unit) * slowdown) / 3600
     if args.launcher == "local":
         print(f"   wall clock, one multirun at a time: {wall:,.1f} h")
     else:
@@ -339,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         phases = sweep.plan_ablation(compose, preset_names(), *plan_args, overrides=over)
         title = "ablation"
+    settled = sweep.with_settled_choices(phases)      # final runs with a result count as done
     try:
-        sweep.print_plan(phases, title, STEP_TIMES_DIR, args.step_table)
+        sweep.print_plan(settled, title, STEP_TIMES_DIR, args.step_table)
     except ValueError as e:
         ap.error(str(e))
-    print_wall_clock(phases, args)
+    print_wall_clock(settled, args)
     if warnings := strength_warnings(phases, ROOT / PATHS["strength_dir"] / "strength.csv"):
         print(f"   warning: measured by `make strength` ({PATHS['strength_dir']}/strength.md), the median site "
               f"grad_ratio at these presets' own lambda leaves {BAND[0]:g}..{BAND[1]:g} (below: the penalty "

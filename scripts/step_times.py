@@ -104,6 +104,10 @@ def main() -> int:
             step = preset_step(cfg, BUILD[cfg["task"]], device)
             s, rate = seconds_per_step(step, args.steps, args.warmup)
             record["s_per_step"][key] = s
+            if key in record.get("stale", {}):      # a row marked stale is measured again
+                del record["stale"][key]
+                if not record["stale"]:
+                    del record["stale"]
             record.setdefault("s_per_eval_batch", {})[key] = e = seconds_per_eval_batch(step)
             unit = "images/s" if cfg["task"] == "cifar" else "tokens/s"
             print(f"  {key:<55} {s * 1000:9.1f} ms/step {rate:10.0f} {unit} {e * 1000:9.1f} ms/eval batch",

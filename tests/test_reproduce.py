@@ -326,3 +326,56 @@ def test_a_reproduction_whose_report_would_overwrite_the_suites_is_refused_befor
     out = subprocess.run([*REPRO, "--sweep", "t1_cifar10_resnet56_per", "--runs", str(runs), "--dry-run",
                           "--no-report"], capture_output=True, text=True)
     assert out.returncode == 0 and not runs.exists()
+
+
+def test_a_plan_counts_the_final_runs_of_a_settled_selection(tmp_path, capsys):
+    """Re-planning a half-finished reproduction: where a cell's selection holds every result,
+    its lambda is known and the final runs that hold a result are done, not work left."""
+    from per.schema import VAL_ERROR, TEST_ERROR, cell_of
+    runs = tmp_path / "runs"
+
+    def compose(name, overrides):
+        return sweep.Preset(name, compose_preset(name, overrides))
+    [(select, final)] = sweep.plan(["t1_cifar10_resnet56_per"], compose, [0, 1], [0], 5000, [1e-4, 3e-5],
+                                   overrides=(f"paths.runs_dir={runs}",))
+
+    def write(phase, lam, seed, metrics):
+        run_dir = phase.run_dir(lam, seed)
+        run_dir.mkdir(parents=True)
+        cfg = {**phase.preset.cfg, "seed": seed, "method": {**phase.preset.cfg["method"], "lam": lam}}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"status": "finished", "task": "cifar", "cell": cell_of(cfg), "lam": lam, "seed": seed,
+             "epochs_completed": 200, "steps": 70400, "wall_time_s": 1.0, "device": "cpu", "code_version": "x",
+             "versions": {}, "final": metrics, "best": metrics}))
+    assert sweep.with_settled_choices([(select, final)])[0][1].lams == []       # selection not done
+    write(select, 1e-4, 0, {VAL_ERROR: 6.0, TEST_ERROR: 9.0})
+    write(select, 3e-5, 0, {VAL_ERROR: 7.0, TEST_ERROR: 5.0})
+    for seed in (0, 1):
+        write(final, 1e-4, seed, {TEST_ERROR: 6.5})
+    [(_, settled)] = sweep.with_settled_choices([(select, final)])
+    assert settled.lams == [1e-4] and settled.done() == {(1e-4, 0), (1e-4, 1)} and final.lams == []
+    sweep.print_plan([(select, settled)], "t", ROOT / "results/step_times", "cuda-nvidia-h200")
+    out = capsys.readouterr().out
+    assert "4 runs hold a result already" in out and "estimated total: 0.0 device-hours" in out
+    # A table that times none of the plan's configurations gives no total, not 0.
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables/x.json").write_text(json.dumps({"device": "X", "s_per_step": {}}))
+    sweep.print_plan([(select, final)], "t", tmp_path / "tables", "x")
+    assert "estimated total: ? device-hours on X" in capsys.readouterr().out
+
+
+def test_a_plan_marks_hours_from_step_times_the_table_marks_stale(tmp_path, capsys):
+    """A row measured before a change of the code it times is marked `!` where it is used,
+    as is an estimate from it; `step_times.py` measuring it again clears the mark."""
+    def phase(name):
+        return sweep.Phase(sweep.Preset(name, compose_preset(name)), (), [1e-4], [0])
+    elu, relu = phase("t2_cifar10_elu_per"), phase("t2_cifar10_relu_per")
+    key = sweep.step_time_key(elu.preset.cfg)
+    (tmp_path / "x.json").write_text(json.dumps({"device": "X", "s_per_step": {key: 0.157},
+                                                 "stale": {key: "measured before the fix"}}))
+    sweep.print_plan([(None, elu), (None, relu)], "t", tmp_path, "x")
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "t2_cifar10_" in line]
+    assert "!1.4" in rows[0] and "!~1.4" in rows[1]
+    assert f"! = from a step time the table marks stale, {key}: measured before the fix" in out

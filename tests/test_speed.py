@@ -247,17 +247,20 @@ def test_the_step_time_key_names_the_activation_and_estimates_from_another():
 @pytest.mark.slow   # one LM step time: about 20 s
 def test_step_times_start_a_fresh_table_when_the_kernels_products_changed(tmp_path):
     """A table's rows were measured with one mode of PER's fused kernel (`per_kernel_products`,
-    GPU tables): rows of another mode are not mixed in, the table starts over."""
+    GPU tables): rows of another mode are not mixed in, the table starts over. A row marked
+    stale and measured again loses its mark."""
     here = runtime.device_info(torch.device("cpu"))
     out = tmp_path / "table.json"
     old = {"device": here["name"], "device_type": "cpu", "precision": "fp32", "s_per_step": {"old|row": 1.0}}
-    for stored, kept in (({}, True), ({"per_kernel_products": "ieee"}, False)):
+    stale = {"ptb|lstm||vanilla||": "old code", "old|row": "old code"}
+    for stored, kept in (({"stale": stale}, True), ({"per_kernel_products": "ieee"}, False)):
         out.write_text(json.dumps({**old, **stored}))
         subprocess.run([sys.executable, str(ROOT / "scripts/step_times.py"), "--device", "cpu", "--threads", "1",
                         "--match", "^t3_ptb_lstm_vanilla$", "--steps", "1", "--warmup", "0", "--out", str(out)],
                        check=True, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         table = json.loads(out.read_text())
         assert ("old|row" in table["s_per_step"]) == kept and "ptb|lstm||vanilla||" in table["s_per_step"]
+        assert table.get("stale") == ({"old|row": "old code"} if kept else None)     # measured again: not stale
         assert "per_kernel_products" not in table        # a CPU table: no fused kernel
 
 
