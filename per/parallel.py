@@ -144,8 +144,8 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
     (`Phase.done`: a signal from elsewhere came as it finished); anything else is a failure
     (`Scheduler.finished`).
 
-    A stop signal (SIGINT, SIGTERM, SIGHUP; not one this process started ignoring, as
-    `nohup` does SIGHUP) starts no more units and is passed on, within
+    A stop signal (SIGINT, SIGTERM, SIGHUP; not SIGHUP where this process started ignoring
+    it, as under `nohup`) starts no more units and is passed on, within
     `poll_s`, once to each running unit, one started meanwhile included (SIGHUP as SIGTERM):
     the runs stop cleanly and resume on the next launch. A second one is passed on once
     more: the runs stop at once. An error here stops them as a SIGTERM would (unless a stop
@@ -157,8 +157,10 @@ def launch(sched: Scheduler, slots: list[str], start: Callable[[Phase, str], tup
     def on_signal(signum, _frame):
         stops.append(signum)
 
-    # A signal ignored from the start stays so: `nohup` ignores SIGHUP to outlive the terminal.
-    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+    # SIGHUP ignored from the start stays so: `nohup` ignores it to outlive the terminal. (A
+    # shell's background job ignores SIGINT too, but `kill -INT` still stops the sweep.)
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS
+                if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)}
     told = 0
     try:
         while True:

@@ -232,16 +232,20 @@ def test_a_unit_stopped_from_elsewhere_as_it_finished_keeps_its_result(tmp_path)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_launching_and_reaches_each_running_unit_once(tmp_path, signum):
     chains = [(None, _phase(tmp_path, "b", [0.0], [0, 1, 2, 3]))]
-    before = signal.getsignal(signum)
+    # A handler of the caller's, whatever the test runs under (`nohup` ignores SIGHUP).
+    original = signal.signal(signum, before := lambda *_: None)
     threading.Timer(1.0, os.kill, (os.getpid(), signum)).start()
     t0 = time.time()
-    sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0", "GPU 1"], wait=30)
+    try:
+        sched, stop, rows, lines = _launch_units(tmp_path, chains, ["GPU 0", "GPU 1"], wait=30)
+    finally:
+        restored = signal.signal(signum, original)
     assert stop == signum and time.time() - t0 < 20 and sched.failures == []
     # 2 ran and got one SIGTERM each (SIGHUP is passed on as SIGTERM); 2 never started.
     assert sorted(r["event"] for r in rows) == ["TERM", "TERM", "start", "start"]
     assert any("stopping 2 running unit(s) cleanly" in line for line in lines)
     assert sum(line.startswith("stopped b:0:") for line in lines) == 2
-    assert signal.getsignal(signum) == before                  # the handler is restored
+    assert restored is before                                  # the handler is restored
 
 
 def test_a_signal_ignored_from_the_start_stays_ignored(tmp_path):
