@@ -82,10 +82,14 @@ def main() -> int:
         from per import _triton
         kernel["per_kernel_products"] = _triton.default_precision(_triton.has_tf32_tensor_cores(device),
                                                                   allow_tf32=runtime.allows_tf32(args.precision))
-    if (record.get("device") != info["name"] or record.get("precision") != args.precision
-            or record.get("per_kernel_products") != kernel.get("per_kernel_products")):
+    # Rows measured otherwise are not mixed in (the table's label describes all of them).
+    now = {"device": info["name"], "precision": args.precision, "torch": torch.__version__,
+           "per_kernel_products": kernel.get("per_kernel_products")}
+    if changed := [f"{k} {record.get(k)} -> {v}" for k, v in now.items() if record.get(k) != v]:
+        if record:
+            print(f"starting {out} over ({'; '.join(changed)}): its earlier rows are dropped", flush=True)
         record = {"device": info["name"], "device_type": device.type, "precision": args.precision,
-                  **kernel, "s_per_step": {}}     # rows measured otherwise are dropped
+                  **kernel, "s_per_step": {}}
     record.update(torch=torch.__version__, recorded=datetime.date.today().isoformat())
     if names:   # the steps of the s_per_step rows (runs per hour record their own)
         record.update(steps=args.steps, warmup=args.warmup)

@@ -247,13 +247,15 @@ def test_the_step_time_key_names_the_activation_and_estimates_from_another():
 @pytest.mark.slow   # one LM step time: about 20 s
 def test_step_times_start_a_fresh_table_when_the_kernels_products_changed(tmp_path):
     """A table's rows were measured with one mode of PER's fused kernel (`per_kernel_products`,
-    GPU tables): rows of another mode are not mixed in, the table starts over. A row marked
-    stale and measured again loses its mark."""
+    GPU tables) and one torch: rows of another mode or torch are not mixed in, the table
+    starts over. A row marked stale and measured again loses its mark."""
     here = runtime.device_info(torch.device("cpu"))
     out = tmp_path / "table.json"
-    old = {"device": here["name"], "device_type": "cpu", "precision": "fp32", "s_per_step": {"old|row": 1.0}}
+    old = {"device": here["name"], "device_type": "cpu", "precision": "fp32", "torch": torch.__version__,
+           "s_per_step": {"old|row": 1.0}}
     stale = {"ptb|lstm||vanilla||": "old code", "old|row": "old code"}
-    for stored, kept in (({"stale": stale}, True), ({"per_kernel_products": "ieee"}, False)):
+    for stored, kept in (({"stale": stale}, True), ({"per_kernel_products": "ieee"}, False),
+                         ({"torch": "1.0"}, False)):
         out.write_text(json.dumps({**old, **stored}))
         subprocess.run([sys.executable, str(ROOT / "scripts/step_times.py"), "--device", "cpu", "--threads", "1",
                         "--match", "^t3_ptb_lstm_vanilla$", "--steps", "1", "--warmup", "0", "--out", str(out)],
