@@ -164,7 +164,8 @@ def execute(phases: list, args) -> list[str]:
 def strength_warnings(phases: list, strength_csv: Path) -> list[str]:
     """One line per planned regularized preset whose own lambda (the middle of its grid) is
     planned and measured by `make strength` (`strength_csv`) outside `BAND` on the same
-    model (`per.analysis.strength.off_band`); [] without the file."""
+    model, or unmeasured beyond a measured lambda already outside it
+    (`per.analysis.strength.off_band`); [] without the file."""
     if not strength_csv.is_file():
         return []
     df = pd.read_csv(strength_csv)
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print_wall_clock(settled, args)
     if warnings := strength_warnings(phases, ROOT / PATHS["strength_dir"] / "strength.csv"):
         print(f"   warning: measured by `make strength` ({PATHS['strength_dir']}/strength.md), the median site "
-              f"grad_ratio at these presets' own lambda leaves {BAND[0]:g}..{BAND[1]:g} (below: the penalty "
+              f"grad_ratio at these presets' own lambda leaves {BAND[0]:g}..{BAND[1]:g}, or would (not measured, "
+              "beyond a measured lambda outside it) (below: the penalty "
               "barely acts; inf: the task's gradient is zero at most sites, so the penalty alone moves them; "
               "see the README's \"Before you launch a full reproduction\"):\n     "
               + "\n     ".join(warnings))
