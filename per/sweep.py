@@ -10,6 +10,7 @@ directory are those of the composed config; nothing here imports Hydra.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -240,15 +241,18 @@ def plan_ablation(compose: Compose, available: list[str], seeds: list[int], sele
 def with_settled_choices(phases: list[tuple[Phase | None, Phase]]) -> list[tuple[Phase | None, Phase]]:
     """`phases` with each final phase whose selection has every run's result already given
     the lambda that selection chooses (`chosen_lambda`), so a plan counts its final runs
-    that hold a result; the others as they are (their lambda is chosen later)."""
+    that hold a result; the others as they are (their lambda is chosen later, and the
+    launch reports what keeps it from being chosen: here nothing is logged or raised)."""
     out = []
-    for select, final in phases:
-        if select is not None and not final.lams and not select.pending():
-            try:
-                final = dataclasses.replace(final, lams=[chosen_lambda(select)])
-            except SelectionError:
-                pass
-        out.append((select, final))
+    quiet, log.disabled = log.disabled, True
+    try:
+        for select, final in phases:
+            if select is not None and not final.lams and not select.pending():
+                with contextlib.suppress(SelectionError, ValueError, TypeError, KeyError, OSError):
+                    final = dataclasses.replace(final, lams=[chosen_lambda(select)])
+            out.append((select, final))
+    finally:
+        log.disabled = quiet
     return out
 
 
@@ -457,7 +461,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
     (or another one, labelled)."""
     table, label = step_time_table(step_times_dir, table_name)
     rows, tot_runs, tot_steps, tot_s, tot_done = [], 0, 0, 0.0, 0
-    unknown, substituted, no_eval, foreign, stale = set(), set(), set(), [], set()
+    unknown, substituted, no_eval, foreign, stale, timed = set(), set(), set(), [], set(), 0
     for select, final in phases:     # a final phase's lambda will be one of its selection's
         if select is not None and not final.lams:
             foreign += dataclasses.replace(final, lams=select.lams).foreign()
@@ -470,6 +474,7 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         if s is None:
             unknown.add(key)
         else:
+            timed += 1
             tot_s += s * (ph.n_runs - done) / ph.n_runs if ph.n_runs else 0.0   # what is left
             if approx:
                 substituted.add(key)
@@ -512,13 +517,14 @@ def print_plan(phases: list[tuple[Phase | None, Phase]], title: str, step_times_
         print(f"   note: {', '.join(costly)} change what a step costs; the table's times are of the "
               f"presets' own settings ({table.get('precision', 'fp32')}), so these hours are rough")
     if table is not None:
-        total = "?" if unknown and tot_s == 0 else f"{tot_s / 3600:,.1f}"
+        total = f"{tot_s / 3600:,.1f}" if timed else "?"
         print(f"   estimated total: {total} device-hours on {table['device']}"
               + (" for the runs without a result" if tot_done else "")
               + (f"; ~ = estimated from a similar measured configuration ({len(substituted)})"
                  if substituted else "")
               + (f"; no step time for {len(unknown)} configurations (not counted)" if unknown else "")
               + (f"; evaluation not measured for {len(no_eval)} configurations (training steps only)"
-                 if no_eval else ""))
+                 if no_eval else "")
+              + ("; ! = from step times the table marks stale (below)" if stale else ""))
         for source in sorted(stale):
             print(f"   ! = from a step time the table marks stale, {source}: {table['stale'][source]}")

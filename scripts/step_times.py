@@ -86,7 +86,7 @@ def main() -> int:
     now = {"device": info["name"], "precision": args.precision, "torch": torch.__version__,
            "per_kernel_products": kernel.get("per_kernel_products")}
     if changed := [f"{k} {record.get(k)} -> {v}" for k, v in now.items() if record.get(k) != v]:
-        if record:
+        if record and (names or args.concurrency):     # what it measures replaces the table
             print(f"starting {out} over ({'; '.join(changed)}): its earlier rows are dropped", flush=True)
         record = {"device": info["name"], "device_type": device.type, "precision": args.precision,
                   **kernel, "s_per_step": {}}

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -355,6 +356,13 @@ def test_a_plan_counts_the_final_runs_of_a_settled_selection(tmp_path, capsys):
         write(final, 1e-4, seed, {TEST_ERROR: 6.5})
     [(_, settled)] = sweep.with_settled_choices([(select, final)])
     assert settled.lams == [1e-4] and settled.done() == {(1e-4, 0), (1e-4, 1)} and final.lams == []
+    # A folder the run table cannot read whole: the plan goes on, the launch will say why.
+    odd = select.run_dir(3e-5, 7)
+    shutil.copytree(select.run_dir(3e-5, 0), odd)
+    summary = json.loads((odd / "summary.json").read_text())
+    (odd / "summary.json").write_text(json.dumps({**summary, "seed": 7, "epochs_completed": 1.5}))
+    assert sweep.with_settled_choices([(select, final)])[0][1].lams == []
+    shutil.rmtree(odd)
     sweep.print_plan([(select, settled)], "t", ROOT / "results/step_times", "cuda-nvidia-h200")
     out = capsys.readouterr().out
     assert "4 runs hold a result already" in out and "estimated total: 0.0 device-hours" in out
