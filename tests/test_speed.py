@@ -163,6 +163,35 @@ def test_pipelined_times_run_consecutive_steps_after_a_warm_up():
     assert steps["a"].calls == steps["b"].calls == list(range(7))   # 1 + 2 x 3 batches, one epoch
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_step_times_on_a_gpu_run_the_steps_back_to_back(monkeypatch, cuda):
+    """`seconds_per_step`: steps synchronized one by one on a CPU; on a GPU (simulated: no
+    synchronization here) consecutive steps synchronized at the end, as `fit` runs them."""
+    from per.training import speed
+    syncs = []
+    monkeypatch.setattr(speed, "_on_cuda", lambda step: cuda)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(len(step.calls)))
+
+    class Step:           # the parts of a TrainStep that timing uses
+        def __init__(self):
+            self.model, self.calls, self.task = nn.Linear(1, 1), [], self
+
+        def train_batches(self, epoch, start):
+            return iter(range(epoch * 100, epoch * 100 + 50))
+
+        def __call__(self, batch):
+            self.calls.append(batch)
+            time.sleep(0.002)
+            return None, None, {"items": torch.tensor(32)}
+    step = Step()
+    s, rate = speed.seconds_per_step(step, repeats=4, warmup=2)
+    assert s >= 0.002 and rate == pytest.approx(32 / s, rel=0.5)
+    if cuda:    # after the warm-up, 3 runs of 4 steps, then one step for the items per step
+        assert syncs == [2, 6, 6, 10, 10, 14, 14, 15] and rate == pytest.approx(32 / s)
+    else:
+        assert syncs == [] and len(step.calls) == 6
+
+
 def test_bench_times_the_plain_product_with_tf32_off_and_restores_the_flag():
     bench = script_module("bench")
     seen = []
