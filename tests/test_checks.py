@@ -39,7 +39,8 @@ def test_validation_lists_every_bad_value():
                                   "experiments/train_lm.py); expected one of cifar10, cifar100"),
     ("train_cifar", ["method=rbn"], "method.name='rbn': not for task 'cifar'"),
     ("train_lm", ["model=resnet20"], "model.name='resnet20': not for task 'lm' (this runner; another task's: "
-                                     "experiments/train_cifar.py); expected one of lstm, re_lstm, re_vd_lstm, vd_lstm"),
+                                     "experiments/train_cifar.py); expected one of lstm, re_lstm, re_vd_lstm, "
+                                     "vd_lstm"),
     ("train_lm", ["method=vcl"], "method.name='vcl': not for task 'lm'"),
     ("train_cifar", ["method=vanilla", "method.lam=1e-4"],
      "method.lam=0.0001: method 'vanilla' has no penalty to weigh; leave it at 0 (methods with a lambda: "

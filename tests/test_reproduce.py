@@ -219,8 +219,8 @@ def test_a_phase_launches_only_its_runs_without_a_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WARNING: 1 run folders hold a run of another config" in out and str(phase.run_dir(1e-4, 0)) in out
     # A final phase, whose lambda is chosen later, at every lambda of its selection's grid.
-    select = dataclasses.replace(phase, preset=sweep.Preset(preset.name, {**preset.cfg, "run_dir": str(tmp_path / "sel/x")}),
-                                 selection=True)
+    elsewhere = sweep.Preset(preset.name, {**preset.cfg, "run_dir": str(tmp_path / "sel/x")})
+    select = dataclasses.replace(phase, preset=elsewhere, selection=True)
     sweep.print_plan([(select, dataclasses.replace(phase, lams=[]))], "t", tmp_path / "no-tables")
     out = capsys.readouterr().out
     assert "WARNING: 1 run folders hold a run of another config" in out and str(phase.run_dir(1e-4, 0)) in out

@@ -130,5 +130,5 @@ def _bound(combo: pd.DataFrame, lam: float) -> str | None:
         ref = min(below) if below else max(above)
         side = f"below {BAND[0]:g}" if below else f"above {BAND[1]:g}"
         shown = ", ".join(map(_measured, combo[combo.lam == ref].itertuples()))
-        return (f"not measured; {side}, as at λ={ref:g} ({'larger' if below else 'smaller'}, measured): {shown}")
+        return f"not measured; {side}, as at λ={ref:g} ({'larger' if below else 'smaller'}, measured): {shown}"
     return None

@@ -571,7 +571,7 @@ def _with_paper_cells(wide: pd.DataFrame, table_id: str, rows: list[str], cols: 
     it has: `— (no runs) · paper X` in each row of the cell's method (its variants too;
     rows of changed protocols stay empty), and rows for the paper's methods without runs
     there, in the paper's order. Columns without runs stay out (a sweep of one cell gets
-    a table of that cell)."""
+    a table of that cell's column)."""
     index = [i if len(rows) > 1 else (i,) for i in wide.index]      # tuples, the method last
     present = {c[:-1] for c in wide.columns}
     published = [cell for cell in paper[paper.table == table_id].itertuples(index=False)
@@ -697,7 +697,6 @@ def selection_note(t: pd.DataFrame) -> str:
     if len(planned):
         parts.append(f"{planned[0]} seeds planned per row")
     return ("Here: " + "; ".join(parts) + ".") if parts else ""
-
 
 
 def selection_table(df: pd.DataFrame) -> pd.DataFrame:
