@@ -308,7 +308,8 @@ def device_table(directory: Path) -> dict | None:
 
 def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | None, str]:
     """(table, label): the step-time table `directory/<name>.json` when `name` is given (a
-    ValueError naming the tables there if it is missing), else this machine's device's, else
+    ValueError naming the tables there if it is missing), else this machine's device's (its
+    label gives both names where they differ: a CPU's holds its cores and torch threads), else
     one measured elsewhere on a device of this machine's kind (CPU or GPU) if any, labelled
     as such; (None, reason) when there is none."""
     tables = {p.stem: p for p in sorted(directory.glob("*.json"))}
@@ -320,9 +321,12 @@ def step_time_table(directory: Path, name: str | None = None) -> tuple[dict | No
     if not tables:
         return None, f"no tables in {directory}; run `make step-times` on the device"
     t = device_table(directory)
-    if t is not None:
-        return t, f"this machine's {t['device']} ({_measured_with(t)})"
     here = runtime.device_info(runtime.resolve_device("auto"))
+    if t is not None:
+        if t["device"] != here["name"]:     # a CPU's name holds its cores and torch threads
+            return t, (f"this machine's model, measured as {t['device']} ({_measured_with(t)}); "
+                       f"here: {here['name']}")
+        return t, f"this machine's {t['device']} ({_measured_with(t)})"
     kind = here["slug"].split("-")[0] + "-"                       # "cpu-" or "cuda-"
     stem = sorted(tables, key=lambda k: (not k.startswith(kind), k))[0]
     t = json.loads(tables[stem].read_text())

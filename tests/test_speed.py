@@ -225,10 +225,16 @@ def test_dry_run_estimates_from_the_matching_table_else_the_measured_one(tmp_pat
     _table(kinds / f"{same}.json", "Same kind", {"cifar10|resnet56|none|per|channels|256": 0.5})
     sweep.print_plan(phases, "t", kinds)
     assert "NOT this machine" in (out := capsys.readouterr().out) and "Same kind" in out
+    # This machine's model measured with other cores or threads: both names are given.
     _table(tmp_path / f"{here['slug']}.json", "This box", {"cifar10|resnet56|none|per|channels|256": 1.0})
     sweep.print_plan(phases, "t", tmp_path)
     out = capsys.readouterr().out
-    assert "this machine's This box" in out and "NOT this machine" not in out
+    assert f"this machine's model, measured as This box (torch x, 2020-01-01); here: {here['name']}" in out
+    assert "NOT this machine" not in out
+    _table(tmp_path / f"{here['slug']}.json", here["name"], {"cifar10|resnet56|none|per|channels|256": 1.0})
+    sweep.print_plan(phases, "t", tmp_path)
+    out = capsys.readouterr().out
+    assert f"this machine's {here['name']} (torch x" in out and "here:" not in out
     # ResNet-56 CIFAR-10 measured; CIFAR-100 ResNet-110 estimated as twice it ("~"). 4 selection
     # runs each: Fixup's 200 epochs of 128-image batches from 45k images (5k held out), the
     # last partial batch kept (352 batches).
