@@ -121,6 +121,14 @@ def _no_network(url: str, dest: Path, *args, **kwargs) -> Path:
     raise urllib.error.URLError("no network in tests")
 
 
+class _Response(io.BytesIO):
+    """What `urlopen` returns: the body, and headers announcing `length` bytes (its size)."""
+
+    def __init__(self, body: bytes, length: int | None = None) -> None:
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body) if length is None else length)}
+
+
 def test_download_sends_a_user_agent_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real `download` (its callers' tests fake it): a request with a User-Agent (the
     WikiText mirror refuses urllib's), the file verified, then moved into place."""
@@ -131,7 +139,7 @@ def test_download_sends_a_user_agent_and_verifies(tmp_path: Path, monkeypatch: p
 
     def fake_urlopen(request, timeout):
         seen.append(request)
-        return io.BytesIO(payload)
+        return _Response(payload)
     monkeypatch.setattr(download_mod.urllib.request, "urlopen", fake_urlopen)
     dest = download_mod.download(CORPORA["wikitext2"].url, tmp_path / "w.zip",
                                  hashlib.sha256(payload).hexdigest())
@@ -141,6 +149,11 @@ def test_download_sends_a_user_agent_and_verifies(tmp_path: Path, monkeypatch: p
                                          f"{re.escape(CORPORA['wikitext2'].url)}: .* nothing was kept"):
         download_mod.download(CORPORA["wikitext2"].url, tmp_path / "x.zip", "0" * 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zip"]     # nothing left behind
+    # A server that closes before the announced length: urllib gives what came, no error.
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda request, timeout: _Response(payload, 100))
+    with pytest.raises(OSError, match=f"download of {re.escape(CORPORA['ptb'].url)} ended after 13 of 100 bytes"):
+        download_mod.download(CORPORA["ptb"].url, tmp_path / "short.tgz")     # no checksum to catch it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zip"]
 
 
 def test_what_a_killed_download_left_is_removed_once_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +172,7 @@ def test_what_a_killed_download_left_is_removed_once_stale(tmp_path: Path, monke
     old = time.time() - download_mod.PARTIAL_AGE_S - 60
     for path in (stale, mine, stale_dir / "simple-examples.tgz", stale_dir):
         os.utime(path, (old, old))
-    monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda request, timeout: io.BytesIO(b"x"))
+    monkeypatch.setattr(download_mod.urllib.request, "urlopen", lambda request, timeout: _Response(b"x"))
     download_mod.download(CORPORA["ptb"].url, tmp_path / "a.tgz")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "a.tgz", "ptb", "tmp.part"])
     monkeypatch.setattr(corpus_mod, "download", _no_network)

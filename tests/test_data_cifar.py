@@ -14,7 +14,7 @@ from per.data import cifar
 from per.data.cifar import (CIFAR_MEAN, CIFAR_STD, NORMALIZATIONS, DeviceLoader,
                             input_normalization, load_cifar, mixup, split_train_val,
                             write_fake_cifar)
-from per.data.download import DatasetMissingError
+from per.data.download import DatasetDamagedError, DatasetMissingError
 from per.training.image_task import build_image_experiment
 from runner_utils import compose_config
 
@@ -134,6 +134,58 @@ def test_download_extracts_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     data = load_cifar("cifar10", root, download=True, verify_checksums=False)
     assert data.train_x.shape == (50, 32, 32, 3)
     assert (root / "cifar-10-python.tar.gz").exists()
+
+
+def _fake_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A CIFAR-10 tarball of generated pickles, its md5 and theirs made the official ones."""
+    import tarfile
+
+    from per.data.download import file_digest
+    src = tmp_path / "src"
+    write_fake_cifar(src, "cifar10", n_train=50, n_test=10)
+    archive = tmp_path / "fake.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    layout = cifar.LAYOUTS["cifar10"]
+    md5 = {f: file_digest(src / "cifar-10-batches-py" / f, "md5") for f, _ in layout.train + layout.test + (layout.meta,)}
+    monkeypatch.setitem(cifar.LAYOUTS, "cifar10", cifar._Layout(**{
+        **layout.__dict__, "archive_md5": file_digest(archive, "md5"),
+        "train": tuple((f, md5[f]) for f, _ in layout.train), "test": tuple((f, md5[f]) for f, _ in layout.test),
+        "meta": (layout.meta[0], md5[layout.meta[0]])}))
+    return archive
+
+
+def test_a_tarball_put_in_the_root_by_hand_is_extracted_without_downloading(tmp_path, monkeypatch):
+    """The offline error offers it; only the pickles still missing are moved in, each with one
+    rename from a temp folder (runs that fetch at once never read a half-written file)."""
+    archive = _fake_archive(tmp_path, monkeypatch)
+    root = tmp_path / "root"
+    with pytest.raises(DatasetMissingError, match=f"or put cifar-10-python.tar.gz itself in {root.resolve()}"):
+        load_cifar("cifar10", root)
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes())
+    kept = root / "cifar-10-batches-py" / "data_batch_1"
+    kept.parent.mkdir()
+    kept.write_bytes((tmp_path / "src/cifar-10-batches-py/data_batch_1").read_bytes())
+    before = kept.stat().st_ino
+    data = load_cifar("cifar10", root)                     # checksums on: all match
+    assert data.train_x.shape == (50, 32, 32, 3) and kept.stat().st_ino == before
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_tarball_is_named(tmp_path, monkeypatch, damage):
+    archive = _fake_archive(tmp_path, monkeypatch)
+    root = tmp_path / "root"
+    root.mkdir()
+    packed = archive.read_bytes()
+    packed = packed[:len(packed) // 2] if damage == "truncated" else packed[:100] + bytes(200) + packed[300:]
+    (root / "cifar-10-python.tar.gz").write_bytes(packed)
+    with pytest.raises(DatasetDamagedError, match=f"{root / 'cifar-10-python.tar.gz'}.*delete it"):
+        load_cifar("cifar10", root, verify_checksums=False)
+    with pytest.raises(DatasetDamagedError, match="checksum mismatch"):
+        load_cifar("cifar10", root)
+    assert [p.name for p in root.iterdir()] == ["cifar-10-python.tar.gz"]     # nothing half extracted
 
 
 def test_checksum_mismatch(fake_root: Path) -> None:

@@ -169,16 +169,20 @@ def test_limit_eval_batches(data_root, tmp_path):
     assert out["val_ppl"] == pytest.approx(math.exp(out["val_loss"]))
 
 
-@pytest.mark.parametrize("damage", ["truncated_gz", "not_utf8"])
+@pytest.mark.parametrize("damage", ["truncated_gz", "corrupt_gz", "not_utf8"])
 def test_damaged_text_file_is_named(tmp_path, damage):
     root = tmp_path / "data"
     write_fake_corpus(root, "ptb", n_train_lines=50, seed=0, vocab_size=20)
     valid = root / "ptb/ptb.valid.txt"
-    if damage == "truncated_gz":
+    if damage.endswith("_gz"):
         packed = gzip.compress(valid.read_bytes())
         valid.unlink()
         valid = valid.with_name("ptb.valid.txt.gz")
-        valid.write_bytes(packed[:len(packed) // 2])
+        if damage == "truncated_gz":
+            packed = packed[:len(packed) // 2]
+        else:       # bytes changed mid-stream: zlib.error, neither EOFError nor OSError
+            packed = packed[:40] + bytes(b ^ 0xFF for b in packed[40:80]) + packed[80:]
+        valid.write_bytes(packed)
     else:
         valid.write_bytes(b"caf\xe9 au lait\n")   # Latin-1, not UTF-8
     with pytest.raises(ValueError, match=f"cannot read {re.escape(str(valid))} .*damaged"):

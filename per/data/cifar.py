@@ -1,7 +1,7 @@
 """CIFAR-10/100: the official python-pickle layout, downloads with checksums, a device loader.
 
 - `load_cifar` reads `cifar-10-batches-py/` or `cifar-100-python/` under a root,
-  downloading and extracting the official tarball when asked.
+  extracting the official tarball found there, or downloading it when asked.
 - `input_normalization` gives a protocol's input normalization (`data.normalize`:
   Fixup's per-channel constants, He et al.'s per-pixel mean, VCL's per-pixel
   standardization), its statistics taken from the training split in use.
@@ -21,6 +21,8 @@ import math
 import pickle
 import struct
 import tarfile
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +30,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .download import DatasetDamagedError, download, ensure_files, verify_file
+from .download import (PARTIAL_PREFIX, DatasetDamagedError, download, ensure_files, remove_stale_partials,
+                       verify_file)
 
 # Per-channel normalization: Fixup's cifar_train.py for CIFAR-10 (its std is below the true
 # pixel std); for CIFAR-100 the usual true statistics (docs/protocols.md, Table 1).
@@ -121,28 +124,51 @@ def _read_batches(directory: Path, files: tuple[tuple[str, str], ...], label_key
 
 
 def _fetch_and_extract(layout: _Layout, root: Path, verify_checksums: bool) -> None:
-    """Download the official tarball (unless already in `root`), check its md5 (with
-    `verify_checksums`, as the pickles'), extract."""
+    """Download the official tarball unless it is in `root` already, then `_extract` it."""
     archive = root / layout.url.rsplit("/", 1)[-1]
-    md5 = layout.archive_md5 if verify_checksums else None
-    if archive.exists():
-        if md5 is not None:
-            verify_file(archive, md5, "md5")
-    else:
-        download(layout.url, archive, expected=md5, algorithm="md5")
-    with tarfile.open(archive, "r:gz") as tar:
+    if not archive.exists():
+        download(layout.url, archive, expected=layout.archive_md5 if verify_checksums else None, algorithm="md5")
+    _extract(layout, archive, verify_checksums)
+
+
+def _extract(layout: _Layout, archive: Path, verify_checksums: bool) -> None:
+    """Check `archive`'s md5 (with `verify_checksums`, as the pickles'), extract it into a
+    temp folder beside it, check the pickles there, then move in those still missing, each
+    with one rename: runs that fetch at once never see a file half written. A damaged
+    archive raises DatasetDamagedError naming it."""
+    if verify_checksums:
+        verify_file(archive, layout.archive_md5, "md5")
+    root, directory = archive.parent, archive.parent / layout.directory
+    remove_stale_partials(root)            # what a killed extraction left
+    with tempfile.TemporaryDirectory(dir=root, prefix=PARTIAL_PREFIX) as tmp:
         try:
-            tar.extractall(root, filter="data")
-        except TypeError:    # Python before 3.10.12 / 3.11.4: no filters
-            tar.extractall(root)
+            with tarfile.open(archive, "r:gz") as tar:
+                try:
+                    tar.extractall(tmp, filter="data")
+                except TypeError:    # Python before 3.10.12 / 3.11.4: no filters
+                    tar.extractall(tmp)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DatasetDamagedError(f"cannot extract {archive} ({type(e).__name__}: {e}): damaged or "
+                                      "not the official file; delete it and fetch it again") from e
+        extracted = Path(tmp) / layout.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        for fname, md5 in layout.train + layout.test + (layout.meta,):
+            if not (extracted / fname).is_file():
+                raise DatasetDamagedError(f"{archive} lacks {layout.directory}/{fname}: not the official "
+                                          "file; delete it and fetch it again")
+            if verify_checksums:
+                verify_file(extracted / fname, md5, "md5")
+            if not (directory / fname).exists():
+                (extracted / fname).replace(directory / fname)
 
 
 def load_cifar(name: str, root: str | Path, *, download: bool = False,
                verify_checksums: bool = True) -> CifarArrays:
     """Load CIFAR-10 or CIFAR-100 ("cifar10" | "cifar100") from the pickle layout under `root`.
 
-    Missing files are downloaded when `download` is true; otherwise (or when the
-    download fails) DatasetMissingError names the files, URL and location.
+    Missing files are extracted from the official tarball where it lies in `root`, else
+    downloaded when `download` is true; otherwise (or when the download fails)
+    DatasetMissingError names the files, URL and location.
     `verify_checksums` checks the archive's and each pickle file's md5 against the
     official ones (ValueError on mismatch); turn it off for generated or converted copies.
     """
@@ -150,9 +176,12 @@ def load_cifar(name: str, root: str | Path, *, download: bool = False,
     root = Path(root)
     directory = root / layout.directory
     files = [f for f, _ in layout.train + layout.test] + [layout.meta[0]]
+    archive = root / layout.url.rsplit("/", 1)[-1]
+    if archive.exists() and not all((directory / f).exists() for f in files):
+        _extract(layout, archive, verify_checksums)    # the tarball put there by hand
     ensure_files(directory, files, url=layout.url, what=name,
                  download_fn=lambda: _fetch_and_extract(layout, root, verify_checksums),
-                 download_enabled=download)
+                 download_enabled=download, or_else=f"put {archive.name} itself in {root.resolve()}")
     if verify_checksums:
         for fname, md5 in layout.train + layout.test + (layout.meta,):
             verify_file(directory / fname, md5, "md5")

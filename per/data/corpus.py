@@ -22,6 +22,7 @@ import random
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -128,7 +129,7 @@ class Corpus:
             path = _find(self.directory, file_name)
             try:
                 tokens[split] = tokenize(_read(path, expected))
-            except (EOFError, OSError, UnicodeDecodeError) as e:   # truncated .gz, not UTF-8 text
+            except (EOFError, OSError, UnicodeDecodeError, zlib.error) as e:   # truncated or corrupt .gz, not UTF-8
                 raise DatasetDamagedError(f"cannot read {path} ({type(e).__name__}: {e}): damaged or "
                                           "not the expected file; delete it and fetch it again "
                                           "(data.download=true)") from e

@@ -82,6 +82,10 @@ def download(url: str, dest: str | Path, expected: str | None = None,
             request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 shutil.copyfileobj(resp, tmp)
+                size = resp.headers.get("Content-Length")
+                # urllib returns what came when a server closes early: a short file, no error.
+                if size is not None and size.isdigit() and tmp.tell() != int(size):
+                    raise OSError(f"download of {url} ended after {tmp.tell():,} of {int(size):,} bytes")
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
@@ -95,11 +99,12 @@ def download(url: str, dest: str | Path, expected: str | None = None,
 
 
 def ensure_files(directory: str | Path, files: list[str], *, url: str, what: str,
-                 download_fn, download_enabled: bool) -> None:
+                 download_fn, download_enabled: bool, or_else: str = "") -> None:
     """Make sure `files` exist under `directory`, calling `download_fn()` if allowed.
 
     Raises DatasetMissingError naming the missing files, the URL and the expected
-    location when they are absent and downloading is off or fails.
+    location when they are absent and downloading is off or fails; `or_else`: another
+    way to provide them, for the message.
     """
     directory = Path(directory)
     missing = [f for f in files if not (directory / f).exists()]
@@ -116,5 +121,5 @@ def ensure_files(directory: str | Path, files: list[str], *, url: str, what: str
             return
     raise DatasetMissingError(
         f"{what}: missing {', '.join(missing)} in {directory.resolve()} ({reason}). "
-        f"Download it from {url} and place the files there, or run with "
+        f"Download it from {url} and place the files there{', or ' + or_else if or_else else ''}, or run with "
         "data.download=true on a machine with internet access.")
