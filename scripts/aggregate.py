@@ -19,7 +19,7 @@ import sys
 from experiments.common import add_run_source_arguments, check_report_folder, preset_protocol, suite_paths
 from per.analysis.tables import write_tables
 from per.sweep import DEFAULT_SEEDS, DEFAULT_SELECT_SEEDS
-from per.schema import FAILED
+from per.schema import FAILED, TASKS
 from per.analysis.wandb_source import collect_source
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_source_arguments(ap)
     ap.add_argument("--out", default=suite_paths()["tables_dir"], help="folder for the tables (paths.tables_dir)")
-    ap.add_argument("--task", choices=["cifar", "lm", "all"], default="all")
+    ap.add_argument("--task", choices=[*TASKS, "all"], default="all")
     ap.add_argument("--seeds", type=_count, default=DEFAULT_SEEDS,
                     help="seeds planned per reported row: rows with results from fewer are marked, not compared "
                          "(0: no expectation)")

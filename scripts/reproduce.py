@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from experiments.common import (CONFIGS, ENTRY, check_report_folder, compose_pre
 from per import parallel, sweep
 from per.analysis.collect import lam_text
 from per.analysis.strength import BAND, FAMILIES, off_band
-from per.schema import REGULARIZED, SELECTION_VAL_SIZE
+from per.schema import REGULARIZED, SELECTION_VAL_SIZE, TASKS
 from per.training.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +234,9 @@ def _describe(unit: sweep.Phase) -> str:
     return f"{unit.preset.cell_dir.name} lam={lams} seed={seeds}"
 
 
+SUBMITIT_PLUGIN = "hydra_plugins.hydra_submitit_launcher"    # what `launcher=slurm` loads (the `slurm` extra)
+
+
 def _logs(args) -> Path:
     return Path(args.runs).parent / "logs"
 
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_library_lines()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--task", choices=["cifar", "lm"])
+    what.add_argument("--task", choices=TASKS)
     what.add_argument("--sweep", metavar="PRESET", help="one preset's lambda sweep")
     what.add_argument("--ablation", action="store_true", help="ResNet-56 PER: layout x reduction, then slices")
     ap.add_argument("--lams", type=_lams_arg,
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of this machine's device's table")
     ap.add_argument("--no-report", action="store_true", help="skip tables and figures at the end")
     args = ap.parse_args(argv)
+    if args.launcher == "slurm" and not args.dry_run and importlib.util.find_spec(SUBMITIT_PLUGIN) is None:
+        ap.error("--launcher slurm needs Hydra's submitit launcher, which is not installed: "
+                 "pip install -e '.[slurm]' (or '.[dev]')")
     if args.launcher == "pool" and (bad := _unknown_gpus(args.gpus)):
         import torch
         ap.error(f"--gpus {args.gpus}: no GPU {', '.join(bad)} here; valid: "

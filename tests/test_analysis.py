@@ -7,6 +7,8 @@ import json
 import math
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,9 @@ from per.analysis import collect, paper as paper_mod, tables
 from per.analysis.wandb_source import collect_wandb
 from per.schema import (EPOCH, LR, PENALTY, STEP, TEST_ERROR, TEST_PPL, TRAIN_LOSS, VAL_ERROR,
                         VAL_PPL, make_cell)
-from runner_utils import compose_config
+from runner_utils import ROOT, SHARED_DATA, compose_config
 
-SHARED_PAPER_CSV = Path("/work/shared/paper/paper_tables.csv")
+SHARED_PAPER_CSV = SHARED_DATA.parent / "paper" / "paper_tables.csv"   # the one copy, where present
 
 
 def make_run(root: Path, *, task: str = "cifar", dataset: str = "cifar10",
@@ -246,6 +248,40 @@ def test_paper_csv_is_the_shared_copy(paper):
     assert math.isnan(paper_mod.paper_value(paper, "cifar10", "resnet56", "relu", "l1"))
     explicit = paper_mod.load_paper_tables(repo_csv)
     pd.testing.assert_frame_equal(explicit, paper)
+
+
+def test_the_paper_csv_path_resolves_paths_references_and_refuses_others(tmp_path):
+    (tmp_path / "configs/paths").mkdir(parents=True)
+    config = tmp_path / "configs/paths/default.yaml"
+    config.write_text("results_dir: out\nsub: ${paths.results_dir}/p\npaper_csv: ${paths.sub}/t.csv\n")
+    assert paper_mod.paper_csv_path(tmp_path) == tmp_path / "out/p/t.csv"
+    config.write_text("paper_csv: ${oc.env:X,a}/t.csv\n")
+    with pytest.raises(ValueError, match="needs a resolver"):
+        paper_mod.paper_csv_path(tmp_path)
+    config.write_text("paper_csv: ${paths.paper_csv}/t.csv\n")
+    with pytest.raises(ValueError, match="cannot resolve paths.paper_csv"):
+        paper_mod.paper_csv_path(tmp_path)
+
+
+def test_the_library_imports_without_hydra_omegaconf_or_wandb():
+    """`per/` is usable without Hydra: every module of the package imports with those three
+    made unimportable."""
+    code = """
+import importlib, pkgutil, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hydra", "omegaconf", "wandb"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import per
+skip = ("per._triton",)          # needs Triton, a CUDA wheel's
+for m in pkgutil.walk_packages(per.__path__, "per."):
+    if m.name not in skip:
+        importlib.import_module(m.name)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # --- selection ----------------------------------------------------------------------

@@ -5,7 +5,6 @@ import csv
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
 import yaml
@@ -185,6 +184,7 @@ def test_bad_method_names_valid_choices():
 
 
 def test_environment_yml_matches_pyproject():
+    tomllib = pytest.importorskip("tomllib")     # Python 3.11+
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = meta["dependencies"] + meta["optional-dependencies"]["dev"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())

@@ -24,7 +24,7 @@ from per.data.cifar import write_fake_cifar
 from per.data.corpus import Corpus, write_fake_corpus
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
-from runner_utils import ROOT, compose_config
+from runner_utils import ROOT, compose_config, script_module
 
 REPRO = [sys.executable, str(ROOT / "scripts/reproduce.py")]
 
@@ -171,6 +171,20 @@ def test_gpu_ids_are_checked_where_cuda_is(monkeypatch):
     assert unknown("0,1") == [] and unknown("0,2,x") == ["2", "x"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert unknown("5") == []                      # no CUDA: runs take the CPU
+
+
+def test_slurm_without_its_hydra_plugin_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """`--launcher slurm` needs the `slurm` extra; without it each multirun failed with
+    Hydra's "Could not find 'hydra/launcher/submitit_slurm'" in its log."""
+    repro = script_module("reproduce")
+    real = repro.importlib.util.find_spec
+    monkeypatch.setattr(repro.importlib.util, "find_spec",
+                        lambda name, *a: None if name == repro.SUBMITIT_PLUGIN else real(name, *a))
+    args = ["--sweep", "t1_cifar10_resnet56_per", "--launcher", "slurm", "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        repro.main(args)
+    assert "pip install -e '.[slurm]'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert repro.main([*args, "--dry-run"]) == 0        # planning needs no plugin
 
 
 def test_a_failed_report_script_is_named_in_one_line_not_a_traceback():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
+import yaml
 
 PATHS_CONFIG = Path("configs") / "paths" / "default.yaml"
 
@@ -25,9 +26,21 @@ def find_repo_root(start: Path | None = None) -> Path:
 
 
 def paper_csv_path(root: Path | None = None) -> Path:
-    """`paths.paper_csv` of the repository at `root` (default: `find_repo_root()`)."""
+    """`paths.paper_csv` of the repository at `root` (default: `find_repo_root()`), its
+    `${paths.<key>}` references resolved (plain YAML: no Hydra or OmegaConf needed)."""
     root = find_repo_root() if root is None else root
-    return root / OmegaConf.create({"paths": OmegaConf.load(root / PATHS_CONFIG)}).paths.paper_csv
+    paths = yaml.safe_load((root / PATHS_CONFIG).read_text())
+
+    def resolve(key: str, seen: tuple[str, ...] = ()) -> str:
+        if key in seen or key not in paths:
+            raise ValueError(f"{root / PATHS_CONFIG}: cannot resolve paths.{key} (via {' -> '.join(seen) or '-'})")
+        value = re.sub(r"\$\{paths\.(\w+)\}", lambda m: resolve(m.group(1), (*seen, key)), str(paths[key]))
+        if "${" in value:
+            raise ValueError(f"{root / PATHS_CONFIG}: paths.{key} = {paths[key]!r} needs a resolver; "
+                             "only ${paths.<key>} references are read here")
+        return value
+
+    return root / resolve("paper_csv")
 
 
 def load_paper_tables(path: str | Path | None = None) -> pd.DataFrame:
