@@ -2,9 +2,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SEEDS ?= 3
-SELECT_SEEDS ?= 1       # seeds per lambda on the images' 45k/5k selection split
-VAL_SIZE ?= 5000        # images held out for lambda selection
+# Empty: the scripts' own defaults (per.sweep.DEFAULT_SEEDS = 3, DEFAULT_SELECT_SEEDS = 1,
+# per.schema.SELECTION_VAL_SIZE = 5000; reproduce.py's --slurm-multiruns 8).
+SEEDS ?=                # seeds of the reported runs
+SELECT_SEEDS ?=         # seeds per lambda on the images' 45k/5k selection split
+VAL_SIZE ?=             # images held out for lambda selection
 GPUS ?= 0
 # auto: the count with the most runs/hour in `make step-times CONCURRENCY=1,2,4,8`'s table, else 1
 RUNS_PER_GPU ?= auto
@@ -12,15 +14,16 @@ CONCURRENCY ?=
 # local: one Hydra multirun at a time here; pool: GPUS x RUNS_PER_GPU runs at once, all cells
 # together (logs in results/logs/); slurm: submitit multiruns
 LAUNCHER ?= local
-SLURM_MULTIRUNS ?= 8
+SLURM_MULTIRUNS ?=       # multiruns in flight under LAUNCHER=slurm
 DRY_RUN ?=
 STEP_TABLE ?=           # DRY_RUN's device-hours from results/step_times/$(STEP_TABLE).json, e.g. cuda-nvidia-h200
 EXPERIMENT ?=
 LAMS ?=
 RUNS ?=                 # default: paths.runs_dir (configs/paths/default.yaml); logs/, tables/, figures/ go beside it
 OVERRIDES ?=
-REPRO = $(PY) scripts/reproduce.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) --val-size $(VAL_SIZE) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
-        --launcher $(LAUNCHER) --slurm-multiruns $(SLURM_MULTIRUNS) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
+SEED_ARGS = $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SELECT_SEEDS),--select-seeds $(SELECT_SEEDS))
+REPRO = $(PY) scripts/reproduce.py $(SEED_ARGS) $(if $(VAL_SIZE),--val-size $(VAL_SIZE)) --gpus $(GPUS) --runs-per-gpu $(RUNS_PER_GPU) \
+        --launcher $(LAUNCHER) $(if $(SLURM_MULTIRUNS),--slurm-multiruns $(SLURM_MULTIRUNS)) $(if $(RUNS),--runs $(RUNS)) $(if $(DRY_RUN),--dry-run) $(if $(STEP_TABLE),--step-table $(STEP_TABLE)) \
         $(foreach o,$(OVERRIDES),--override $(o))
 
 .PHONY: help setup test test-all bench demo reproduce-cifar reproduce-lm sweep ablation strength tables figures step-times gpu-check presets
@@ -62,7 +65,7 @@ strength: ## per-site gradient ratios of every family x lambda grid x layout x r
 	$(PY) scripts/strength.py
 
 tables: ## aggregate results/runs into results/tables (Markdown, LaTeX, CSV); rows with fewer than SEEDS seeds are marked; RUNS=: beside it
-	$(PY) scripts/aggregate.py --seeds $(SEEDS) --select-seeds $(SELECT_SEEDS) $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../tables)
+	$(PY) scripts/aggregate.py $(SEED_ARGS) $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../tables)
 
 figures: ## figures from results/runs into results/figures (PNG, PDF); folders from configs/paths (RUNS=: beside it)
 	$(PY) scripts/figures.py $(if $(RUNS),--runs $(RUNS) --out $(RUNS)/../figures)

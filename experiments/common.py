@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
 from per.data.download import DatasetDamagedError, DatasetMissingError
-from per.training.checks import DATASETS, ConfigMismatchError, ConfigValueError, protocol_of
+from per.training.checks import DATASETS, RUNNER, ConfigMismatchError, ConfigValueError, protocol_of
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.records import RunLockedError
@@ -28,7 +28,7 @@ from per.training.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HYDRA_RECORD = ".hydra"   # hydra.output_subdir is null: train() writes it once the run is accepted
-ENTRY = {"cifar": "train_cifar", "lm": "train_lm"}   # task -> entry config and script experiments/<entry>.py
+ENTRY = {task: Path(script).stem for task, script in RUNNER.items()}   # task -> entry config and script
 BUILD = {"cifar": build_image_experiment, "lm": build_lm_experiment}   # task -> builder
 OmegaConf.register_new_resolver("valtag", lambda n: f"-val{n}" if int(n) > 0 else "", replace=True)
 

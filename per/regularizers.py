@@ -44,10 +44,10 @@ from torch.autograd.function import once_differentiable
 from per.functional import (
     add_per_grad, check_layout, check_reduction, compute_dtype, from_points, l1_penalty, l2_penalty,
     per_grad, per_grad_subspace, per_loss, phi, point_dim, sample_directions, subspace_applies, to_points)
-from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX
+from per.schema import GRAD_RATIO_PREFIX, PENALTY_PREFIX, REGULARIZED
 from per.sites import Site, list_sites
 
-KINDS = ("per", "l1", "l2", "vcl")
+KINDS = REGULARIZED      # the methods with a lambda: l1, l2, per, vcl
 PATHS = ("backward", "autograd")
 SAMPLINGS = ("explicit", "subspace")
 _ROLE = {"per": "post", "l1": "post", "l2": "post", "vcl": "pre"}

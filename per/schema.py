@@ -57,7 +57,6 @@ def throughput_key(items: str) -> str:
 # Per-site diagnostics: `<prefix><site>`, averaged over the tracked steps of an epoch.
 PENALTY_PREFIX = "penalty/"         # the site's unscaled penalty L_site
 GRAD_RATIO_PREFIX = "grad_ratio/"   # ||lam dL_site/dh|| / ||d(downstream loss)/dh||
-DIAGNOSTIC_PREFIXES = (PENALTY_PREFIX, GRAD_RATIO_PREFIX)
 
 
 def is_diagnostic(key: str) -> bool:
@@ -109,7 +108,6 @@ def method_label(method: str, norm: str = "none") -> str:
 
     A BN model with no regularizer is `bn`; BN plus PER is `bn+per`; a model
     without normalization keeps the method name (`vanilla`, `per`, ...).
-    `method_and_norm` is the inverse.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -118,16 +116,6 @@ def method_label(method: str, norm: str = "none") -> str:
     if norm == "bn":
         return "bn" if method == "vanilla" else f"bn+{method}"
     return method
-
-
-def method_and_norm(label: str) -> tuple[str, str]:
-    """The (method, norm) of a row label: `bn` -> (vanilla, bn), `bn+per` -> (per, bn),
-    `per` -> (per, none); the inverse of `method_label`."""
-    norm = "bn" if label == "bn" or label.startswith("bn+") else "none"
-    method = "vanilla" if label == "bn" else label.removeprefix("bn+")
-    if method not in METHODS or method_label(method, norm) != label:
-        raise ValueError(f"unknown method label {label!r}")
-    return method, norm
 
 
 def make_cell(dataset: str, model: str, method: str, norm: str = "none",

@@ -22,17 +22,19 @@ from omegaconf import OmegaConf
 
 from experiments.common import suite_paths
 from per import schema
+from per.analysis.strength import ABLATION_GRIDS_JSON
+from per.models.elu_cnn import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 OUT = CONFIGS / "experiment"
-ABLATION_GRIDS = ROOT / suite_paths()["strength_dir"] / "ablation_grids.json"
+ABLATION_GRIDS = ROOT / suite_paths()["strength_dir"] / ABLATION_GRIDS_JSON
 
 PER_GRID = [3e-4, 1e-4, 3e-5, 1e-5]
 PER_GRID_C100_RELU = [3e-6, 1e-6, 3e-7, 1e-7]     # ReLU/LeakyReLU on CIFAR-100 (Table 2)
 LM_GRID = [3e-4, 1e-4, 3e-5]
 LM_PTB_L1L2_EXTRA = [1e-5, 3e-6, 1e-6, 3e-7, 1e-7]
-ABLATION_SLICES = [16, 64, 256, 1024]
+ABLATION_SLICE_COUNTS = [16, 64, 256, 1024]
 MONITOR_EVERY = 100    # Table 2 runs: steps between activation snapshots (200 steps = 1 epoch)
 
 
@@ -124,7 +126,7 @@ def presets() -> dict[str, str]:
                                     "optim": "he_bn" if bn else "fixup"}, body))
     # Table 2: deep ELU network, VCL protocol.
     for ds in ("cifar10", "cifar100"):
-        for act in ("relu", "leaky_relu", "elu"):
+        for act in ACTIVATIONS:
             for method in ("vanilla", "bn", "vcl", "per"):
                 body = {"model": {"activation": act, "norm": "bn" if method == "bn" else "none"},
                         # activation snapshots of layers 3/6/9 for the paper's Figures 3-4
@@ -157,9 +159,9 @@ def presets() -> dict[str, str]:
                            {"method": {"layout": layout, "reduction": reduction, **_lams(grid)}},
                            name=f"ablation_resnet56_{combo}"))
     out.append(_preset("Ablation | cifar10 | ResNet-56 + PER, channels layout, slices in "
-                       + str(ABLATION_SLICES), resnet56_per,
+                       + str(ABLATION_SLICE_COUNTS), resnet56_per,
                        {"run_name": "ablation_resnet56_s${method.num_slices}",
-                        "method": {**_lams(PER_GRID), "slices_grid": ABLATION_SLICES}},
+                        "method": {**_lams(PER_GRID), "slices_grid": ABLATION_SLICE_COUNTS}},
                        name="ablation_resnet56_slices"))
     return dict(out)
 

@@ -39,7 +39,7 @@ from experiments.common import (CONFIGS, ENTRY, check_report_folder, compose_pre
                                 suite_paths)
 from per import parallel, sweep
 from per.analysis.collect import lam_text
-from per.analysis.strength import BAND, FAMILIES, off_band
+from per.analysis.strength import BAND, FAMILIES, STRENGTH_CSV, off_band
 from per.schema import REGULARIZED, SELECTION_VAL_SIZE, TASKS
 from per.training.checks import validate
 
@@ -163,7 +163,7 @@ def execute(phases: list, args) -> list[str]:
 
 
 def strength_warnings(phases: list, strength_csv: Path) -> list[str]:
-    """One line per planned regularized preset whose own lambda (the middle of its grid) is
+    """One line per planned regularized preset whose own lambda (`method.lam`) is
     planned and measured by `make strength` (`strength_csv`) outside `BAND` on the same
     model, or unmeasured beyond a measured lambda already outside it
     (`per.analysis.strength.off_band`); [] without the file."""
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     print_wall_clock(settled, args)
-    if warnings := strength_warnings(phases, ROOT / PATHS["strength_dir"] / "strength.csv"):
+    if warnings := strength_warnings(phases, ROOT / PATHS["strength_dir"] / STRENGTH_CSV):
         print(f"   warning: measured by `make strength` ({PATHS['strength_dir']}/strength.md), the median site "
               f"grad_ratio at these presets' own lambda leaves {BAND[0]:g}..{BAND[1]:g}, or would (not measured, "
               "beyond a measured lambda outside it) (below: the penalty "

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 
 from experiments.common import BUILD, compose_preset, preset_task, suite_paths
-from per.analysis.strength import FAMILIES, Family, ablation_grids, markdown, summary
+from per.analysis.strength import (ABLATION_GRIDS_JSON, FAMILIES, STRENGTH_CSV, Family, ablation_grids, markdown,
+                                   summary)
 from per.data.cifar import write_fake_cifar
 from per.data.corpus import write_fake_corpus
 from per.functional import LAYOUTS, REDUCTIONS
@@ -136,7 +137,7 @@ def main() -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     root = Path(args.data_root or suite_paths()["data_root"]).resolve()
-    csv = out / "strength.csv"
+    csv = out / STRENGTH_CSV
     df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["family"])
     by_name = {f.name: f for f in FAMILIES}
     for fam in (by_name[name] for name in args.families):   # in the order given
@@ -155,13 +156,13 @@ def write(df: pd.DataFrame, out: Path) -> None:
     """strength.csv, strength.md and (with Fixup ResNet-56 rows) ablation_grids.json."""
     df["middle"] = df.middle.astype(bool)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "strength.csv", index=False)
+    df.to_csv(out / STRENGTH_CSV, index=False)
     (out / "strength.md").write_text(
-        "At each preset's middle lambda, reduction=sum, channels layout:\n\n" + summary(df)
-        + "\nEvery layout and reduction at the middle lambda (every lambda: strength.csv):\n\n"
+        "At each preset's own lambda (method.lam), reduction=sum, channels layout:\n\n" + summary(df)
+        + "\nEvery layout and reduction at that lambda (every lambda: strength.csv):\n\n"
         + markdown(df))
     if grids := ablation_grids(df):
-        (out / "ablation_grids.json").write_text(json.dumps(grids, indent=1) + "\n")
+        (out / ABLATION_GRIDS_JSON).write_text(json.dumps(grids, indent=1) + "\n")
     print(f"[strength] wrote {out}/strength.{{csv,md}}" + (", ablation_grids.json" if grids else ""),
           flush=True)
 

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from per.models import create
-from per.models.elu_cnn import EluCnn
 from per.models.resnet import FixupBlock
 from per.sites import capture_sites, list_sites
 
@@ -235,11 +234,17 @@ def test_elu_cnn_options() -> None:
         create("elu_cnn11", norm="ln")
 
 
+def _hidden_site_names(role: str) -> list[str]:
+    """The deep ELU net's site names of hidden layers 1..10 in order (`post`: after the
+    activation and its scalar bias; `pre`: before the activation)."""
+    return [f"layer{i}.{'site' if role == 'post' else 'pre_site'}" for i in range(1, 11)]
+
+
 def test_elu_cnn_sites_and_paper_counts() -> None:
     """PER's quoted overheads: BN '2.5K' = 2,544 channels, VCL '350K' = sum of C*H*W = 350,460."""
     model = create("elu_cnn11", norm="bn")
     assert sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)) == 2_544
-    post, pre = EluCnn.hidden_site_names("post"), EluCnn.hidden_site_names("pre")
+    post, pre = _hidden_site_names("post"), _hidden_site_names("pre")
     assert post == list(list_sites(model, "post")) and len(post) == 10
     assert pre == list(list_sites(model, "pre")) and len(pre) == 10
     assert post[2] == "layer3.site"
@@ -257,7 +262,7 @@ def test_elu_cnn_post_site_after_scalar_bias(activation: str) -> None:
     if activation == "relu":
         with torch.no_grad():
             model.layer3.act_bias.fill_(0.25)
-    names = EluCnn.hidden_site_names("post")
+    names = _hidden_site_names("post")
     with capture_sites(model, names) as acts:
         model(torch.randn(2, 3, 32, 32))
     low = acts["layer3.site"][0].min()

@@ -427,7 +427,7 @@ def test_vcl_rejects_sequences():
 
 def test_regularizer_rejects_bad_arguments():
     model = _mlp()
-    with pytest.raises(ValueError, match="per, l1, l2, vcl"):
+    with pytest.raises(ValueError, match="valid: l1, l2, per, vcl"):
         per.Regularizer(model, "l3", 0.1)
     with pytest.raises(ValueError, match="channels, flatten"):
         per.Regularizer(model, "per", 0.1, layout="pixels")

@@ -65,7 +65,7 @@ def _save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def plot_losses_1d(out_dir: str | Path = "results/figures", name: str = "losses_1d") -> list[Path]:
+def plot_losses_1d(out_dir: str | Path, name: str = "losses_1d") -> list[Path]:
     """PER's phi against Huber and Pseudo-Huber (delta = 1) and their gradients in 1-D."""
     x = np.linspace(-4, 4, 801)
     curves = [("PER $\\phi$", phi, phi_grad), ("Huber", huber, huber_grad),
@@ -88,7 +88,7 @@ def plot_losses_1d(out_dir: str | Path = "results/figures", name: str = "losses_
 # --- activation monitoring (the paper's Figures 3-4) --------------------------------
 
 def plot_activation_evolution(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
-                              out_dir: str | Path = "results/figures", units: int = 4,
+                              out_dir: str | Path, units: int = 4,
                               name: str = "activation_evolution", title: str = "") -> list[Path]:
     """Per site (row groups: quartiles, mean, variance) and method (columns), the
     first `units` monitored units over training steps (the monitor records 4); `acts_by_method`
@@ -125,7 +125,7 @@ def plot_activation_evolution(acts_by_method: dict[str, pd.DataFrame], sites: li
 
 
 def plot_sw1(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
-             out_dir: str | Path = "results/figures", name: str = "sw1", title: str = "") -> list[Path]:
+             out_dir: str | Path, name: str = "sw1", title: str = "") -> list[Path]:
     """Sliced W1 of each site's activations to N(0, I) over training, one line per method;
     `title` names the cell."""
     fig = Figure(figsize=(4 * len(sites), 3.4), layout="constrained")
@@ -189,7 +189,7 @@ def sweep_view(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]
     return df.assign(**{CHANGES: df[CHANGES].map(without_off_grid)}), chosen[[*tables.GROUP_KEYS, "lam"]]
 
 
-def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
+def plot_sweep(df: pd.DataFrame, out_dir: str | Path,
                paper: pd.DataFrame | None = None, name: str = "sweep") -> list[Path]:
     """Per cell, the selection metric (left; star = chosen lambda, x = a lambda with a
     diverged selection run) and the reported metric (right; dotted = the paper's value)
@@ -248,7 +248,7 @@ def plot_sweep(df: pd.DataFrame, out_dir: str | Path = "results/figures",
     return paths
 
 
-def plot_training_curves(metrics_by_run: pd.DataFrame, out_dir: str | Path = "results/figures",
+def plot_training_curves(metrics_by_run: pd.DataFrame, out_dir: str | Path,
                          name: str = "curves") -> list[Path]:
     """Per cell, each logged metric over epochs, one line per (method, lambda), the
     mean over the runs given (`collect.load_run_metrics` of the runs to show)."""
@@ -281,7 +281,7 @@ def _most_varied(runs: pd.DataFrame, fixed: str, varied: str):
     return runs.groupby(fixed)[varied].nunique().idxmax()
 
 
-def plot_ablation(df: pd.DataFrame, out_dir: str | Path = "results/figures",
+def plot_ablation(df: pd.DataFrame, out_dir: str | Path,
                   dataset: str = "cifar10", model: str = "resnet56",
                   name: str = "ablation_per") -> list[Path]:
     """PER's point layout, reduction and number of slices on one image cell, mean +- std

@@ -4,7 +4,8 @@ ratios, and where a preset's lambda leaves the band (`off_band`: the plan's warn
 
 Input: the DataFrame of `strength.csv`, one row per (family, kind, layout, reduction,
 lambda, when) with `ratio_median`, `ratio_min`, `ratio_max` (site grad_ratio) and
-`param_share`, and `middle` marking each preset's default lambda.
+`param_share`, and `middle` marking each preset's own lambda (its `method.lam`, which
+single runs take; the column's name is kept on disk).
 """
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-BAND = (1e-3, 1.0)   # a per-site ratio outside this at the middle lambda: the lambda is off
+from per.models.elu_cnn import ACTIVATIONS
+
+BAND = (1e-3, 1.0)   # a per-site ratio outside this at a preset's own lambda: the lambda is off
+# The files of `make strength` in `paths.strength_dir`.
+STRENGTH_CSV = "strength.csv"                 # every measurement (the plan's warnings read it)
+ABLATION_GRIDS_JSON = "ablation_grids.json"   # the ablation presets' grids (scripts/make_presets.py)
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class Family:
     """A model family `make strength` measures (scripts/strength.py)."""
     name: str
     base: str                 # unregularized preset: model, protocol, batch, training steps
-    grids: dict[str, str]     # kind -> preset whose lam_grid is measured (its lam: the middle)
+    grids: dict[str, str]     # kind -> preset whose lam_grid is measured (its lam: `middle`)
 
 
 FAMILIES = [
@@ -29,7 +35,7 @@ FAMILIES = [
            {k: f"t1_cifar10_resnet56_{k}" for k in ("per", "l1", "l2")}),
     Family("BN ResNet-56", "t1_cifar10_resnet56_bn", {"per": "t1_cifar10_resnet56_per"}),
     *[Family(f"deep ELU net, {act}", f"t2_cifar10_{act}_vanilla", {"per": f"t2_cifar10_{act}_per"})
-      for act in ("relu", "leaky_relu", "elu")],
+      for act in ACTIVATIONS],
     Family("LSTM", "t3_ptb_lstm_vanilla", {k: f"t3_ptb_lstm_{k}" for k in ("per", "l1", "l2")}),
     Family("VD-LSTM", "t3_ptb_vd_lstm_vanilla", {k: f"t3_ptb_vd_lstm_{k}" for k in ("per", "l1", "l2")}),
 ]
@@ -40,8 +46,8 @@ def _fmt(x: float) -> str:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    """The table a reader needs: each family at its preset's default lambda (the middle of
-    the paper's grids, 1e-4), with a flag when the median site ratio leaves `BAND`."""
+    """The table a reader needs: each family at its preset's own lambda (`method.lam`), with
+    a flag when the median site ratio leaves `BAND`."""
     lines = ["| family | kind | layout | reduction | lambda | when | data | site grad_ratio: "
              "median [min, max] | param-grad share | in 1e-3..1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -80,7 +86,7 @@ def ablation_grids(df: pd.DataFrame) -> dict:
 
 
 def summary(df: pd.DataFrame) -> str:
-    """The README's table: each family and kind at its middle lambda under the defaults
+    """The README's table: each family and kind at its preset's own lambda under the defaults
     (`reduction=sum`, `channels` layout), at initialization and after training."""
     d = df[(df.reduction == "sum") & df.middle & df.layout.isin(["channels", "-"])]
     lines = ["| family (steps trained) | kind | site grad_ratio at init: median | after training: "

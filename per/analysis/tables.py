@@ -711,7 +711,7 @@ def selection_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def write_tables(df: pd.DataFrame, out_dir: str | Path = "results/tables",
+def write_tables(df: pd.DataFrame, out_dir: str | Path,
                  paper: pd.DataFrame | None = None, include_partial: bool = False,
                  seeds: int | None = None, select_seeds: int | None = None) -> list[Path]:
     """Write `selection.csv` (every lambda's validation score, the chosen one marked),

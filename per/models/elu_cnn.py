@@ -104,14 +104,6 @@ class EluCnn(nn.Sequential):
         nn.init.zeros_(layers["classifier"].bias)
         super().__init__(layers)
 
-    @staticmethod
-    def hidden_site_names(role: str = "post") -> list[str]:
-        """Site names of hidden layers 1..10 in order (index i-1 is layer i)."""
-        if role not in ("post", "pre"):
-            raise ValueError(f"unknown site role {role!r}; valid: post, pre")
-        suffix = "site" if role == "post" else "pre_site"
-        return [f"layer{i}.{suffix}" for i in range(1, len(HIDDEN) + 1)]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, 32, 32) -> (B, num_classes)."""
         return super().forward(x).flatten(1)
