@@ -21,10 +21,11 @@
 # t1_cifar10_resnet56_per), PROFILE_S (120), CONCURRENCY (1,2,4; empty skips it), STEP_OUT,
 # BENCH_ONLY (sections, or ';'-separated groups `sections@seconds`, each its own process and
 # limit: "epoch@220;compiled_lm,per_grad@200"), BENCH_ARGS, STEP_ARGS, and the time limits TEST_S,
-# BENCH_S, STEP_S in seconds (160, 330, 160), and TOTAL_S (570), the budget of the whole
+# BENCH_S, STEP_S in seconds (250, 330, 160), and TOTAL_S (570), the budget of the whole
 # call: each part's limit is cut to what is left of it, less 15 s to stop, and a part with
 # under 20 s left is skipped (named), so a call ends before the device's 10-minute cap.
-# On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s;
+# On an NVIDIA H200 the parts took, in separate calls: the tests 72-76 s (10 tests; the
+# three compiling ones of the 5 added since took 62-84 s each on CPU: about 185-235 s in all expected);
 # the bench's step, per_grad and lm sections about 55 s; its compiled section over 120 s
 # (ResNet-56 done, ResNet-110 still compiling at the cut) and the loader about 40 s; the
 # step-time rows and runs per hour over 240 s at 20 steps after 3 (the default here is 5
@@ -66,31 +67,43 @@ limit() {
     (( left < 20 )) && { echo 0; return; }
     echo $(( $1 < left ? $1 : left ))
 }
-# Run "$@" under `timeout` with limit $1 (seconds), or say it is skipped.
+# Run "$@" under `timeout` with limit $1 (seconds), or say it is skipped. TIMEOUT_SIGNAL: the
+# signal sent at the limit (TERM; the tests take INT, on which pytest still prints its
+# failures and summary), then KILL 15 s later.
 within() {
     local s; s=$(limit "$1"); shift
     if (( s == 0 )); then
         echo "[gpu-check] skipped (TOTAL_S=${TOTAL_S:-570} spent): $*" >&2; return 1
     fi
-    timeout -k 15 "$s" "$@"
+    timeout -s "${TIMEOUT_SIGNAL:-TERM}" -k 15 "$s" "$@"
 }
-# The test files are named: collecting all of tests/ would import test-only packages (POT).
-[[ $PARTS == *,tests,* ]] && { within "${TEST_S:-160}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider --log-level=WARNING \
-    tests/test_triton.py tests/test_optim.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1; }
+# BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
+# own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.
+# Checked before anything runs, section names included: device time is scarce.
+runs=()
 if [[ $PARTS == *,bench,* ]]; then
-    # BENCH_ONLY: ';'-separated groups of sections, each run by its own bench process with its
-    # own limit (`sections@seconds`, else BENCH_S), so a group cut short costs only its own time.
+    valid=$(sed -n 's/^SECTIONS = (\(.*\))$/\1/p' scripts/bench.py | tr -d '" ')   # bench.py's SECTIONS
     IFS=';' read -r -a groups <<< "${BENCH_ONLY:-step,per_grad,optimizer,lm,compiled,loader,compiled_lm,epoch}"
-    runs=()
-    for group in "${groups[@]}"; do      # checked before anything runs: device time is scarce
+    for group in "${groups[@]}"; do
         group=${group//[[:space:]]/}
         [[ -z $group ]] && continue
         sections=${group%@*}
         seconds=$([[ $group == *@* ]] && echo "${group##*@}" || echo "${BENCH_S:-330}")
         [[ -n $sections && $seconds =~ ^[1-9][0-9]*$ ]] || {
             echo "[gpu-check] bad BENCH_ONLY group '$group': expected sections[@seconds]" >&2; exit 2; }
+        IFS=',' read -r -a names <<< "$sections"
+        for name in "${names[@]}"; do
+            [[ ,$valid, == *,$name,* ]] || {
+                echo "[gpu-check] unknown bench section '$name' in BENCH_ONLY; valid: $valid" >&2; exit 2; }
+        done
         runs+=("$sections@$seconds")
     done
+fi
+# The test files are named: collecting all of tests/ would import test-only packages (POT).
+[[ $PARTS == *,tests,* ]] && { TIMEOUT_SIGNAL=INT within "${TEST_S:-250}" "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider \
+    --log-level=WARNING tests/test_triton.py tests/test_optim.py tests/test_precision.py 2>&1 | tee "$OUT/pytest_gpu.txt" \
+    || status=1; }
+if [[ $PARTS == *,bench,* ]]; then
     : > "$OUT/bench.log"
     for run in "${runs[@]}"; do
         within "${run##*@}" "$PY" scripts/bench.py --only "${run%@*}" --out "$OUT/bench.jsonl" \

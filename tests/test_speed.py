@@ -467,6 +467,21 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
                              env={**env, "PARTS": "bench", "BENCH_ONLY": bad_only}, capture_output=True,
                              text=True, timeout=60)
         assert bad.returncode == 2 and "bad BENCH_ONLY group" in bad.stderr, bad_only
+    bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_name")], cwd=ROOT,
+                         env={**env, "PARTS": "tests,bench", "BENCH_ONLY": "lm@60;epoc,per_grad@200"},
+                         capture_output=True, text=True, timeout=60)     # before the tests, too
+    assert bad.returncode == 2 and "unknown bench section 'epoc' in BENCH_ONLY; valid: step,per_grad," in bad.stderr
+    assert not (tmp_path / "bad_name" / "pytest_gpu.txt").exists()
+    # The tests part is cut with SIGINT, on which pytest still prints its failures and summary.
+    interrupted = tmp_path / "interrupted"
+    interrupted.write_text(f"#!/bin/sh\ncase \"$*\" in *pytest*) exec {sys.executable} -c \"import time\n"
+                           "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('summary on SIGINT')\";; esac\n"
+                           f"exec {sys.executable} \"$@\"\n")
+    interrupted.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "cut")], cwd=ROOT,
+                          env={**env, "PY": str(interrupted), "PARTS": "tests", "TEST_S": "3"},
+                          capture_output=True, text=True, timeout=60)
+    assert "summary on SIGINT" in (tmp_path / "cut" / "pytest_gpu.txt").read_text(), proc.stderr[-2000:]
     for value in ("5m", "08", "0"):       # bash reads 08 as octal; 0 would read as "spent"
         bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_s")], cwd=ROOT,
                              env={**env, "TEST_S": value}, capture_output=True, text=True, timeout=60)
