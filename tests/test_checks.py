@@ -90,6 +90,18 @@ def test_a_key_added_on_the_command_line_that_nothing_reads_is_refused(added, me
         validate(compose_config("train_cifar", [*base, added], "unused"), compose_config("train_cifar", base, "unused"))
 
 
+@pytest.mark.parametrize("removed, message", [
+    ("~trainer.log_every", "trainer.log_every: removed on the command line (~trainer.log_every); the run needs "
+                           "it: set a value instead (its config's: 50)"),
+    ("~trainer.monitor", "trainer.monitor.every: removed on the command line"),
+])
+def test_a_key_removed_on_the_command_line_is_refused(removed, message):
+    """The runner read it once the run's folder was written: a KeyError and a failed run."""
+    base = ["experiment=t1_cifar10_resnet56_per"]
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        validate(compose_config("train_cifar", [*base, removed], "unused"), compose_config("train_cifar", base, "unused"))
+
+
 @pytest.mark.parametrize("base, added", [
     (["experiment=t1_cifar10_resnet56_per"], ["+optim.schedule_args.warmup_steps=4",
                                               "+optim.schedule_args.warmup_lr=0.01"]),   # checked by the schedule

@@ -179,7 +179,8 @@ def validate(cfg: dict, defaults: dict | None = None) -> None:
     """Check every known config value; the error lists each bad key, its value and
     what is allowed. Keys not listed here pass (other modules check their own). With
     `defaults` (the config its groups compose to, without command-line values), a key
-    that the command line added and nothing reads is refused too (`_added_keys`).
+    that the command line added and nothing reads is refused too (`_added_keys`), as is
+    one it removed (`_removed_keys`).
 
     Raises:
         ConfigValueError: one or more values are outside what is allowed.
@@ -194,7 +195,7 @@ def validate(cfg: dict, defaults: dict | None = None) -> None:
     bad += _sampling_conflicts(cfg)
     bad += _schedule_problems(cfg)
     if defaults is not None:
-        bad += _added_keys(cfg, defaults)
+        bad += _added_keys(cfg, defaults) + _removed_keys(cfg, defaults)
     logger = cfg.get("logger") if isinstance(cfg.get("logger"), dict) else {}
     if problem := missing_credentials(logger.get("mode")):
         bad.append(problem)
@@ -243,6 +244,18 @@ def _added_keys(cfg: dict, defaults: dict) -> list[str]:
         bad.append(f"{key}={value!r}: not a key of this config (added on the command line; "
                    f"nothing reads it){hint}")
     return bad
+
+
+def _removed_keys(cfg: dict, defaults: dict) -> list[str]:
+    """Keys its groups (`defaults`) hold that `cfg` lacks: removed on the command line
+    (`~trainer.log_every`), where the runner would fail on them once the run's folder is
+    written. One line per key, with its value in `defaults`."""
+    have = _flatten(cfg)
+    parents = {key.rsplit(".", i)[0] for key in have for i in range(1, key.count(".") + 1)}
+    return [f"{key}: removed on the command line (~{key}); the run needs it: set a value instead "
+            f"(its config's: {value!r})"
+            for key, value in _flatten(defaults).items() if key not in have and key not in parents
+            and not any(key.startswith(k + ".") for k in have)]
 
 
 def _unused_lambda(cfg: dict) -> list[str]:
