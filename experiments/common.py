@@ -13,14 +13,16 @@ from typing import Callable
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from per import schema
 from per.data.download import DatasetDamagedError, DatasetMissingError
-from per.training.checks import DATASETS, RUNNER, ConfigMismatchError, ConfigValueError, protocol_of
+from per.training.checks import DATASETS, RUNNER, ConfigMismatchError, ConfigValueError, protocol_of, validate
 from per.training.image_task import build_image_experiment
 from per.training.lm_task import build_lm_experiment
 from per.training.records import RunLockedError
@@ -76,6 +78,13 @@ def unknown_preset(name: str) -> str:
     return f"unknown preset {name!r}; {hint}all presets: configs/experiment/*.yaml (`ls configs/experiment`)"
 
 
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """What the entry points check before Hydra starts: `check_presets`, then
+    `check_multirun_jobs`."""
+    check_presets(argv)
+    check_multirun_jobs(config_name, argv)
+
+
 def check_presets(argv: list[str]) -> None:
     """Exit with `USER_ERROR_EXIT` and `unknown_preset`'s message where an `experiment=`
     argument (each name of a multirun's choice list included) names no preset, before
@@ -83,8 +92,7 @@ def check_presets(argv: list[str]) -> None:
     with Hydra's override parser; what it cannot read here (a sweep function needing the
     config loader, a syntax error), other sweeps, and runs with another config directory,
     path or search path are left to Hydra."""
-    elsewhere = ("-cd", "--config-dir", "-cp", "--config-path")
-    if any(a.partition("=")[0] in elsewhere or a.lstrip("+").startswith("hydra.searchpath") for a in argv):
+    if _elsewhere(argv):
         return
     parser = OverridesParser.create()
     for arg in argv:
@@ -101,6 +109,50 @@ def check_presets(argv: list[str]) -> None:
             if isinstance(name, str) and name and not (CONFIGS / "experiment" / f"{name}.yaml").exists():
                 print(f"ValueError: {unknown_preset(name)}", file=sys.stderr)
                 sys.exit(USER_ERROR_EXIT)
+
+
+def group_choices(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides that choose a config group (`optim=he_bn`, `experiment=...`), not a value."""
+    return [o for o in overrides if (CONFIGS / o.partition("=")[0].lstrip("+~").partition("@")[0]).is_dir()]
+
+
+def check_multirun_jobs(config_name: str, argv: list[str]) -> None:
+    """In a multirun (`-m`), check every job's config as `train` would before any job runs
+    (a bad value in the last job surfaced after the others had trained): exit with
+    `USER_ERROR_EXIT` and the message of the first job refused. The jobs are expanded with
+    Hydra's basic sweeper from the command line; what cannot be expanded or composed here
+    (glob sweeps, other sweepers or launchers' configs, another config directory) is left
+    to Hydra and to each job's own check."""
+    if not any(a in ("-m", "--multirun") for a in argv) or _elsewhere(argv):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        if any(isinstance(o.value(), Glob) or o.is_interval_sweep() for o in overrides):
+            return        # a glob needs Hydra's config loader; an interval, a sweeper that samples
+        jobs = BasicSweeper.split_arguments(overrides, None)[0]
+    except Exception:       # a syntax error: Hydra reports it
+        return
+    defaults: dict[tuple[str, ...], dict] = {}
+    for num, job in enumerate(jobs):
+        job = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+        groups = tuple(group_choices(job))
+        try:
+            if groups not in defaults:
+                defaults[groups] = compose_plain(config_name, list(groups))
+            validate(compose_plain(config_name, job), defaults[groups])
+        except ConfigValueError as e:
+            print(f"ConfigValueError: job #{num} ({' '.join(job)}) of the multirun, before any job ran: {e}",
+                  file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+        except Exception:    # not composable here (a launcher plugin's config, say): Hydra decides
+            return
+
+
+def _elsewhere(argv: list[str]) -> bool:
+    """Whether the command line composes from another config directory, path or search path
+    (the checks before Hydra read this repository's configs only)."""
+    elsewhere = ("-cd", "--config-dir", "-cp", "--config-path")
+    return any(a.partition("=")[0] in elsewhere or a.lstrip("+").startswith("hydra.searchpath") for a in argv)
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import check_presets, run_main
+from experiments.common import check_command_line, run_main
 from per.training.lm_task import build_lm_experiment
 
 
@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_presets(sys.argv[1:])
+    check_command_line("train_lm", sys.argv[1:])
     main()

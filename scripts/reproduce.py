@@ -35,7 +35,7 @@ import pandas as pd
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.common import (CONFIGS, ENTRY, check_report_folder, compose_preset, preset_names, preset_task,
+from experiments.common import (ENTRY, check_report_folder, compose_preset, group_choices, preset_names, preset_task,
                                 suite_paths)
 from per import parallel, sweep
 from per.analysis.collect import lam_text
@@ -55,20 +55,14 @@ def _alone(name: str) -> dict:
     return compose_preset(name)
 
 
-def _group_choices(overrides: tuple[str, ...]) -> tuple[str, ...]:
-    """The overrides that choose a config group (`optim=he_bn`), not a value."""
-    return tuple(o for o in overrides if (CONFIGS / o.partition("=")[0].lstrip("+~").partition("@")[0]).is_dir())
-
-
 def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
     """Preset `name` with `overrides`, every value checked as a run would check it (so a
     bad value, or a key added that nothing reads, stops a `DRY_RUN` plan too); an error
     exits naming it."""
     try:
         cfg = compose_preset(name, overrides)
-        groups = _group_choices(overrides)
-        adds = any(o.startswith("+") and o not in groups for o in overrides)   # only `+` adds keys
-        validate(cfg, (compose_preset(name, groups) if groups else _alone(name)) if adds else None)
+        groups = tuple(group_choices(overrides))
+        validate(cfg, compose_preset(name, groups) if groups else _alone(name))
         return sweep.Preset(name, cfg, alone=functools.partial(_alone, name))
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None

@@ -224,6 +224,21 @@ def test_a_misspelt_preset_is_refused_and_valid_hydra_syntax_is_not(arg, refused
     assert f"unknown preset {refused!r}; did you mean " in capsys.readouterr().err
 
 
+def test_each_job_of_a_multirun_is_checked_before_any_runs(capsys):
+    from experiments.common import USER_ERROR_EXIT, check_multirun_jobs
+    base = ["-m", "experiment=t1_cifar10_resnet56_per", "seed=range(0,2)"]
+    for bad, message in (("method.lam=1e-8,abc", "job #1 (experiment=t1_cifar10_resnet56_per seed=0 method.lam=abc)"
+                                                 " of the multirun, before any job ran: invalid config value:\n"
+                                                 "  method.lam='abc'"),
+                         ("~trainer.log_every", "job #0 "), ("+method.lamda=1,2", "job #0 ")):
+        with pytest.raises(SystemExit) as exit_:
+            check_multirun_jobs("train_cifar", [*base, bad])
+        assert exit_.value.code == USER_ERROR_EXIT and message in capsys.readouterr().err, bad
+    check_multirun_jobs("train_cifar", [*base, "method.lam=1e-4,3e-5", "hydra.launcher.n_jobs=2", "launcher=joblib"])
+    check_multirun_jobs("train_cifar", ["method.lam=abc"])                    # one run: train() checks it
+    check_multirun_jobs("train_cifar", ["-m", "experiment=glob(t1_cifar10_resnet56_*)", "method.lam=abc"])  # Hydra's
+
+
 def test_presets_are_not_checked_against_another_config_search_path():
     from experiments.common import check_presets
     for elsewhere in (["--config-dir", "/elsewhere"], ["-cp", "/elsewhere"], ["--config-path=/elsewhere"],

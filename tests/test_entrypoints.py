@@ -248,16 +248,29 @@ def test_debug_smoke_writes_under_the_debug_root(data_root, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_refused_job_of_a_multirun_leaves_the_others_running(data_root, tmp_path):
-    """In a multirun a user error fails its own job only (Hydra goes on, then exits
-    non-zero); a single run prints it and exits 2 (`test_refused_invocation_...`)."""
+def test_a_multirun_with_a_bad_value_in_any_job_is_refused_before_any_job_runs(data_root, tmp_path):
+    """Every job's config is checked up front: a bad value in the last job surfaced after
+    the others had trained."""
     cmd = [c for c in _cmd(data_root, tmp_path) if not c.startswith("hydra.run.dir=")]
-    out = subprocess.run([*cmd[:2], "-m", *cmd[2:], "method.layout=diagonal,channels", "trainer.max_steps=2",
+    out = subprocess.run([*cmd[:2], "-m", *cmd[2:], "method.layout=channels,diagonal", "trainer.max_steps=2",
                           "trainer.epochs=1", f"paths.runs_dir={tmp_path / 'runs'}"],
                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "method.layout='diagonal'" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "job #1 (" in out.stderr and "method.layout=diagonal" in out.stderr and "before any job ran" in out.stderr
+    assert not (tmp_path / "runs/cifar").exists()
+
+
+def test_a_job_refused_once_its_data_is_built_leaves_the_others_running(data_root, tmp_path):
+    """What only the built data shows (a held-out split as large as the training set) fails
+    its own job (Hydra goes on, then exits non-zero); a single run prints it and exits 2
+    (`test_refused_invocation_...`)."""
+    cmd = [c for c in _cmd(data_root, tmp_path) if not c.startswith("hydra.run.dir=")]
+    out = subprocess.run([*cmd[:2], "-m", *cmd[2:], "data.val_size=100000,0", "trainer.max_steps=2",
+                          "trainer.epochs=1", f"paths.runs_dir={tmp_path / 'runs'}"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "val_size" in out.stderr
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs/cifar").rglob("summary.json")]
-    assert [s["status"] for s in summaries] == ["finished"]      # the channels job ran after the refusal
+    assert sorted(s["status"] for s in summaries) == ["failed", "finished"]   # the second job ran after it
 
 
 def test_a_joblib_multirun_writes_one_run_folder_per_job(data_root, tmp_path):
