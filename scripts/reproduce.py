@@ -70,12 +70,13 @@ def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
         raise SystemExit(f"{name} with overrides {' '.join(overrides) or '(none)'}: {e}") from None
 
 
-def command(unit: sweep.Phase, args, gpu: str | None = None) -> list[str]:
-    """The entry point's command for `unit`: one run on GPU `gpu` (the pool), or a multirun
-    through Hydra's basic (local) or submitit (slurm) launcher."""
+def command(unit: sweep.Phase, args, slot: str | None = None) -> list[str]:
+    """The entry point's command for `unit`: one run on the pool's `slot` (`GPU <id>`: on
+    that GPU), or a multirun through Hydra's basic (local) or submitit (slurm) launcher."""
     entry = [sys.executable, str(ROOT / "experiments" / f"{ENTRY[unit.preset.task]}.py")]
-    if gpu is not None:
-        return [*entry, *unit.hydra_args(), f"trainer.gpus=[{gpu}]"]
+    if slot is not None:
+        gpu = [f"trainer.gpus=[{slot.removeprefix('GPU ')}]"] if slot.startswith("GPU ") else []
+        return [*entry, *unit.hydra_args(), *gpu]
     return [*entry, "-m", *unit.hydra_args(), *(["launcher=slurm"] if args.launcher == "slurm" else [])]
 
 
@@ -127,9 +128,12 @@ def _runs_per_gpu_arg(value: str) -> str:
 
 def slots(args, task: str) -> list[str]:
     """One label per unit running at once: each GPU of `--gpus` `runs_per_gpu` times (the
-    pool), `--slurm-multiruns` multiruns in flight (slurm), one multirun (local)."""
+    pool; `CPU` for each where a run would find no GPU), `--slurm-multiruns` multiruns in
+    flight (slurm), one multirun (local)."""
     if args.launcher == "pool":
-        return [f"GPU {g}" for g in args.gpus.split(",") for _ in range(runs_per_gpu(args, task))]
+        import torch
+        here = "GPU {}" if torch.cuda.is_available() or args.dry_run else "CPU"    # a plan may be for GPUs
+        return [here.format(g) for g in args.gpus.split(",") for _ in range(runs_per_gpu(args, task))]
     if args.launcher == "slurm":
         return ["SLURM"] * args.slurm_multiruns
     return ["this machine"]
@@ -240,7 +244,7 @@ def _start(unit: sweep.Phase, slot: str, args, at_once: int) -> tuple[subprocess
     `parallel.launch`); its output goes to the terminal (local) or to a log file. The pool's
     `at_once` runs share this machine's cores: each gets `OMP_NUM_THREADS` = cores / runs
     (at least 1) unless the environment sets it."""
-    cmd = command(unit, args, slot.removeprefix("GPU ") if args.launcher == "pool" else None)
+    cmd = command(unit, args, slot if args.launcher == "pool" else None)
     env = dict(os.environ)
     if args.launcher == "pool":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // at_once)))

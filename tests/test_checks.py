@@ -227,6 +227,7 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))             # absent
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))  # no settings file
     cfg = compose_config("train_cifar", ["logger.mode=online"], "unused")
     default = urlsplit(loggers.default_base_url()).netloc         # wandb's own default server
     with pytest.raises(ConfigValueError, match=r"logger.mode='online' without W&B credentials: set "
@@ -245,6 +246,17 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
         validate(cfg)                                              # an entry for another host
     netrc_file.write_text("machine localhost:8080\n  login user\n  password abc123\n")
     validate(cfg)
+    # `wandb login --host`: the server in W&B's settings file, WANDB_BASE_URL unset.
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.mycorp.example\n")
+    with pytest.raises(ConfigValueError, match="no key for 'wandb.mycorp.example'"):
+        validate(cfg)
+    netrc_file.write_text("machine wandb.mycorp.example\n  login user\n  password abc123\n")
+    validate(cfg)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")    # the environment goes first
+    with pytest.raises(ConfigValueError, match="no key for 'localhost:8080'"):
+        validate(cfg)
     netrc_file.write_text("machine localhost:8080\n  login user\n  password \"\"\n")
     with pytest.raises(ConfigValueError, match="without W&B credentials"):
         validate(cfg)                                              # an entry without a key

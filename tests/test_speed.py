@@ -382,9 +382,15 @@ def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, 
     reproduce = script_module("reproduce")
     monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     phase = sweep.plan(["t1_cifar10_resnet56_per"], reproduce.compose, [0], [0], 5000)[0][1]
-    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool", step_table=None)
+    args = reproduce.argparse.Namespace(gpus="0,1", runs_per_gpu="auto", launcher="pool", step_table=None,
+                                        dry_run=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert reproduce.slots(args, "cifar") == ["CPU", "CPU"]                 # runs that find no GPU
+    assert "no runs-per-hour measurement" in capsys.readouterr().out       # said once per task
+    args.dry_run = True                                                      # a plan, here for GPUs
     assert reproduce.slots(args, "cifar") == ["GPU 0", "GPU 1"]             # no table: 1 per GPU
-    assert "no runs-per-hour measurement" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setattr(reproduce, "STEP_TIMES_DIR", tmp_path)
     here = runtime.device_info(runtime.resolve_device("auto"))
     (tmp_path / f"{here['slug']}.json").write_text(json.dumps({
         "device": "This box", "s_per_step": {},
@@ -402,8 +408,9 @@ def test_runs_per_gpu_auto_takes_this_devices_best_count(tmp_path, monkeypatch, 
         {**table, "runs_per_hour": {"x": {"task": "cifar", "1": 1.0, "2": 1.5}}}))
     args.runs_per_gpu, args.step_table = "auto", "cuda-card"
     assert len(reproduce.slots(args, "cifar")) == 4
-    assert reproduce.command(phase, args, "1")[-1] == "trainer.gpus=[1]"    # one run, its GPU
-    assert "-m" not in reproduce.command(phase, args, "1")
+    assert reproduce.command(phase, args, "GPU 1")[-1] == "trainer.gpus=[1]"    # one run, its GPU
+    assert "-m" not in reproduce.command(phase, args, "GPU 1")
+    assert not any(a.startswith("trainer.gpus") for a in reproduce.command(phase, args, "CPU"))
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             reproduce.main(["--task", "cifar", "--dry-run", "--runs-per-gpu", bad])

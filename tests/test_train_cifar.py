@@ -338,7 +338,7 @@ def test_without_a_bar_progress_lines_are_logged(data_root, tmp_path, caplog, mo
     lines = [r.getMessage() for r in caplog.records if " batch " in r.getMessage()]
     # Reads before steps 1, 3, 5, 7 (log_every 2) and at the epoch's last batch.
     assert [l.split(" |")[0] for l in lines] == [f"epoch 1/1 batch {b}/8 step {b}" for b in (1, 3, 5, 7, 8)]
-    assert all("train_loss=" in l and "images/s" in l and "epoch done in" in l for l in lines)
+    assert all("train_loss=" in l and "images/s" in l and "epoch ends in about " in l for l in lines)
 
 
 def test_divergence_says_so(data_root, tmp_path, caplog):
@@ -589,7 +589,7 @@ def test_records_are_readable_as_the_umask_allows(data_root, tmp_path, umask, mo
               build_image_experiment)
     finally:
         os.umask(old)
-    for name in ("summary.json", "config.yaml", "metrics.jsonl", "wandb_id.txt", ".lock",
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", ".lock",
                  "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/best.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 

@@ -59,6 +59,32 @@ def test_names_and_groups():
           "method": {"name": "vanilla", "lam": 0.0}}
     assert loggers.wandb_name(lm) == "t3_ptb_lstm_vanilla/final/lam=0/seed=1"
     assert [loggers.format_lam(x) for x in (0.0003, 2.5e-7, 0.01, 1.0)] == ["3e-4", "2.5e-7", "1e-2", "1e0"]
+    # A run off its preset's protocol never shares the protocol's group; its tags say how.
+    changed = {**cfg, "protocol_changes": ["model.depth=20", "trainer.precision=bf16"]}
+    group = loggers.wandb_group(changed)
+    assert group.startswith("t1_cifar10_resnet56_per/select/changed-") and group != loggers.wandb_group(
+        {**cfg, "protocol_changes": ["model.depth=20"]})
+    assert loggers.wandb_name(changed) == f"{group}/lam=1e-4/seed=0"
+    per = {**changed, "method": {"name": "per", "lam": 1e-4, "layout": "flatten", "reduction": "sum",
+                                 "num_slices": 256, "path": "backward"}}
+    assert loggers.wandb_tags(per, {"table": "T1", "dataset": "cifar10"}) == [
+        "T1", "cifar10", "layout=flatten", "reduction=sum", "num_slices=256", "val=5000",
+        "changed:model.depth=20", "changed:trainer.precision=bf16"]
+    assert loggers.wandb_tags({**lm, "method": {"name": "vanilla", "layout": "channels"}}, {"m": "x" * 80}) == ["x" * 64]
+
+
+def test_a_diverged_runs_wandb_summary_and_tags_say_so():
+    """W&B's own state says finished for a diverged run (its result counts): the summary's
+    top-level `status` and a tag carry it."""
+    class Run:
+        summary: dict = {}
+        tags: tuple = ("T1",)
+    run = Run()
+    loggers._set_summary(run, {"status": schema.RUNNING})
+    assert run.summary == {"summary": {"status": "running"}, "status": "running"} and run.tags == ("T1",)
+    for _ in range(2):
+        loggers._set_summary(run, {"status": schema.DIVERGED, "steps": 3})
+    assert run.summary["status"] == "diverged" and run.tags == ("T1", "diverged")
 
 
 def test_offline_run_names_steps_and_keeps_its_files(data_root, tmp_path, home, monkeypatch):
@@ -120,6 +146,37 @@ def test_an_online_run_that_cannot_reach_wandb_logs_offline_and_goes_on(data_roo
     assert summary["status"] == schema.FINISHED and modes == ["online", "offline"]
     assert "W&B online failed (CommError: Failed to get resume status: no network); logging offline" in caplog.text
     assert b'"status":"finished"' in _wandb_file(tmp_path / "run")
+
+
+def test_an_online_run_talks_to_the_users_server_and_waits_as_configured(data_root, tmp_path, home, monkeypatch,
+                                                                        caplog):
+    """`wandb login --host` keeps the server in W&B's settings file, in the config folder the
+    run moves into its own directory: the run passes it on as WANDB_BASE_URL (restored after)."""
+    import wandb
+    settings = home / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.mycorp.example\n")
+    (home / ".netrc").write_text("machine wandb.mycorp.example\n  login user\n  password abc123\n")
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    real_init, seen = wandb.init, []
+
+    def init(mode, **kwargs):
+        seen.append((mode, os.environ.get("WANDB_BASE_URL"), kwargs["settings"].init_timeout))
+        if mode == "online":
+            raise wandb.errors.CommError("no network here")
+        return real_init(mode=mode, **kwargs)
+    monkeypatch.setattr(wandb, "init", init)
+    with caplog.at_level("INFO", logger="per.training.loggers"):
+        train(_cfg(data_root, tmp_path / "run", "logger.mode=online", "logger.init_timeout=7"), build_image_experiment)
+    assert seen == [("online", "https://wandb.mycorp.example", 7.0), ("offline", "https://wandb.mycorp.example", 7.0)]
+    assert "W&B: connecting to https://wandb.mycorp.example (up to 7 s, then the run logs offline)" in caplog.text
+    assert "WANDB_BASE_URL" not in os.environ
+
+
+def test_a_run_without_wandb_writes_no_wandb_id(data_root, tmp_path, home):
+    train(_cfg(data_root, tmp_path / "run", "logger.mode=disabled"), build_image_experiment)
+    assert not (tmp_path / "run" / "wandb_id.txt").exists() and not (tmp_path / "run" / "wandb").exists()
 
 
 def test_a_bad_wandb_key_fails_the_run_rather_than_logging_offline(data_root, tmp_path, home, monkeypatch):

@@ -172,6 +172,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.monitor.slices": _int_at_least(1),
     "trainer.gpus": _optional(_INTS),
     "logger.mode": _one_of(LOGGER_MODES),
+    "logger.init_timeout": _POSITIVE,
 }
 
 

@@ -10,13 +10,15 @@ starts, so each run starts its own service and stops it at `finish`.
 """
 from __future__ import annotations
 
+import configparser
+import hashlib
 import logging
 import netrc
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from per.schema import WANDB_SUMMARY_KEY
+from per.schema import DIVERGED, METHOD_OPTIONS, WANDB_SUMMARY_KEY
 from per.training.records import WANDB_DIR
 
 LOGGER_MODES = ("online", "offline", "disabled")
@@ -52,13 +54,27 @@ def _is_default_server(url: str) -> bool:
     return hostname == LEGACY_HOST
 
 
+def user_base_url() -> str | None:
+    """The W&B server the user chose: `WANDB_BASE_URL`, else `base_url` in W&B's settings
+    file (`$WANDB_CONFIG_DIR/settings`, default `~/.config/wandb/settings`, where `wandb
+    login --host` writes it); None for wandb's default. Read before a run moves W&B's
+    config folder into its own directory (`WANDB_FOLDERS`), where wandb would not see it."""
+    if base := os.environ.get("WANDB_BASE_URL"):
+        return base
+    folder = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(folder / "settings")
+    except configparser.Error:
+        return None
+    return settings.get("default", "base_url", fallback=None) or None
+
+
 def missing_credentials(mode: str) -> str | None:
     """Why `logger.mode=online` cannot log in, or None. As wandb looks: `WANDB_API_KEY` or
     `WANDB_IDENTITY_TOKEN_FILE` (not both), else a `.netrc` entry with a key for the
-    server's `host[:port]` (`WANDB_BASE_URL`, else `default_base_url`, where an entry for
-    `LEGACY_HOST` serves too; `wandb login` writes it; `NETRC` names another file). W&B's
-    global settings file is not read here: each run keeps W&B's config folder in its own
-    directory (`WANDB_FOLDERS`)."""
+    server's `host[:port]` (`user_base_url`, else `default_base_url`, where an entry for
+    `LEGACY_HOST` serves too; `wandb login` writes it; `NETRC` names another file)."""
     if mode != "online":
         return None
     key, token = os.environ.get("WANDB_API_KEY"), os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
@@ -66,7 +82,7 @@ def missing_credentials(mode: str) -> str | None:
         return "logger.mode='online' with both WANDB_API_KEY and WANDB_IDENTITY_TOKEN_FILE set; W&B takes one"
     if key or token:
         return None
-    base = os.environ.get("WANDB_BASE_URL")
+    base = user_base_url()
     url = urlsplit(base or default_base_url())
     hosts = {url.netloc, url.hostname, *(() if base and not _is_default_server(base) else (LEGACY_HOST,))}
     path = Path(os.environ["NETRC"]).expanduser() if os.environ.get("NETRC") else next(
@@ -97,8 +113,26 @@ def format_lam(lam: float) -> str:
 
 
 def wandb_group(cfg: dict) -> str:
-    """The W&B group: one per cell (`run_name`, the preset's name) and phase."""
-    return f"{cfg['run_name']}/{run_phase(cfg)}"
+    """The W&B group: one per cell (`run_name`, the preset's name) and phase, plus
+    `/changed-<hash>` for a run that departs from its preset's protocol (its
+    `protocol_changes`, which its tags list), so it never shares a group with the
+    protocol's runs."""
+    changes = cfg.get("protocol_changes") or []
+    suffix = f"/changed-{hashlib.sha1('; '.join(changes).encode()).hexdigest()[:6]}" if changes else ""
+    return f"{cfg['run_name']}/{run_phase(cfg)}{suffix}"
+
+
+def wandb_tags(cfg: dict, cell: dict) -> list[str]:
+    """The W&B tags of a run: its cell's values, the method's options (`layout=...`,
+    `reduction=...`, `slices=...`), the held-out size of a selection run (`val=5000`) and
+    each protocol change (`changed:<key>=<value>`), each cut to W&B's 64 characters."""
+    method = cfg["method"]
+    tags = [str(v) for v in cell.values()]
+    tags += [f"{opt}={method[opt]}" for opt, methods in METHOD_OPTIONS.items()
+             if method.get("name") in methods and opt in method]
+    tags += [f"val={cfg['data']['val_size']}"] if run_phase(cfg) == "select" else []
+    tags += [f"changed:{c}" for c in cfg.get("protocol_changes") or []]
+    return [t[:64] for t in tags]
 
 
 def wandb_name(cfg: dict) -> str:
@@ -115,8 +149,8 @@ class WandbSink:
     the server refuses as a communication error too (it checks them only then): such a run
     also logs offline, warned with the error; a malformed key is raised."""
 
-    def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str,
-                 name: str, group: str, tags: list[str], config: dict) -> None:
+    def __init__(self, *, mode: str, project: str, entity: str | None, run_dir: Path, run_id: str | None,
+                 name: str, group: str, tags: list[str], config: dict, init_timeout: float = 90.0) -> None:
         if mode not in LOGGER_MODES:
             raise ValueError(f"unknown logger.mode {mode!r}; valid: {', '.join(LOGGER_MODES)}")
         self.run = None
@@ -126,14 +160,22 @@ class WandbSink:
         import wandb  # lazy: only when enabled
 
         root = Path(run_dir) / WANDB_DIR
-        for var, sub in WANDB_FOLDERS.items():
+        # The user's server (`wandb login --host`), which wandb reads from the config folder
+        # that the run is about to move.
+        run_env = {**{var: str(root / sub) for var, sub in WANDB_FOLDERS.items()},
+                   **({"WANDB_BASE_URL": base} if (base := user_base_url()) else {})}
+        for var, value in run_env.items():
             self._saved_env[var] = os.environ.get(var)
-            os.environ[var] = str(root / sub)
+            os.environ[var] = value
         wandb.teardown()   # a service started for an earlier run would keep that run's folders
         init = dict(project=project, entity=entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
-                    group=group, tags=tags, config=config, settings=wandb.Settings(silent=True))
+                    group=group, tags=tags, config=config,
+                    settings=wandb.Settings(silent=True, init_timeout=init_timeout))
         try:
             try:
+                if mode == "online":
+                    log.info("W&B: connecting to %s (up to %g s, then the run logs offline)",
+                             base or default_base_url(), init_timeout)
                 self.run = wandb.init(mode=mode, **init)
             except wandb.errors.CommError as e:    # W&B unreachable: the run goes on, offline
                 if mode != "online" or isinstance(e, wandb.errors.AuthenticationError):   # a bad key: raised
@@ -163,7 +205,7 @@ class WandbSink:
         `per.analysis.wandb_source` reads): at the start (`running`: a killed run then reads
         back as interrupted) and at the end."""
         if self.run is not None:
-            self.run.summary[WANDB_SUMMARY_KEY] = summary
+            _set_summary(self.run, summary)
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
         """Finish the W&B run (once), with the run's summary (as `set_summary`); the
@@ -175,15 +217,26 @@ class WandbSink:
         run, self.run = self.run, None     # once: a failed finish is not retried on this run
         try:
             if summary is not None:
-                run.summary[WANDB_SUMMARY_KEY] = summary
+                _set_summary(run, summary)
             run.finish(exit_code=exit_code)
         finally:
             wandb.teardown()   # stop the service, whose logs live in this run's folder
             self._restore_env()
 
     def _restore_env(self) -> None:
+        """Put back the environment variables the run set (`WANDB_FOLDERS`, `WANDB_BASE_URL`)."""
         for var, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
+
+
+def _set_summary(run, summary: dict) -> None:
+    """`summary` under `WANDB_SUMMARY_KEY`, its status also as the summary's top-level
+    `status` (a column of W&B's run table; W&B's own state says finished for a diverged
+    run, which is a result) and, once diverged, as a tag."""
+    run.summary[WANDB_SUMMARY_KEY] = summary
+    run.summary["status"] = summary.get("status")
+    if summary.get("status") == DIVERGED and DIVERGED not in run.tags:
+        run.tags = (*run.tags, DIVERGED)

@@ -269,9 +269,9 @@ class _EpochProgress:
             return
         self.last_line = now
         left = (self.batches - state.batch) * (now - self.t0) / (state.batch - self.first_batch)
-        log.info("epoch %d/%d batch %d/%d step %d | %s | %.0f %s/s | epoch done in %.1f min",
+        log.info("epoch %d/%d batch %d/%d step %d | %s | %.0f %s/s | epoch ends in about %s",
                  self.epoch + 1, self.settings.epochs, state.batch, self.batches, state.step,
-                 format_metrics(so_far), rate, self.items, left / 60)
+                 format_metrics(so_far), rate, self.items, f"{left:.0f} s" if left < 60 else f"{left / 60:.1f} min")
 
     def close(self) -> None:
         self.bar.close()

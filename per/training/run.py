@@ -23,7 +23,7 @@ from per.sites import list_sites
 from per.training import runtime
 from per.training.checks import (ConfigMismatchError, ConfigValueError, config_differences, protocol_changes,
                                  protocol_of, validate)
-from per.training.loggers import WandbSink, wandb_group, wandb_name
+from per.training.loggers import WandbSink, wandb_group, wandb_name, wandb_tags
 from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
                                format_metrics, restore)
 from per.training.monitor import Monitor, default_monitor_sites
@@ -198,7 +198,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
         if diffs := config_differences(stored, cfg, defaults):
             raise ConfigMismatchError(
                 f"{run.path} holds a run with another configuration ({len(diffs)} key"
-                f"{'s' if len(diffs) > 1 else ''} differ, stored -> now):\n  " + "\n  ".join(diffs)
+                f"{'s differ' if len(diffs) > 1 else ' differs'}, stored -> now):\n  " + "\n  ".join(diffs)
                 + "\nUse another hydra.run.dir, or resume=never to start this one over.")
     run.lock()
     try:
@@ -283,8 +283,9 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             train_model = runtime.compile_model(model, trainer["compile"])
             lg = cfg["logger"]
             sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
-                             run_id=run.wandb_id(), name=wandb_name(cfg), group=wandb_group(cfg),
-                             tags=list(cell.values()), config=cfg)
+                             run_id=run.wandb_id() if lg["mode"] != "disabled" else None, name=wandb_name(cfg),
+                             group=wandb_group(cfg), tags=wandb_tags(cfg, cell), config=cfg,
+                             init_timeout=lg["init_timeout"])
             sink.set_summary(running)      # a killed run reads back from W&B as interrupted
             if loaded is not None:   # a killed attempt's W&B rows may never have left its buffer
                 for row in run.read_jsonl(METRICS_FILE):
