@@ -108,34 +108,6 @@ def test_download_failure_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert calls[1] == (url, "cifar-100-python.tar.gz", None, "md5")
 
 
-def test_download_extracts_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """download=True fetches the tarball (here a local fake), checks its md5 and extracts it."""
-    import tarfile
-
-    from per.data.download import file_digest
-
-    src = tmp_path / "src"
-    write_fake_cifar(src, "cifar10", n_train=50, n_test=10)
-    archive = tmp_path / "fake.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    layout = cifar.LAYOUTS["cifar10"]
-    monkeypatch.setitem(cifar.LAYOUTS, "cifar10", cifar._Layout(
-        **{**layout.__dict__, "archive_md5": file_digest(archive, "md5")}))
-
-    def fake_download(url: str, dest: Path, expected: str | None = None,
-                      algorithm: str = "sha256") -> Path:
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        Path(dest).write_bytes(archive.read_bytes())
-        return Path(dest)
-
-    monkeypatch.setattr(cifar, "download", fake_download)
-    root = tmp_path / "root"
-    data = load_cifar("cifar10", root, download=True, verify_checksums=False)
-    assert data.train_x.shape == (50, 32, 32, 3)
-    assert (root / "cifar-10-python.tar.gz").exists()
-
-
 def _fake_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A CIFAR-10 tarball of generated pickles, its md5 and theirs made the official ones."""
     import tarfile
@@ -153,6 +125,25 @@ def _fake_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "train": tuple((f, md5[f]) for f, _ in layout.train), "test": tuple((f, md5[f]) for f, _ in layout.test),
         "meta": (layout.meta[0], md5[layout.meta[0]])}))
     return archive
+
+
+def test_download_extracts_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """download=True fetches the tarball (here a local fake), checks its md5 and extracts it."""
+    archive = _fake_archive(tmp_path, monkeypatch)
+    calls = []
+
+    def fake_download(url: str, dest: Path, expected: str | None = None,
+                      algorithm: str = "sha256") -> Path:
+        calls.append((expected, algorithm))
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_bytes(archive.read_bytes())
+        return Path(dest)
+
+    monkeypatch.setattr(cifar, "download", fake_download)
+    root = tmp_path / "root"
+    data = load_cifar("cifar10", root, download=True)
+    assert data.train_x.shape == (50, 32, 32, 3) and calls == [(cifar.LAYOUTS["cifar10"].archive_md5, "md5")]
+    assert (root / "cifar-10-python.tar.gz").exists()
 
 
 def test_a_tarball_put_in_the_root_by_hand_is_extracted_without_downloading(tmp_path, monkeypatch):
