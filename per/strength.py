@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 import numbers
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -29,6 +30,31 @@ import torch.nn as nn
 
 from per.regularizers import Regularizer
 from per.schema import GRAD_RATIO_PREFIX
+
+
+# A site's grad_ratio where a penalty acts without swamping the task's gradient: a median
+# over the sites outside it means the lambda is off (the plan's warnings from `make
+# strength`, and a run's after its first epoch: `band_warning`).
+BAND = (1e-3, 1.0)
+
+
+def band_warning(ratios: dict[str, float]) -> str | None:
+    """Where the median of a run's site `grad_ratio`s (site -> ratio; NaN ignored) leaves
+    `BAND`, as one phrase saying what that means; None inside it or without a ratio."""
+    values = [v for v in ratios.values() if v == v]
+    if not values:
+        return None
+    median = statistics.median(values)
+    if BAND[0] <= median <= BAND[1]:
+        return None
+    if median < BAND[0]:
+        meaning = f"below {BAND[0]:g}: the penalty barely acts"
+    elif math.isinf(median):
+        meaning = "inf: the task's gradient is zero at most sites, so the penalty alone moves them"
+    else:
+        meaning = f"above {BAND[1]:g}: the penalty outweighs the task's gradient"
+    return (f"median site grad_ratio {median:.2g} over {len(values)} sites "
+            f"(range {min(values):.2g}..{max(values):.2g}), {meaning}")
 
 
 @dataclass

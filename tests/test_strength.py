@@ -109,6 +109,15 @@ def _strength_rows(ratios: dict[tuple[str, str, float, str], float]) -> pd.DataF
                           "when": when, "ratio_median": r} for (fam, kind, lam, when), r in ratios.items()])
 
 
+def test_band_warning_says_where_the_median_site_ratio_lies():
+    from per.strength import band_warning
+    assert band_warning({"a": 1e-3, "b": 0.5, "c": float("nan")}) is None and band_warning({}) is None
+    assert band_warning({"a": 1e-6, "b": 2e-6, "c": 0.5}) == (
+        "median site grad_ratio 2e-06 over 3 sites (range 1e-06..0.5), below 0.001: the penalty barely acts")
+    assert band_warning({"a": 2.0, "b": 3.0}).endswith("above 1: the penalty outweighs the task's gradient")
+    assert "inf: the task's gradient is zero at most sites" in band_warning({"a": math.inf, "b": math.inf, "c": 1.0})
+
+
 def test_off_band_names_each_measurement_of_a_lambda_outside_the_band():
     df = _strength_rows({("F", "per", 1e-4, "init"): math.inf, ("F", "per", 1e-4, "step 300"): 0.124,
                          ("F", "per", 1e-5, "init"): 0.5, ("F", "per", 1e-5, "step 300"): 0.2,

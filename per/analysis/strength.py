@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from per.models.elu_cnn import ACTIVATIONS
+from per.strength import BAND
 
-BAND = (1e-3, 1.0)   # a per-site ratio outside this at a preset's own lambda: the lambda is off
 # The files of `make strength` in `paths.strength_dir`.
 STRENGTH_CSV = "strength.csv"                 # every measurement (the plan's warnings read it)
 ABLATION_GRIDS_JSON = "ablation_grids.json"   # the ablation presets' grids (scripts/make_presets.py)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from per import schema
 from per.regularizers import Regularizer
+from per.strength import band_warning
 from per.training import runtime
 from per.training.loggers import WandbSink
 from per.training.monitor import Monitor
@@ -277,6 +278,19 @@ class _EpochProgress:
         self.bar.close()
 
 
+def _warn_if_off_band(regularizer: Regularizer | None, row: dict[str, Any]) -> None:
+    """Warn where the median of the PER/L1/L2 sites' grad_ratio over the epoch of `row`
+    leaves `per.strength.BAND` (the lambda barely acts, or swamps the task). `fit` asks
+    after the second epoch (the first is dominated by the start: a Fixup net's zero-initialized
+    layers give no task gradient at first, an infinite ratio) and after the last."""
+    if regularizer is None or regularizer.kind not in ("per", "l1", "l2") or regularizer.lam <= 0:
+        return
+    ratios = {k: v for k, v in row.items() if k.startswith(schema.GRAD_RATIO_PREFIX) and isinstance(v, float)}
+    if why := band_warning(ratios):
+        log.warning("epoch %d: %s (%s at lambda=%g); see the README's \"Does a lambda act?\"",
+                    row[schema.EPOCH], why, regularizer.kind.upper(), regularizer.lam)
+
+
 def _epoch_row(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, regularizer: Regularizer | None,
               state: TrainState, settings: LoopSettings) -> dict[str, Any]:
     """The metrics row of the epoch just trained (`state.sums`, `state.train_time_s`):
@@ -402,6 +416,8 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
             _save_best(run, model, epoch + 1, extra)
         shown = {k: v for k, v in metrics.items() if k not in (schema.EPOCH, schema.STEP)}
         log.info("epoch %d/%d step %d | %s", epoch + 1, settings.epochs, state.step, format_metrics(shown))
+        if epoch == 1 or state.epoch >= settings.epochs or state.step >= max_steps:
+            _warn_if_off_band(regularizer, row)
         if stop.requested and state.epoch < settings.epochs and state.step < max_steps:
             return _stopped(stop, f"after epoch {epoch + 1} (step {state.step})"), state
     # A stop that arrives during the last epoch's evaluation (or its last steps) lets the run
