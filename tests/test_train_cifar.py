@@ -305,6 +305,20 @@ def test_monitoring_does_not_change_training(data_root, tmp_path, norm):
     assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
 
 
+@pytest.mark.slow   # compiles ResNet-20 on CPU
+def test_a_compiled_run_monitors_its_sites(data_root, tmp_path):
+    """The monitor captures the sites of the model itself (a compiled model names them
+    `_orig_mod.<site>`): every monitored run stopped at step 0 with `trainer.compile` on."""
+    rows = {}
+    for compiled in ("false", "true"):
+        train(_cfg(data_root, tmp_path / compiled, "model=resnet20", "method=per", "trainer.max_steps=2",
+                   "trainer.monitor.every=1", f"trainer.compile={compiled}"), build_image_experiment)
+        rows[compiled] = RunDir(tmp_path / compiled).read_jsonl("activations.jsonl")
+    steps = [r["step"] for r in rows["true"]]
+    assert steps == [r["step"] for r in rows["false"]] and set(steps) == {0, 1, 2}
+    assert [r for r in rows["true"] if r["step"] == 0] == [r for r in rows["false"] if r["step"] == 0]   # same weights
+
+
 def test_finished_run_is_skipped_when_only_paths_or_launch_settings_change(data_root, tmp_path):
     first = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1"), build_image_experiment)
     again = train(_cfg(data_root, tmp_path, "model=resnet20", "trainer.max_steps=1", "paths.runs_dir=/elsewhere",

@@ -338,8 +338,11 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
     step = TrainStep(model, task, optimizer, regularizer, autocast, settings.clip_norm, settings.clip_mode)
     steps_per_epoch = task.batches_per_epoch()
     max_steps = math.inf if settings.max_steps is None else settings.max_steps
+    # The monitor captures the sites of the model itself (a compiled model's are its
+    # `_orig_mod`'s, under other names), with the parameters the compiled one trains.
+    plain = _unwrap(model)
     if monitor is not None and state.step == 0:
-        run.append(ACTIVATIONS_FILE, monitor.snapshot(model, lambda: task.probe_forward(model), 0, 0.0))
+        run.append(ACTIVATIONS_FILE, monitor.snapshot(plain, lambda: task.probe_forward(plain), 0, 0.0))
     _complete_best(run, model, state, extra)
 
     while state.epoch < settings.epochs and state.step < max_steps:
@@ -374,7 +377,7 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, schedule
                                    schema.throughput_key(task.items): rate}, step=state.step)
             progress.bar.update(1)
             if monitor is not None and monitor.due(state.step):
-                run.append(ACTIVATIONS_FILE, monitor.snapshot(model, lambda: task.probe_forward(model), state.step,
+                run.append(ACTIVATIONS_FILE, monitor.snapshot(plain, lambda: task.probe_forward(plain), state.step,
                                                          epoch + state.batch / steps_per_epoch))
             if stop.requested or state.step >= max_steps:
                 break
