@@ -123,7 +123,8 @@ def check_multirun_jobs(config_name: str, argv: list[str]) -> None:
     Hydra's basic sweeper from the command line; what cannot be expanded or composed here
     (glob sweeps, other sweepers or launchers' configs, another config directory) is left
     to Hydra and to each job's own check."""
-    if not any(a in ("-m", "--multirun") for a in argv) or _elsewhere(argv):
+    if not any(a in ("-m", "--multirun") for a in argv) or _elsewhere(argv) or any(
+            a.partition("=")[0] in ("-cn", "--config-name") for a in argv):
         return
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
@@ -134,7 +135,9 @@ def check_multirun_jobs(config_name: str, argv: list[str]) -> None:
         return
     defaults: dict[tuple[str, ...], dict] = {}
     for num, job in enumerate(jobs):
-        job = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+        # as typed: the sweeper writes a removal `~key` back as `~key=null`
+        job = [o.removesuffix("=null") if o.startswith("~") else o for o in job
+               if not o.lstrip("+~").startswith("hydra")]
         groups = tuple(group_choices(job))
         try:
             if groups not in defaults:

@@ -93,7 +93,7 @@ if [[ $PARTS == *,bench,* ]]; then
             echo "[gpu-check] bad BENCH_ONLY group '$group': expected sections[@seconds]" >&2; exit 2; }
         IFS=',' read -r -a names <<< "$sections"
         for name in "${names[@]}"; do
-            [[ ,$valid, == *,$name,* ]] || {
+            [[ ,$valid, == *",$name,"* ]] || {
                 echo "[gpu-check] unknown bench section '$name' in BENCH_ONLY; valid: $valid" >&2; exit 2; }
         done
         runs+=("$sections@$seconds")

@@ -57,12 +57,13 @@ def _alone(name: str) -> dict:
 
 def compose(name: str, overrides: tuple[str, ...]) -> sweep.Preset:
     """Preset `name` with `overrides`, every value checked as a run would check it (so a
-    bad value, or a key added that nothing reads, stops a `DRY_RUN` plan too); an error
-    exits naming it."""
+    bad value, or a key added that nothing reads or removed that the run needs, stops a
+    `DRY_RUN` plan too); an error exits naming it."""
     try:
         cfg = compose_preset(name, overrides)
         groups = tuple(group_choices(overrides))
-        validate(cfg, compose_preset(name, groups) if groups else _alone(name))
+        edits = any(o.startswith(("+", "~")) and o not in groups for o in overrides)   # add or remove keys
+        validate(cfg, (compose_preset(name, groups) if groups else _alone(name)) if edits else None)
         return sweep.Preset(name, cfg, alone=functools.partial(_alone, name))
     except ValueError as e:
         raise SystemExit(f"{name}: {e}") from None

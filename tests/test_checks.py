@@ -102,6 +102,16 @@ def test_a_key_removed_on_the_command_line_is_refused(removed, message):
         validate(compose_config("train_cifar", [*base, removed], "unused"), compose_config("train_cifar", base, "unused"))
 
 
+def test_keys_that_may_be_added_may_be_removed():
+    """A schedule's arguments (switching to `plateau` drops the milestones) and the planners'
+    grids; the review found the switch refused once removals were checked."""
+    base = ["experiment=t1_cifar10_resnet56_per"]
+    switch = ["optim.schedule=plateau", "~optim.schedule_args.milestones", "~optim.schedule_args.gamma",
+              "~optim.schedule_args.unit", "+optim.schedule_args.factor=4.0", "+optim.schedule_args.metric=val_error"]
+    for edits in (switch, ["~method.lam_grid"], ["~method.num_slices"]):
+        validate(compose_config("train_cifar", [*base, *edits], "unused"), compose_config("train_cifar", base, "unused"))
+
+
 @pytest.mark.parametrize("base, added", [
     (["experiment=t1_cifar10_resnet56_per"], ["+optim.schedule_args.warmup_steps=4",
                                               "+optim.schedule_args.warmup_lr=0.01"]),   # checked by the schedule
@@ -249,7 +259,8 @@ def test_online_logging_without_credentials_is_refused_before_anything_is_built(
     # `wandb login --host`: the server in W&B's settings file, WANDB_BASE_URL unset.
     monkeypatch.delenv("WANDB_BASE_URL")
     (tmp_path / "wandb").mkdir()
-    (tmp_path / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.mycorp.example\n")
+    (tmp_path / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.mycorp.example\n"
+                                                 "note = 100%\n")          # no interpolation
     with pytest.raises(ConfigValueError, match="no key for 'wandb.mycorp.example'"):
         validate(cfg)
     netrc_file.write_text("machine wandb.mycorp.example\n  login user\n  password abc123\n")

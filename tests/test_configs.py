@@ -235,6 +235,9 @@ def test_each_job_of_a_multirun_is_checked_before_any_runs(capsys):
             check_multirun_jobs("train_cifar", [*base, bad])
         assert exit_.value.code == USER_ERROR_EXIT and message in capsys.readouterr().err, bad
     check_multirun_jobs("train_cifar", [*base, "method.lam=1e-4,3e-5", "hydra.launcher.n_jobs=2", "launcher=joblib"])
+    with pytest.raises(SystemExit):                                           # composed with the launcher too
+        check_multirun_jobs("train_cifar", [*base, "method.lam=abc", "hydra.launcher.n_jobs=2", "launcher=joblib"])
+    assert "job #0 " in capsys.readouterr().err
     check_multirun_jobs("train_cifar", ["method.lam=abc"])                    # one run: train() checks it
     check_multirun_jobs("train_cifar", ["-m", "experiment=glob(t1_cifar10_resnet56_*)", "method.lam=abc"])  # Hydra's
 

@@ -479,6 +479,10 @@ def test_gpu_check_script_writes_every_result_as_it_goes(tmp_path):
                          capture_output=True, text=True, timeout=60)     # before the tests, too
     assert bad.returncode == 2 and "unknown bench section 'epoc' in BENCH_ONLY; valid: step,per_grad," in bad.stderr
     assert not (tmp_path / "bad_name" / "pytest_gpu.txt").exists()
+    bad = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), str(tmp_path / "bad_glob")], cwd=ROOT,
+                         env={**env, "PARTS": "bench", "BENCH_ONLY": "st*@60"}, capture_output=True, text=True,
+                         timeout=60)     # a name, not a pattern
+    assert bad.returncode == 2 and "unknown bench section 'st*'" in bad.stderr
     # The tests part is cut with SIGINT, on which pytest still prints its failures and summary.
     interrupted = tmp_path / "interrupted"
     interrupted.write_text(f"#!/bin/sh\ncase \"$*\" in *pytest*) exec {sys.executable} -c \"import time\n"

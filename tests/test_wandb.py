@@ -66,9 +66,9 @@ def test_names_and_groups():
         {**cfg, "protocol_changes": ["model.depth=20"]})
     assert loggers.wandb_name(changed) == f"{group}/lam=1e-4/seed=0"
     per = {**changed, "method": {"name": "per", "lam": 1e-4, "layout": "flatten", "reduction": "sum",
-                                 "num_slices": 256, "path": "backward"}}
+                                 "num_slices": 256, "path": "backward"}, "trainer": {"epochs": 200}}
     assert loggers.wandb_tags(per, {"table": "T1", "dataset": "cifar10"}) == [
-        "T1", "cifar10", "layout=flatten", "reduction=sum", "num_slices=256", "val=5000",
+        "T1", "cifar10", "layout=flatten", "reduction=sum", "num_slices=256", "epochs=200", "val=5000",
         "changed:model.depth=20", "changed:trainer.precision=bf16"]
     assert loggers.wandb_tags({**lm, "method": {"name": "vanilla", "layout": "channels"}}, {"m": "x" * 80}) == ["x" * 64]
 

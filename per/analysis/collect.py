@@ -268,14 +268,16 @@ def load_activations(run_dir: str | Path) -> pd.DataFrame:
     step, epoch, site, unit, mean, var, q25, q50, q75, sw1 (`sw1` belongs to the
     site and repeats over its units). Where records give the site's `layer` (its
     position among the model's post-activation sites), `site` is "layer <k>", so
-    models whose site names differ (BN vs Fixup ResNets) line up."""
+    models whose site names differ (BN vs Fixup ResNets) line up; other sites (a
+    pre-activation site's `layer` is null) keep their names."""
     per_unit = ["unit", "mean", "var", "q25", "q50", "q75"]
     rows = records.read_jsonl(Path(run_dir) / records.ACTIVATIONS_FILE)
     if not rows:
         return pd.DataFrame(columns=["step", "epoch", "site", *per_unit, "sw1"])
     wide = pd.DataFrame(rows).rename(columns={"units": "unit"})
     if "layer" in wide:
-        wide["site"] = "layer " + wide.layer.astype(int).astype(str)
+        at = wide.layer.notna()
+        wide.loc[at, "site"] = "layer " + wide.layer[at].astype(int).astype(str)
     long = wide.explode(per_unit, ignore_index=True)
     return long[["step", "epoch", "site", *per_unit, "sw1"]].astype(
         {c: float for c in per_unit[1:]} | {"unit": int})

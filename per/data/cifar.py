@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import pickle
@@ -147,7 +148,7 @@ def _extract(layout: _Layout, archive: Path, verify_checksums: bool) -> None:
                     tar.extractall(tmp, filter="data")
                 except TypeError:    # Python before 3.10.12 / 3.11.4: no filters
                     tar.extractall(tmp)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:   # not a full disk, say
             raise DatasetDamagedError(f"cannot extract {archive} ({type(e).__name__}: {e}): damaged or "
                                       "not the official file; delete it and fetch it again") from e
         extracted = Path(tmp) / layout.directory

@@ -250,13 +250,15 @@ def _added_keys(cfg: dict, defaults: dict) -> list[str]:
 def _removed_keys(cfg: dict, defaults: dict) -> list[str]:
     """Keys its groups (`defaults`) hold that `cfg` lacks: removed on the command line
     (`~trainer.log_every`), where the runner would fail on them once the run's folder is
-    written. One line per key, with its value in `defaults`."""
+    written. One line per key, with its value in `defaults`. Keys that may be added
+    (`_ADDABLE`: a schedule's arguments, the planners' grids) may be removed, as may
+    `REMOVED` ones (their absence stands for their default)."""
     have = _flatten(cfg)
     parents = {key.rsplit(".", i)[0] for key in have for i in range(1, key.count(".") + 1)}
     return [f"{key}: removed on the command line (~{key}); the run needs it: set a value instead "
             f"(its config's: {value!r})"
             for key, value in _flatten(defaults).items() if key not in have and key not in parents
-            and not any(key.startswith(k + ".") for k in have)]
+            and not any(key.startswith(k + ".") for k in have) and not _under(key, _ADDABLE)]
 
 
 def _unused_lambda(cfg: dict) -> list[str]:

@@ -62,12 +62,12 @@ def user_base_url() -> str | None:
     if base := os.environ.get("WANDB_BASE_URL"):
         return base
     folder = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
-    settings = configparser.ConfigParser()
+    settings = configparser.ConfigParser(interpolation=None)    # a URL may hold `%`
     try:
         settings.read(folder / "settings")
+        return settings.get("default", "base_url", fallback=None) or None
     except configparser.Error:
         return None
-    return settings.get("default", "base_url", fallback=None) or None
 
 
 def missing_credentials(mode: str) -> str | None:
@@ -116,7 +116,8 @@ def wandb_group(cfg: dict) -> str:
     """The W&B group: one per cell (`run_name`, the preset's name) and phase, plus
     `/changed-<hash>` for a run that departs from its preset's protocol (its
     `protocol_changes`, which its tags list), so it never shares a group with the
-    protocol's runs."""
+    protocol's runs. Runs of one protocol under other method options (`method.layout`,
+    ...) or fewer epochs do share a group: their tags tell them apart (`wandb_tags`)."""
     changes = cfg.get("protocol_changes") or []
     suffix = f"/changed-{hashlib.sha1('; '.join(changes).encode()).hexdigest()[:6]}" if changes else ""
     return f"{cfg['run_name']}/{run_phase(cfg)}{suffix}"
@@ -124,12 +125,14 @@ def wandb_group(cfg: dict) -> str:
 
 def wandb_tags(cfg: dict, cell: dict) -> list[str]:
     """The W&B tags of a run: its cell's values, the method's options (`layout=...`,
-    `reduction=...`, `slices=...`), the held-out size of a selection run (`val=5000`) and
-    each protocol change (`changed:<key>=<value>`), each cut to W&B's 64 characters."""
+    `reduction=...`, `num_slices=...`), its epochs (`epochs=200`: a shorter run is
+    partial), the held-out size of a selection run (`val=5000`) and each protocol change
+    (`changed:<key>=<value>`), each cut to W&B's 64 characters."""
     method = cfg["method"]
     tags = [str(v) for v in cell.values()]
     tags += [f"{opt}={method[opt]}" for opt, methods in METHOD_OPTIONS.items()
              if method.get("name") in methods and opt in method]
+    tags += [f"epochs={cfg['trainer']['epochs']}"] if "epochs" in cfg.get("trainer", {}) else []
     tags += [f"val={cfg['data']['val_size']}"] if run_phase(cfg) == "select" else []
     tags += [f"changed:{c}" for c in cfg.get("protocol_changes") or []]
     return [t[:64] for t in tags]
@@ -238,5 +241,6 @@ def _set_summary(run, summary: dict) -> None:
     run, which is a result) and, once diverged, as a tag."""
     run.summary[WANDB_SUMMARY_KEY] = summary
     run.summary["status"] = summary.get("status")
-    if summary.get("status") == DIVERGED and DIVERGED not in run.tags:
-        run.tags = (*run.tags, DIVERGED)
+    tags = tuple(run.tags or ())      # None in older wandb for a run without tags
+    if summary.get("status") == DIVERGED and DIVERGED not in tags:
+        run.tags = (*tags, DIVERGED)
