@@ -20,7 +20,7 @@ from experiments.common import add_run_source_arguments, check_report_folder, pr
 from per.analysis.tables import write_tables
 from per.sweep import DEFAULT_SEEDS, DEFAULT_SELECT_SEEDS
 from per.schema import FAILED, TASKS
-from per.analysis.wandb_source import collect_source
+from per.analysis.wandb_source import WandbSourceError, collect_source
 
 
 def _count(value: str) -> int:
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         df, problems, source = collect_source(args.runs, args.wandb_project, args.wandb_entity,
                                               protocols=preset_protocol)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    except (FileNotFoundError, WandbSourceError) as e:
+        raise SystemExit(f"[aggregate] {e}") from None
     if args.task != "all":
         df = df[df.task == args.task]
     print(f"{len(df)} runs from {source}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from per.analysis.curves import curves_markdown, epoch_curves, paper_numbers
+from per.training.records import METRICS_FILE, RunDir
 
 
 def main() -> int:
@@ -23,6 +24,9 @@ def main() -> int:
     if bad:
         ap.error(f"--run takes LABEL=RUN_DIR, got {bad}")
     runs = dict(r.split("=", 1) for r in args.run)
+    if empty := [f"{label}={path}" for label, path in runs.items()
+                 if not RunDir(path).read_jsonl(METRICS_FILE)]:
+        ap.error(f"no {METRICS_FILE} rows in {', '.join(empty)} (not a run folder, or no epoch finished)")
     curves = epoch_curves(runs, args.metrics)
     text = curves_markdown(curves, paper_numbers(runs, args.metrics))
     out = Path(args.out)

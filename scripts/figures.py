@@ -24,7 +24,7 @@ from experiments.common import add_run_source_arguments, check_report_folder, pr
 from per.analysis import figures
 from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import at_chosen_lambda, method_sort_key, report_runs, row_labels, selection_runs
-from per.analysis.wandb_source import collect_source
+from per.analysis.wandb_source import WandbSourceError, collect_source
 from per.schema import FINISHED
 from per.training.records import ACTIVATIONS_FILE
 
@@ -49,9 +49,15 @@ def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     for key, cell in runs.groupby(figures.CELL):
         cell = cell.sort_values("label", key=lambda s: s.map(method_sort_key))
-        acts = {label: load_activations(d) for label, d in zip(cell.label, cell.run_dir)}
-        sites = list(pd.concat(acts.values()).site.unique())
+        # A run drawn other than finished says how it ended (a diverged run's curve stops).
+        labels = [label if status == FINISHED else f"{label} ({status}, seed {seed})"
+                  for label, status, seed in zip(cell.label, cell.status, cell.seed)]
+        acts = {label: a for label, d in zip(labels, cell.run_dir) if not (a := load_activations(d)).empty}
         name = "_".join(key)
+        if not acts:     # a kill while the first snapshot was written leaves an empty file
+            print(f"[figures] skipped activations of {name}: its activations.jsonl files hold no records")
+            continue
+        sites = list(pd.concat(acts.values()).site.unique())
         title = " ".join(key)
         paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}", title=title)
         paths += figures.plot_sw1(acts, sites, out, name=f"sw1_{name}", title=title)
@@ -71,7 +77,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
             runs = runs[runs.task == "cifar"]
         metrics = load_run_metrics(runs)
         if metrics.empty:
-            print(f"[figures] skipped {name}: no metrics.jsonl at the chosen lambdas")
+            print(f"[figures] skipped {name}: no finished run with metrics at the chosen lambdas")
             continue
         paths += figures.plot_training_curves(metrics, out, name=name)
     return paths
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                               protocols=preset_protocol)
     except FileNotFoundError as e:     # only the 1-D loss figure, below
         df, problems, source = pd.DataFrame(), [str(e)], args.runs
+    except WandbSourceError as e:
+        raise SystemExit(f"[figures] {e}") from None
     for problem in problems:
         print(f"[figures] {problem}", file=sys.stderr)
     if df.empty:

@@ -227,6 +227,24 @@ def test_load_metrics_and_activations(tmp_path):
     assert collect.load_activations(tmp_path).empty
 
 
+def test_activations_in_the_monitors_own_format_load_pre_sites_too(tmp_path):
+    """Rows as `activation_stats` writes them: a post site's `layer` is its position (shown
+    as "layer k"), a pre-activation site's is null and keeps its name (it crashed the load)."""
+    import torch
+
+    from per import models
+    from per.training.monitor import activation_stats
+    torch.manual_seed(0)
+    model = models.create("elu_cnn11", norm="none", activation="relu")
+    x = torch.randn(2, 3, 32, 32)
+    rows = activation_stats(model, lambda: model(x), ["layer1.pre_site", "layer3.site"], num_units=2,
+                            layout="channels", num_slices=8, step=0, epoch=0.0)
+    assert [r["layer"] for r in rows] == [None, 3]
+    (tmp_path / "activations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    acts = collect.load_activations(tmp_path)
+    assert sorted(acts.site.unique()) == ["layer 3", "layer1.pre_site"] and len(acts) == 4
+
+
 def test_load_run_metrics(collected):
     df, _ = collected
     runs = df[(df.method == "vanilla") & (df.model == "resnet56") & ~df.partial]
@@ -648,6 +666,29 @@ def test_wandb_source_matches_local(root, collected):
     pd.testing.assert_frame_equal(remote.drop(columns="run_dir"), df.drop(columns="run_dir"))
     assert any("broken" in p and "skipped" in p for p in problems)
     assert any("interrupted" in p for p in problems)
+
+
+def test_a_wandb_project_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch):
+    """No key, no network, no such project: one line naming the project and what is needed,
+    from the library and from both scripts (a 7-frame traceback before)."""
+    from per.analysis.wandb_source import WandbSourceError
+
+    class NoKey:
+        def runs(self, path):
+            raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    with pytest.raises(WandbSourceError, match="cannot read the runs of W&B project 'ent/proj': RuntimeError: "
+                                               "No API key configured"):
+        collect_wandb("proj", entity="ent", api=NoKey())
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for script in ("aggregate", "figures"):
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--wandb-project", "nope",
+                              "--out", str(tmp_path / script)], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"[{script}] cannot read the runs of W&B project 'nope'" in out.stderr
 
 
 class SubDict:

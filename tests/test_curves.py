@@ -52,3 +52,7 @@ def test_curves_script_writes_csv_and_markdown(tmp_path):
                     "--out", str(out)], check=True, capture_output=True, text=True)
     assert "| paper | 123.2 | 122.0 |" in (out.with_suffix(".md")).read_text()
     assert out.with_suffix(".csv").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/curves.py"), "--run", f"vanilla={tmp_path / 'v'}",
+                          "--run", f"per={tmp_path / 'nope'}", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)       # a run without rows lost its column silently
+    assert bad.returncode == 2 and f"no metrics.jsonl rows in per={tmp_path / 'nope'}" in bad.stderr

@@ -230,6 +230,38 @@ def test_plot_ablation(tmp_path, monkeypatch):
     assert "flatten, mean" not in labels
 
 
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """`activations(...)` as the monitor's `activations.jsonl` rows."""
+    return [{"step": int(step), "epoch": float(g.epoch.iloc[0]), "site": site,
+             "units": g.unit.tolist(), "sw1": float(g.sw1.iloc[0]),
+             **{k: g[k].tolist() for k in ("mean", "var", "q25", "q50", "q75")}}
+            for (step, site), g in frame.groupby(["step", "site"])]
+
+
+def test_an_activation_figure_says_how_an_unfinished_run_ended(tmp_path):
+    """Where a cell's only monitored run diverged, its legend says so (its curve stops)."""
+    from test_analysis import make_run
+    from per.analysis.collect import collect_runs
+    run = make_run(tmp_path, method="per", lam=1e-4, seed=1, status="diverged", final={TEST_ERROR: 90.0})
+    (run / "activations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(activations(1.0))))
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "figures.py"))
+    drawn = []
+
+    class Figures:
+        CELL = figures.CELL
+
+        def plot_activation_evolution(self, acts, sites, out, **kw):
+            drawn.append(list(acts))
+            return []
+
+        def plot_sw1(self, acts, sites, out, **kw):
+            return []
+    script["plot_activations"].__globals__["figures"] = Figures()     # run_path returns a copy of them
+    df, _ = collect_runs(tmp_path)
+    script["plot_activations"](df, tmp_path / "out")
+    assert drawn == [["per (diverged, seed 1)"]]
+
+
 def test_figures_script(tmp_path, capsys, monkeypatch):
     from test_analysis import make_run
 
@@ -239,11 +271,7 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
         make_run(runs, method="per", lam=lam, val_size=5000,
                  final={VAL_ERROR: val, TEST_ERROR: 6.5})
     monitored = make_run(runs, method="per", lam=1e-4, final={TEST_ERROR: 6.7})
-    frame = activations(1.0)
-    records = [{"step": int(step), "epoch": float(g.epoch.iloc[0]), "site": site,
-                "units": g.unit.tolist(), "sw1": float(g.sw1.iloc[0]),
-                **{k: g[k].tolist() for k in ("mean", "var", "q25", "q50", "q75")}}
-               for (step, site), g in frame.groupby(["step", "site"])]
+    records = _records(activations(1.0))
     vanilla = runs / "cifar" / "cifar10_resnet56_vanilla_channels" / "lam=0.0,seed=0,val=0"
     for run_dir in (monitored, vanilla):
         (run_dir / "activations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -262,15 +290,19 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     assert (out_dir / "written.txt").read_text().splitlines() == [f"source: {runs}", *sorted(expected)]
     out, err = capsys.readouterr()
     assert "skipped the PER ablation" in out and "broken: skipped" in err
-    # Without the activation records, a second call removes the figures it no longer
-    # draws; a file the script never wrote stays.
+    # Empty activation files (a kill during the first snapshot): the cell is skipped, said so,
+    # and the other figures are drawn (the empty cell crashed the script). Without the
+    # records, a second call removes the figures it no longer draws; a file the script
+    # never wrote stays.
     for run_dir in (monitored, vanilla):
-        (run_dir / "activations.jsonl").unlink()
+        (run_dir / "activations.jsonl").write_text("")
     (out_dir / "mine.png").write_bytes(b"")
     assert main(["--runs", str(runs), "--out", str(out_dir)]) == 0
     gone = {f"{kind}_{cell}.{ext}" for kind in ("activations", "sw1") for ext in ("png", "pdf")}
     assert {p.name for p in out_dir.iterdir()} == (expected - gone) | {"written.txt", "mine.png"}
-    assert "[figures] removed 4 files an earlier call wrote and this one did not: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"[figures] skipped activations of {cell}: its activations.jsonl files hold no records" in out
+    assert "[figures] removed 4 files an earlier call wrote and this one did not: " in out
     # A mistyped --runs (no runs: only the 1-D loss figure), and a W&B project (fewer kinds
     # of figures) into the same folder remove nothing.
     kept = {p.name for p in out_dir.iterdir()}

@@ -133,7 +133,9 @@ def plot_sw1(acts_by_method: dict[str, pd.DataFrame], sites: list[str],
     for ax, site in zip(axes, sites):
         for method, acts in acts_by_method.items():
             d = acts[acts.site == site].drop_duplicates("step").sort_values("step")
-            ax.plot(d.step, d.sw1, label=method)
+            # markers where a series has few points (a run that diverged early): a line alone
+            # would draw nothing for a single finite point
+            ax.plot(d.step, d.sw1, label=method, marker="o" if d.sw1.notna().sum() < 5 else None)
         ax.set(title=site, xlabel="training step", ylabel="sliced $W_1$ to $N(0, I)$",
                yscale="log")
         ax.grid(alpha=0.3)

@@ -28,6 +28,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class WandbSourceError(RuntimeError):
+    """A W&B project could not be read (no key, no network, no such project); the message
+    says which and what to do."""
+
+
 def collect_wandb(project: str, entity: str | None = None, api: Any = None,
                   protocols: Protocols | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every run of a W&B project as the run table of `collect.collect_runs`
@@ -36,12 +41,21 @@ def collect_wandb(project: str, entity: str | None = None, api: Any = None,
 
     `api` defaults to `wandb.Api()`; tests pass a stand-in with `runs(path)` whose
     runs have `path`, `config`, `summary` and `scan_history(keys)`.
+
+    Raises:
+        WandbSourceError: the project's runs cannot be listed (wandb's error named).
     """
-    if api is None:
-        import wandb
-        api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
-    return run_table(((f"wandb:{'/'.join(run.path)}", partial(_read_run, run)) for run in api.runs(path)),
+    try:
+        if api is None:
+            import wandb
+            api = wandb.Api()
+        runs = list(api.runs(path))
+    except Exception as e:      # wandb's errors: no API key, no network, no such entity or project
+        raise WandbSourceError(f"cannot read the runs of W&B project {path!r}: {type(e).__name__}: {e} "
+                               "(a key from `wandb login` or WANDB_API_KEY, network, and the project's "
+                               "entity, --wandb-entity, are needed)") from e
+    return run_table(((f"wandb:{'/'.join(run.path)}", partial(_read_run, run)) for run in runs),
                      (KeyError, ValueError, TypeError, AttributeError), protocols)
 
 

@@ -87,7 +87,7 @@ class Monitor:
     sites: list[str]
     every: int
     num_units: int = 4
-    layout: str = "channels"     # the run's point layout (the regularizer's, if any)
+    layout: str = "channels"     # the points' layout: the same for every run (figures compare methods)
     num_slices: int = 256
     seed: int = 0                # seeds the monitor's own directions (not the training RNG)
 
