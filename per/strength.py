@@ -34,7 +34,7 @@ from per.schema import GRAD_RATIO_PREFIX
 
 # A site's grad_ratio where a penalty acts without swamping the task's gradient: a median
 # over the sites outside it means the lambda is off (the plan's warnings from `make
-# strength`, and a run's after its first epoch: `band_warning`).
+# strength`, and a run's after its second and its last epoch: `band_warning`).
 BAND = (1e-3, 1.0)
 
 

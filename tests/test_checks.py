@@ -116,7 +116,7 @@ def test_keys_that_may_be_added_may_be_removed():
     (["experiment=t1_cifar10_resnet56_per"], ["+optim.schedule_args.warmup_steps=4",
                                               "+optim.schedule_args.warmup_lr=0.01"]),   # checked by the schedule
     (["experiment=t1_cifar10_resnet56_l2"], ["++method.num_slices=16"]),    # an option l2 leaves out
-    (["experiment=t2_cifar10_elu_vanilla"], ["+method.layout=flatten"]),    # the activation monitor's
+    (["experiment=t2_cifar10_elu_vanilla"], ["+method.layout=flatten"]),    # one override for a whole plan
 ])
 def test_keys_that_are_read_may_be_added(base, added):
     validate(compose_config("train_cifar", [*base, *added], "unused"), compose_config("train_cifar", base, "unused"))

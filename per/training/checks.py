@@ -221,10 +221,10 @@ def _schedule_problems(cfg: dict) -> list[str]:
 
 
 # Added keys that are read: a schedule's arguments (checked by the schedule itself,
-# `_schedule_problems`), `method.layout` where a method's config has none (the activation
-# monitor reads it: `per.training.run.create_monitor`), the PER options other methods'
-# configs leave out (`REMOVED`: accepted, so that one `OVERRIDES=++method.num_slices=64`
-# serves every preset of a plan), the grids the tables and sweeps read where no preset
+# `_schedule_problems`), `method.layout` where a method's config has none and the PER
+# options other methods' configs leave out (`REMOVED`), accepted so that one
+# `OVERRIDES=++method.layout=flatten` or `++method.num_slices=64` serves every preset of a
+# plan (vanilla and BN runs do not read them), the grids the tables and sweeps read where no preset
 # gives them (`method.lam_grid`, `method.slices_grid`), and what the entry point adds
 # (`run_dir`).
 _ADDABLE = ("optim.schedule_args", "method.layout", *REMOVED, "method.lam_grid", "method.slices_grid", "run_dir")
