@@ -7,8 +7,11 @@ import gzip
 import json
 import logging
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ from per.training import run as run_mod
 from per.training.lm_task import LMTask, build_lm_experiment
 from per.training.loop import fit
 from per.training.run import train
-from runner_utils import CPU_SMOKE, compose_config, metrics, without_timing
+from runner_utils import CPU_SMOKE, ROOT, compose_config, metrics, without_timing
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +234,16 @@ def test_evaluation_feeds_each_window_a_copy_of_the_models_output():
                    for g, r in pairs)
     model.forward = forward
     assert task.evaluate(model) == plain
+
+
+def test_the_example_loop_runs_on_the_same_files(data_root):
+    """scripts/lm_reference.py (the LM side-by-side check's other side: the PyTorch example's
+    loop) reads the same PTB files and prints the validation perplexity our runs log."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/lm_reference.py"), "--root", str(data_root),
+                          "--hidden", "8", "--steps", "3"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("example loop: seed 0, 3 steps, hidden 8 | train_loss=") and "val_ppl=" in line
+    ppl = float(line.split("val_ppl=")[1].split()[0])
+    assert 1 < ppl < 200          # 50 words: a trained-for-3-steps model is near uniform (about 50)
