@@ -82,13 +82,45 @@ def activations(scale: float) -> pd.DataFrame:
 ACTS = {"vanilla": activations(3.0), "bn": activations(1.0), "per": activations(0.5)}
 
 
-def test_plot_activation_evolution(tmp_path):
+def _drawn(monkeypatch) -> list:
+    """The figures `figures._save` is handed, kept for their axes."""
+    kept, save = [], figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: kept.append(fig) or save(fig, out, name))
+    return kept
+
+
+def test_plot_activation_evolution(tmp_path, monkeypatch):
+    """Rows: quartiles, mean, variance of each site; columns: methods; one line per unit,
+    each the monitored series (a test that only checked a file was written passed
+    whatever was drawn)."""
+    drawn = _drawn(monkeypatch)
     paths = figures.plot_activation_evolution(ACTS, ["layer3", "layer6"], tmp_path)
     assert_written(paths, 2)
+    axes = np.array(drawn[0].axes).reshape(6, 3)
+    assert [ax.get_title() for ax in axes[0]] == ["vanilla", "bn", "per"]
+    for j, method in enumerate(ACTS):
+        for i, site in enumerate(["layer3", "layer6"]):
+            data = ACTS[method][ACTS[method].site == site]
+            for row, stat in ((0, "q50"), (1, "mean"), (2, "var")):
+                lines = axes[3 * i + row, j].get_lines()
+                assert len(lines) == 4
+                for unit, line in enumerate(lines):
+                    d = data[data.unit == unit].sort_values("step")
+                    assert list(line.get_xdata()) == list(d.step) and list(line.get_ydata()) == list(d[stat])
 
 
-def test_plot_sw1(tmp_path):
+def test_plot_sw1(tmp_path, monkeypatch):
+    drawn = _drawn(monkeypatch)
     assert_written(figures.plot_sw1(ACTS, ["layer3", "layer6"], tmp_path), 2)
+    for ax, site in zip(drawn[0].axes, ["layer3", "layer6"]):
+        assert ax.get_title() == site and [line.get_label() for line in ax.get_lines()] == list(ACTS)
+        for line, acts in zip(ax.get_lines(), ACTS.values()):
+            d = acts[acts.site == site].drop_duplicates("step")
+            assert list(line.get_ydata()) == list(d.sw1) and line.get_marker() == "None"   # 6 points
+    short = {"per (diverged, seed 1)": ACTS["per"][ACTS["per"].step < 20]}   # 2 points: markers
+    drawn.clear()
+    figures.plot_sw1(short, ["layer3"], tmp_path)
+    assert drawn[0].axes[0].get_lines()[0].get_marker() == "o"
 
 
 def test_activation_figures_name_their_cell(tmp_path, monkeypatch):
