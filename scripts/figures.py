@@ -26,13 +26,14 @@ from per.analysis.collect import load_activations, load_run_metrics
 from per.analysis.tables import at_chosen_lambda, method_sort_key, report_runs, row_labels, selection_runs
 from per.analysis.wandb_source import WandbSourceError, collect_source
 from per.schema import FINISHED
-from per.training.records import ACTIVATIONS_FILE
+from per.training.records import ACTIVATIONS_FILE, read_jsonl
 
 
 def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """One run with `activations.jsonl` per cell and row label, preferring the chosen
-    lambda, finished runs, reported runs and low seeds."""
-    runs = df[[(Path(d) / ACTIVATIONS_FILE).is_file() for d in df.run_dir]]
+    """One run with activation records per cell and row label, preferring the chosen
+    lambda, finished runs, reported runs and low seeds (a file without records, left by a
+    kill during the first snapshot, does not count)."""
+    runs = df[[bool(read_jsonl(Path(d) / ACTIVATIONS_FILE)) for d in df.run_dir]]
     chosen = at_chosen_lambda(df, lambda d, task: d[d.task == task])[["run_dir"]]
     runs = runs.assign(label=row_labels(runs),
                        other_lam=~runs.run_dir.isin(chosen.run_dir),
@@ -44,7 +45,7 @@ def monitored_runs(df: pd.DataFrame) -> pd.DataFrame:
 def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
     runs = monitored_runs(df)
     if runs.empty:
-        print("[figures] skipped activation figures: no run has activations.jsonl")
+        print("[figures] skipped activation figures: no run has activation records (activations.jsonl)")
         return []
     paths = []
     for key, cell in runs.groupby(figures.CELL):
@@ -52,11 +53,8 @@ def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
         # A run drawn other than finished says how it ended (a diverged run's curve stops).
         labels = [label if status == FINISHED else f"{label} ({status}, seed {seed})"
                   for label, status, seed in zip(cell.label, cell.status, cell.seed)]
-        acts = {label: a for label, d in zip(labels, cell.run_dir) if not (a := load_activations(d)).empty}
+        acts = {label: load_activations(d) for label, d in zip(labels, cell.run_dir)}
         name = "_".join(key)
-        if not acts:     # a kill while the first snapshot was written leaves an empty file
-            print(f"[figures] skipped activations of {name}: its activations.jsonl files hold no records")
-            continue
         sites = list(pd.concat(acts.values()).site.unique())
         title = " ".join(key)
         paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}", title=title)

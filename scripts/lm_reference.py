@@ -30,10 +30,14 @@ SPLITS = ("train", "valid", "test")
 
 
 def read_split(folder: Path, split: str, vocab: dict[str, int]) -> torch.Tensor:
-    """`ptb.<split>.txt` (or `.gz`) as word ids, adding new words to `vocab`."""
+    """`ptb.<split>.txt` (or `.gz`) as word ids, adding new words to `vocab`: each line's
+    words, then `<eos>`; lines end at `\n`, `\r\n` or `\r`, as a text-mode file's."""
     path = folder / f"ptb.{split}.txt"
-    text = path.read_text() if path.exists() else gzip.decompress(path.with_suffix(".txt.gz").read_bytes()).decode()
-    ids = [vocab.setdefault(word, len(vocab)) for line in text.splitlines() for word in [*line.split(), "<eos>"]]
+    data = path.read_bytes() if path.exists() else gzip.decompress(path.with_suffix(".txt.gz").read_bytes())
+    lines = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":        # the text's final line ending
+        lines.pop()
+    ids = [vocab.setdefault(word, len(vocab)) for line in lines for word in [*line.split(), "<eos>"]]
     return torch.tensor(ids)
 
 
@@ -60,13 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True, help="data root holding ptb/ptb.{train,valid,test}.txt[.gz]")
     ap.add_argument("--hidden", type=int, default=650)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=400, help="training windows (0: one epoch)")
+    ap.add_argument("--steps", type=int, default=400,
+                    help="training windows, at most one epoch's (0: one epoch; the example anneals the lr "
+                         "between epochs, which this loop leaves out)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     vocab: dict[str, int] = {}
     ids = {split: read_split(Path(args.root) / "ptb", split, vocab) for split in SPLITS}
     train, valid = columns(ids["train"], 20), columns(ids["valid"], 10)
+    epoch = len(range(0, train.size(0) - 1, 35))
+    if epoch == 0 or valid.size(0) < 2:
+        ap.error(f"too little text: {train.size(0)} rows of 20 training tokens, {valid.size(0)} of 10 validation ones")
+    if args.steps > epoch:
+        ap.error(f"--steps {args.steps}: at most one epoch's {epoch} windows (0: one epoch)")
     model = ExampleLM(len(vocab), args.hidden, args.layers, dropout=0.0)
     for weight in (model.encoder.weight, model.decoder.weight):
         torch.nn.init.uniform_(weight, -0.1, 0.1)

@@ -294,6 +294,19 @@ def test_an_activation_figure_says_how_an_unfinished_run_ended(tmp_path):
     assert drawn == [["per (diverged, seed 1)"]]
 
 
+def test_a_run_without_activation_records_gives_way_to_one_with_them(tmp_path):
+    """The preferred run (seed 0) left an empty file (a kill during its first snapshot): the
+    figure draws the label's next run that has records instead of losing the label."""
+    from test_analysis import make_run
+    from per.analysis.collect import collect_runs
+    empty, full = (make_run(tmp_path, method="per", lam=1e-4, seed=s, final={TEST_ERROR: 7.0}) for s in (0, 1))
+    (empty / "activations.jsonl").write_text("")
+    (full / "activations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(activations(1.0))))
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "figures.py"))
+    df, _ = collect_runs(tmp_path)
+    assert list(script["monitored_runs"](df).run_dir) == [str(full)]
+
+
 def test_figures_script(tmp_path, capsys, monkeypatch):
     from test_analysis import make_run
 
@@ -333,7 +346,7 @@ def test_figures_script(tmp_path, capsys, monkeypatch):
     gone = {f"{kind}_{cell}.{ext}" for kind in ("activations", "sw1") for ext in ("png", "pdf")}
     assert {p.name for p in out_dir.iterdir()} == (expected - gone) | {"written.txt", "mine.png"}
     out = capsys.readouterr().out
-    assert f"[figures] skipped activations of {cell}: its activations.jsonl files hold no records" in out
+    assert "[figures] skipped activation figures: no run has activation records" in out
     assert "[figures] removed 4 files an earlier call wrote and this one did not: " in out
     # A mistyped --runs (no runs: only the 1-D loss figure), and a W&B project (fewer kinds
     # of figures) into the same folder remove nothing.

@@ -236,14 +236,45 @@ def test_evaluation_feeds_each_window_a_copy_of_the_models_output():
     assert task.evaluate(model) == plain
 
 
-def test_the_example_loop_runs_on_the_same_files(data_root):
+def test_the_example_loop_runs_on_the_same_files(data_root, tmp_path):
     """scripts/lm_reference.py (the LM side-by-side check's other side: the PyTorch example's
-    loop) reads the same PTB files and prints the validation perplexity our runs log."""
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/lm_reference.py"), "--root", str(data_root),
-                          "--hidden", "8", "--steps", "3"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    loop) reads the same PTB files as our corpus (the same ids, columns and windows) and
+    prints the validation perplexity our runs log."""
+    import importlib.util
+
+    from per.data.corpus import Corpus, batchify, num_windows, tokenize
+    spec = importlib.util.spec_from_file_location("lm_reference", ROOT / "scripts/lm_reference.py")
+    sys.path.insert(0, str(ROOT / "scripts"))       # it imports bench's ExampleLM, as a script does
+    try:
+        ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ref)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    ours, vocab = Corpus(data_root, "ptb", verify_checksums=False), {}
+    ids = {split: ref.read_split(data_root / "ptb", split, vocab) for split in ref.SPLITS}
+    assert list(vocab) == ours.vocab
+    for split, mine in (("train", ours.train), ("valid", ours.val), ("test", ours.test)):
+        assert torch.equal(ids[split], mine)
+        assert torch.equal(ref.columns(ids[split], 20), batchify(mine, 20))
+        assert len(list(ref.windows(ref.columns(ids[split], 10), 35))) == num_windows(len(mine), 10, 35)
+    # Lines end as in a text-mode file (\n, \r\n, \r), not at \f or \x85 (whitespace within a line).
+    (tmp_path / "ptb").mkdir()
+    text = "a b\x0cc\r\n d\x85e \r\rf\n".encode()
+    (tmp_path / "ptb" / "ptb.train.txt").write_bytes(text)
+    words: dict[str, int] = {}
+    ids = ref.read_split(tmp_path / "ptb", "train", words).tolist()
+    assert ids == [words[t] for t in tokenize(text)]
+    assert tokenize(text) == ["a", "b", "c", "<eos>", "d", "e", "<eos>", "<eos>", "f", "<eos>"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "scripts/lm_reference.py"), "--root", str(data_root),
+                               "--hidden", "8", *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    epoch = num_windows(len(ours.train), 20, 35)
+    out = run("--steps", "0")                      # one epoch
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[-1]
-    assert line.startswith("example loop: seed 0, 3 steps, hidden 8 | train_loss=") and "val_ppl=" in line
-    ppl = float(line.split("val_ppl=")[1].split()[0])
-    assert 1 < ppl < 200          # 50 words: a trained-for-3-steps model is near uniform (about 50)
+    assert line.startswith(f"example loop: seed 0, {epoch} steps, hidden 8 | train_loss=") and "val_ppl=" in line
+    assert 1 < float(line.split("val_ppl=")[1].split()[0]) < 2 * len(vocab)
+    refused = run("--steps", str(epoch + 1))        # the example anneals lr between epochs: not here
+    assert refused.returncode == 2 and f"at most one epoch's {epoch} windows" in refused.stderr

@@ -46,10 +46,10 @@ def collect_wandb(project: str, entity: str | None = None, api: Any = None,
         WandbSourceError: the project's runs cannot be listed (wandb's error named).
     """
     path = f"{entity}/{project}" if entity else project
+    if api is None:
+        import wandb
     try:
-        if api is None:
-            import wandb
-            api = wandb.Api()
+        api = wandb.Api() if api is None else api
         runs = list(api.runs(path))
     except Exception as e:      # wandb's errors: no API key, no network, no such entity or project
         raise WandbSourceError(f"cannot read the runs of W&B project {path!r}: {type(e).__name__}: {e} "
