@@ -71,6 +71,18 @@ def test_names_and_groups():
         "T1", "cifar10", "layout=flatten", "reduction=sum", "num_slices=256", "epochs=200", "val=5000",
         "changed:model.depth=20", "changed:trainer.precision=bf16"]
     assert loggers.wandb_tags({**lm, "method": {"name": "vanilla", "layout": "channels"}}, {"m": "x" * 80}) == ["x" * 64]
+    # Off the preset but within its protocol (another layout, a shorter run): a group of its
+    # own too, so that W&B's grouped view does not average it with the protocol's runs.
+    preset = {"method": {"name": "per", "layout": "channels", "reduction": "sum", "num_slices": 256},
+              "trainer": {"epochs": 200, "max_steps": None}}
+    run = {**cfg, "method": {**preset["method"], "lam": 1e-4, "layout": "flatten"},
+           "trainer": {"epochs": 100, "max_steps": 400}}
+    variant = loggers.run_variant(run, preset)
+    assert variant == ["layout=flatten", "epochs=100", "max_steps=400"]
+    assert loggers.wandb_name(run, variant) == (
+        "t1_cifar10_resnet56_per/select/layout=flatten,epochs=100,max_steps=400/lam=1e-4/seed=0")
+    assert loggers.run_variant({**run, "trainer": preset["trainer"], "method": {**preset["method"], "lam": 0}},
+                               preset) == [] and loggers.run_variant(run, None) == []
 
 
 def test_a_diverged_runs_wandb_summary_and_tags_say_so():

@@ -112,15 +112,35 @@ def format_lam(lam: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def wandb_group(cfg: dict) -> str:
-    """The W&B group: one per cell (`run_name`, the preset's name) and phase, plus
+def wandb_group(cfg: dict, variant: list[str] | tuple[str, ...] = ()) -> str:
+    """The W&B group: one per cell (`run_name`, the preset's name) and phase, plus the
+    run's `variant` (`layout=flatten,max_steps=400`: what `run_variant` finds off the
+    preset, as the tables keep such runs in rows of their own or mark them partial) and
     `/changed-<hash>` for a run that departs from its preset's protocol (its
-    `protocol_changes`, which its tags list), so it never shares a group with the
-    protocol's runs. Runs of one protocol under other method options (`method.layout`,
-    ...) or fewer epochs do share a group: their tags tell them apart (`wandb_tags`)."""
+    `protocol_changes`, which its tags list), so that W&B never averages them with the
+    protocol's runs."""
     changes = cfg.get("protocol_changes") or []
-    suffix = f"/changed-{hashlib.sha1('; '.join(changes).encode()).hexdigest()[:6]}" if changes else ""
+    suffix = (f"/{','.join(variant)}" if variant else "") + (
+        f"/changed-{hashlib.sha1('; '.join(changes).encode()).hexdigest()[:6]}" if changes else "")
     return f"{cfg['run_name']}/{run_phase(cfg)}{suffix}"
+
+
+def run_variant(cfg: dict, preset: dict | None) -> list[str]:
+    """How a run differs from its preset (`preset`: the config the preset composes to alone)
+    where that is not a protocol change: the method's options (`layout=flatten`), and a
+    shorter run (`epochs=<n>` below the preset's, `max_steps=<n>`); [] without `preset`."""
+    if preset is None:
+        return []
+    method, theirs = cfg["method"], preset.get("method", {})
+    out = [f"{opt}={method[opt]}" for opt in METHOD_OPTIONS if opt in method and opt in theirs
+           and method[opt] != theirs[opt]]
+    trainer, own = cfg.get("trainer", {}), preset.get("trainer", {})
+    epochs, preset_epochs = trainer.get("epochs"), own.get("epochs")
+    if isinstance(epochs, int) and isinstance(preset_epochs, int) and epochs < preset_epochs:
+        out.append(f"epochs={epochs}")
+    if trainer.get("max_steps"):
+        out.append(f"max_steps={trainer['max_steps']}")
+    return out
 
 
 def wandb_tags(cfg: dict, cell: dict) -> list[str]:
@@ -138,10 +158,11 @@ def wandb_tags(cfg: dict, cell: dict) -> list[str]:
     return [t[:64] for t in tags]
 
 
-def wandb_name(cfg: dict) -> str:
-    """The W&B run name, e.g. `t1_cifar10_resnet56_per/select/lam=1e-4/seed=0`."""
+def wandb_name(cfg: dict, variant: list[str] | tuple[str, ...] = ()) -> str:
+    """The W&B run name, its group's and the run's, e.g.
+    `t1_cifar10_resnet56_per/select/lam=1e-4/seed=0`."""
     lam = float(cfg["method"].get("lam") or 0.0)
-    return f"{wandb_group(cfg)}/lam={format_lam(lam)}/seed={cfg['seed']}"
+    return f"{wandb_group(cfg, variant)}/lam={format_lam(lam)}/seed={cfg['seed']}"
 
 
 class WandbSink:

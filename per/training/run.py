@@ -23,7 +23,7 @@ from per.sites import list_sites
 from per.training import runtime
 from per.training.checks import (ConfigMismatchError, ConfigValueError, config_differences, protocol_changes,
                                  protocol_of, validate)
-from per.training.loggers import WandbSink, wandb_group, wandb_name, wandb_tags
+from per.training.loggers import WandbSink, run_variant, wandb_group, wandb_name, wandb_tags
 from per.training.loop import (Experiment, ForcedStop, LoopSettings, StopSignal, Task, TrainState, fit,
                                format_metrics, restore)
 from per.training.monitor import Monitor, default_monitor_sites
@@ -190,6 +190,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
     console_logging()
     validate(cfg, defaults)
     protocol = protocol if protocol is not None else defaults
+    variant = run_variant(cfg, protocol)      # W&B's group: what the tables keep apart
     if protocol is not None:
         cfg = {**cfg, "protocol_changes": protocol_changes(protocol, cfg),
                "protocol": protocol_of(protocol)}
@@ -204,7 +205,7 @@ def train(cfg: dict, build: Callable[[dict, torch.device, Callable], Experiment]
                 + "\nUse another hydra.run.dir, or resume=never to start this one over.")
     run.lock()
     try:
-        return _train_locked(cfg, build, run, cell, records or {})
+        return _train_locked(cfg, build, run, cell, records or {}, variant)
     finally:
         run.unlock()
 
@@ -238,7 +239,8 @@ def _resume(run: RunDir, setup: Setup, ckpt: dict, ckpt_name: str, planned: int)
     return state
 
 
-def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: dict[str, str]) -> dict:
+def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: dict[str, str],
+                  variant: list[str]) -> dict:
     previous = None
     if cfg["resume"] == "never":
         run.clear()
@@ -285,8 +287,9 @@ def _train_locked(cfg: dict, build: Callable, run: RunDir, cell: dict, records: 
             train_model = runtime.compile_model(model, trainer["compile"])
             lg = cfg["logger"]
             sink = WandbSink(mode=lg["mode"], project=lg["project"], entity=lg["entity"], run_dir=run.path,
-                             run_id=run.wandb_id() if lg["mode"] != "disabled" else None, name=wandb_name(cfg),
-                             group=wandb_group(cfg), tags=wandb_tags(cfg, cell), config=cfg,
+                             run_id=run.wandb_id() if lg["mode"] != "disabled" else None,
+                             name=wandb_name(cfg, variant), group=wandb_group(cfg, variant),
+                             tags=wandb_tags(cfg, cell), config=cfg,
                              init_timeout=lg["init_timeout"])
             sink.set_summary(running)      # a killed run reads back from W&B as interrupted
             if loaded is not None:   # a killed attempt's W&B rows may never have left its buffer
