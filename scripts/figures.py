@@ -54,8 +54,8 @@ def plot_activations(df: pd.DataFrame, out: Path) -> list[Path]:
         labels = [label if status == FINISHED else f"{label} ({status}, seed {seed})"
                   for label, status, seed in zip(cell.label, cell.status, cell.seed)]
         acts = {label: load_activations(d) for label, d in zip(labels, cell.run_dir)}
-        name = "_".join(key)
         sites = list(pd.concat(acts.values()).site.unique())
+        name = "_".join(key)
         title = " ".join(key)
         paths += figures.plot_activation_evolution(acts, sites, out, name=f"activations_{name}", title=title)
         paths += figures.plot_sw1(acts, sites, out, name=f"sw1_{name}", title=title)

@@ -124,9 +124,8 @@ def _read_batches(directory: Path, files: tuple[tuple[str, str], ...], label_key
     return x, np.concatenate(ys)
 
 
-def _fetch_and_extract(layout: _Layout, root: Path, verify_checksums: bool) -> None:
-    """Download the official tarball unless it is in `root` already, then `_extract` it."""
-    archive = root / layout.url.rsplit("/", 1)[-1]
+def _fetch_and_extract(layout: _Layout, archive: Path, verify_checksums: bool) -> None:
+    """Download the official tarball to `archive` unless it is there already, then `_extract` it."""
     if not archive.exists():
         download(layout.url, archive, expected=layout.archive_md5 if verify_checksums else None, algorithm="md5")
     _extract(layout, archive, verify_checksums)
@@ -181,7 +180,7 @@ def load_cifar(name: str, root: str | Path, *, download: bool = False,
     if archive.exists() and not all((directory / f).exists() for f in files):
         _extract(layout, archive, verify_checksums)    # the tarball put there by hand
     ensure_files(directory, files, url=layout.url, what=name,
-                 download_fn=lambda: _fetch_and_extract(layout, root, verify_checksums),
+                 download_fn=lambda: _fetch_and_extract(layout, archive, verify_checksums),
                  download_enabled=download, or_else=f"put {archive.name} itself in {root.resolve()}")
     if verify_checksums:
         for fname, md5 in layout.train + layout.test + (layout.meta,):

@@ -83,11 +83,12 @@ def activation_stats(model: nn.Module, forward: Callable[[], object], sites: lis
 @dataclass
 class Monitor:
     """Activation snapshots (`activation_stats`) of `sites` at step 0 and every `every`
-    optimizer steps; the loop appends the rows to `activations.jsonl`."""
+    optimizer steps; the loop appends the rows to `activations.jsonl`. The points are in the
+    `channels` layout whatever the run's regularizer uses: a figure compares methods, so
+    every run is measured alike."""
     sites: list[str]
     every: int
     num_units: int = 4
-    layout: str = "channels"     # the points' layout: the same for every run (figures compare methods)
     num_slices: int = 256
     seed: int = 0                # seeds the monitor's own directions (not the training RNG)
 
@@ -96,5 +97,5 @@ class Monitor:
 
     def snapshot(self, model: nn.Module, forward: Callable[[], object], step: int, epoch: float) -> list[dict]:
         """One row per site after `forward()` (the probe batch through `model`)."""
-        return activation_stats(model, forward, self.sites, num_units=self.num_units, layout=self.layout,
+        return activation_stats(model, forward, self.sites, num_units=self.num_units, layout="channels",
                                 num_slices=self.num_slices, step=step, epoch=epoch, seed=self.seed)

@@ -104,8 +104,6 @@ def create_monitor(cfg: dict, model: nn.Module) -> Monitor | None:
                                f"{', '.join(unknown)}; valid: {', '.join(sites)}")
     if not mon["every"]:
         return None
-    # The channels layout whatever the regularizer's: a figure compares methods, so every run
-    # is measured alike (a flatten run's units would be pixels of channel 0, its sw1 another W1).
     return Monitor(mon["sites"] or default_monitor_sites(model), mon["every"], num_units=mon["units"],
                    num_slices=mon["slices"], seed=cfg["seed"])
 
